@@ -1,0 +1,72 @@
+"""The versioned envelope every event travels in, and the codec between envelopes and bytes.
+
+`encode` and `decode` are the only way events become bytes and back. A message that does not
+decode raises `UndecodableMessage`, which consumers treat as poison: terminated and recorded,
+never retried. This module never performs I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError
+
+from events.base import AwareDatetime, Model
+from events.nodes import NodeGpusReported, NodeObserved, NodeOptedOut
+from events.plans import NodeConfigApplied, NodeConfigFailed, NodeConfigPublished, PlanComputed
+from events.pods import PodDeleted, PodObserved, PodRejected, PodUnplaced
+
+SCHEMA_VERSION = 1
+
+Event = Annotated[
+    PodObserved
+    | PodRejected
+    | PodDeleted
+    | PodUnplaced
+    | NodeObserved
+    | NodeOptedOut
+    | NodeGpusReported
+    | PlanComputed
+    | NodeConfigPublished
+    | NodeConfigApplied
+    | NodeConfigFailed,
+    Field(discriminator="kind"),
+]
+
+
+class Envelope(Model):
+    """One event with its identity, schema version, event time and the service that saw it."""
+
+    id: str
+    schema_version: Literal[1] = 1
+    time: AwareDatetime
+    source: str
+    event: Event
+
+    @property
+    def kind(self) -> str:
+        return self.event.kind
+
+
+class UndecodableMessage(ValueError):
+    """The bytes are not an envelope this version understands; never worth a retry."""
+
+
+def encode(envelope: Envelope) -> bytes:
+    return envelope.model_dump_json().encode()
+
+
+def decode(data: bytes) -> Envelope:
+    try:
+        return Envelope.model_validate_json(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(message)"
+        raise UndecodableMessage(f"{where}: {first['msg']}") from error
+
+
+def content_id(*parts: str) -> str:
+    """A short, stable id derived from content, for de-duplication (`Nats-Msg-Id`) and plan ids."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+    return digest[:24]

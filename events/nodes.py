@@ -1,0 +1,73 @@
+"""Events about nodes: what the pod watcher sees in the API and what node agents report.
+
+This module never performs I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from events.base import Model
+
+
+class GfdFacts(Model):
+    """GPU facts from GPU Feature Discovery labels; they serve until the node agent reports."""
+
+    product: str
+    count: int = Field(ge=0)
+    memory_mib: int = Field(gt=0)
+
+
+class NodeObserved(Model):
+    """A node that opted in to MPS partitioning, as the API server last showed it."""
+
+    kind: Literal["NodeObserved"] = "NodeObserved"
+    name: str
+    unschedulable: bool = False
+    gfd: GfdFacts | None = None
+    gfd_problem: str | None = None
+
+
+class NodeOptedOut(Model):
+    """A node that is no longer partitioned by mpsflow: its label was removed or it is gone."""
+
+    kind: Literal["NodeOptedOut"] = "NodeOptedOut"
+    name: str
+    reason: str
+
+
+class SliceState(Model):
+    """One MPS slice as the node agent advertises it to the kubelet."""
+
+    id: str
+    size_gb: int = Field(gt=0)
+    used: bool
+
+
+class GpuReport(Model):
+    """One GPU of a node as its agent sees it through NVML and its own device plugin."""
+
+    index: int = Field(ge=0)
+    uuid: str
+    model: str
+    memory_mib: int = Field(gt=0)
+    compute_capability: tuple[int, int]
+    mig_enabled: bool = False
+    daemon_healthy: bool = True
+    slices: tuple[SliceState, ...] = ()
+
+    @property
+    def max_slices(self) -> int:
+        """MPS client limit per device: 48 from Volta (7.0) on, 16 before."""
+        return 48 if self.compute_capability >= (7, 0) else 16
+
+
+class NodeGpusReported(Model):
+    """A node agent's full report of its GPUs; sent on change and on a heartbeat."""
+
+    kind: Literal["NodeGpusReported"] = "NodeGpusReported"
+    node: str
+    gpus: tuple[GpuReport, ...]
+    applied_plan_id: str | None = None
