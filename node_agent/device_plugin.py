@@ -1,0 +1,339 @@
+"""The node agent's kubelet device plugin: offers MPS slices as ``nvidia.com/gpu-<N>gb``.
+
+Sits at the end of the node agent's flow: once the agent has carved the GPUs into slices and
+the MPS daemons run, it hands the slice list to :meth:`SliceDevicePlugin.set_devices`. The
+plugin serves the kubelet device-plugin API (v1beta1) on one unix socket per resource in the
+kubelet's device-plugins directory, registers each resource with the kubelet, streams the
+slice list through ListAndWatch and answers Allocate with the MPS environment and pipe mount
+from :func:`node_agent.slices.container_allocation`.
+
+It never decides what the slices are, never touches NVML or the MPS daemons, and never
+withdraws a resource once served: a resource whose slices all disappear keeps its socket and
+lists no devices, so pods already bound to it are not orphaned by a re-registration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+from node_agent.proto_gen import deviceplugin_v1beta1_pb2 as api
+from node_agent.proto_gen import deviceplugin_v1beta1_pb2_grpc as api_grpc
+from node_agent.slices import SliceDevice, ThreadPolicy, container_allocation, parse_slice_device_id
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = "v1beta1"
+KUBELET_SOCKET_NAME = "kubelet.sock"
+HEALTHY = "Healthy"
+UNHEALTHY = "Unhealthy"
+WATCH_INTERVAL_S = 0.1
+BACKOFF_INITIAL_S = 0.1
+BACKOFF_MAX_S = 5.0
+REGISTER_TIMEOUT_S = 5.0
+SERVER_STOP_GRACE_S = 1.0
+
+_Context = grpc.aio.ServicerContext
+
+# Inode and change time, so a re-created socket file differs even if its inode number is reused
+# (unless within one filesystem timestamp tick; a restarting kubelet also deletes our sockets,
+# which is noticed independently).
+FileIdentity = tuple[int, int]
+
+
+def _file_identity(path: Path) -> FileIdentity | None:
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_ino, status.st_ctime_ns
+
+
+def _device_order(device_id: str) -> tuple[int, int]:
+    gpu_index, _, ordinal = parse_slice_device_id(device_id)
+    return gpu_index, ordinal
+
+
+class SliceDevicePlugin:
+    """Serves every slice resource of this node to the kubelet and keeps it registered."""
+
+    def __init__(
+        self,
+        *,
+        plugin_dir: Path,
+        pipe_root: Path,
+        thread_policy: ThreadPolicy = "proportional",
+        socket_prefix: str = "mpsflow",
+    ) -> None:
+        self._plugin_dir = plugin_dir
+        self._kubelet_socket = plugin_dir / KUBELET_SOCKET_NAME
+        self._pipe_root = pipe_root
+        self._thread_policy: ThreadPolicy = thread_policy
+        self._socket_prefix = socket_prefix
+        self._devices: dict[str, SliceDevice] = {}
+        self._servers: dict[str, _ResourceServer] = {}
+        self._allocations: dict[str, float] = {}
+        # Serialises set_devices, the supervision loop and close around the servers.
+        self._lock = asyncio.Lock()
+
+    async def set_devices(self, devices: Sequence[SliceDevice]) -> None:
+        """Make ``devices`` the full slice list; serves and registers resources seen first here.
+
+        A failed registration does not raise: :meth:`run` retries it.
+        """
+        by_id = {device.id: device for device in devices}
+        if len(by_id) != len(devices):
+            raise ValueError("duplicate slice device IDs")
+        async with self._lock:
+            self._devices = by_id
+            self._allocations = {
+                device_id: at for device_id, at in self._allocations.items() if device_id in by_id
+            }
+            for device in devices:
+                if device.resource not in self._servers:
+                    socket_path = self._plugin_dir / f"{self._socket_prefix}-{device.size_gb}gb.sock"
+                    server = await _ResourceServer.start(self, device.resource, socket_path)
+                    self._servers[device.resource] = server
+                    await self._register(server)
+            for server in self._servers.values():
+                server.devices_changed()
+
+    async def run(self) -> None:
+        """Keep every resource served and registered until cancelled; never raises otherwise.
+
+        Notices a kubelet restart by its socket being re-created or by one of our sockets being
+        deleted, then serves the deleted sockets again and re-registers. Failed registrations
+        are retried with exponential backoff, cut short when ``kubelet.sock`` changes.
+        """
+        backoff = BACKOFF_INITIAL_S
+        while True:
+            try:
+                async with self._lock:
+                    all_registered = await self._reconcile_registrations()
+            except Exception:
+                logger.exception("device plugin supervision step failed")
+                all_registered = False
+            if all_registered:
+                backoff = BACKOFF_INITIAL_S
+                await asyncio.sleep(WATCH_INTERVAL_S)
+            else:
+                await self._sleep_unless_kubelet_changes(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def close(self) -> None:
+        """End every ListAndWatch stream, stop the servers and remove their sockets."""
+        async with self._lock:
+            servers = list(self._servers.values())
+            self._servers.clear()
+            await asyncio.gather(*(server.stop() for server in servers))
+
+    def allocations(self) -> Mapping[str, float]:
+        """Device IDs handed out by Allocate, with the monotonic time of their last allocation.
+
+        Entries are dropped when their device leaves the slice list.
+        """
+        return dict(self._allocations)
+
+    async def _reconcile_registrations(self) -> bool:
+        kubelet_identity = _file_identity(self._kubelet_socket)
+        all_registered = True
+        for resource, server in list(self._servers.items()):
+            current = server
+            if _file_identity(server.socket_path) != server.socket_identity:
+                logger.info(
+                    "socket %s is gone (kubelet restart?); serving %s again", server.socket_path, resource
+                )
+                await server.stop()
+                current = await _ResourceServer.start(self, resource, server.socket_path)
+                self._servers[resource] = current
+            elif current.registered_with not in (None, kubelet_identity):
+                logger.info("kubelet socket changed (kubelet restart?); registering %s again", resource)
+                current.registered_with = None
+            if current.registered_with is None and not await self._register(current):
+                all_registered = False
+        return all_registered
+
+    async def _register(self, server: _ResourceServer) -> bool:
+        kubelet_identity = _file_identity(self._kubelet_socket)
+        if kubelet_identity is None:
+            logger.info(
+                "kubelet socket %s does not exist yet; %s not registered",
+                self._kubelet_socket,
+                server.resource,
+            )
+            return False
+        request = api.RegisterRequest(
+            version=API_VERSION,
+            endpoint=server.socket_path.name,
+            resource_name=server.resource,
+            options=api.DevicePluginOptions(get_preferred_allocation_available=True),
+        )
+        try:
+            async with grpc.aio.insecure_channel(f"unix:{self._kubelet_socket}") as channel:
+                await api_grpc.RegistrationStub(channel).Register(request, timeout=REGISTER_TIMEOUT_S)
+        except grpc.aio.AioRpcError as error:
+            logger.warning(
+                "registering %s failed: %s %s", server.resource, error.code().name, error.details()
+            )
+            return False
+        server.registered_with = kubelet_identity
+        logger.info("registered %s at %s", server.resource, server.socket_path)
+        return True
+
+    async def _sleep_unless_kubelet_changes(self, delay_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        seen = _file_identity(self._kubelet_socket)
+        deadline = loop.time() + delay_s
+        while (remaining := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(WATCH_INTERVAL_S, remaining))
+            if _file_identity(self._kubelet_socket) != seen:
+                return
+
+    def _list_response(self, resource: str) -> api.ListAndWatchResponse:
+        devices = sorted(
+            (device for device in self._devices.values() if device.resource == resource),
+            key=lambda device: (device.gpu_index, device.ordinal),
+        )
+        return api.ListAndWatchResponse(
+            devices=[
+                api.Device(ID=device.id, health=HEALTHY if device.healthy else UNHEALTHY)
+                for device in devices
+            ]
+        )
+
+    async def _allocate(
+        self,
+        resource: str,
+        request: api.AllocateRequest,
+        context: _Context[api.AllocateRequest, api.AllocateResponse],
+    ) -> api.AllocateResponse:
+        responses: list[api.ContainerAllocateResponse] = []
+        allocated: list[str] = []
+        for container_request in request.container_requests:
+            device_ids = list(container_request.devices_ids)
+            if len(device_ids) != 1:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"mpsflow gives one MPS slice per container; got {len(device_ids)} devices "
+                    f"({', '.join(device_ids)}): request {resource}: 1",
+                )
+            device = self._devices.get(device_ids[0])
+            if device is None or device.resource != resource:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"{resource} has no device {device_ids[0]!r}")
+            slices_on_gpu = sum(1 for other in self._devices.values() if other.gpu_index == device.gpu_index)
+            allocation = container_allocation(
+                device,
+                slices_on_gpu=slices_on_gpu,
+                pipe_root=self._pipe_root,
+                thread_policy=self._thread_policy,
+            )
+            responses.append(
+                api.ContainerAllocateResponse(
+                    envs=allocation.envs,
+                    mounts=[
+                        api.Mount(
+                            container_path=mount.container_path,
+                            host_path=mount.host_path,
+                            read_only=mount.read_only,
+                        )
+                        for mount in allocation.mounts
+                    ],
+                )
+            )
+            allocated.append(device.id)
+        now = time.monotonic()
+        for device_id in allocated:
+            self._allocations[device_id] = now
+        return api.AllocateResponse(container_responses=responses)
+
+
+class _ResourceServer(api_grpc.DevicePluginServicer):
+    """One resource's gRPC server on its unix socket, and its open ListAndWatch streams."""
+
+    def __init__(self, plugin: SliceDevicePlugin, resource: str, socket_path: Path) -> None:
+        self.resource = resource
+        self.socket_path = socket_path
+        self.socket_identity: FileIdentity | None = None
+        # Identity of kubelet.sock when this server last registered; None while unregistered.
+        self.registered_with: FileIdentity | None = None
+        self._plugin = plugin
+        self._server = grpc.aio.server()
+        self._watchers: set[asyncio.Event] = set()
+        self._closing = False
+
+    @classmethod
+    async def start(cls, plugin: SliceDevicePlugin, resource: str, socket_path: Path) -> _ResourceServer:
+        # A stale socket from an earlier run blocks the bind; removing it takes microseconds.
+        socket_path.unlink(missing_ok=True)  # noqa: ASYNC240
+        resource_server = cls(plugin, resource, socket_path)
+        api_grpc.add_DevicePluginServicer_to_server(resource_server, resource_server._server)
+        resource_server._server.add_insecure_port(f"unix:{socket_path}")
+        await resource_server._server.start()
+        resource_server.socket_identity = _file_identity(socket_path)
+        return resource_server
+
+    def devices_changed(self) -> None:
+        for watcher in self._watchers:
+            watcher.set()
+
+    async def stop(self) -> None:
+        self._closing = True
+        self.devices_changed()
+        await self._server.stop(SERVER_STOP_GRACE_S)
+        if self.socket_identity is not None and _file_identity(self.socket_path) == self.socket_identity:
+            self.socket_path.unlink(missing_ok=True)
+
+    async def GetDevicePluginOptions(  # noqa: N802 (gRPC method name)
+        self, request: api.Empty, context: _Context[api.Empty, api.DevicePluginOptions]
+    ) -> api.DevicePluginOptions:
+        return api.DevicePluginOptions(get_preferred_allocation_available=True)
+
+    async def ListAndWatch(  # noqa: N802 (gRPC method name)
+        self, request: api.Empty, context: _Context[api.Empty, api.ListAndWatchResponse]
+    ) -> AsyncIterator[api.ListAndWatchResponse]:
+        changed = asyncio.Event()
+        self._watchers.add(changed)
+        try:
+            while not self._closing:
+                changed.clear()
+                yield self._plugin._list_response(self.resource)
+                await changed.wait()
+        finally:
+            self._watchers.discard(changed)
+
+    async def GetPreferredAllocation(  # noqa: N802 (gRPC method name)
+        self,
+        request: api.PreferredAllocationRequest,
+        context: _Context[api.PreferredAllocationRequest, api.PreferredAllocationResponse],
+    ) -> api.PreferredAllocationResponse:
+        responses: list[api.ContainerPreferredAllocationResponse] = []
+        for container_request in request.container_requests:
+            must_include = set(container_request.must_include_deviceIDs)
+            try:
+                required = sorted(must_include, key=_device_order)
+                optional = sorted(
+                    set(container_request.available_deviceIDs) - must_include, key=_device_order
+                )
+            except ValueError as error:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            size = max(container_request.allocation_size, len(required))
+            responses.append(api.ContainerPreferredAllocationResponse(deviceIDs=(required + optional)[:size]))
+        return api.PreferredAllocationResponse(container_responses=responses)
+
+    async def Allocate(  # noqa: N802 (gRPC method name)
+        self, request: api.AllocateRequest, context: _Context[api.AllocateRequest, api.AllocateResponse]
+    ) -> api.AllocateResponse:
+        return await self._plugin._allocate(self.resource, request, context)
+
+    async def PreStartContainer(  # noqa: N802 (gRPC method name)
+        self,
+        request: api.PreStartContainerRequest,
+        context: _Context[api.PreStartContainerRequest, api.PreStartContainerResponse],
+    ) -> api.PreStartContainerResponse:
+        return api.PreStartContainerResponse()

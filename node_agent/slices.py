@@ -1,0 +1,152 @@
+"""MPS slices as the kubelet sees them: device IDs, resource names and container settings.
+
+Sits between the node agent's GPU partitioning (which decides how many slices of which size
+live on each GPU) and the device plugin (which lists the slices to the kubelet and answers
+Allocate with what :func:`container_allocation` computes). Pure functions and values only:
+this module must never do I/O, talk to NVML or MPS, or keep state.
+
+A slice is an extended resource ``nvidia.com/gpu-<N>gb``; one unit gives a container one MPS
+client slot on one GPU with a pinned device-memory limit of N GiB. The device ID encodes GPU
+index, slice size and an ordinal (``mps-g1-10gb-3``) so it stays stable across
+reconfigurations that keep the slice.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+RESOURCE_PREFIX = "nvidia.com/gpu-"
+MAX_DEVICE_ID_LENGTH = 63
+CONTAINER_PIPE_DIRECTORY = "/tmp/nvidia-mps"
+
+_RESOURCE_NAME = re.compile(r"nvidia\.com/gpu-([1-9][0-9]*)gb")
+_DEVICE_ID = re.compile(r"mps-g(0|[1-9][0-9]*)-([1-9][0-9]*)gb-(0|[1-9][0-9]*)")
+
+ThreadPolicy = Literal["proportional", "equal", "off"]
+
+
+def resource_name(size_gb: int) -> str:
+    """The extended resource name for slices of ``size_gb`` GiB, e.g. ``nvidia.com/gpu-10gb``."""
+    if size_gb < 1:
+        raise ValueError(f"slice size must be at least 1 GiB, got {size_gb}")
+    return f"{RESOURCE_PREFIX}{size_gb}gb"
+
+
+def parse_resource_name(name: str) -> int | None:
+    """The slice size in GiB of an mpsflow resource name, or None for any other name."""
+    match = _RESOURCE_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def slice_device_id(gpu_index: int, size_gb: int, ordinal: int) -> str:
+    """The stable device ID of slice ``ordinal`` of size ``size_gb`` on GPU ``gpu_index``."""
+    if gpu_index < 0 or size_gb < 1 or ordinal < 0:
+        raise ValueError(
+            f"need gpu_index >= 0, size_gb >= 1, ordinal >= 0; got {gpu_index}, {size_gb}, {ordinal}"
+        )
+    device_id = f"mps-g{gpu_index}-{size_gb}gb-{ordinal}"
+    if len(device_id) > MAX_DEVICE_ID_LENGTH:
+        raise ValueError(f"device ID {device_id!r} is longer than {MAX_DEVICE_ID_LENGTH} characters")
+    return device_id
+
+
+def parse_slice_device_id(device_id: str) -> tuple[int, int, int]:
+    """``(gpu_index, size_gb, ordinal)`` of a device ID; ValueError if it is not one of ours."""
+    match = _DEVICE_ID.fullmatch(device_id)
+    if match is None or len(device_id) > MAX_DEVICE_ID_LENGTH:
+        raise ValueError(f"not an mpsflow slice device ID: {device_id!r}")
+    gpu_index, size_gb, ordinal = (int(group) for group in match.groups())
+    return gpu_index, size_gb, ordinal
+
+
+@dataclass(frozen=True)
+class SliceDevice:
+    """One MPS slice offered to the kubelet."""
+
+    id: str
+    gpu_index: int
+    gpu_uuid: str
+    size_gb: int
+    gpu_memory_mib: int
+    healthy: bool = True
+
+    def __post_init__(self) -> None:
+        gpu_index, size_gb, _ = parse_slice_device_id(self.id)
+        if (gpu_index, size_gb) != (self.gpu_index, self.size_gb):
+            raise ValueError(
+                f"device ID {self.id!r} names GPU {gpu_index} and {size_gb} GiB, "
+                f"but the slice is on GPU {self.gpu_index} with {self.size_gb} GiB"
+            )
+        if self.gpu_memory_mib < 1:
+            raise ValueError(f"gpu_memory_mib must be positive, got {self.gpu_memory_mib}")
+
+    @property
+    def resource(self) -> str:
+        return resource_name(self.size_gb)
+
+    @property
+    def ordinal(self) -> int:
+        return parse_slice_device_id(self.id)[2]
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    container_path: str
+    host_path: str
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class ContainerAllocation:
+    """What the kubelet must add to a container that gets a slice."""
+
+    envs: dict[str, str]
+    mounts: list[MountSpec]
+
+
+def mps_pipe_directory(pipe_root: Path, gpu_uuid: str) -> Path:
+    """Host directory of the MPS control pipe for one GPU."""
+    return pipe_root / gpu_uuid / "pipe"
+
+
+def container_allocation(
+    device: SliceDevice, *, slices_on_gpu: int, pipe_root: Path, thread_policy: ThreadPolicy
+) -> ContainerAllocation:
+    """Environment and mounts that make a container an MPS client limited to ``device``.
+
+    The container sees only the slice's GPU, so the memory limit is always for device index 0,
+    whatever the GPU's index on the host. ``slices_on_gpu`` counts every slice on that GPU and
+    matters only for the ``equal`` thread policy.
+    """
+    if slices_on_gpu < 1:
+        raise ValueError(f"slices_on_gpu must be at least 1, got {slices_on_gpu}")
+    envs = {
+        "NVIDIA_VISIBLE_DEVICES": device.gpu_uuid,
+        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={device.size_gb * 1024}M",
+        "CUDA_MPS_PIPE_DIRECTORY": CONTAINER_PIPE_DIRECTORY,
+    }
+    thread_percentage = _active_thread_percentage(device, slices_on_gpu, thread_policy)
+    if thread_percentage is not None:
+        envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(thread_percentage)
+    # Writable: MPS clients connect to the control daemon's sockets and pipes in this directory.
+    pipe_mount = MountSpec(
+        container_path=CONTAINER_PIPE_DIRECTORY,
+        host_path=str(mps_pipe_directory(pipe_root, device.gpu_uuid)),
+        read_only=False,
+    )
+    return ContainerAllocation(envs=envs, mounts=[pipe_mount])
+
+
+def _active_thread_percentage(device: SliceDevice, slices_on_gpu: int, policy: ThreadPolicy) -> int | None:
+    match policy:
+        case "proportional":
+            share = (100 * device.size_gb * 1024) // device.gpu_memory_mib
+            # A slice as large as the GPU's nominal size can exceed the reported MiB slightly.
+            return min(100, max(1, share))
+        case "equal":
+            return max(1, 100 // slices_on_gpu)
+        case "off":
+            return None

@@ -1,0 +1,409 @@
+"""The node agent's device plugin against the simulated kubelet, over real gRPC on unix sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+
+from node_agent.device_plugin import SliceDevicePlugin
+from node_agent.proto_gen import deviceplugin_v1beta1_pb2 as api
+from node_agent.proto_gen import deviceplugin_v1beta1_pb2_grpc as api_grpc
+from node_agent.proto_gen import podresources_v1_pb2 as podresources
+from node_agent.proto_gen import podresources_v1_pb2_grpc as podresources_grpc
+from node_agent.slices import SliceDevice, ThreadPolicy, slice_device_id
+from simulation.kubelet_devices import AdmissionError, DeviceManager, PodRef
+
+GPU0_UUID = "GPU-0a1b2c3d-0000-1111-2222-333344445555"
+GPU1_UUID = "GPU-9f8e7d6c-6666-7777-8888-999900001111"
+GPU0_MIB = 81559  # H100 80GB
+GPU1_MIB = 40960  # A100 40GB
+GB10 = "nvidia.com/gpu-10gb"
+GB20 = "nvidia.com/gpu-20gb"
+PIPE_DIR = "/tmp/nvidia-mps"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _slice(gpu_index: int, size_gb: int, ordinal: int) -> SliceDevice:
+    return SliceDevice(
+        id=slice_device_id(gpu_index, size_gb, ordinal),
+        gpu_index=gpu_index,
+        gpu_uuid=(GPU0_UUID, GPU1_UUID)[gpu_index],
+        size_gb=size_gb,
+        gpu_memory_mib=(GPU0_MIB, GPU1_MIB)[gpu_index],
+    )
+
+
+def _pod(name: str) -> PodRef:
+    return PodRef(namespace="team-a", name=name, uid=f"uid-{name}")
+
+
+class CapacityLog:
+    """Records every capacity report of the device manager and lets tests wait for one."""
+
+    def __init__(self) -> None:
+        self.reports: list[dict[str, int]] = []
+        self._reported = asyncio.Condition()
+
+    async def __call__(self, capacity: dict[str, int]) -> None:
+        self.reports.append(capacity)
+        async with self._reported:
+            self._reported.notify_all()
+
+    @property
+    def latest(self) -> dict[str, int] | None:
+        return self.reports[-1] if self.reports else None
+
+    async def wait_until(self, condition: Callable[[], bool], what: str, timeout_s: float = 3.0) -> None:
+        try:
+            async with asyncio.timeout(timeout_s), self._reported:
+                await self._reported.wait_for(condition)
+        except TimeoutError:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}; reports: {self.reports}")
+
+
+@dataclass
+class Node:
+    plugin_dir: Path
+    pipe_root: Path
+    pod_resources_socket: Path
+    capacity: CapacityLog
+    manager: DeviceManager
+    plugin: SliceDevicePlugin
+
+    def plugin_socket(self, size_gb: int) -> Path:
+        return self.plugin_dir / f"mpsflow-{size_gb}gb.sock"
+
+    async def serve(self, devices: list[SliceDevice], expected_capacity: dict[str, int]) -> None:
+        await self.plugin.set_devices(devices)
+        await self.capacity.wait_until(
+            lambda: self.capacity.latest == expected_capacity, f"capacity {expected_capacity}"
+        )
+
+
+@contextlib.asynccontextmanager
+async def node(
+    *, start_kubelet: bool = True, thread_policy: ThreadPolicy = "proportional"
+) -> AsyncIterator[Node]:
+    # Unix socket paths must stay under 108 bytes, so no pytest tmp_path here.
+    tasks_before = asyncio.all_tasks()
+    root = Path(tempfile.mkdtemp(dir="/tmp", prefix="mpsf-"))
+    plugin_dir = root / "device-plugins"
+    plugin_dir.mkdir()
+    capacity = CapacityLog()
+    pod_resources_socket = root / "pod-resources.sock"
+    the_node = Node(
+        plugin_dir=plugin_dir,
+        pipe_root=root / "mps",
+        pod_resources_socket=pod_resources_socket,
+        capacity=capacity,
+        manager=DeviceManager(plugin_dir, pod_resources_socket=pod_resources_socket, on_capacity=capacity),
+        plugin=SliceDevicePlugin(plugin_dir=plugin_dir, pipe_root=root / "mps", thread_policy=thread_policy),
+    )
+    try:
+        if start_kubelet:
+            await the_node.manager.start()
+        yield the_node
+        await the_node.plugin.close()
+        await the_node.manager.stop()
+        assert list(plugin_dir.iterdir()) == [], "sockets left behind"
+        assert not pod_resources_socket.exists()
+        assert asyncio.all_tasks() - tasks_before == set(), "tasks left behind"
+    finally:
+        await the_node.plugin.close()
+        await the_node.manager.stop()
+        shutil.rmtree(root)
+
+
+@contextlib.asynccontextmanager
+async def supervised(plugin: SliceDevicePlugin) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(plugin.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+
+
+@pytest.mark.anyio
+async def test_registers_each_resource_and_reports_capacity() -> None:
+    async with node() as n:
+        await n.serve(
+            [_slice(0, 10, 0), _slice(0, 10, 1), _slice(1, 10, 0), _slice(1, 20, 0)],
+            {GB10: 3, GB20: 1},
+        )
+        assert n.plugin_socket(10).is_socket()
+        assert n.plugin_socket(20).is_socket()
+        assert n.manager.devices() == {
+            GB10: {"mps-g0-10gb-0": "Healthy", "mps-g0-10gb-1": "Healthy", "mps-g1-10gb-0": "Healthy"},
+            GB20: {"mps-g1-20gb-0": "Healthy"},
+        }
+
+
+@pytest.mark.anyio
+async def test_unhealthy_slices_are_listed_but_not_counted() -> None:
+    async with node() as n:
+        await n.serve([_slice(0, 10, 0), replace(_slice(0, 10, 1), healthy=False)], {GB10: 1})
+        assert n.manager.devices()[GB10] == {"mps-g0-10gb-0": "Healthy", "mps-g0-10gb-1": "Unhealthy"}
+        allocated = await n.manager.allocate(_pod("a"), [("main", GB10)])
+        assert allocated["main"].device_ids == ["mps-g0-10gb-0"]
+        with pytest.raises(AdmissionError, match=re.escape("no free nvidia.com/gpu-10gb device")):
+            await n.manager.allocate(_pod("b"), [("main", GB10)])
+
+
+@pytest.mark.anyio
+async def test_list_and_watch_follows_reconfiguration_and_a_used_slice_keeps_its_id() -> None:
+    async with node() as n:
+        await n.serve([_slice(0, 10, 0), _slice(0, 10, 1), _slice(1, 20, 0)], {GB10: 2, GB20: 1})
+        first = await n.manager.allocate(_pod("a"), [("main", GB10)])
+        assert first["main"].device_ids == ["mps-g0-10gb-0"]
+        await n.manager.allocate(_pod("b"), [("main", GB20)])
+
+        # The planner keeps the used slice, drops the free one and all 20 GiB slices, adds two on GPU 1.
+        await n.serve([_slice(0, 10, 0), _slice(1, 10, 0), _slice(1, 10, 1)], {GB10: 3, GB20: 0})
+
+        assert n.manager.devices() == {
+            GB10: {"mps-g0-10gb-0": "Healthy", "mps-g1-10gb-0": "Healthy", "mps-g1-10gb-1": "Healthy"},
+            GB20: {},
+        }
+        assert n.plugin_socket(20).is_socket(), "a resource that disappears keeps its server"
+        second = await n.manager.allocate(_pod("c"), [("main", GB10)])
+        assert second["main"].device_ids == ["mps-g1-10gb-0"]
+        assert n.manager.assignments()["uid-a"] == {"main": ["mps-g0-10gb-0"]}
+        assert set(n.plugin.allocations()) == {"mps-g0-10gb-0", "mps-g1-10gb-0"}
+
+
+@pytest.mark.anyio
+async def test_allocate_gives_each_container_its_gpu_with_the_limit_on_device_zero() -> None:
+    async with node() as n:
+        await n.serve([_slice(0, 10, 0), _slice(1, 10, 0)], {GB10: 2})
+        allocated = await n.manager.allocate(_pod("a"), [("first", GB10), ("second", GB10)])
+
+    assert allocated["first"].device_ids == ["mps-g0-10gb-0"]
+    assert allocated["first"].envs == {
+        "NVIDIA_VISIBLE_DEVICES": GPU0_UUID,
+        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=10240M",
+        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "12",  # 10240 MiB of 81559
+        "CUDA_MPS_PIPE_DIRECTORY": PIPE_DIR,
+    }
+    assert allocated["first"].mounts == [(PIPE_DIR, f"{n.pipe_root}/{GPU0_UUID}/pipe", False)]
+    assert allocated["second"].device_ids == ["mps-g1-10gb-0"]
+    assert allocated["second"].envs == {
+        "NVIDIA_VISIBLE_DEVICES": GPU1_UUID,
+        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=10240M",
+        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "25",  # 10240 MiB of 40960
+        "CUDA_MPS_PIPE_DIRECTORY": PIPE_DIR,
+    }
+    assert allocated["second"].mounts == [(PIPE_DIR, f"{n.pipe_root}/{GPU1_UUID}/pipe", False)]
+
+
+@pytest.mark.anyio
+async def test_equal_thread_policy_counts_every_slice_on_the_gpu() -> None:
+    async with node(thread_policy="equal") as n:
+        await n.serve([_slice(0, 10, 0), _slice(1, 10, 0), _slice(1, 20, 0)], {GB10: 2, GB20: 1})
+        on_gpu0 = await n.manager.allocate(_pod("a"), [("main", GB10)])
+        on_gpu1 = await n.manager.allocate(_pod("b"), [("main", GB20)])
+
+    assert on_gpu0["main"].envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "100"
+    assert on_gpu1["main"].envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
+    assert on_gpu1["main"].envs["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=20480M"
+
+
+@pytest.mark.anyio
+async def test_plugin_rpcs_called_directly() -> None:
+    async with node() as n:
+        await n.serve(
+            [_slice(0, 10, 0), _slice(0, 10, 1), _slice(1, 10, 0), _slice(1, 20, 0)], {GB10: 3, GB20: 1}
+        )
+        async with grpc.aio.insecure_channel(f"unix:{n.plugin_socket(10)}") as channel:
+            stub = api_grpc.DevicePluginStub(channel)
+
+            with pytest.raises(grpc.aio.AioRpcError) as two_devices:
+                await stub.Allocate(
+                    api.AllocateRequest(
+                        container_requests=[
+                            api.ContainerAllocateRequest(devices_ids=["mps-g0-10gb-0", "mps-g0-10gb-1"])
+                        ]
+                    )
+                )
+            assert two_devices.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert two_devices.value.details() == (
+                "mpsflow gives one MPS slice per container; got 2 devices (mps-g0-10gb-0, mps-g0-10gb-1): "
+                "request nvidia.com/gpu-10gb: 1"
+            )
+
+            for unknown in ("mps-g5-10gb-0", "mps-g1-20gb-0"):  # the second exists, but not as 10 GiB
+                with pytest.raises(grpc.aio.AioRpcError) as not_found:
+                    await stub.Allocate(
+                        api.AllocateRequest(
+                            container_requests=[api.ContainerAllocateRequest(devices_ids=[unknown])]
+                        )
+                    )
+                assert not_found.value.code() == grpc.StatusCode.NOT_FOUND
+                assert not_found.value.details() == f"nvidia.com/gpu-10gb has no device {unknown!r}"
+            assert n.plugin.allocations() == {}
+
+            preferred = await stub.GetPreferredAllocation(
+                api.PreferredAllocationRequest(
+                    container_requests=[
+                        api.ContainerPreferredAllocationRequest(
+                            available_deviceIDs=["mps-g1-10gb-0", "mps-g0-10gb-1", "mps-g0-10gb-0"],
+                            must_include_deviceIDs=["mps-g1-10gb-0"],
+                            allocation_size=2,
+                        ),
+                        api.ContainerPreferredAllocationRequest(
+                            available_deviceIDs=["mps-g1-10gb-0", "mps-g0-10gb-1"], allocation_size=1
+                        ),
+                    ]
+                )
+            )
+            assert [list(response.deviceIDs) for response in preferred.container_responses] == [
+                ["mps-g1-10gb-0", "mps-g0-10gb-0"],
+                ["mps-g0-10gb-1"],
+            ]
+
+            options = await stub.GetDevicePluginOptions(api.Empty())
+            assert options.get_preferred_allocation_available
+            assert not options.pre_start_required
+            assert await stub.PreStartContainer(
+                api.PreStartContainerRequest(devices_ids=["mps-g0-10gb-0"])
+            ) == (api.PreStartContainerResponse())
+
+
+@pytest.mark.anyio
+async def test_kubelet_rejects_a_registration_for_another_api_version() -> None:
+    async with node() as n, grpc.aio.insecure_channel(f"unix:{n.plugin_dir / 'kubelet.sock'}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as rejected:
+            await api_grpc.RegistrationStub(channel).Register(
+                api.RegisterRequest(version="v1alpha", endpoint="x.sock", resource_name=GB10)
+            )
+        assert rejected.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.anyio
+async def test_reregisters_after_kubelet_restart() -> None:
+    async with node() as n, supervised(n.plugin):
+        await n.serve([_slice(0, 10, 0), _slice(0, 10, 1), _slice(1, 20, 0)], {GB10: 2, GB20: 1})
+        await n.manager.allocate(_pod("a"), [("main", GB10)])
+        reports_before_restart = len(n.capacity.reports)
+
+        await n.manager.restart()
+
+        assert {GB10: 0, GB20: 0} in n.capacity.reports[reports_before_restart:]
+        await n.capacity.wait_until(lambda: n.capacity.latest == {GB10: 2, GB20: 1}, "re-registration")
+        assert n.plugin_socket(10).is_socket()
+        assert n.plugin_socket(20).is_socket()
+        assert n.manager.assignments() == {"uid-a": {"main": ["mps-g0-10gb-0"]}}
+        after = await n.manager.allocate(_pod("b"), [("main", GB10)])
+        assert after["main"].device_ids == ["mps-g0-10gb-1"]
+
+
+@pytest.mark.anyio
+async def test_reregisters_when_only_the_kubelet_socket_is_recreated() -> None:
+    async with node() as n, supervised(n.plugin):
+        await n.serve([_slice(0, 10, 0)], {GB10: 1})
+        plugin_socket = n.plugin_socket(10).stat()
+        await n.manager.stop()
+        await asyncio.sleep(0.25)  # long enough for the plugin to see kubelet.sock missing
+        reports_before_start = len(n.capacity.reports)
+
+        await n.manager.start()
+
+        await n.capacity.wait_until(lambda: len(n.capacity.reports) > reports_before_start, "re-registration")
+        assert n.capacity.latest == {GB10: 1}
+        still_served = n.plugin_socket(10).stat()
+        assert (still_served.st_ino, still_served.st_ctime_ns) == (
+            plugin_socket.st_ino,
+            plugin_socket.st_ctime_ns,
+        )
+
+
+@pytest.mark.anyio
+async def test_run_registers_once_the_kubelet_appears() -> None:
+    async with node(start_kubelet=False) as n:
+        await n.plugin.set_devices([_slice(0, 10, 0)])  # no kubelet yet: must not raise
+        async with supervised(n.plugin) as run:
+            await asyncio.sleep(0.35)  # a few failed attempts, backing off
+            assert not run.done()
+            assert n.capacity.reports == []
+            await n.manager.start()
+            await n.capacity.wait_until(
+                lambda: n.capacity.latest == {GB10: 1}, "registration after kubelet start", 1.0
+            )
+
+
+@pytest.mark.anyio
+async def test_pod_resources_list_reports_assignments() -> None:
+    async with node() as n:
+        await n.serve([_slice(0, 10, 0), _slice(1, 10, 0), _slice(1, 20, 0)], {GB10: 2, GB20: 1})
+        await n.manager.allocate(_pod("a"), [("main", GB10), ("sidecar", GB20)])
+        await n.manager.allocate(_pod("b"), [("main", GB10)])
+
+        async def listed() -> dict[tuple[str, str], dict[str, list[tuple[str, list[str]]]]]:
+            async with grpc.aio.insecure_channel(f"unix:{n.pod_resources_socket}") as channel:
+                response = await podresources_grpc.PodResourcesListerStub(channel).List(
+                    podresources.ListPodResourcesRequest()
+                )
+            return {
+                (pod.namespace, pod.name): {
+                    container.name: [
+                        (devices.resource_name, list(devices.device_ids)) for devices in container.devices
+                    ]
+                    for container in pod.containers
+                }
+                for pod in response.pod_resources
+            }
+
+        assert await listed() == {
+            ("team-a", "a"): {"main": [(GB10, ["mps-g0-10gb-0"])], "sidecar": [(GB20, ["mps-g1-20gb-0"])]},
+            ("team-a", "b"): {"main": [(GB10, ["mps-g1-10gb-0"])]},
+        }
+        n.manager.release("uid-a")
+        assert await listed() == {("team-a", "b"): {"main": [(GB10, ["mps-g1-10gb-0"])]}}
+
+
+@pytest.mark.anyio
+async def test_admission_is_all_or_nothing_and_repeatable() -> None:
+    async with node() as n:
+        await n.serve([_slice(1, 20, 0)], {GB20: 1})
+        with pytest.raises(
+            AdmissionError, match=re.escape("no device plugin is registered for nvidia.com/gpu-30gb")
+        ):
+            await n.manager.allocate(_pod("a"), [("main", "nvidia.com/gpu-30gb")])
+        with pytest.raises(AdmissionError, match=re.escape("no free nvidia.com/gpu-20gb device")):
+            await n.manager.allocate(_pod("a"), [("one", GB20), ("two", GB20)])
+        assert n.manager.assignments() == {}
+
+        first = await n.manager.allocate(_pod("a"), [("one", GB20)])
+        again = await n.manager.allocate(_pod("a"), [("one", GB20)])
+        assert again == first
+        assert n.manager.assignments() == {"uid-a": {"one": ["mps-g1-20gb-0"]}}
+
+
+@pytest.mark.anyio
+async def test_broken_stream_takes_the_resource_away_until_it_registers_again() -> None:
+    async with node() as n:
+        await n.serve([_slice(0, 10, 0)], {GB10: 1})
+        await n.plugin.close()
+        await n.capacity.wait_until(
+            lambda: n.capacity.latest == {GB10: 0}, "capacity 0 after the plugin stopped"
+        )
+        with pytest.raises(AdmissionError, match="no device plugin is registered"):
+            await n.manager.allocate(_pod("a"), [("main", GB10)])
+
+        await n.serve([_slice(0, 10, 0)], {GB10: 1})
+        allocated = await n.manager.allocate(_pod("a"), [("main", GB10)])
+        assert allocated["main"].device_ids == ["mps-g0-10gb-0"]
