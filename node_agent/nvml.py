@@ -1,0 +1,197 @@
+"""GPU inventory port: what the node's GPUs are and what runs on them, read through NVML.
+
+Where it sits: the node agent's input side. The agent calls ``GpuInventory.read`` to build the
+``NodeGpusReported`` event and ``set_exclusive_process`` before it starts a GPU's MPS daemon (NVIDIA
+recommends EXCLUSIVE_PROCESS compute mode under MPS). ``NvmlInventory`` is the real adapter over
+nvidia-ml-py (module ``pynvml``); tests give it ``simulation.fake_nvml.FakeNvml`` instead, which exposes
+the same functions, constants and exception classes.
+
+NVML calls block in C, so every call runs in a worker thread, never on the event loop. This module
+must never change anything on a GPU except its compute mode, and never decide anything: it reports.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import anyio.to_thread
+import pynvml
+
+_BYTES_PER_MIB = 1024 * 1024
+_VOLTA = (7, 0)
+_MPS_CLIENTS_VOLTA_AND_LATER = 48
+_MPS_CLIENTS_BEFORE_VOLTA = 16
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """A process holding a CUDA context on a GPU (host PID); memory is unknown under some drivers."""
+
+    pid: int
+    used_memory_mib: int | None
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    """One GPU as NVML shows it at one moment."""
+
+    index: int
+    uuid: str
+    model: str
+    """The product name with spaces replaced by '-', like GPU Feature Discovery's ``gpu.product``."""
+    memory_total_mib: int
+    memory_used_mib: int
+    compute_capability: tuple[int, int]
+    mig_enabled: bool
+    processes: tuple[GpuProcess, ...]
+    """Compute processes (the MPS server among them) followed by MPS client processes."""
+
+    @property
+    def max_mps_clients(self) -> int:
+        """How many MPS clients (CUDA contexts) one server accepts on this GPU (peers.md §0.6)."""
+        return (
+            _MPS_CLIENTS_VOLTA_AND_LATER if self.compute_capability >= _VOLTA else _MPS_CLIENTS_BEFORE_VOLTA
+        )
+
+
+class GpuInventory(Protocol):
+    """The node agent's view of the node's GPUs."""
+
+    async def read(self) -> list[GpuReading]:
+        """Every GPU of the node, in NVML index order.
+
+        Raises:
+            NvmlUnavailable: there is no NVIDIA driver library on this node.
+        """
+        ...
+
+    async def set_exclusive_process(self, index: int) -> None:
+        """Put GPU ``index`` in EXCLUSIVE_PROCESS compute mode (needs root on a real node)."""
+        ...
+
+
+class NvmlUnavailable(Exception):  # noqa: N818 - names a state of the node, like NVML's own error names
+    """NVML cannot be used on this node: the driver library is missing."""
+
+
+class NvmlMemoryInfo(Protocol):
+    """What ``nvmlDeviceGetMemoryInfo`` returns; sizes in bytes."""
+
+    @property
+    def total(self) -> int: ...
+    @property
+    def used(self) -> int: ...
+    @property
+    def free(self) -> int: ...
+
+
+class NvmlProcessInfo(Protocol):
+    """One entry of ``nvmlDeviceGet*ComputeRunningProcesses``; memory in bytes, None when unavailable."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def usedGpuMemory(self) -> int | None: ...  # noqa: N802 - pynvml's name
+
+
+class NvmlLibrary(Protocol):
+    """The part of the ``pynvml`` module that ``NvmlInventory`` uses; the names are pynvml's."""
+
+    @property
+    def NVMLError_NotSupported(self) -> type[Exception]: ...  # noqa: N802
+    @property
+    def NVMLError_LibraryNotFound(self) -> type[Exception]: ...  # noqa: N802
+    @property
+    def NVML_COMPUTEMODE_EXCLUSIVE_PROCESS(self) -> int: ...  # noqa: N802
+    @property
+    def NVML_DEVICE_MIG_ENABLE(self) -> int: ...  # noqa: N802
+
+    def nvmlInit(self) -> None: ...  # noqa: N802
+    def nvmlDeviceGetCount(self) -> int: ...  # noqa: N802
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> object: ...  # noqa: N802
+    def nvmlDeviceGetName(self, handle: object) -> str: ...  # noqa: N802
+    def nvmlDeviceGetUUID(self, handle: object) -> str: ...  # noqa: N802
+    def nvmlDeviceGetMemoryInfo(self, handle: object) -> NvmlMemoryInfo: ...  # noqa: N802
+    def nvmlDeviceGetCudaComputeCapability(self, handle: object) -> tuple[int, int]: ...  # noqa: N802
+    def nvmlDeviceGetMigMode(self, handle: object) -> Sequence[int]: ...  # noqa: N802
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: object) -> Sequence[NvmlProcessInfo]: ...  # noqa: N802
+    def nvmlDeviceGetMPSComputeRunningProcesses(self, handle: object) -> Sequence[NvmlProcessInfo]: ...  # noqa: N802
+    def nvmlDeviceSetComputeMode(self, handle: object, mode: int) -> None: ...  # noqa: N802
+
+
+class NvmlInventory:
+    """``GpuInventory`` over NVML. ``nvmlInit`` runs once, on first use."""
+
+    def __init__(self, nvml: NvmlLibrary | None = None) -> None:
+        self._nvml: NvmlLibrary = pynvml if nvml is None else nvml
+        self._initialized = False
+        self._init_lock = threading.Lock()
+
+    async def read(self) -> list[GpuReading]:
+        return await anyio.to_thread.run_sync(self._read_all)
+
+    async def set_exclusive_process(self, index: int) -> None:
+        await anyio.to_thread.run_sync(self._set_exclusive_process, index)
+
+    def _ensure_initialized(self) -> None:
+        with self._init_lock:
+            if self._initialized:
+                return
+            try:
+                self._nvml.nvmlInit()
+            except self._nvml.NVMLError_LibraryNotFound as error:
+                raise NvmlUnavailable(
+                    "NVML library libnvidia-ml.so.1 not found: is the NVIDIA driver installed on this node "
+                    "and its library visible to the node agent?"
+                ) from error
+            self._initialized = True
+
+    def _read_all(self) -> list[GpuReading]:
+        self._ensure_initialized()
+        return [self._read_device(index) for index in range(self._nvml.nvmlDeviceGetCount())]
+
+    def _read_device(self, index: int) -> GpuReading:
+        nvml = self._nvml
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+        return GpuReading(
+            index=index,
+            uuid=nvml.nvmlDeviceGetUUID(handle),
+            model=nvml.nvmlDeviceGetName(handle).replace(" ", "-"),
+            memory_total_mib=memory.total // _BYTES_PER_MIB,
+            memory_used_mib=memory.used // _BYTES_PER_MIB,
+            compute_capability=(major, minor),
+            mig_enabled=self._mig_enabled(handle),
+            processes=self._processes(handle),
+        )
+
+    def _mig_enabled(self, handle: object) -> bool:
+        try:
+            current_mode, _pending_mode = self._nvml.nvmlDeviceGetMigMode(handle)
+        except self._nvml.NVMLError_NotSupported:
+            return False
+        return current_mode == self._nvml.NVML_DEVICE_MIG_ENABLE
+
+    def _processes(self, handle: object) -> tuple[GpuProcess, ...]:
+        listed = [
+            *self._nvml.nvmlDeviceGetComputeRunningProcesses(handle),
+            *self._nvml.nvmlDeviceGetMPSComputeRunningProcesses(handle),
+        ]
+        return tuple(
+            GpuProcess(
+                pid=process.pid,
+                used_memory_mib=None
+                if process.usedGpuMemory is None
+                else process.usedGpuMemory // _BYTES_PER_MIB,
+            )
+            for process in listed
+        )
+
+    def _set_exclusive_process(self, index: int) -> None:
+        self._ensure_initialized()
+        handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
+        self._nvml.nvmlDeviceSetComputeMode(handle, self._nvml.NVML_COMPUTEMODE_EXCLUSIVE_PROCESS)

@@ -1,0 +1,558 @@
+"""A stand-in for the ``nvidia-cuda-mps-control`` binary, for machines without a GPU.
+
+Where it sits: below ``node_agent.mps.SubprocessMpsControl``, in place of NVIDIA's binary. Run it as
+``python -m simulation.fake_mps_control [-d | -f]``; it reads the same environment variables
+(``CUDA_MPS_PIPE_DIRECTORY``, ``CUDA_MPS_LOG_DIRECTORY``, ``CUDA_VISIBLE_DEVICES``) and answers the
+legacy (v2) control commands of peers.md §0.3 with the semantics NVIDIA documents: ``set_default_*``
+affects only servers started later, a server snapshots the defaults when it starts, ``quit`` loses the
+defaults. Every command the daemon receives is appended to ``$CUDA_MPS_LOG_DIRECTORY/control.log`` as
+``[<local time> Control <pid>] Cmd:<command>``, so tests can check what it was told
+(``read_logged_commands``).
+
+Modes and exit statuses:
+
+* ``-d``: daemonizes (double fork) and exits 0 once the control socket listens; ``-f``: the same daemon
+  in the foreground, echoing its log lines to stdout. Both exit 1 with a message on stderr when a
+  daemon already answers on the pipe directory or the control socket path is taken (a stale socket
+  file makes bind fail, so whoever starts the daemon must remove it).
+* No flag: client. Reads exactly one command from stdin (a trailing newline is optional), prints the
+  reply on stdout and exits 0. A command the daemon rejects (unknown verb, bad arguments, unknown
+  server PID) prints ``Error: <reason>`` on stdout and exits 1. When no daemon answers it prints
+  ``Cannot find MPS control daemon process`` on stderr and exits 1. Any other invocation exits 2.
+
+Reply formats (chosen here; the real ones are not confirmed, see stack.md §5.2):
+
+* thread percentages: one decimal, ``"100.0"``; the default is 100.0;
+* pinned memory limits: always MiB, ``"10240M"`` (``10G`` is stored as 10240M); unset: ``"N/A"``;
+* ``get_server_list`` / ``get_client_list``: one PID per line, empty when there are none;
+* ``get_server_status``: ``"ACTIVE"``; ``set_*``, ``start_server``, ``shutdown_server``, ``quit``: empty;
+* ``ps``: a header and one line per server (``PID UID COMMAND``), a layout of the fake's own.
+
+How it differs from the real binary (documented, deliberate):
+
+* There is no GPU and no ``nvidia-cuda-mps-server``: servers exist only as entries with made-up PIDs
+  (not real processes) holding a snapshot of the limits; they have no clients, so ``get_client_list``
+  is always empty and ``shutdown_server`` (with or without ``-f``) removes the entry at once.
+  ``start_server -uid U`` refuses a second server for the same UID but does not model the real
+  one-server-at-a-time queueing of different UIDs, nor ``-mlopart`` (rejected).
+* The client talks to the daemon through a private request/reply protocol on the ``control`` socket;
+  no credential check (``SCM_CREDENTIALS``), no ``control_privileged`` socket, no ``control_lock``.
+* When no daemon answers, the real client's behaviour may differ (it may, for instance, try to start
+  one); the fake fails with a non-zero status, which is what the NVIDIA device plugin's health probe
+  relies on.
+* The real control shell accepts several commands per session; the fake client takes exactly one.
+* A device index must be below the number of entries in ``CUDA_VISIBLE_DEVICES`` when that is set. A
+  non-numeric device given to ``set_*_device_pinned_mem_limit`` (e.g. a GPU UUID) is accepted and has
+  no effect, mimicking the silent ignore reported in k8s-device-plugin PR#572.
+* Thread percentages accept any number in (0, 100]; the real daemon rounds to hardware granularity.
+* Only the legacy v2 commands listed in peers.md §0.3 (plus ``shutdown_server``) exist; no MPS v3,
+  no ``-S``/``-v``/``-p``/multi-user flags.
+
+This module must never touch a real GPU or a pipe directory it was not pointed at, and importing it
+has no side effects: the daemon and client run only through ``main``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+DEFAULT_PIPE_DIRECTORY = Path("/tmp/nvidia-mps")
+DEFAULT_LOG_DIRECTORY = Path("/var/log/nvidia-mps")
+CONTROL_SOCKET_NAME = "control"
+PID_FILE_NAME = "nvidia-cuda-mps-control.pid"
+CONTROL_LOG_NAME = "control.log"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+NO_DAEMON_MESSAGE = "Cannot find MPS control daemon process"
+UNSET_MEM_LIMIT_REPLY = "N/A"
+SERVER_STATUS_REPLY = "ACTIVE"
+DEFAULT_ACTIVE_THREAD_PERCENTAGE = 100.0
+
+_COMMAND_LOG_PREFIX = "Cmd:"
+_LOG_LINE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} Control +\d+\] (.*)")
+_MEM_LIMIT_ARGUMENT = re.compile(r"(\d+)([MG])")
+_MIB_PER_GIB = 1024
+_FIRST_FAKE_SERVER_PID = 40_000
+_CLIENT_TIMEOUT_SECONDS = 30.0
+_CONNECTION_TIMEOUT_SECONDS = 5.0
+_LISTEN_BACKLOG = 16
+_READY = b"ready"
+
+
+class CommandRejectedError(Exception):
+    """The daemon refuses a control command; the message is the reply the client prints."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The daemon's answer to one command."""
+
+    text: str
+    accepted: bool = True
+    stops_daemon: bool = False
+
+
+@dataclass
+class FakeServer:
+    """An MPS server entry: the limits it took from the defaults when it started, then its own."""
+
+    uid: int
+    active_thread_percentage: float
+    pinned_mem_limits_mib: dict[int, int]
+
+
+@dataclass
+class ControlDaemonState:
+    """Everything the daemon remembers; lives only in the daemon process and dies with ``quit``.
+
+    ``execute`` is pure with respect to the outside world, so the command semantics can be tested
+    in-process.
+    """
+
+    device_count: int | None
+    default_active_thread_percentage: float = DEFAULT_ACTIVE_THREAD_PERCENTAGE
+    default_pinned_mem_limits_mib: dict[int, int] = field(default_factory=dict)
+    servers: dict[int, FakeServer] = field(default_factory=dict)
+    next_server_pid: int = _FIRST_FAKE_SERVER_PID
+
+    def execute(self, command: str) -> Reply:
+        if not command.split():
+            return Reply("Error: empty command", accepted=False)
+        verb, *arguments = command.split()
+        handler = self._handlers().get(verb)
+        if handler is None:
+            return Reply(f"Error: unknown command {verb!r}", accepted=False)
+        try:
+            return handler(arguments)
+        except CommandRejectedError as rejection:
+            return Reply(f"Error: {rejection}", accepted=False)
+
+    def _handlers(self) -> dict[str, Callable[[list[str]], Reply]]:
+        return {
+            "get_server_list": self._get_server_list,
+            "get_server_status": self._get_server_status,
+            "start_server": self._start_server,
+            "shutdown_server": self._shutdown_server,
+            "get_client_list": self._get_client_list,
+            "ps": self._ps,
+            "quit": self._quit,
+            "set_default_active_thread_percentage": self._set_default_active_thread_percentage,
+            "get_default_active_thread_percentage": self._get_default_active_thread_percentage,
+            "set_active_thread_percentage": self._set_active_thread_percentage,
+            "get_active_thread_percentage": self._get_active_thread_percentage,
+            "set_default_device_pinned_mem_limit": self._set_default_device_pinned_mem_limit,
+            "get_default_device_pinned_mem_limit": self._get_default_device_pinned_mem_limit,
+            "set_device_pinned_mem_limit": self._set_device_pinned_mem_limit,
+            "get_device_pinned_mem_limit": self._get_device_pinned_mem_limit,
+        }
+
+    def _get_server_list(self, arguments: list[str]) -> Reply:
+        _expect_count(arguments, 0, "get_server_list")
+        return Reply("\n".join(str(pid) for pid in sorted(self.servers)))
+
+    def _get_server_status(self, arguments: list[str]) -> Reply:
+        _expect_count(arguments, 1, "get_server_status <PID>")
+        self._server(arguments[0])
+        return Reply(SERVER_STATUS_REPLY)
+
+    def _start_server(self, arguments: list[str]) -> Reply:
+        if len(arguments) != 2 or arguments[0] != "-uid":
+            raise CommandRejectedError("usage: start_server -uid <uid> (-mlopart is not simulated)")
+        uid = _non_negative_int(arguments[1], "uid")
+        if any(server.uid == uid for server in self.servers.values()):
+            raise CommandRejectedError(f"a server for uid {uid} is already running")
+        self.servers[self.next_server_pid] = FakeServer(
+            uid=uid,
+            active_thread_percentage=self.default_active_thread_percentage,
+            pinned_mem_limits_mib=dict(self.default_pinned_mem_limits_mib),
+        )
+        self.next_server_pid += 1
+        return Reply("")
+
+    def _shutdown_server(self, arguments: list[str]) -> Reply:
+        if len(arguments) not in (1, 2) or arguments[1:] not in ([], ["-f"]):
+            raise CommandRejectedError("usage: shutdown_server <PID> [-f]")
+        self._server(arguments[0])
+        del self.servers[int(arguments[0])]
+        return Reply("")
+
+    def _get_client_list(self, arguments: list[str]) -> Reply:
+        _expect_count(arguments, 1, "get_client_list <PID>")
+        self._server(arguments[0])
+        return Reply("")
+
+    def _ps(self, arguments: list[str]) -> Reply:
+        _expect_count(arguments, 0, "ps")
+        rows = [f"{pid} {server.uid} nvidia-cuda-mps-server" for pid, server in sorted(self.servers.items())]
+        return Reply("\n".join(["PID UID COMMAND", *rows]))
+
+    def _quit(self, arguments: list[str]) -> Reply:
+        _expect_count(arguments, 0, "quit")
+        return Reply("", stops_daemon=True)
+
+    def _set_default_active_thread_percentage(self, arguments: list[str]) -> Reply:
+        _expect_count(arguments, 1, "set_default_active_thread_percentage <percentage>")
+        self.default_active_thread_percentage = _percentage(arguments[0])
+        return Reply("")
+
+    def _get_default_active_thread_percentage(self, arguments: list[str]) -> Reply:
+        _expect_count(arguments, 0, "get_default_active_thread_percentage")
+        return Reply(_format_percentage(self.default_active_thread_percentage))
+
+    def _set_active_thread_percentage(self, arguments: list[str]) -> Reply:
+        _expect_count(arguments, 2, "set_active_thread_percentage <PID> <percentage>")
+        server = self._server(arguments[0])
+        server.active_thread_percentage = _percentage(arguments[1])
+        return Reply("")
+
+    def _get_active_thread_percentage(self, arguments: list[str]) -> Reply:
+        _expect_count(arguments, 1, "get_active_thread_percentage <PID>")
+        return Reply(_format_percentage(self._server(arguments[0]).active_thread_percentage))
+
+    def _set_default_device_pinned_mem_limit(self, arguments: list[str]) -> Reply:
+        _expect_count(arguments, 2, "set_default_device_pinned_mem_limit <device> <value>")
+        self._set_limit(self.default_pinned_mem_limits_mib, arguments[0], arguments[1])
+        return Reply("")
+
+    def _get_default_device_pinned_mem_limit(self, arguments: list[str]) -> Reply:
+        _expect_count(arguments, 1, "get_default_device_pinned_mem_limit <device>")
+        return Reply(_format_limit(self.default_pinned_mem_limits_mib.get(self._device(arguments[0]))))
+
+    def _set_device_pinned_mem_limit(self, arguments: list[str]) -> Reply:
+        _expect_count(arguments, 3, "set_device_pinned_mem_limit <PID> <device> <value>")
+        server = self._server(arguments[0])
+        self._set_limit(server.pinned_mem_limits_mib, arguments[1], arguments[2])
+        return Reply("")
+
+    def _get_device_pinned_mem_limit(self, arguments: list[str]) -> Reply:
+        _expect_count(arguments, 2, "get_device_pinned_mem_limit <PID> <device>")
+        server = self._server(arguments[0])
+        return Reply(_format_limit(server.pinned_mem_limits_mib.get(self._device(arguments[1]))))
+
+    def _set_limit(self, limits: dict[int, int], device: str, value: str) -> None:
+        mib = _mem_limit_mib(value)
+        if not device.isdigit():
+            return  # the real daemon silently ignores a device given by UUID (k8s-device-plugin PR#572)
+        limits[self._device(device)] = mib
+
+    def _server(self, pid: str) -> FakeServer:
+        server = self.servers.get(_non_negative_int(pid, "server PID"))
+        if server is None:
+            raise CommandRejectedError(f"no server with PID {pid}")
+        return server
+
+    def _device(self, device: str) -> int:
+        index = _non_negative_int(device, "device index")
+        if self.device_count is not None and index >= self.device_count:
+            raise CommandRejectedError(
+                f"invalid device {index}: the daemon sees {self.device_count} device(s)"
+            )
+        return index
+
+
+@dataclass(frozen=True)
+class DaemonPaths:
+    """Where a daemon lives, from the same environment variables the real binary reads."""
+
+    pipe_dir: Path
+    log_dir: Path
+
+    @classmethod
+    def from_environment(cls, environment: Mapping[str, str]) -> DaemonPaths:
+        pipe_dir = Path(environment.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE_DIRECTORY)
+        log_dir = Path(environment.get("CUDA_MPS_LOG_DIRECTORY") or DEFAULT_LOG_DIRECTORY)
+        return cls(pipe_dir.absolute(), log_dir.absolute())
+
+    @property
+    def control_socket(self) -> Path:
+        return self.pipe_dir / CONTROL_SOCKET_NAME
+
+    @property
+    def pid_file(self) -> Path:
+        return self.pipe_dir / PID_FILE_NAME
+
+    @property
+    def control_log(self) -> Path:
+        return self.log_dir / CONTROL_LOG_NAME
+
+
+def read_logged_commands(log_dir: Path) -> list[str]:
+    """The commands a daemon logged to ``<log_dir>/control.log``, oldest first."""
+    log = log_dir / CONTROL_LOG_NAME
+    if not log.exists():
+        return []
+    commands = []
+    for line in log.read_text().splitlines():
+        match = _LOG_LINE.fullmatch(line)
+        if match and match.group(1).startswith(_COMMAND_LOG_PREFIX):
+            commands.append(match.group(1).removeprefix(_COMMAND_LOG_PREFIX))
+    return commands
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run as the real binary would be run; returns the exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    paths = DaemonPaths.from_environment(os.environ)
+    device_count = _visible_device_count(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if arguments == ["-d"]:
+        return _start_in_background(paths, device_count)
+    if arguments == ["-f"]:
+        return _run_in_foreground(paths, device_count)
+    if not arguments:
+        return _run_client(paths)
+    print("usage: python -m simulation.fake_mps_control [-d | -f]", file=sys.stderr)
+    return EXIT_USAGE
+
+
+class _StartRefusedError(Exception):
+    pass
+
+
+class _NoDaemonError(Exception):
+    pass
+
+
+class _Terminated(BaseException):  # BaseException: a broad "except Exception" must not swallow SIGTERM
+    pass
+
+
+class _ControlLog:
+    def __init__(self, path: Path, echo: TextIO | None) -> None:
+        self._path = path
+        self._echo = echo
+
+    def write(self, message: str) -> None:
+        timestamp = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        line = f"[{timestamp} Control {os.getpid():5d}] {message}\n"
+        with self._path.open("a") as log:
+            log.write(line)
+        if self._echo is not None:
+            self._echo.write(line)
+            self._echo.flush()
+
+
+def _run_client(paths: DaemonPaths) -> int:
+    commands = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
+    if len(commands) != 1:
+        print("the fake nvidia-cuda-mps-control reads exactly one command from stdin", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        reply = _exchange(paths.control_socket, commands[0])
+    except _NoDaemonError:
+        print(NO_DAEMON_MESSAGE, file=sys.stderr)
+        return EXIT_FAILURE
+    except (OSError, ValueError) as error:
+        print(f"No reply from the MPS control daemon: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    if reply.text:
+        print(reply.text)
+    return EXIT_OK if reply.accepted else EXIT_FAILURE
+
+
+def _exchange(control_socket: Path, command: str) -> Reply:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(_CLIENT_TIMEOUT_SECONDS)
+        try:
+            connection.connect(str(control_socket))
+        except OSError as error:
+            raise _NoDaemonError from error
+        connection.sendall(command.encode())
+        connection.shutdown(socket.SHUT_WR)
+        answer = json.loads(_receive_all(connection))
+    return Reply(text=str(answer["text"]), accepted=bool(answer["accepted"]))
+
+
+def _receive_all(connection: socket.socket) -> bytes:
+    chunks = []
+    while chunk := connection.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _daemon_answers(control_socket: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(_CONNECTION_TIMEOUT_SECONDS)
+        try:
+            probe.connect(str(control_socket))
+        except OSError:
+            return False
+    return True
+
+
+def _run_in_foreground(paths: DaemonPaths, device_count: int | None) -> int:
+    try:
+        listener = _listen(paths)
+    except _StartRefusedError as refusal:
+        print(refusal, file=sys.stderr)
+        return EXIT_FAILURE
+    _serve(listener, paths, ControlDaemonState(device_count), _ControlLog(paths.control_log, sys.stdout))
+    return EXIT_OK
+
+
+def _start_in_background(paths: DaemonPaths, device_count: int | None) -> int:
+    status_reader, status_writer = os.pipe()
+    intermediate = os.fork()
+    if intermediate == 0:
+        os.close(status_reader)
+        os.setsid()
+        if os.fork() == 0:
+            exit_status = EXIT_FAILURE
+            try:
+                exit_status = _become_daemon(paths, device_count, status_writer)
+            finally:
+                os._exit(exit_status)
+        os._exit(EXIT_OK)
+    os.close(status_writer)
+    with os.fdopen(status_reader, "rb") as status:
+        outcome = status.read()
+    os.waitpid(intermediate, 0)
+    if outcome == _READY:
+        return EXIT_OK
+    print(outcome.decode(errors="replace") or "the daemon exited before it was ready", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _become_daemon(paths: DaemonPaths, device_count: int | None, status_writer: int) -> int:
+    """The detached grandchild: report readiness (or why not) through the pipe, then serve until quit."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for stream in (0, 1, 2):
+        os.dup2(null, stream)
+    os.close(null)
+    try:
+        listener = _listen(paths)
+    except _StartRefusedError as refusal:
+        os.write(status_writer, str(refusal).encode())
+        return EXIT_FAILURE
+    os.write(status_writer, _READY)
+    os.close(status_writer)
+    _serve(listener, paths, ControlDaemonState(device_count), _ControlLog(paths.control_log, None))
+    return EXIT_OK
+
+
+def _listen(paths: DaemonPaths) -> socket.socket:
+    paths.pipe_dir.mkdir(parents=True, exist_ok=True)
+    paths.log_dir.mkdir(parents=True, exist_ok=True)
+    if _daemon_answers(paths.control_socket):
+        raise _StartRefusedError(f"An MPS control daemon is already running on {paths.pipe_dir}")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(paths.control_socket))
+    except OSError as error:
+        listener.close()
+        reason = "a stale control socket is in the way" if error.errno == errno.EADDRINUSE else str(error)
+        raise _StartRefusedError(f"cannot listen on {paths.control_socket}: {reason}") from error
+    listener.listen(_LISTEN_BACKLOG)
+    paths.pid_file.write_text(f"{os.getpid()}\n")
+    return listener
+
+
+def _serve(listener: socket.socket, paths: DaemonPaths, state: ControlDaemonState, log: _ControlLog) -> None:
+    def terminate(_signal: int, _frame: FrameType | None) -> None:
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    log.write(f"Starting control daemon using socket {paths.control_socket}")
+    log.write(
+        f"To connect CUDA applications to this daemon, set env CUDA_MPS_PIPE_DIRECTORY={paths.pipe_dir}"
+    )
+    try:
+        with listener:
+            while not _answer_one(listener, paths, state, log).stops_daemon:
+                pass
+    except _Terminated:
+        log.write("Received SIGTERM, exiting")
+    finally:
+        _remove_endpoint(paths)
+    log.write("Exit")
+
+
+def _answer_one(
+    listener: socket.socket, paths: DaemonPaths, state: ControlDaemonState, log: _ControlLog
+) -> Reply:
+    connection, _ = listener.accept()
+    with connection:
+        connection.settimeout(_CONNECTION_TIMEOUT_SECONDS)
+        try:
+            command = _receive_all(connection).decode(errors="replace").strip()
+        except OSError:
+            return Reply("", accepted=False)
+        if not command:  # a liveness probe: connect and hang up
+            return Reply("")
+        log.write(f"{_COMMAND_LOG_PREFIX}{command}")
+        reply = state.execute(command)
+        if reply.stops_daemon:
+            _remove_endpoint(paths)  # once quit is answered, nobody can reach this daemon any more
+        try:
+            connection.sendall(json.dumps({"text": reply.text, "accepted": reply.accepted}).encode())
+        except OSError:
+            log.write("Client went away before the reply was sent")
+        return reply
+
+
+def _remove_endpoint(paths: DaemonPaths) -> None:
+    paths.control_socket.unlink(missing_ok=True)
+    paths.pid_file.unlink(missing_ok=True)
+
+
+def _expect_count(arguments: list[str], count: int, usage: str) -> None:
+    if len(arguments) != count:
+        raise CommandRejectedError(f"usage: {usage}")
+
+
+def _non_negative_int(text: str, what: str) -> int:
+    if not text.isdigit():
+        raise CommandRejectedError(f"invalid {what} {text!r}")
+    return int(text)
+
+
+def _percentage(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise CommandRejectedError(f"invalid active thread percentage {text!r}") from None
+    if not 0 < value <= 100:
+        raise CommandRejectedError(f"active thread percentage {text} is not within (0, 100]")
+    return value
+
+
+def _mem_limit_mib(text: str) -> int:
+    match = _MEM_LIMIT_ARGUMENT.fullmatch(text)
+    if match is None or int(match.group(1)) == 0:
+        raise CommandRejectedError(
+            f"invalid pinned memory limit {text!r}: expected a positive integer with G or M"
+        )
+    amount = int(match.group(1))
+    return amount * _MIB_PER_GIB if match.group(2) == "G" else amount
+
+
+def _format_percentage(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def _format_limit(mib: int | None) -> str:
+    return UNSET_MEM_LIMIT_REPLY if mib is None else f"{mib}M"
+
+
+def _visible_device_count(visible_devices: str | None) -> int | None:
+    if visible_devices is None:
+        return None
+    return len([device for device in visible_devices.split(",") if device.strip()])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
