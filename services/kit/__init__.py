@@ -1,0 +1,1 @@
+"""The services' shared runtime: process lifecycle, telemetry setup, Kubernetes client setup."""

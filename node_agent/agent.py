@@ -1,0 +1,192 @@
+"""The node agent's shell: makes the planned slices real on one node and reports them.
+
+It reads the GPUs through the NVML port, runs one MPS control daemon per GPU through the MPS
+port, watches its node's key in the node-config KV bucket, applies each desired config with the
+pure `reconcile`, offers the resulting slices to the kubelet through its own device plugin, and
+publishes applied/failed events and GPU reports (on change and on a heartbeat). A config it
+cannot apply is refused with a reason and the node keeps its last good slices. It never decides
+what the slices should be, and never talks to the Kubernetes API.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import grpc.aio
+import nats.errors
+from nats.js.kv import KeyValue
+from opentelemetry import trace
+
+from events import subjects
+from events.envelope import content_id
+from events.jetstream import EventBus
+from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
+from events.tracing import extract, tracer
+from node_agent.device_plugin import SliceDevicePlugin
+from node_agent.mps import DaemonSpec, MpsControl
+from node_agent.nvml import GpuInventory, GpuReading
+from node_agent.pod_resources import slices_in_use
+from node_agent.reconcile import Refused, gpu_report, reconcile
+from node_agent.slices import SliceDevice
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    node: str
+    mps_root: Path
+    pod_resources_socket: Path | None = None
+    heartbeat_seconds: float = 10.0
+    usage_poll_seconds: float = 0.2
+    allocation_grace_seconds: float = 30.0
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        bus: EventBus,
+        inventory: GpuInventory,
+        mps: MpsControl,
+        plugin: SliceDevicePlugin,
+    ) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.inventory = inventory
+        self.mps = mps
+        self.plugin = plugin
+        self.gpus: list[GpuReading] = []
+        self.devices: tuple[SliceDevice, ...] = ()
+        self.in_use: frozenset[str] = frozenset()
+        self.daemon_health: dict[int, bool] = {}
+        self.applied_plan_id: str | None = None
+        self._last_report: str | None = None
+
+    async def run(self) -> None:
+        self.gpus = await self.inventory.read()
+        await self.start_daemons()
+        await self.report(force=True)
+        async with anyio.create_task_group() as group:
+            group.start_soon(self.plugin.run)
+            group.start_soon(self.watch_config)
+            group.start_soon(self.watch_usage)
+            group.start_soon(self.heartbeat)
+
+    def daemon(self, gpu: GpuReading) -> DaemonSpec:
+        return DaemonSpec.under(self.settings.mps_root, gpu.index, gpu.uuid)
+
+    async def start_daemons(self) -> None:
+        for gpu in self.gpus:
+            if gpu.mig_enabled:
+                log.info("GPU %d is in MIG mode: left alone", gpu.index)
+                continue
+            try:
+                await self.inventory.set_exclusive_process(gpu.index)
+                await self.mps.start_daemon(self.daemon(gpu))
+                self.daemon_health[gpu.index] = True
+            except Exception as error:
+                log.error("GPU %d: MPS daemon did not start: %s", gpu.index, error)
+                self.daemon_health[gpu.index] = False
+
+    async def watch_config(self) -> None:
+        kv: KeyValue = await self.bus.node_configs()
+        watcher = await kv.watch(subjects.node_config_key(self.settings.node))
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
+                except nats.errors.TimeoutError:
+                    continue
+                if entry is None or entry.value is None or entry.operation in ("DEL", "PURGE"):
+                    continue
+                try:
+                    desired = NodeMpsConfig.model_validate_json(entry.value)
+                except ValueError as error:
+                    log.error("node config revision %d is unreadable: %s", entry.revision, error)
+                    continue
+                await self.apply(desired)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def apply(self, desired: NodeMpsConfig) -> None:
+        context = extract({"traceparent": desired.traceparent} if desired.traceparent else None)
+        with tracer().start_as_current_span("apply node config", context=context,
+                                            kind=trace.SpanKind.CONSUMER,
+                                            attributes={"mpsflow.node": self.settings.node,
+                                                        "mpsflow.plan_id": desired.plan_id}):
+            outcome = reconcile(self.gpus, self.devices, self.in_use, desired)
+            subject = subjects.config_subject(self.settings.node)
+            if isinstance(outcome, Refused):
+                log.warning("config of plan %s refused: %s", desired.plan_id, outcome.reason)
+                await self.bus.publish(
+                    subject,
+                    NodeConfigFailed(node=self.settings.node, plan_id=desired.plan_id, reason=outcome.reason),
+                    message_id=content_id("failed", self.settings.node, desired.plan_id),
+                )
+                return
+            await self.plugin.set_devices(outcome.devices)
+            self.devices = outcome.devices
+            self.applied_plan_id = desired.plan_id
+            await self.bus.publish(
+                subject,
+                NodeConfigApplied(node=self.settings.node, plan_id=desired.plan_id),
+                message_id=content_id("applied", self.settings.node, desired.plan_id),
+            )
+            await self.report()
+
+    async def current_usage(self) -> frozenset[str]:
+        """Slices containers hold: the kubelet's word, plus allocations too recent for it to list."""
+        allocations = self.plugin.allocations()
+        if self.settings.pod_resources_socket is None:
+            return frozenset(allocations)
+        try:
+            held = await slices_in_use(self.settings.pod_resources_socket)
+        except grpc.aio.AioRpcError as error:
+            log.debug("pod-resources unavailable (%s); keeping the last known usage", error.code())
+            return self.in_use | frozenset(allocations)
+        recent = time.monotonic() - self.settings.allocation_grace_seconds
+        return frozenset(held | {device for device, at in allocations.items() if at >= recent})
+
+    async def watch_usage(self) -> None:
+        while True:
+            usage = await self.current_usage()
+            if usage != self.in_use:
+                self.in_use = usage
+                await self.report()
+            await anyio.sleep(self.settings.usage_poll_seconds)
+
+    async def heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.heartbeat_seconds)
+            for gpu in self.gpus:
+                if not gpu.mig_enabled:
+                    self.daemon_health[gpu.index] = await self.keep_daemon_alive(gpu)
+            await self.report(force=True)
+
+    async def keep_daemon_alive(self, gpu: GpuReading) -> bool:
+        """Probe a GPU's daemon through its control pipe and start it again if it died."""
+        daemon = self.daemon(gpu)
+        if await self.mps.is_alive(daemon):
+            return True
+        log.warning("GPU %d: MPS daemon does not answer; starting it again", gpu.index)
+        try:
+            await self.mps.start_daemon(daemon)
+        except Exception as error:
+            log.error("GPU %d: MPS daemon restart failed: %s", gpu.index, error)
+            return False
+        return True
+
+    async def report(self, *, force: bool = False) -> None:
+        report = gpu_report(self.settings.node, self.gpus, self.devices, self.in_use, self.daemon_health,
+                            self.applied_plan_id)
+        body = report.model_dump_json()
+        if body == self._last_report and not force:
+            return
+        self._last_report = body
+        await self.bus.publish(subjects.gpus_subject(self.settings.node), report)

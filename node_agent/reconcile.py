@@ -1,0 +1,117 @@
+"""The node agent's functional core: desired config + what the node has -> the slices to offer.
+
+`reconcile` turns the node's desired config (from the KV bucket) and its current slices into
+the new list of slice devices, or refuses the whole config with a reason, in which case every
+GPU keeps its last good slices. It keeps a slice's device ID whenever the slice survives, never
+drops a slice that a container holds, and never offers more memory or more MPS clients than a
+GPU has. `gpu_report` builds what the agent tells the planner. Nothing here performs I/O.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from events.nodes import GpuReport, NodeGpusReported, SliceState
+from events.plans import NodeMpsConfig
+from node_agent.nvml import GpuReading
+from node_agent.slices import SliceDevice, slice_device_id
+
+MIB_PER_GIB = 1024
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    devices: tuple[SliceDevice, ...]
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+
+
+def capacity_gb(gpu: GpuReading) -> int:
+    return gpu.memory_total_mib // MIB_PER_GIB
+
+
+def reconcile(
+    gpus: Sequence[GpuReading],
+    current: Sequence[SliceDevice],
+    in_use: Collection[str],
+    desired: NodeMpsConfig,
+) -> Reconciled | Refused:
+    by_index = {gpu.index: gpu for gpu in gpus}
+    unknown = sorted(set(desired.gpus) - set(by_index))
+    if unknown:
+        have = ", ".join(str(i) for i in sorted(by_index)) or "none"
+        return Refused(f"GPU {unknown[0]} does not exist on this node (it has GPU {have})")
+    devices: list[SliceDevice] = []
+    for gpu in sorted(gpus, key=lambda g: g.index):
+        existing = sorted((d for d in current if d.gpu_index == gpu.index), key=lambda d: (d.size_gb, d.ordinal))
+        if gpu.index not in desired.gpus:
+            devices.extend(existing)
+            continue
+        wanted = desired.gpus[gpu.index]
+        if gpu.mig_enabled and wanted:
+            return Refused(f"GPU {gpu.index} is in MIG mode; mpsflow leaves MIG GPUs alone")
+        outcome = _gpu_devices(gpu, existing, in_use, wanted)
+        if isinstance(outcome, Refused):
+            return outcome
+        devices.extend(outcome)
+    return Reconciled(tuple(devices))
+
+
+def _gpu_devices(
+    gpu: GpuReading, existing: list[SliceDevice], in_use: Collection[str], wanted: Sequence[int]
+) -> list[SliceDevice] | Refused:
+    if any(size <= 0 for size in wanted):
+        return Refused(f"GPU {gpu.index}: slice sizes must be positive, got {sorted(wanted)}")
+    kept = [d for d in existing if d.id in in_use]
+    still_wanted = Counter(wanted)
+    still_wanted.subtract(Counter(d.size_gb for d in kept))
+    for device in existing:
+        if device.id not in in_use and still_wanted[device.size_gb] > 0:
+            kept.append(device)
+            still_wanted[device.size_gb] -= 1
+    next_ordinal = Counter[int]()
+    for device in existing:
+        next_ordinal[device.size_gb] = max(next_ordinal[device.size_gb], device.ordinal + 1)
+    for size in sorted(still_wanted):
+        for _ in range(max(0, still_wanted[size])):
+            kept.append(SliceDevice(id=slice_device_id(gpu.index, size, next_ordinal[size]), gpu_index=gpu.index,
+                                    gpu_uuid=gpu.uuid, size_gb=size, gpu_memory_mib=gpu.memory_total_mib))
+            next_ordinal[size] += 1
+    total = sum(d.size_gb for d in kept)
+    if total > capacity_gb(gpu):
+        held = sum(d.size_gb for d in kept if d.id in in_use)
+        detail = f" ({held} GiB of them held by running containers)" if held else ""
+        return Refused(f"GPU {gpu.index}: slices would add up to {total} GiB{detail} but the GPU has "
+                       f"{capacity_gb(gpu)} GiB")
+    if len(kept) > gpu.max_mps_clients:
+        return Refused(f"GPU {gpu.index}: {len(kept)} slices, more than the {gpu.max_mps_clients} MPS clients "
+                       "a GPU of this generation allows")
+    return sorted(kept, key=lambda d: (d.size_gb, d.ordinal))
+
+
+def gpu_report(
+    node: str,
+    gpus: Sequence[GpuReading],
+    devices: Sequence[SliceDevice],
+    in_use: Collection[str],
+    daemon_health: dict[int, bool],
+    applied_plan_id: str | None,
+) -> NodeGpusReported:
+    reports = []
+    for gpu in sorted(gpus, key=lambda g: g.index):
+        slices = tuple(
+            SliceState(id=d.id, size_gb=d.size_gb, used=d.id in in_use)
+            for d in devices
+            if d.gpu_index == gpu.index
+        )
+        reports.append(GpuReport(
+            index=gpu.index, uuid=gpu.uuid, model=gpu.model, memory_mib=gpu.memory_total_mib,
+            compute_capability=gpu.compute_capability, mig_enabled=gpu.mig_enabled,
+            daemon_healthy=daemon_health.get(gpu.index, False), slices=slices,
+        ))
+    return NodeGpusReported(node=node, gpus=tuple(reports), applied_plan_id=applied_plan_id)

@@ -1,0 +1,176 @@
+"""`mpsflow`: the one command. `run` starts a service, `plan` plans offline, `demo` shows it all.
+
+Argument errors exit 2 with a message naming the offending argument or field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nats-url", default=os.environ.get("MPSFLOW_NATS_URL", DEFAULT_NATS_URL),
+                        help="NATS server with JetStream (env MPSFLOW_NATS_URL)")
+
+
+def _kube(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kube-url", default=os.environ.get("MPSFLOW_KUBE_URL"),
+                        help="API server URL (env MPSFLOW_KUBE_URL); default: in-cluster, then kubeconfig")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpsflow", description="Automatic NVIDIA MPS GPU partitioning for Kubernetes")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run one service")
+    services = run.add_subparsers(dest="service", required=True)
+    watcher = services.add_parser("pod-watcher", help="watch pods and nodes, publish their state")
+    _common(watcher)
+    _kube(watcher)
+    _common(services.add_parser("planner", help="fold events into state and publish plans"))
+    _common(services.add_parser("config-publisher", help="write each node's desired MPS config"))
+    agent = services.add_parser("node-agent", help="apply a node's MPS config and serve its slices to the kubelet")
+    _common(agent)
+    agent.add_argument("--node", required=True, help="the Kubernetes name of this node")
+    agent.add_argument("--plugin-dir", type=Path, default=Path("/var/lib/kubelet/device-plugins"))
+    agent.add_argument("--pod-resources-socket", type=Path,
+                       default=Path("/var/lib/kubelet/pod-resources/kubelet.sock"))
+    agent.add_argument("--mps-root", type=Path, default=Path("/tmp/nvidia-mps"),
+                       help="per-GPU MPS pipe and log directories live under <root>/<GPU uuid>/")
+    agent.add_argument("--mps-control", default="nvidia-cuda-mps-control",
+                       help="the MPS control command (split like a shell would)")
+    agent.add_argument("--thread-policy", choices=["proportional", "equal", "off"], default="proportional")
+    agent.add_argument("--simulated-gpus", type=Path,
+                       help="use simulated GPUs described in this JSON file instead of NVML")
+    agent.add_argument("--heartbeat", type=float, default=10.0, help="seconds between GPU reports")
+
+    plan = commands.add_parser("plan", help="plan offline from a snapshot (contract: plan.md)")
+    plan.add_argument("snapshot", nargs="?", default="-", help="snapshot file, or - for standard input")
+
+    demo = commands.add_parser("demo", help="run the whole system on a simulated cluster")
+    demo.add_argument("--scenario", type=Path, help="YAML or JSON scenario (default: the built-in one)")
+    demo.add_argument("--json", type=Path, dest="json_out", help="write the summary here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "plan":
+        return plan_command(args.snapshot)
+    if args.command == "demo":
+        from simulation.demo import demo_command
+
+        return demo_command(args.scenario, args.json_out)
+    return run_command(args)
+
+
+def plan_command(source: str) -> int:
+    from services.planner.core.model import PlanSettings
+    from services.planner.core.planning import plan_cluster
+    from services.planner.snapshot import SnapshotError, parse_snapshot, render_plan
+
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as error:
+        print(f"mpsflow plan: {source}: {error.strerror}", file=sys.stderr)
+        return 2
+    try:
+        nodes, pods = parse_snapshot(text)
+    except SnapshotError as error:
+        print(f"mpsflow plan: {error}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render_plan(plan_cluster(nodes, pods, PlanSettings())))
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from services.kit.lifecycle import run_service
+
+    service: str = args.service
+    if service == "pod-watcher":
+        run_service("mpsflow-pod-watcher", lambda: _pod_watcher(args.nats_url, args.kube_url))
+    elif service == "planner":
+        run_service("mpsflow-planner", lambda: _planner(args.nats_url))
+    elif service == "config-publisher":
+        run_service("mpsflow-config-publisher", lambda: _config_publisher(args.nats_url))
+    else:
+        run_service("mpsflow-node-agent", lambda: _node_agent(args), **{"k8s.node.name": args.node})
+    return 0
+
+
+async def _pod_watcher(nats_url: str, kube_url: str | None) -> None:
+    from events.jetstream import EventBus
+    from services.kit.kube import api_client
+    from services.pod_watcher.service import PodWatcherService
+
+    bus = await EventBus.connect(nats_url, source="pod-watcher")
+    api = await api_client(kube_url, os.environ.get("MPSFLOW_KUBE_TOKEN"))
+    api.user_agent = "mpsflow-pod-watcher"
+    try:
+        await PodWatcherService(bus, api).run()
+    finally:
+        await api.close()
+        await bus.close()
+
+
+async def _planner(nats_url: str) -> None:
+    import anyio
+
+    from events.jetstream import EventBus
+    from services.planner.service import PlannerService
+
+    bus = await EventBus.connect(nats_url, source="planner")
+    try:
+        planner = PlannerService(bus)
+        async with anyio.create_task_group() as group:
+            group.start_soon(planner.consume)
+            group.start_soon(planner.decide_forever)
+    finally:
+        await bus.close()
+
+
+async def _config_publisher(nats_url: str) -> None:
+    from events.jetstream import EventBus
+    from services.config_publisher.service import ConfigPublisherService
+
+    bus = await EventBus.connect(nats_url, source="config-publisher")
+    try:
+        await ConfigPublisherService(bus).consume()
+    finally:
+        await bus.close()
+
+
+async def _node_agent(args: argparse.Namespace) -> None:
+    from events.jetstream import EventBus
+    from node_agent.agent import AgentSettings, NodeAgent
+    from node_agent.device_plugin import SliceDevicePlugin
+    from node_agent.mps import SubprocessMpsControl
+    from node_agent.nvml import NvmlInventory
+
+    if args.simulated_gpus is not None:
+        from simulation.fake_nvml import FakeNvml
+
+        inventory = NvmlInventory(FakeNvml.from_json(args.simulated_gpus, node_name=args.node))
+    else:
+        inventory = NvmlInventory()
+    bus = await EventBus.connect(args.nats_url, source=f"node-agent/{args.node}")
+    plugin = SliceDevicePlugin(plugin_dir=args.plugin_dir, pipe_root=args.mps_root, thread_policy=args.thread_policy)
+    settings = AgentSettings(node=args.node, mps_root=args.mps_root, pod_resources_socket=args.pod_resources_socket,
+                             heartbeat_seconds=args.heartbeat)
+    agent = NodeAgent(settings, bus, inventory, SubprocessMpsControl(tuple(shlex.split(args.mps_control))), plugin)
+    try:
+        await agent.run()
+    finally:
+        await plugin.close()
+        await bus.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""The config publisher: turns each plan into every node's desired MPS config in the KV bucket.
+
+It consumes plans in order and writes a node's key only when that node's layout changed, with
+compare-and-set on the key's revision (retrying on a conflict). A config is never replaced by
+one derived from an older plan, so a redelivered old plan is harmless. A failure on one node
+never keeps the others from being written. It never talks to a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from events import subjects
+from events.envelope import content_id
+from events.jetstream import Delivery, EventBus, TransientError
+from events.plans import NodeConfigPublished, NodeMpsConfig, PlanComputed
+from events.tracing import current_traceparent
+
+log = logging.getLogger(__name__)
+
+DURABLE = "config-publisher"
+CAS_ATTEMPTS = 5
+
+
+def desired_config(plan: PlanComputed, plan_sequence: int, node: str) -> NodeMpsConfig:
+    layout = plan.nodes[node]
+    return NodeMpsConfig(node=node, plan_id=plan.plan_id, plan_sequence=plan_sequence, gpus=layout.sizes(),
+                         traceparent=current_traceparent())
+
+
+class ConfigPublisherService:
+    def __init__(self, bus: EventBus) -> None:
+        self.bus = bus
+        self._kv: KeyValue | None = None
+
+    async def kv(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self.bus.node_configs()
+        return self._kv
+
+    async def consume(self) -> None:
+        await self.bus.consume(durable=DURABLE, filter_subjects=[subjects.plan_subject()], handle=self.handle,
+                               deliver_from="last_per_subject", batch=16)
+
+    async def handle(self, delivery: Delivery) -> None:
+        plan = delivery.envelope.event
+        if not isinstance(plan, PlanComputed):
+            return
+        failures: list[str] = []
+        for node in sorted(plan.nodes):
+            try:
+                await self.publish_node(desired_config(plan, delivery.stream_sequence, node))
+            except Exception as error:
+                log.warning("node %s: config not published: %s", node, error)
+                failures.append(f"{node}: {error}")
+        if failures:
+            raise TransientError("; ".join(failures))
+
+    async def publish_node(self, desired: NodeMpsConfig) -> None:
+        kv = await self.kv()
+        key = subjects.node_config_key(desired.node)
+        for _ in range(CAS_ATTEMPTS):
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:
+                entry = None
+            current = None
+            if entry is not None and entry.value:
+                current = NodeMpsConfig.model_validate_json(entry.value)
+            if current is not None and (current.same_layout(desired) or
+                                        current.plan_sequence > desired.plan_sequence):
+                return
+            try:
+                if entry is None:
+                    revision = await kv.create(key, desired.model_dump_json().encode())
+                else:
+                    revision = await kv.update(key, desired.model_dump_json().encode(), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                continue
+            await self.bus.publish(
+                subjects.config_subject(desired.node),
+                NodeConfigPublished(node=desired.node, plan_id=desired.plan_id, revision=revision),
+                message_id=content_id("published", desired.node, str(revision)),
+            )
+            log.info("node %s: config of plan %s published (revision %d)", desired.node, desired.plan_id,
+                     revision)
+            return
+        raise TransientError(f"node {desired.node}: the config key kept changing under {CAS_ATTEMPTS} attempts")

@@ -1,0 +1,48 @@
+"""How every mpsflow process runs: logging, tracing, signals, and a clean stop.
+
+`run_service` runs one coroutine under anyio's asyncio backend until it returns or SIGTERM or
+SIGINT arrives; then it cancels it, lets shielded cleanups finish, and flushes the spans.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+
+import anyio
+from anyio import CancelScope
+
+
+def configure_logging(service: str) -> None:
+    logging.basicConfig(
+        level=os.environ.get("MPSFLOW_LOG_LEVEL", "INFO").upper(),
+        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def _stop_on_signal(scope: CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for received in signals:
+            logging.getLogger(__name__).info("received %s, stopping", signal.Signals(received).name)
+            scope.cancel()
+            return
+
+
+def run_service(service: str, main: Callable[[], Awaitable[None]], **resource: str) -> None:
+    from services.kit.telemetry import setup_tracing
+
+    configure_logging(service)
+    provider = setup_tracing(service, **resource)
+
+    async def supervised() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(_stop_on_signal, group.cancel_scope)
+            await main()
+            group.cancel_scope.cancel()
+
+    try:
+        anyio.run(supervised, backend="asyncio")
+    finally:
+        provider.shutdown()

@@ -1,0 +1,1 @@
+"""The planner's functional core: plain functions over frozen values, no I/O, clock or randomness."""

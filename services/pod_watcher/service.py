@@ -1,0 +1,149 @@
+"""The pod watcher: the planner's eyes on the cluster, and the voice that tells users why.
+
+It lists and watches nodes and pods, publishes the level of every opted-in node and of every
+pod that asks for a slice, and after a relist publishes the deletion of what vanished
+meanwhile. A pod that breaks a rule gets one Warning Event naming the rule; a pod the planner
+cannot place yet gets one Event with the planner's reason. Events have names derived from the
+pod and the reason, so a restart or a redelivery never posts the same Event twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from events import subjects
+from events.envelope import content_id
+from events.jetstream import Delivery, EventBus, TransientError
+from events.nodes import NodeObserved, NodeOptedOut
+from events.pods import PodDeleted, PodRejected, PodUnplaced
+from services.pod_watcher.translate import translate_node, translate_pod
+from services.pod_watcher.watching import list_and_watch
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "mpsflow-pod-watcher"
+UNPLACED_DURABLE = "pod-watcher-unplaced"
+UNPLACED_REASON = "MpsSliceNotPlaced"
+
+
+class PodWatcherService:
+    def __init__(self, bus: EventBus, api: client.ApiClient) -> None:
+        self.bus = bus
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.nodes: dict[str, NodeObserved] = {}
+        self.pods: dict[str, str] = {}  # pod key -> uid, for pods we published
+
+    @property
+    def largest_gpu_gb(self) -> int | None:
+        sizes = [n.gfd.memory_mib // 1024 for n in self.nodes.values() if n.gfd is not None]
+        return max(sizes, default=None)
+
+    async def run(self, nodes_ready: anyio.Event | None = None) -> None:
+        first_list = anyio.Event()
+
+        async def relist_nodes(items: list[dict[str, Any]]) -> None:
+            seen = set()
+            for item in items:
+                seen.add(item["metadata"]["name"])
+                await self.node_changed("MODIFIED", item)
+            for gone in sorted(set(self.nodes) - seen):
+                await self._opt_out(gone, "the node is gone")
+            first_list.set()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(lambda: list_and_watch(self.api, self.core.list_node, relist_nodes, self.node_changed))
+            await first_list.wait()
+            group.start_soon(lambda: list_and_watch(self.api, self.core.list_pod_for_all_namespaces,
+                                                    self.relist_pods, self.pod_changed))
+            group.start_soon(lambda: self.bus.consume(durable=UNPLACED_DURABLE,
+                                                      filter_subjects=[subjects.UNPLACED_EVENTS],
+                                                      handle=self.unplaced, deliver_from="last_per_subject"))
+
+    async def node_changed(self, change: str, node: dict[str, Any]) -> None:
+        name = node["metadata"]["name"]
+        observed = None if change == "DELETED" else translate_node(node)
+        if observed is None:
+            if name in self.nodes:
+                await self._opt_out(name, "the node is gone" if change == "DELETED" else "opt-in label removed")
+            return
+        if self.nodes.get(name) != observed:
+            self.nodes[name] = observed
+            await self.bus.publish(subjects.node_subject(name), observed,
+                                   message_id=content_id("node", observed.model_dump_json()))
+
+    async def _opt_out(self, name: str, reason: str) -> None:
+        self.nodes.pop(name, None)
+        await self.bus.publish(subjects.node_subject(name), NodeOptedOut(name=name, reason=reason))
+
+    async def relist_pods(self, items: list[dict[str, Any]]) -> None:
+        present = set()
+        for item in items:
+            present.add(f"{item['metadata'].get('namespace', 'default')}/{item['metadata']['name']}")
+            await self.pod_changed("MODIFIED", item)
+        for key in sorted(set(self.pods) - present):
+            namespace, name = key.split("/", 1)
+            await self._deleted(namespace, name, self.pods[key])
+
+    async def pod_changed(self, change: str, pod: dict[str, Any]) -> None:
+        metadata = pod["metadata"]
+        namespace, name = metadata.get("namespace", "default"), metadata["name"]
+        key = f"{namespace}/{name}"
+        if change == "DELETED":
+            if key in self.pods:
+                await self._deleted(namespace, name, metadata["uid"])
+            return
+        event = translate_pod(pod, self.largest_gpu_gb)
+        if event is None:
+            return
+        self.pods[key] = event.uid
+        await self.bus.publish(subjects.pod_subject(namespace, name), event,
+                               message_id=f"{event.uid}/{event.resource_version}")
+        if isinstance(event, PodRejected):
+            await self.post_event(namespace, name, event.uid, event.reason, event.message)
+
+    async def _deleted(self, namespace: str, name: str, uid: str) -> None:
+        self.pods.pop(f"{namespace}/{name}", None)
+        await self.bus.publish(subjects.pod_subject(namespace, name),
+                               PodDeleted(namespace=namespace, name=name, uid=uid),
+                               message_id=f"{uid}/deleted")
+
+    async def unplaced(self, delivery: Delivery) -> None:
+        event = delivery.envelope.event
+        if isinstance(event, PodUnplaced):
+            await self.post_event(event.namespace, event.name, event.uid, UNPLACED_REASON, event.reason,
+                                  kind="Normal")
+
+    async def post_event(self, namespace: str, name: str, uid: str, reason: str, message: str,
+                         kind: str = "Warning") -> None:
+        """One Event per (pod, reason, message): its name is derived from them, so a repeat is a 409."""
+        now = datetime.now(UTC).replace(microsecond=0)
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(name=f"{name}.{content_id(uid, reason, message)[:16]}", namespace=namespace),
+            involved_object=client.V1ObjectReference(api_version="v1", kind="Pod", namespace=namespace, name=name,
+                                                     uid=uid),
+            reason=reason,
+            message=message,
+            type=kind,
+            source=client.V1EventSource(component=COMPONENT),
+            reporting_component=COMPONENT,
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+        )
+        try:
+            await self.core.create_namespaced_event(namespace, body, _request_timeout=10)
+        except ApiException as error:
+            if error.status == 409:
+                return
+            if error.status == 404:
+                log.info("pod %s/%s is gone; no event", namespace, name)
+                return
+            raise TransientError(f"event for {namespace}/{name}: API answered {error.status}") from error
+

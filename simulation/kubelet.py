@@ -1,0 +1,156 @@
+"""A simulated kubelet for one node: registers the node, hosts the device-plugin API, runs pods.
+
+Its device manager (simulation.kubelet_devices) talks to the node agent's device plugin over
+real gRPC on unix sockets, exactly as a kubelet does: slice counts become the node's capacity
+and allocatable, and a pod bound here gets its devices and environment from the plugin's
+Allocate before it is marked Running. A pod with a run time succeeds when it is over and gives
+its slice back. No containers run: "running" is a phase and a record of what the plugin gave.
+It is part of the simulated cluster only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from node_agent.slices import parse_resource_name, parse_slice_device_id
+from simulation.kubelet_devices import AdmissionError, DeviceManager, PodRef
+from simulation.scenario import ScenarioNode
+from services.pod_watcher.watching import list_and_watch
+
+log = logging.getLogger(__name__)
+
+RUNS_FOR_ANNOTATION = "demo.mpsflow.dev/runs-for"
+BASE_CAPACITY = {"cpu": "64", "memory": "512Gi", "pods": "110"}
+
+
+@dataclass
+class StartedPod:
+    """What the kubelet did for one pod: when, on which GPU, with which environment."""
+
+    started_at: float
+    device_ids: list[str]
+    envs: dict[str, str]
+    finished_at: float | None = None
+
+    @property
+    def gpu(self) -> int | None:
+        return parse_slice_device_id(self.device_ids[0])[0] if self.device_ids else None
+
+
+@dataclass
+class Kubelet:
+    api: client.ApiClient
+    node: ScenarioNode
+    root: Path
+    started: dict[str, StartedPod] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.core = client.CoreV1Api(self.api)
+        self.plugin_dir = self.root / "plugins"
+        self.pod_resources_socket = self.root / "pod-resources.sock"
+        self.plugin_dir.mkdir(parents=True, exist_ok=True)
+        self.devices = DeviceManager(self.plugin_dir, pod_resources_socket=self.pod_resources_socket,
+                                     on_capacity=self._capacity_changed)
+        self._group: TaskGroup | None = None
+
+    async def register_node(self) -> None:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": self.node.name, "labels": self.node.all_labels()},
+        }
+        await self.core.create_node(body, _request_timeout=10)  # type: ignore[arg-type]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        status = {"status": {"capacity": BASE_CAPACITY, "allocatable": BASE_CAPACITY, "conditions": [
+            {"type": "Ready", "status": "True", "reason": "KubeletReady", "lastTransitionTime": now}]}}
+        await self._patch_status(status)
+
+    async def _patch_status(self, patch: dict[str, Any]) -> None:
+        await self.core.patch_node_status(self.node.name, patch, _content_type="application/merge-patch+json",  # type: ignore[call-arg]
+                                          _request_timeout=10)
+
+    async def _capacity_changed(self, counts: dict[str, int]) -> None:
+        resources = {**BASE_CAPACITY, **{name: str(count) for name, count in counts.items()}}
+        await self._patch_status({"status": {"capacity": resources, "allocatable": resources}})
+
+    async def run(self) -> None:
+        await self.devices.start()
+        try:
+            async with anyio.create_task_group() as group:
+                self._group = group
+                await list_and_watch(self.api, self.core.list_pod_for_all_namespaces, self._relist, self._changed,
+                                     field_selector=f"spec.nodeName={self.node.name}")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.devices.stop()
+
+    async def _relist(self, items: list[dict[str, Any]]) -> None:
+        for item in items:
+            await self._changed("MODIFIED", item)
+
+    async def _changed(self, change: str, pod: dict[str, Any]) -> None:
+        metadata = pod["metadata"]
+        key = f"{metadata['namespace']}/{metadata['name']}"
+        if change == "DELETED":
+            self.devices.release(metadata["uid"])
+            return
+        phase = (pod.get("status") or {}).get("phase")
+        if phase == "Pending" and key not in self.started and key not in self.failed:
+            await self._start(key, pod)
+
+    async def _start(self, key: str, pod: dict[str, Any]) -> None:
+        metadata = pod["metadata"]
+        requests = [
+            (container["name"], resource)
+            for container in pod["spec"].get("containers") or []
+            for resource in {**((container.get("resources") or {}).get("requests") or {}),
+                             **((container.get("resources") or {}).get("limits") or {})}
+            if parse_resource_name(resource) is not None
+        ]
+        try:
+            allocated = await self.devices.allocate(PodRef(metadata["namespace"], metadata["name"], metadata["uid"]),
+                                                    requests) if requests else {}
+        except AdmissionError as error:
+            self.failed[key] = error.reason
+            log.warning("%s: admission failed: %s", key, error.reason)
+            await self._set_phase(pod, "Failed", reason="UnexpectedAdmissionError", message=error.reason)
+            return
+        device_ids = [d for container in allocated.values() for d in container.device_ids]
+        envs = {k: v for container in allocated.values() for k, v in container.envs.items()}
+        self.started[key] = StartedPod(started_at=time.monotonic(), device_ids=device_ids, envs=envs)
+        await self._set_phase(pod, "Running")
+        runs_for = (metadata.get("annotations") or {}).get(RUNS_FOR_ANNOTATION)
+        if runs_for is not None and self._group is not None:
+            self._group.start_soon(self._finish_after, key, pod, float(runs_for))
+
+    async def _finish_after(self, key: str, pod: dict[str, Any], seconds: float) -> None:
+        await anyio.sleep(seconds)
+        self.started[key].finished_at = time.monotonic()
+        self.devices.release(pod["metadata"]["uid"])
+        await self._set_phase(pod, "Succeeded")
+
+    async def _set_phase(self, pod: dict[str, Any], phase: str, *, reason: str | None = None,
+                         message: str | None = None) -> None:
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        status: dict[str, Any] = {"phase": phase, "startTime": now, "hostIP": "10.0.0.1"}
+        if reason is not None:
+            status.update(reason=reason, message=message)
+        try:
+            await self.core.patch_namespaced_pod_status(
+                pod["metadata"]["name"], pod["metadata"]["namespace"], {"status": status},
+                _content_type="application/merge-patch+json", _request_timeout=10,  # type: ignore[call-arg]
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise

@@ -1,0 +1,142 @@
+"""The demo's scenario format (contracts/scenario.md): nodes with simulated GPUs, and a workload.
+
+`load_scenario` refuses an invalid file with one message naming the offending field, e.g.
+`nodes[0].gpus[1].memory_mib: Input should be greater than 0`. Nothing here starts anything.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+GFD_PRODUCT = "nvidia.com/gpu.product"
+GFD_COUNT = "nvidia.com/gpu.count"
+GFD_MEMORY = "nvidia.com/gpu.memory"
+
+
+class ScenarioError(ValueError):
+    """An invalid scenario; the message starts with the offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScenarioGpu(_Strict):
+    model: str = Field(min_length=1)
+    memory_mib: int = Field(gt=0)
+    compute_capability: tuple[int, int] = (8, 0)
+
+
+class ScenarioNode(_Strict):
+    name: str = Field(min_length=1, max_length=40, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    labels: dict[str, str] = {}
+    gpus: list[ScenarioGpu] = []
+
+    def all_labels(self) -> dict[str, str]:
+        """The given labels plus what GPU Feature Discovery would set on this node."""
+        labels = dict(self.labels)
+        if self.gpus:
+            labels.setdefault(GFD_PRODUCT, self.gpus[0].model)
+            labels.setdefault(GFD_COUNT, str(len(self.gpus)))
+            labels.setdefault(GFD_MEMORY, str(self.gpus[0].memory_mib))
+        return labels
+
+
+class WorkloadItem(_Strict):
+    at: float = Field(ge=0)
+    runs_for: float | None = Field(default=None, gt=0)
+    pod: dict[str, Any]
+
+    @field_validator("pod")
+    @classmethod
+    def _is_a_pod(cls, pod: dict[str, Any]) -> dict[str, Any]:
+        if pod.get("kind", "Pod") != "Pod":
+            raise ValueError(f"must be a Pod manifest, got kind {pod.get('kind')!r}")
+        metadata = pod.get("metadata")
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("name"), str) or not metadata["name"]:
+            raise ValueError("metadata.name is required")
+        containers = (pod.get("spec") or {}).get("containers")
+        if not isinstance(containers, list) or not containers:
+            raise ValueError("spec.containers must list at least one container")
+        return pod
+
+    @property
+    def namespace(self) -> str:
+        return str(self.pod["metadata"].get("namespace") or "default")
+
+    @property
+    def name(self) -> str:
+        return str(self.pod["metadata"]["name"])
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class Scenario(_Strict):
+    nodes: list[ScenarioNode] = Field(min_length=1)
+    workload: list[WorkloadItem] = []
+    timeout: float = Field(default=60, gt=0)
+
+    @field_validator("nodes")
+    @classmethod
+    def _unique_nodes(cls, nodes: list[ScenarioNode]) -> list[ScenarioNode]:
+        names = [n.name for n in nodes]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"node {duplicated[0]!r} appears twice")
+        return nodes
+
+    @field_validator("workload")
+    @classmethod
+    def _unique_pods(cls, workload: list[WorkloadItem]) -> list[WorkloadItem]:
+        keys = [item.key for item in workload]
+        duplicated = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicated:
+            raise ValueError(f"pod {duplicated[0]} appears twice")
+        return workload
+
+
+def _field_path(location: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "scenario"
+
+
+def parse_scenario(text: str, source: str = "scenario") -> Scenario:
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ScenarioError(f"{source}: not valid YAML or JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise ScenarioError(f"{source}: must be a mapping with nodes, workload and timeout")
+    try:
+        return Scenario.model_validate(document)
+    except ValidationError as error:
+        first = error.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        raise ScenarioError(f"{_field_path(tuple(first['loc']))}: {message}") from None
+
+
+def load_scenario(path: Path | None) -> Scenario:
+    """The scenario in `path`, or the built-in one when `path` is None."""
+    if path is None:
+        text = resources.files("simulation").joinpath("scenarios/default.yaml").read_text()
+        return parse_scenario(text, "built-in scenario")
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ScenarioError(f"{path}: {error.strerror}") from None
+    return parse_scenario(text, str(path))
+
+
+def simulated_gpus_file(node: ScenarioNode) -> str:
+    """The JSON the node agent's simulated NVML reads (simulation.fake_nvml)."""
+    return json.dumps({"gpus": [gpu.model_dump(mode="json") for gpu in node.gpus]})
