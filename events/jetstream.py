@@ -66,6 +66,7 @@ class Delivery:
     headers: dict[str, str]
     stream_sequence: int
     deliveries: int
+    pending: int
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
@@ -224,7 +225,8 @@ class EventBus:
             await message.term()
             return
         headers = dict(message.headers or {})
-        delivery = Delivery(envelope, message.subject, headers, metadata.sequence.stream, deliveries)
+        delivery = Delivery(envelope, message.subject, headers, metadata.sequence.stream, deliveries,
+                            metadata.num_pending or 0)
         with handling(message.subject, envelope.kind, headers, consumer) as span:
             try:
                 with anyio.fail_after(ack_wait):

@@ -48,11 +48,13 @@ class NodeMpsConfig(Model):
     """The desired MPS config of one node: the value of its key in the node-config KV bucket.
 
     `gpus` maps a GPU index to the sizes (GiB) of every slice it must have. KV entries carry no
-    headers, so the trace context travels in the value.
+    headers, so the trace context travels in the value. `plan_sequence` is the stream sequence of
+    the plan it came from: a config is never replaced by one from an older plan.
     """
 
     node: str
     plan_id: str
+    plan_sequence: int = Field(ge=0)
     gpus: dict[int, tuple[int, ...]]
     traceparent: str | None = None
 
