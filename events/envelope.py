@@ -1,7 +1,7 @@
 """The versioned envelope every event travels in, and the codec between envelopes and bytes.
 
 `encode` and `decode` are the only way events become bytes and back. A message that does not
-decode raises `UndecodableMessage`, which consumers treat as poison: terminated and recorded,
+decode raises `UndecodableMessageError`, which consumers treat as poison: terminated and recorded,
 never retried. This module never performs I/O.
 """
 
@@ -49,7 +49,7 @@ class Envelope(Model):
         return self.event.kind
 
 
-class UndecodableMessage(ValueError):
+class UndecodableMessageError(ValueError):
     """The bytes are not an envelope this version understands; never worth a retry."""
 
 
@@ -63,7 +63,7 @@ def decode(data: bytes) -> Envelope:
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "(message)"
-        raise UndecodableMessage(f"{where}: {first['msg']}") from error
+        raise UndecodableMessageError(f"{where}: {first['msg']}") from error
 
 
 def content_id(*parts: str) -> str:

@@ -13,6 +13,7 @@ This module never decides anything about GPUs; it moves envelopes.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from nats.js.kv import KeyValue
 
 from events import subjects
 from events.base import Model
-from events.envelope import Envelope, Event, UndecodableMessage, content_id, decode, encode
+from events.envelope import Envelope, Event, UndecodableMessageError, content_id, decode, encode
 from events.tracing import handling, inject, publishing
 
 log = logging.getLogger(__name__)
@@ -188,10 +189,8 @@ class EventBus:
             max_ack_pending=max(1000, batch * 4),
         )
         if reset:
-            try:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
                 await self.js.delete_consumer(subjects.STREAM, durable)
-            except nats.js.errors.NotFoundError:
-                pass
         await self.js.add_consumer(subjects.STREAM, config)
         subscription = await self.js.pull_subscribe_bind(durable=durable, stream=subjects.STREAM)
         if ready is not None:
@@ -200,7 +199,11 @@ class EventBus:
             while True:
                 try:
                     messages = await subscription.fetch(batch, timeout=1)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nothing arrived (nats-py raises both its own and asyncio's)
+                    continue
+                except nats.errors.Error as error:  # connection trouble: the client reconnects
+                    log.warning("%s: fetch failed (%s), retrying", durable, error)
+                    await anyio.sleep(0.5)
                     continue
                 for message in messages:
                     # Shielded so that a shutdown never falls between an effect and its ack;
@@ -220,13 +223,19 @@ class EventBus:
         deliveries = metadata.num_delivered or 1
         try:
             envelope = decode(message.data)
-        except UndecodableMessage as error:
+        except UndecodableMessageError as error:
             await self.record_dead_letter(consumer, message, f"undecodable: {error}")
             await message.term()
             return
         headers = dict(message.headers or {})
-        delivery = Delivery(envelope, message.subject, headers, metadata.sequence.stream, deliveries,
-                            metadata.num_pending or 0)
+        delivery = Delivery(
+            envelope,
+            message.subject,
+            headers,
+            metadata.sequence.stream,
+            deliveries,
+            metadata.num_pending or 0,
+        )
         with handling(message.subject, envelope.kind, headers, consumer) as span:
             try:
                 with anyio.fail_after(ack_wait):
@@ -234,13 +243,20 @@ class EventBus:
             except Exception as error:
                 span.record_exception(error)
                 if deliveries >= max_deliver:
-                    log.error("%s: giving up on %s after %d deliveries: %s", consumer, message.subject,
-                              deliveries, error)
+                    log.error(
+                        "%s: giving up on %s after %d deliveries: %s",
+                        consumer,
+                        message.subject,
+                        deliveries,
+                        error,
+                    )
                     await self.record_dead_letter(consumer, message, f"failed {deliveries} times: {error!r}")
                     await message.term()
                 else:
                     delay = NAK_DELAYS[min(deliveries, len(NAK_DELAYS)) - 1]
-                    log.warning("%s: %s failed (%s), retrying in %.1fs", consumer, message.subject, error, delay)
+                    log.warning(
+                        "%s: %s failed (%s), retrying in %.1fs", consumer, message.subject, error, delay
+                    )
                     await message.nak(delay=delay)
                 return
         await message.ack()
@@ -266,7 +282,8 @@ class EventBus:
     async def dead_letters(self, consumer: str) -> list[DeadLetter]:
         """Every dead letter a consumer recorded (for tests and `mpsflow` diagnostics)."""
         subscription = await self.js.subscribe(
-            subjects.dead_letter_subject(consumer), ordered_consumer=True,
+            subjects.dead_letter_subject(consumer),
+            ordered_consumer=True,
             config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
         )
         letters: list[DeadLetter] = []

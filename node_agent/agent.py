@@ -116,10 +116,12 @@ class NodeAgent:
 
     async def apply(self, desired: NodeMpsConfig) -> None:
         context = extract({"traceparent": desired.traceparent} if desired.traceparent else None)
-        with tracer().start_as_current_span("apply node config", context=context,
-                                            kind=trace.SpanKind.CONSUMER,
-                                            attributes={"mpsflow.node": self.settings.node,
-                                                        "mpsflow.plan_id": desired.plan_id}):
+        with tracer().start_as_current_span(
+            "apply node config",
+            context=context,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={"mpsflow.node": self.settings.node, "mpsflow.plan_id": desired.plan_id},
+        ):
             outcome = reconcile(self.gpus, self.devices, self.in_use, desired)
             subject = subjects.config_subject(self.settings.node)
             if isinstance(outcome, Refused):
@@ -183,8 +185,9 @@ class NodeAgent:
         return True
 
     async def report(self, *, force: bool = False) -> None:
-        report = gpu_report(self.settings.node, self.gpus, self.devices, self.in_use, self.daemon_health,
-                            self.applied_plan_id)
+        report = gpu_report(
+            self.settings.node, self.gpus, self.devices, self.in_use, self.daemon_health, self.applied_plan_id
+        )
         body = report.model_dump_json()
         if body == self._last_report and not force:
             return

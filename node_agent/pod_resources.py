@@ -17,11 +17,11 @@ from node_agent.proto_gen import podresources_v1_pb2_grpc as podresources_grpc
 from node_agent.slices import parse_resource_name
 
 
-async def slices_in_use(socket: Path, timeout: float = 2.0) -> set[str]:
+async def slices_in_use(socket: Path, rpc_seconds: float = 2.0) -> set[str]:
     """Device IDs of mpsflow slices held by containers; raises grpc.aio.AioRpcError when unreachable."""
     async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
         stub = podresources_grpc.PodResourcesListerStub(channel)
-        response = await stub.List(podresources.ListPodResourcesRequest(), timeout=timeout)
+        response = await stub.List(podresources.ListPodResourcesRequest(), timeout=rpc_seconds)
     held: set[str] = set()
     for pod in response.pod_resources:
         for container in pod.containers:
@@ -29,5 +29,3 @@ async def slices_in_use(socket: Path, timeout: float = 2.0) -> set[str]:
                 if parse_resource_name(devices.resource_name) is not None:
                     held.update(devices.device_ids)
     return held
-
-

@@ -48,7 +48,9 @@ def reconcile(
         return Refused(f"GPU {unknown[0]} does not exist on this node (it has GPU {have})")
     devices: list[SliceDevice] = []
     for gpu in sorted(gpus, key=lambda g: g.index):
-        existing = sorted((d for d in current if d.gpu_index == gpu.index), key=lambda d: (d.size_gb, d.ordinal))
+        existing = sorted(
+            (d for d in current if d.gpu_index == gpu.index), key=lambda d: (d.size_gb, d.ordinal)
+        )
         if gpu.index not in desired.gpus:
             devices.extend(existing)
             continue
@@ -79,18 +81,29 @@ def _gpu_devices(
         next_ordinal[device.size_gb] = max(next_ordinal[device.size_gb], device.ordinal + 1)
     for size in sorted(still_wanted):
         for _ in range(max(0, still_wanted[size])):
-            kept.append(SliceDevice(id=slice_device_id(gpu.index, size, next_ordinal[size]), gpu_index=gpu.index,
-                                    gpu_uuid=gpu.uuid, size_gb=size, gpu_memory_mib=gpu.memory_total_mib))
+            kept.append(
+                SliceDevice(
+                    id=slice_device_id(gpu.index, size, next_ordinal[size]),
+                    gpu_index=gpu.index,
+                    gpu_uuid=gpu.uuid,
+                    size_gb=size,
+                    gpu_memory_mib=gpu.memory_total_mib,
+                )
+            )
             next_ordinal[size] += 1
     total = sum(d.size_gb for d in kept)
     if total > capacity_gb(gpu):
         held = sum(d.size_gb for d in kept if d.id in in_use)
         detail = f" ({held} GiB of them held by running containers)" if held else ""
-        return Refused(f"GPU {gpu.index}: slices would add up to {total} GiB{detail} but the GPU has "
-                       f"{capacity_gb(gpu)} GiB")
+        return Refused(
+            f"GPU {gpu.index}: slices would add up to {total} GiB{detail} but the GPU has "
+            f"{capacity_gb(gpu)} GiB"
+        )
     if len(kept) > gpu.max_mps_clients:
-        return Refused(f"GPU {gpu.index}: {len(kept)} slices, more than the {gpu.max_mps_clients} MPS clients "
-                       "a GPU of this generation allows")
+        return Refused(
+            f"GPU {gpu.index}: {len(kept)} slices, more than the {gpu.max_mps_clients} MPS clients "
+            "a GPU of this generation allows"
+        )
     return sorted(kept, key=lambda d: (d.size_gb, d.ordinal))
 
 
@@ -109,9 +122,16 @@ def gpu_report(
             for d in devices
             if d.gpu_index == gpu.index
         )
-        reports.append(GpuReport(
-            index=gpu.index, uuid=gpu.uuid, model=gpu.model, memory_mib=gpu.memory_total_mib,
-            compute_capability=gpu.compute_capability, mig_enabled=gpu.mig_enabled,
-            daemon_healthy=daemon_health.get(gpu.index, False), slices=slices,
-        ))
+        reports.append(
+            GpuReport(
+                index=gpu.index,
+                uuid=gpu.uuid,
+                model=gpu.model,
+                memory_mib=gpu.memory_total_mib,
+                compute_capability=gpu.compute_capability,
+                mig_enabled=gpu.mig_enabled,
+                daemon_healthy=daemon_health.get(gpu.index, False),
+                slices=slices,
+            )
+        )
     return NodeGpusReported(node=node, gpus=tuple(reports), applied_plan_id=applied_plan_id)

@@ -16,17 +16,25 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nats-url", default=os.environ.get("MPSFLOW_NATS_URL", DEFAULT_NATS_URL),
-                        help="NATS server with JetStream (env MPSFLOW_NATS_URL)")
+    parser.add_argument(
+        "--nats-url",
+        default=os.environ.get("MPSFLOW_NATS_URL", DEFAULT_NATS_URL),
+        help="NATS server with JetStream (env MPSFLOW_NATS_URL)",
+    )
 
 
 def _kube(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kube-url", default=os.environ.get("MPSFLOW_KUBE_URL"),
-                        help="API server URL (env MPSFLOW_KUBE_URL); default: in-cluster, then kubeconfig")
+    parser.add_argument(
+        "--kube-url",
+        default=os.environ.get("MPSFLOW_KUBE_URL"),
+        help="API server URL (env MPSFLOW_KUBE_URL); default: in-cluster, then kubeconfig",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpsflow", description="Automatic NVIDIA MPS GPU partitioning for Kubernetes")
+    parser = argparse.ArgumentParser(
+        prog="mpsflow", description="Automatic NVIDIA MPS GPU partitioning for Kubernetes"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run one service")
@@ -36,19 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
     _kube(watcher)
     _common(services.add_parser("planner", help="fold events into state and publish plans"))
     _common(services.add_parser("config-publisher", help="write each node's desired MPS config"))
-    agent = services.add_parser("node-agent", help="apply a node's MPS config and serve its slices to the kubelet")
+    agent = services.add_parser(
+        "node-agent", help="apply a node's MPS config and serve its slices to the kubelet"
+    )
     _common(agent)
     agent.add_argument("--node", required=True, help="the Kubernetes name of this node")
     agent.add_argument("--plugin-dir", type=Path, default=Path("/var/lib/kubelet/device-plugins"))
-    agent.add_argument("--pod-resources-socket", type=Path,
-                       default=Path("/var/lib/kubelet/pod-resources/kubelet.sock"))
-    agent.add_argument("--mps-root", type=Path, default=Path("/tmp/nvidia-mps"),
-                       help="per-GPU MPS pipe and log directories live under <root>/<GPU uuid>/")
-    agent.add_argument("--mps-control", default="nvidia-cuda-mps-control",
-                       help="the MPS control command (split like a shell would)")
+    agent.add_argument(
+        "--pod-resources-socket", type=Path, default=Path("/var/lib/kubelet/pod-resources/kubelet.sock")
+    )
+    agent.add_argument(
+        "--mps-root",
+        type=Path,
+        default=Path("/tmp/nvidia-mps"),
+        help="per-GPU MPS pipe and log directories live under <root>/<GPU uuid>/",
+    )
+    agent.add_argument(
+        "--mps-control",
+        default="nvidia-cuda-mps-control",
+        help="the MPS control command (split like a shell would)",
+    )
     agent.add_argument("--thread-policy", choices=["proportional", "equal", "off"], default="proportional")
-    agent.add_argument("--simulated-gpus", type=Path,
-                       help="use simulated GPUs described in this JSON file instead of NVML")
+    agent.add_argument(
+        "--simulated-gpus", type=Path, help="use simulated GPUs described in this JSON file instead of NVML"
+    )
     agent.add_argument("--heartbeat", type=float, default=10.0, help="seconds between GPU reports")
 
     plan = commands.add_parser("plan", help="plan offline from a snapshot (contract: plan.md)")
@@ -161,10 +180,18 @@ async def _node_agent(args: argparse.Namespace) -> None:
     else:
         inventory = NvmlInventory()
     bus = await EventBus.connect(args.nats_url, source=f"node-agent/{args.node}")
-    plugin = SliceDevicePlugin(plugin_dir=args.plugin_dir, pipe_root=args.mps_root, thread_policy=args.thread_policy)
-    settings = AgentSettings(node=args.node, mps_root=args.mps_root, pod_resources_socket=args.pod_resources_socket,
-                             heartbeat_seconds=args.heartbeat)
-    agent = NodeAgent(settings, bus, inventory, SubprocessMpsControl(tuple(shlex.split(args.mps_control))), plugin)
+    plugin = SliceDevicePlugin(
+        plugin_dir=args.plugin_dir, pipe_root=args.mps_root, thread_policy=args.thread_policy
+    )
+    settings = AgentSettings(
+        node=args.node,
+        mps_root=args.mps_root,
+        pod_resources_socket=args.pod_resources_socket,
+        heartbeat_seconds=args.heartbeat,
+    )
+    agent = NodeAgent(
+        settings, bus, inventory, SubprocessMpsControl(tuple(shlex.split(args.mps_control))), plugin
+    )
     try:
         await agent.run()
     finally:

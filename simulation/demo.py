@@ -10,6 +10,7 @@ on failure and on Ctrl-C too. The same machinery backs the end-to-end tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,11 +31,12 @@ import nats.errors
 from kubernetes_asyncio import client
 
 from events import subjects
-from events.envelope import UndecodableMessage, decode
+from events.envelope import UndecodableMessageError, decode
 from events.jetstream import EventBus
 from events.nodes import NodeGpusReported
 from events.plans import PlanComputed
 from events.pods import PodRejected
+from node_agent.slices import parse_resource_name
 from services.kit.kube import api_client
 from simulation.apiserver import ApiServer
 from simulation.kubelet import RUNS_FOR_ANNOTATION, Kubelet
@@ -54,6 +56,7 @@ class Observed:
     reports: dict[str, NodeGpusReported] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     plans: int = 0
+    all_reported: anyio.Event = field(default_factory=anyio.Event)
 
 
 @dataclass
@@ -92,11 +95,17 @@ def _service_command(service: str, *extra: str) -> list[str]:
 def _start_process(cluster: Cluster, name: str, command: list[str], token: str) -> None:
     logs = cluster.base / "logs"
     logs.mkdir(exist_ok=True)
-    environment = {**os.environ, "MPSFLOW_NATS_URL": cluster.nats.url, "MPSFLOW_KUBE_URL": cluster.api.url,
-                   "MPSFLOW_KUBE_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+    environment = {
+        **os.environ,
+        "MPSFLOW_NATS_URL": cluster.nats.url,
+        "MPSFLOW_KUBE_URL": cluster.api.url,
+        "MPSFLOW_KUBE_TOKEN": token,
+        "PYTHONUNBUFFERED": "1",
+    }
     with (logs / f"{name}.log").open("wb") as log_file:
-        cluster.processes[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                                   env=environment, start_new_session=True)
+        cluster.processes[name] = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+        )
 
 
 def _stop_processes(cluster: Cluster) -> None:
@@ -111,10 +120,8 @@ def _stop_processes(cluster: Cluster) -> None:
             process.kill()
             process.wait()
     for pid_file in cluster.base.glob("nodes/*/mps/*/pipe/nvidia-cuda-mps-control.pid"):
-        try:
+        with contextlib.suppress(ValueError, OSError):
             os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
-        except (ValueError, ProcessLookupError, OSError):
-            pass
 
 
 async def _observe(cluster: Cluster) -> None:
@@ -127,10 +134,12 @@ async def _observe(cluster: Cluster) -> None:
                 continue
             try:
                 event = decode(message.data).event
-            except UndecodableMessage:
+            except UndecodableMessageError:
                 continue
             if isinstance(event, NodeGpusReported):
                 cluster.observed.reports[event.node] = event
+                if set(cluster.observed.reports) >= {node.name for node in cluster.scenario.nodes}:
+                    cluster.observed.all_reported.set()
             elif isinstance(event, PodRejected):
                 cluster.observed.rejected[event.key] = f"{event.reason}: {event.message}"
             elif isinstance(event, PlanComputed):
@@ -183,11 +192,28 @@ async def start_cluster(scenario: Scenario, stack: AsyncExitStack, say: Callable
         gpus_file = node_dir / "gpus.json"
         gpus_file.write_text(simulated_gpus_file(node))
         kubelet = kubelets[node.name]
-        _start_process(cluster, f"node-agent-{node.name}", _service_command(
-            "node-agent", "--node", node.name, "--plugin-dir", str(kubelet.plugin_dir),
-            "--pod-resources-socket", str(kubelet.pod_resources_socket), "--mps-root", str(node_dir / "mps"),
-            "--mps-control", FAKE_MPS_CONTROL, "--simulated-gpus", str(gpus_file), "--heartbeat", "5",
-        ), f"mpsflow-node-agent-{node.name}")
+        _start_process(
+            cluster,
+            f"node-agent-{node.name}",
+            _service_command(
+                "node-agent",
+                "--node",
+                node.name,
+                "--plugin-dir",
+                str(kubelet.plugin_dir),
+                "--pod-resources-socket",
+                str(kubelet.pod_resources_socket),
+                "--mps-root",
+                str(node_dir / "mps"),
+                "--mps-control",
+                FAKE_MPS_CONTROL,
+                "--simulated-gpus",
+                str(gpus_file),
+                "--heartbeat",
+                "5",
+            ),
+            f"mpsflow-node-agent-{node.name}",
+        )
     say(f"started {len(SERVICES)} services and {len(scenario.nodes)} node agents (logs in {base / 'logs'})")
     return cluster
 
@@ -201,24 +227,40 @@ def summary(cluster: Cluster) -> dict[str, Any]:
         pod = api_pods.get(item.key, {})
         node = (pod.get("spec") or {}).get("nodeName")
         started = cluster.kubelets[node].started.get(item.key) if node in cluster.kubelets else None
-        size = next((int(r.removeprefix("nvidia.com/gpu-").removesuffix("gb"))
-                     for c in item.pod["spec"]["containers"]
-                     for r in (c.get("resources") or {}).get("limits", {}) | (c.get("resources") or {}).get("requests", {})
-                     if r.startswith("nvidia.com/gpu-")), None)
+        size = next(
+            (
+                parse_resource_name(r)
+                for c in item.pod["spec"]["containers"]
+                for r in (c.get("resources") or {}).get("limits", {})
+                | (c.get("resources") or {}).get("requests", {})
+                if parse_resource_name(r) is not None
+            ),
+            None,
+        )
         pods_out[item.key] = {
             "phase": (pod.get("status") or {}).get("phase", "Pending"),
             "node": node,
             "gpu": started.gpu if started else None,
             "size_gb": size,
             "env": dict(sorted(started.envs.items())) if started else {},
-            "pending_seconds": round(started.started_at - cluster.created_at[item.key], 3) if started else None,
+            "pending_seconds": round(started.started_at - cluster.created_at[item.key], 3)
+            if started
+            else None,
         }
     nodes_out = {
-        name: {"gpus": {str(g.index): [{"size_gb": s.size_gb, "used": s.used} for s in g.slices] for g in report.gpus}}
+        name: {
+            "gpus": {
+                str(g.index): [{"size_gb": s.size_gb, "used": s.used} for s in g.slices] for g in report.gpus
+            }
+        }
         for name, report in sorted(cluster.observed.reports.items())
     }
-    return {"pods": pods_out, "rejected": dict(sorted(cluster.observed.rejected.items())), "nodes": nodes_out,
-            "events_published": 0}
+    return {
+        "pods": pods_out,
+        "rejected": dict(sorted(cluster.observed.rejected.items())),
+        "nodes": nodes_out,
+        "events_published": 0,
+    }
 
 
 def _table(result: dict[str, Any], out: TextIO) -> None:
@@ -226,8 +268,11 @@ def _table(result: dict[str, Any], out: TextIO) -> None:
     for key, pod in sorted(result["pods"].items()):
         pending = f"{pod['pending_seconds']:.2f}s" if pod["pending_seconds"] is not None else "-"
         gpu = "-" if pod["gpu"] is None else str(pod["gpu"])
-        print(f"{key:32} {pod['phase']:10} {pod['node'] or '-':10} {gpu:>3} {pod['size_gb'] or '-':>4}G {pending:>8}",
-              file=out)
+        print(
+            f"{key:32} {pod['phase']:10} {pod['node'] or '-':10} {gpu:>3} "
+            f"{pod['size_gb'] or '-':>4}G {pending:>8}",
+            file=out,
+        )
     for key, reason in result["rejected"].items():
         print(f"{key:32} {'Rejected':10} {reason}", file=out)
     print("\nGPU layouts (GiB; * = used):", file=out)
@@ -238,8 +283,11 @@ def _table(result: dict[str, Any], out: TextIO) -> None:
     waits = [p["pending_seconds"] for p in result["pods"].values() if p["pending_seconds"] is not None]
     if waits:
         p99 = statistics.quantiles(waits, n=100)[98] if len(waits) > 1 else waits[0]
-        print(f"\npending-to-running: p50 {statistics.median(waits):.2f}s, p99 {p99:.2f}s over {len(waits)} pods",
-              file=out)
+        print(
+            f"\npending-to-running: p50 {statistics.median(waits):.2f}s, p99 {p99:.2f}s "
+            f"over {len(waits)} pods",
+            file=out,
+        )
 
 
 async def run_demo(scenario: Scenario, out: TextIO, json_out: Path | None = None) -> int:
@@ -257,8 +305,7 @@ async def run_demo(scenario: Scenario, out: TextIO, json_out: Path | None = None
             group.start_soon(Scheduler(scheduler_api).run)
             group.start_soon(_observe, cluster)
             with anyio.move_on_after(READY_TIMEOUT):
-                while set(cluster.observed.reports) != {n.name for n in scenario.nodes}:
-                    await anyio.sleep(0.05)
+                await cluster.observed.all_reported.wait()
             missing = sorted({n.name for n in scenario.nodes} - set(cluster.observed.reports))
             if missing:
                 say(f"node agents did not report within {READY_TIMEOUT:.0f}s: {', '.join(missing)}")
@@ -267,8 +314,11 @@ async def run_demo(scenario: Scenario, out: TextIO, json_out: Path | None = None
                         say(f"  {name} exited with status {process.returncode}")
                 group.cancel_scope.cancel()
                 return 1
-            say(f"cluster ready: {len(scenario.nodes)} nodes, {sum(len(n.gpus) for n in scenario.nodes)} GPUs; "
-                f"playing {len(scenario.workload)} pods")
+            say(
+                f"cluster ready: {len(scenario.nodes)} nodes, "
+                f"{sum(len(n.gpus) for n in scenario.nodes)} GPUs; "
+                f"playing {len(scenario.workload)} pods"
+            )
             group.start_soon(_play, cluster, client.CoreV1Api(cluster.admin))
             started = time.monotonic()
             last_line = ""
@@ -288,7 +338,7 @@ async def run_demo(scenario: Scenario, out: TextIO, json_out: Path | None = None
             group.cancel_scope.cancel()
         _table(result, out)
         if json_out is not None:
-            json_out.write_text(json.dumps(result, indent=2) + "\n")
+            await anyio.Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
             say(f"\nsummary written to {json_out}")
         if not settled:
             say(f"\nthe workload did not settle within {scenario.timeout:.0f}s")
@@ -307,8 +357,10 @@ def _progress(cluster: Cluster) -> str:
         phase = (pod.get("status") or {}).get("phase", "Pending")
         phases[phase] = phases.get(phase, 0) + 1
     counts = ", ".join(f"{count} {phase.lower()}" for phase, count in sorted(phases.items()))
-    return (f"{len(cluster.created_at)}/{len(cluster.scenario.workload)} created: {counts or 'none yet'}; "
-            f"{len(cluster.observed.rejected)} rejected; {cluster.observed.plans} plans")
+    return (
+        f"{len(cluster.created_at)}/{len(cluster.scenario.workload)} created: {counts or 'none yet'}; "
+        f"{len(cluster.observed.rejected)} rejected; {cluster.observed.plans} plans"
+    )
 
 
 def demo_command(scenario_path: Path | None, json_out: Path | None) -> int:

@@ -23,9 +23,9 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from node_agent.slices import parse_resource_name, parse_slice_device_id
+from services.pod_watcher.watching import list_and_watch
 from simulation.kubelet_devices import AdmissionError, DeviceManager, PodRef
 from simulation.scenario import ScenarioNode
-from services.pod_watcher.watching import list_and_watch
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,11 @@ class Kubelet:
         self.plugin_dir = self.root / "plugins"
         self.pod_resources_socket = self.root / "pod-resources.sock"
         self.plugin_dir.mkdir(parents=True, exist_ok=True)
-        self.devices = DeviceManager(self.plugin_dir, pod_resources_socket=self.pod_resources_socket,
-                                     on_capacity=self._capacity_changed)
+        self.devices = DeviceManager(
+            self.plugin_dir,
+            pod_resources_socket=self.pod_resources_socket,
+            on_capacity=self._capacity_changed,
+        )
         self._group: TaskGroup | None = None
 
     async def register_node(self) -> None:
@@ -72,13 +75,24 @@ class Kubelet:
         }
         await self.core.create_node(body, _request_timeout=10)  # type: ignore[arg-type]
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        status = {"status": {"capacity": BASE_CAPACITY, "allocatable": BASE_CAPACITY, "conditions": [
-            {"type": "Ready", "status": "True", "reason": "KubeletReady", "lastTransitionTime": now}]}}
+        status = {
+            "status": {
+                "capacity": BASE_CAPACITY,
+                "allocatable": BASE_CAPACITY,
+                "conditions": [
+                    {"type": "Ready", "status": "True", "reason": "KubeletReady", "lastTransitionTime": now}
+                ],
+            }
+        }
         await self._patch_status(status)
 
     async def _patch_status(self, patch: dict[str, Any]) -> None:
-        await self.core.patch_node_status(self.node.name, patch, _content_type="application/merge-patch+json",  # type: ignore[call-arg]
-                                          _request_timeout=10)
+        await self.core.patch_node_status(
+            self.node.name,
+            patch,
+            _content_type="application/merge-patch+json",  # type: ignore[call-arg]
+            _request_timeout=10,
+        )
 
     async def _capacity_changed(self, counts: dict[str, int]) -> None:
         resources = {**BASE_CAPACITY, **{name: str(count) for name, count in counts.items()}}
@@ -89,8 +103,13 @@ class Kubelet:
         try:
             async with anyio.create_task_group() as group:
                 self._group = group
-                await list_and_watch(self.api, self.core.list_pod_for_all_namespaces, self._relist, self._changed,
-                                     field_selector=f"spec.nodeName={self.node.name}")
+                await list_and_watch(
+                    self.api,
+                    self.core.list_pod_for_all_namespaces,
+                    self._relist,
+                    self._changed,
+                    field_selector=f"spec.nodeName={self.node.name}",
+                )
         finally:
             with anyio.CancelScope(shield=True):
                 await self.devices.stop()
@@ -114,13 +133,20 @@ class Kubelet:
         requests = [
             (container["name"], resource)
             for container in pod["spec"].get("containers") or []
-            for resource in {**((container.get("resources") or {}).get("requests") or {}),
-                             **((container.get("resources") or {}).get("limits") or {})}
+            for resource in {
+                **((container.get("resources") or {}).get("requests") or {}),
+                **((container.get("resources") or {}).get("limits") or {}),
+            }
             if parse_resource_name(resource) is not None
         ]
         try:
-            allocated = await self.devices.allocate(PodRef(metadata["namespace"], metadata["name"], metadata["uid"]),
-                                                    requests) if requests else {}
+            allocated = (
+                await self.devices.allocate(
+                    PodRef(metadata["namespace"], metadata["name"], metadata["uid"]), requests
+                )
+                if requests
+                else {}
+            )
         except AdmissionError as error:
             self.failed[key] = error.reason
             log.warning("%s: admission failed: %s", key, error.reason)
@@ -140,16 +166,20 @@ class Kubelet:
         self.devices.release(pod["metadata"]["uid"])
         await self._set_phase(pod, "Succeeded")
 
-    async def _set_phase(self, pod: dict[str, Any], phase: str, *, reason: str | None = None,
-                         message: str | None = None) -> None:
+    async def _set_phase(
+        self, pod: dict[str, Any], phase: str, *, reason: str | None = None, message: str | None = None
+    ) -> None:
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         status: dict[str, Any] = {"phase": phase, "startTime": now, "hostIP": "10.0.0.1"}
         if reason is not None:
             status.update(reason=reason, message=message)
         try:
             await self.core.patch_namespaced_pod_status(
-                pod["metadata"]["name"], pod["metadata"]["namespace"], {"status": status},
-                _content_type="application/merge-patch+json", _request_timeout=10,  # type: ignore[call-arg]
+                pod["metadata"]["name"],
+                pod["metadata"]["namespace"],
+                {"status": status},
+                _content_type="application/merge-patch+json",
+                _request_timeout=10,  # type: ignore[call-arg]
             )
         except ApiException as error:
             if error.status != 404:

@@ -49,7 +49,16 @@ class LocalNatsServer:
 
     def start(self, timeout: float = 10.0) -> LocalNatsServer:
         self._process = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)],
+            [
+                nats_server_binary(),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-js",
+                "-sd",
+                str(self.store_dir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

@@ -59,7 +59,11 @@ class WorkloadItem(_Strict):
         if pod.get("kind", "Pod") != "Pod":
             raise ValueError(f"must be a Pod manifest, got kind {pod.get('kind')!r}")
         metadata = pod.get("metadata")
-        if not isinstance(metadata, dict) or not isinstance(metadata.get("name"), str) or not metadata["name"]:
+        if (
+            not isinstance(metadata, dict)
+            or not isinstance(metadata.get("name"), str)
+            or not metadata["name"]
+        ):
             raise ValueError("metadata.name is required")
         containers = (pod.get("spec") or {}).get("containers")
         if not isinstance(containers, list) or not containers:

@@ -51,8 +51,12 @@ def _is_ready(node: dict[str, Any]) -> bool:
 
 def _order(pod: dict[str, Any]) -> tuple[int, str, str, str]:
     metadata = pod["metadata"]
-    return (-int((pod.get("spec") or {}).get("priority") or 0), str(metadata.get("creationTimestamp") or ""),
-            metadata.get("namespace", ""), metadata["name"])
+    return (
+        -int((pod.get("spec") or {}).get("priority") or 0),
+        str(metadata.get("creationTimestamp") or ""),
+        metadata.get("namespace", ""),
+        metadata["name"],
+    )
 
 
 class Scheduler:
@@ -65,10 +69,14 @@ class Scheduler:
 
     async def run(self) -> None:
         async with anyio.create_task_group() as group:
-            group.start_soon(lambda: list_and_watch(self.api, self.core.list_node, self._relist_nodes,
-                                                    self._node_changed))
-            group.start_soon(lambda: list_and_watch(self.api, self.core.list_pod_for_all_namespaces,
-                                                    self._relist_pods, self._pod_changed))
+            group.start_soon(
+                lambda: list_and_watch(self.api, self.core.list_node, self._relist_nodes, self._node_changed)
+            )
+            group.start_soon(
+                lambda: list_and_watch(
+                    self.api, self.core.list_pod_for_all_namespaces, self._relist_pods, self._pod_changed
+                )
+            )
             while True:
                 await self._wakeup.wait(1.0)
                 await self.schedule_pending()
@@ -107,12 +115,19 @@ class Scheduler:
     def _fits(self, node: dict[str, Any], used: Counter[str], wanted: Counter[str]) -> list[str]:
         """The resources this node lacks for the pod (empty when it fits)."""
         allocatable = (node.get("status") or {}).get("allocatable") or {}
-        return [name for name, count in wanted.items() if int(str(allocatable.get(name, "0"))) - used[name] < count]
+        return [
+            name
+            for name, count in wanted.items()
+            if int(str(allocatable.get(name, "0"))) - used[name] < count
+        ]
 
     async def schedule_pending(self) -> None:
         usage = self._usage()
-        pending = [p for p in self.pods.values()
-                   if not (p.get("spec") or {}).get("nodeName") and (p.get("status") or {}).get("phase") == "Pending"]
+        pending = [
+            p
+            for p in self.pods.values()
+            if not (p.get("spec") or {}).get("nodeName") and (p.get("status") or {}).get("phase") == "Pending"
+        ]
         for pod in sorted(pending, key=_order):
             wanted = extended_requests(pod)
             lacking: Counter[str] = Counter()
@@ -134,13 +149,16 @@ class Scheduler:
                 reasons = [f"{count} Insufficient {name}" for name, count in sorted(lacking.items())]
                 if unavailable:
                     reasons.append(f"{unavailable} node(s) were unschedulable or not ready")
-                await self._mark_unschedulable(pod, f"0/{len(self.nodes)} nodes are available: "
-                                               + ", ".join(reasons) + ".")
+                await self._mark_unschedulable(
+                    pod, f"0/{len(self.nodes)} nodes are available: " + ", ".join(reasons) + "."
+                )
 
     async def _bind(self, pod: dict[str, Any], node: str) -> bool:
         metadata = pod["metadata"]
-        body = client.V1Binding(metadata=client.V1ObjectMeta(name=metadata["name"]),
-                                target=client.V1ObjectReference(api_version="v1", kind="Node", name=node))
+        body = client.V1Binding(
+            metadata=client.V1ObjectMeta(name=metadata["name"]),
+            target=client.V1ObjectReference(api_version="v1", kind="Node", name=node),
+        )
         # The API answers a binding with a Status that the client cannot decode into a model.
         response: Any = await self.core.create_namespaced_pod_binding(
             metadata["name"], metadata["namespace"], body, _preload_content=False, _request_timeout=10
@@ -150,18 +168,35 @@ class Scheduler:
         if bound:
             pod.setdefault("spec", {})["nodeName"] = node
         else:
-            log.info("binding %s/%s to %s refused (%s)", metadata["namespace"], metadata["name"], node,
-                     response.status)
+            log.info(
+                "binding %s/%s to %s refused (%s)",
+                metadata["namespace"],
+                metadata["name"],
+                node,
+                response.status,
+            )
         return bound
 
     async def _mark_unschedulable(self, pod: dict[str, Any], message: str) -> None:
         conditions = (pod.get("status") or {}).get("conditions") or []
         current = next((c for c in conditions if c.get("type") == "PodScheduled"), None)
-        if current is not None and current.get("reason") == "Unschedulable" and current.get("message") == message:
+        if (
+            current is not None
+            and current.get("reason") == "Unschedulable"
+            and current.get("message") == message
+        ):
             return
-        condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
-                     "lastTransitionTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        condition = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": message,
+            "lastTransitionTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
         await self.core.patch_namespaced_pod_status(
-            pod["metadata"]["name"], pod["metadata"]["namespace"], {"status": {"conditions": [condition]}},
-            _content_type="application/merge-patch+json", _request_timeout=10,  # type: ignore[call-arg]
+            pod["metadata"]["name"],
+            pod["metadata"]["namespace"],
+            {"status": {"conditions": [condition]}},
+            _content_type="application/merge-patch+json",
+            _request_timeout=10,  # type: ignore[call-arg]
         )

@@ -27,8 +27,13 @@ CAS_ATTEMPTS = 5
 
 def desired_config(plan: PlanComputed, plan_sequence: int, node: str) -> NodeMpsConfig:
     layout = plan.nodes[node]
-    return NodeMpsConfig(node=node, plan_id=plan.plan_id, plan_sequence=plan_sequence, gpus=layout.sizes(),
-                         traceparent=current_traceparent())
+    return NodeMpsConfig(
+        node=node,
+        plan_id=plan.plan_id,
+        plan_sequence=plan_sequence,
+        gpus=layout.sizes(),
+        traceparent=current_traceparent(),
+    )
 
 
 class ConfigPublisherService:
@@ -42,8 +47,13 @@ class ConfigPublisherService:
         return self._kv
 
     async def consume(self) -> None:
-        await self.bus.consume(durable=DURABLE, filter_subjects=[subjects.plan_subject()], handle=self.handle,
-                               deliver_from="last_per_subject", batch=16)
+        await self.bus.consume(
+            durable=DURABLE,
+            filter_subjects=[subjects.plan_subject()],
+            handle=self.handle,
+            deliver_from="last_per_subject",
+            batch=16,
+        )
 
     async def handle(self, delivery: Delivery) -> None:
         plan = delivery.envelope.event
@@ -70,8 +80,9 @@ class ConfigPublisherService:
             current = None
             if entry is not None and entry.value:
                 current = NodeMpsConfig.model_validate_json(entry.value)
-            if current is not None and (current.same_layout(desired) or
-                                        current.plan_sequence > desired.plan_sequence):
+            if current is not None and (
+                current.same_layout(desired) or current.plan_sequence > desired.plan_sequence
+            ):
                 return
             try:
                 if entry is None:
@@ -85,7 +96,10 @@ class ConfigPublisherService:
                 NodeConfigPublished(node=desired.node, plan_id=desired.plan_id, revision=revision),
                 message_id=content_id("published", desired.node, str(revision)),
             )
-            log.info("node %s: config of plan %s published (revision %d)", desired.node, desired.plan_id,
-                     revision)
+            log.info(
+                "node %s: config of plan %s published (revision %d)", desired.node, desired.plan_id, revision
+            )
             return
-        raise TransientError(f"node {desired.node}: the config key kept changing under {CAS_ATTEMPTS} attempts")
+        raise TransientError(
+            f"node {desired.node}: the config key kept changing under {CAS_ATTEMPTS} attempts"
+        )

@@ -12,9 +12,9 @@ class Wakeup:
     def set(self) -> None:
         self._event.set()
 
-    async def wait(self, timeout: float | None) -> None:
-        """Wait until set (or the timeout passes), then re-arm."""
-        with anyio.move_on_after(timeout):
+    async def wait(self, seconds: float | None) -> None:
+        """Wait until set (or `seconds` pass, when given), then re-arm."""
+        with anyio.move_on_after(seconds):
             await self._event.wait()
         if self._event.is_set():
             self._event = anyio.Event()

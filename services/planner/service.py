@@ -28,9 +28,9 @@ MAX_LINKS = 64
 
 
 class PlannerService:
-    def __init__(self, bus: EventBus, settings: PlannerSettings = PlannerSettings()) -> None:
+    def __init__(self, bus: EventBus, settings: PlannerSettings | None = None) -> None:
         self.bus = bus
-        self.settings = settings
+        self.settings = settings or PlannerSettings()
         self.state = ClusterState()
         self._wakeup = Wakeup()
         self._caught_up = False
@@ -72,10 +72,15 @@ class PlannerService:
     async def _publish(self, decision: PublishPlan) -> None:
         plan = decision.plan
         links, self._links = self._links, []
-        with tracer().start_as_current_span("plan", links=links,
-                                            attributes={"mpsflow.plan_id": plan.plan_id,
-                                                        "mpsflow.placed": len(plan.placed),
-                                                        "mpsflow.unplaced": len(plan.unplaced)}):
+        with tracer().start_as_current_span(
+            "plan",
+            links=links,
+            attributes={
+                "mpsflow.plan_id": plan.plan_id,
+                "mpsflow.placed": len(plan.placed),
+                "mpsflow.unplaced": len(plan.unplaced),
+            },
+        ):
             await self.bus.publish(subjects.plan_subject(), plan, message_id=plan.plan_id)
             for key, reason in sorted(plan.unplaced.items()):
                 if self._unplaced_published.get(key) == reason:
@@ -92,5 +97,10 @@ class PlannerService:
             for key in set(self._unplaced_published) - set(plan.unplaced):
                 del self._unplaced_published[key]
         self.state.mark_published(plan.plan_id)
-        log.info("plan %s: %d placed, %d unplaced, %d nodes", plan.plan_id, len(plan.placed),
-                 len(plan.unplaced), len(plan.nodes))
+        log.info(
+            "plan %s: %d placed, %d unplaced, %d nodes",
+            plan.plan_id,
+            len(plan.placed),
+            len(plan.unplaced),
+            len(plan.nodes),
+        )

@@ -72,7 +72,9 @@ def parse_snapshot(text: str) -> tuple[list[Node], list[PendingPod]]:
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:
-        raise SnapshotError(f"snapshot: not JSON ({error.msg} at line {error.lineno} column {error.colno})") from None
+        raise SnapshotError(
+            f"snapshot: not JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from None
     root = _object(document, "snapshot")
     nodes: list[Node] = []
     seen_nodes: set[str] = set()
@@ -95,10 +97,15 @@ def parse_snapshot(text: str) -> tuple[list[Node], list[PendingPod]]:
         parsed = PendingPod(
             namespace=_string(_field(pod, "namespace", path), f"{path}.namespace"),
             name=_string(_field(pod, "name", path), f"{path}.name"),
-            size_gb=_integer(_field(pod, "size_gb", path), f"{path}.size_gb", minimum=0,
-                             what="a whole number of zero or more"),
-            priority=_integer(pod.get("priority", 0), f"{path}.priority", minimum=-(2**31),
-                              what="an integer"),
+            size_gb=_integer(
+                _field(pod, "size_gb", path),
+                f"{path}.size_gb",
+                minimum=0,
+                what="a whole number of zero or more",
+            ),
+            priority=_integer(
+                pod.get("priority", 0), f"{path}.priority", minimum=-(2**31), what="an integer"
+            ),
             created=_parse_time(pod.get("created"), f"{path}.created"),
         )
         if parsed.key in seen_pods:
@@ -114,24 +121,40 @@ def _parse_gpus(node: Mapping[str, Any], path: str) -> list[Gpu]:
     for g, raw_gpu in enumerate(_list(_field(node, "gpus", path), f"{path}.gpus")):
         gpath = f"{path}.gpus[{g}]"
         gpu = _object(raw_gpu, gpath)
-        index = _integer(_field(gpu, "index", gpath), f"{gpath}.index", minimum=0, what="an integer of 0 or more")
+        index = _integer(
+            _field(gpu, "index", gpath), f"{gpath}.index", minimum=0, what="an integer of 0 or more"
+        )
         if index in seen:
             raise _fail(f"{gpath}.index", f"GPU index {index} appears twice in this node")
         seen.add(index)
         model = _string(_field(gpu, "model", gpath), f"{gpath}.model")
-        memory = _integer(_field(gpu, "memory_mib", gpath), f"{gpath}.memory_mib", minimum=1,
-                          what="a positive integer")
+        memory = _integer(
+            _field(gpu, "memory_mib", gpath), f"{gpath}.memory_mib", minimum=1, what="a positive integer"
+        )
         slices: list[Slice] = []
         for s, raw_slice in enumerate(_list(gpu.get("slices", []), f"{gpath}.slices")):
             spath = f"{gpath}.slices[{s}]"
             item = _object(raw_slice, spath)
-            slices.append(Slice(
-                size_gb=_integer(_field(item, "size_gb", spath), f"{spath}.size_gb", minimum=1,
-                                 what="a positive integer"),
-                used=_boolean(_field(item, "used", spath), f"{spath}.used"),
-            ))
-        gpus.append(Gpu(index=index, model=model, memory_mib=memory, slices=tuple(slices),
-                        max_slices=max_slices_for(model)))
+            slices.append(
+                Slice(
+                    size_gb=_integer(
+                        _field(item, "size_gb", spath),
+                        f"{spath}.size_gb",
+                        minimum=1,
+                        what="a positive integer",
+                    ),
+                    used=_boolean(_field(item, "used", spath), f"{spath}.used"),
+                )
+            )
+        gpus.append(
+            Gpu(
+                index=index,
+                model=model,
+                memory_mib=memory,
+                slices=tuple(slices),
+                max_slices=max_slices_for(model),
+            )
+        )
     return gpus
 
 
@@ -153,12 +176,17 @@ def plan_document(result: PlanResult) -> dict[str, Any]:
     """The plan as the contract's JSON object."""
     document: dict[str, Any] = {
         "nodes": {
-            node: {"gpus": {str(index): [{"size_gb": s.size_gb, "used": s.used} for s in slices]
-                            for index, slices in sorted(gpus.items())}}
+            node: {
+                "gpus": {
+                    str(index): [{"size_gb": s.size_gb, "used": s.used} for s in slices]
+                    for index, slices in sorted(gpus.items())
+                }
+            }
             for node, gpus in sorted(result.layouts.items())
         },
         "placed": {
-            key: {"node": p.node, "gpu": p.gpu, "size_gb": p.size_gb} for key, p in sorted(result.placed.items())
+            key: {"node": p.node, "gpu": p.gpu, "size_gb": p.size_gb}
+            for key, p in sorted(result.placed.items())
         },
         "unplaced": dict(sorted(result.unplaced.items())),
     }

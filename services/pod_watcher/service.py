@@ -22,7 +22,7 @@ from events.envelope import content_id
 from events.jetstream import Delivery, EventBus, TransientError
 from events.nodes import NodeObserved, NodeOptedOut
 from events.pods import PodDeleted, PodRejected, PodUnplaced
-from services.pod_watcher.translate import translate_node, translate_pod
+from services.pod_watcher.translate import Rule, translate_node, translate_pod
 from services.pod_watcher.watching import list_and_watch
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 COMPONENT = "mpsflow-pod-watcher"
 UNPLACED_DURABLE = "pod-watcher-unplaced"
 UNPLACED_REASON = "MpsSliceNotPlaced"
+REJECTION_EVENT_RETRIES = (0.2, 0.5, 1.0, 2.0)
 
 
 class PodWatcherService:
@@ -39,6 +40,7 @@ class PodWatcherService:
         self.core = client.CoreV1Api(api)
         self.nodes: dict[str, NodeObserved] = {}
         self.pods: dict[str, str] = {}  # pod key -> uid, for pods we published
+        self.too_large: dict[str, dict[str, Any]] = {}  # rejected only for their size: checked again
 
     @property
     def largest_gpu_gb(self) -> int | None:
@@ -58,25 +60,44 @@ class PodWatcherService:
             first_list.set()
 
         async with anyio.create_task_group() as group:
-            group.start_soon(lambda: list_and_watch(self.api, self.core.list_node, relist_nodes, self.node_changed))
+            group.start_soon(
+                lambda: list_and_watch(self.api, self.core.list_node, relist_nodes, self.node_changed)
+            )
             await first_list.wait()
-            group.start_soon(lambda: list_and_watch(self.api, self.core.list_pod_for_all_namespaces,
-                                                    self.relist_pods, self.pod_changed))
-            group.start_soon(lambda: self.bus.consume(durable=UNPLACED_DURABLE,
-                                                      filter_subjects=[subjects.UNPLACED_EVENTS],
-                                                      handle=self.unplaced, deliver_from="last_per_subject"))
+            group.start_soon(
+                lambda: list_and_watch(
+                    self.api, self.core.list_pod_for_all_namespaces, self.relist_pods, self.pod_changed
+                )
+            )
+            group.start_soon(
+                lambda: self.bus.consume(
+                    durable=UNPLACED_DURABLE,
+                    filter_subjects=[subjects.UNPLACED_EVENTS],
+                    handle=self.unplaced,
+                    deliver_from="last_per_subject",
+                )
+            )
 
     async def node_changed(self, change: str, node: dict[str, Any]) -> None:
         name = node["metadata"]["name"]
         observed = None if change == "DELETED" else translate_node(node)
         if observed is None:
             if name in self.nodes:
-                await self._opt_out(name, "the node is gone" if change == "DELETED" else "opt-in label removed")
+                await self._opt_out(
+                    name, "the node is gone" if change == "DELETED" else "opt-in label removed"
+                )
             return
         if self.nodes.get(name) != observed:
+            largest = self.largest_gpu_gb
             self.nodes[name] = observed
-            await self.bus.publish(subjects.node_subject(name), observed,
-                                   message_id=content_id("node", observed.model_dump_json()))
+            await self.bus.publish(
+                subjects.node_subject(name),
+                observed,
+                message_id=content_id("node", observed.model_dump_json()),
+            )
+            if self.largest_gpu_gb != largest:
+                for pod in list(self.too_large.values()):
+                    await self.pod_changed("MODIFIED", pod)
 
     async def _opt_out(self, name: str, reason: str) -> None:
         self.nodes.pop(name, None)
@@ -95,6 +116,7 @@ class PodWatcherService:
         metadata = pod["metadata"]
         namespace, name = metadata.get("namespace", "default"), metadata["name"]
         key = f"{namespace}/{name}"
+        self.too_large.pop(key, None)
         if change == "DELETED":
             if key in self.pods:
                 await self._deleted(namespace, name, metadata["uid"])
@@ -103,31 +125,54 @@ class PodWatcherService:
         if event is None:
             return
         self.pods[key] = event.uid
-        await self.bus.publish(subjects.pod_subject(namespace, name), event,
-                               message_id=f"{event.uid}/{event.resource_version}")
+        await self.bus.publish(
+            subjects.pod_subject(namespace, name),
+            event,
+            message_id=content_id(event.uid, event.resource_version, event.model_dump_json()),
+        )
         if isinstance(event, PodRejected):
-            await self.post_event(namespace, name, event.uid, event.reason, event.message)
+            if event.reason == Rule.TOO_LARGE:
+                self.too_large[key] = pod
+            await self._post_rejection(event)
+
+    async def _post_rejection(self, event: PodRejected) -> None:
+        """Post the rejection Event, retrying a little: the watch must go on even if the API refuses."""
+        for delay in REJECTION_EVENT_RETRIES:
+            try:
+                await self.post_event(event.namespace, event.name, event.uid, event.reason, event.message)
+                return
+            except TransientError as error:
+                log.warning("%s; retrying in %.1fs", error, delay)
+                await anyio.sleep(delay)
+        log.error("giving up on the rejection Event of %s: %s", event.key, event.reason)
 
     async def _deleted(self, namespace: str, name: str, uid: str) -> None:
         self.pods.pop(f"{namespace}/{name}", None)
-        await self.bus.publish(subjects.pod_subject(namespace, name),
-                               PodDeleted(namespace=namespace, name=name, uid=uid),
-                               message_id=f"{uid}/deleted")
+        await self.bus.publish(
+            subjects.pod_subject(namespace, name),
+            PodDeleted(namespace=namespace, name=name, uid=uid),
+            message_id=f"{uid}/deleted",
+        )
 
     async def unplaced(self, delivery: Delivery) -> None:
         event = delivery.envelope.event
         if isinstance(event, PodUnplaced):
-            await self.post_event(event.namespace, event.name, event.uid, UNPLACED_REASON, event.reason,
-                                  kind="Normal")
+            await self.post_event(
+                event.namespace, event.name, event.uid, UNPLACED_REASON, event.reason, kind="Normal"
+            )
 
-    async def post_event(self, namespace: str, name: str, uid: str, reason: str, message: str,
-                         kind: str = "Warning") -> None:
+    async def post_event(
+        self, namespace: str, name: str, uid: str, reason: str, message: str, kind: str = "Warning"
+    ) -> None:
         """One Event per (pod, reason, message): its name is derived from them, so a repeat is a 409."""
         now = datetime.now(UTC).replace(microsecond=0)
         body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(name=f"{name}.{content_id(uid, reason, message)[:16]}", namespace=namespace),
-            involved_object=client.V1ObjectReference(api_version="v1", kind="Pod", namespace=namespace, name=name,
-                                                     uid=uid),
+            metadata=client.V1ObjectMeta(
+                name=f"{name}.{content_id(uid, reason, message)[:16]}", namespace=namespace
+            ),
+            involved_object=client.V1ObjectReference(
+                api_version="v1", kind="Pod", namespace=namespace, name=name, uid=uid
+            ),
             reason=reason,
             message=message,
             type=kind,
@@ -146,4 +191,3 @@ class PodWatcherService:
                 log.info("pod %s/%s is gone; no event", namespace, name)
                 return
             raise TransientError(f"event for {namespace}/{name}: API answered {error.status}") from error
-

@@ -57,13 +57,20 @@ def translate_node(node: Mapping[str, Any]) -> NodeObserved | None:
         problem = f"GPU Feature Discovery label(s) missing: {', '.join(missing)}"
     else:
         try:
-            gfd = GfdFacts(product=labels[GFD_PRODUCT], count=int(labels[GFD_COUNT]),
-                           memory_mib=int(labels[GFD_MEMORY]))
+            gfd = GfdFacts(
+                product=labels[GFD_PRODUCT], count=int(labels[GFD_COUNT]), memory_mib=int(labels[GFD_MEMORY])
+            )
         except ValueError:
-            problem = (f"GPU Feature Discovery labels unreadable: {GFD_COUNT}={labels[GFD_COUNT]!r}, "
-                       f"{GFD_MEMORY}={labels[GFD_MEMORY]!r}")
-    return NodeObserved(name=metadata["name"], unschedulable=bool(node.get("spec", {}).get("unschedulable")),
-                        gfd=gfd, gfd_problem=problem)
+            problem = (
+                f"GPU Feature Discovery labels unreadable: {GFD_COUNT}={labels[GFD_COUNT]!r}, "
+                f"{GFD_MEMORY}={labels[GFD_MEMORY]!r}"
+            )
+    return NodeObserved(
+        name=metadata["name"],
+        unschedulable=bool(node.get("spec", {}).get("unschedulable")),
+        gfd=gfd,
+        gfd_problem=problem,
+    )
 
 
 def _quantity_is_one(value: object) -> bool:
@@ -91,31 +98,67 @@ def translate_pod(pod: Mapping[str, Any], largest_gpu_gb: int | None) -> PodObse
         for resource in asked:
             match = SLICE_PATTERN.match(resource)
             if ZERO_SLICE_PATTERN.match(resource):
-                problems.append((Rule.ZERO_SIZE, f"container {name!r} asks for {resource}: a slice is at least 1 GiB"))
+                problems.append(
+                    (Rule.ZERO_SIZE, f"container {name!r} asks for {resource}: a slice is at least 1 GiB")
+                )
             elif match is None:
-                problems.append((Rule.MALFORMED_RESOURCE, f"container {name!r} asks for {resource!r}, which is "
-                                 "not nvidia.com/gpu-<N>gb with N a positive whole number of GiB"))
+                problems.append(
+                    (
+                        Rule.MALFORMED_RESOURCE,
+                        f"container {name!r} asks for {resource!r}, which is "
+                        "not nvidia.com/gpu-<N>gb with N a positive whole number of GiB",
+                    )
+                )
             elif not _quantity_is_one(requests[resource]):
-                problems.append((Rule.QUANTITY_NOT_ONE, f"container {name!r} asks for {requests[resource]} of "
-                                 f"{resource}; ask for 1 slice of the size you need"))
+                problems.append(
+                    (
+                        Rule.QUANTITY_NOT_ONE,
+                        f"container {name!r} asks for {requests[resource]} of "
+                        f"{resource}; ask for 1 slice of the size you need",
+                    )
+                )
             else:
                 slices.append((name, int(match.group(1))))
         if len(asked) > 1:
-            problems.append((Rule.SEVERAL_IN_CONTAINER, f"container {name!r} asks for {', '.join(sorted(asked))}; "
-                             "one container gets one slice"))
+            problems.append(
+                (
+                    Rule.SEVERAL_IN_CONTAINER,
+                    f"container {name!r} asks for {', '.join(sorted(asked))}; one container gets one slice",
+                )
+            )
         if asked and WHOLE_GPU in requests:
-            problems.append((Rule.WITH_WHOLE_GPU, f"container {name!r} asks for {WHOLE_GPU} and "
-                             f"{', '.join(sorted(asked))}; ask for one or the other"))
+            problems.append(
+                (
+                    Rule.WITH_WHOLE_GPU,
+                    f"container {name!r} asks for {WHOLE_GPU} and "
+                    f"{', '.join(sorted(asked))}; ask for one or the other",
+                )
+            )
     if not slices and not problems:
         return None
     if not problems and len(slices) > 1:
-        problems.append((Rule.SEVERAL_IN_POD, "containers " + ", ".join(repr(c) for c, _ in slices)
-                         + " each ask for a slice; mpsflow gives one slice per pod"))
+        problems.append(
+            (
+                Rule.SEVERAL_IN_POD,
+                "containers "
+                + ", ".join(repr(c) for c, _ in slices)
+                + " each ask for a slice; mpsflow gives one slice per pod",
+            )
+        )
     if not problems and largest_gpu_gb is not None and slices[0][1] > largest_gpu_gb:
-        problems.append((Rule.TOO_LARGE, f"nvidia.com/gpu-{slices[0][1]}gb needs {slices[0][1]} GiB; "
-                         f"the largest opted-in GPU has {largest_gpu_gb} GiB"))
-    common = {"namespace": metadata.get("namespace", "default"), "name": metadata["name"], "uid": metadata["uid"],
-              "resource_version": metadata.get("resourceVersion", "")}
+        problems.append(
+            (
+                Rule.TOO_LARGE,
+                f"nvidia.com/gpu-{slices[0][1]}gb needs {slices[0][1]} GiB; "
+                f"the largest opted-in GPU has {largest_gpu_gb} GiB",
+            )
+        )
+    common = {
+        "namespace": metadata.get("namespace", "default"),
+        "name": metadata["name"],
+        "uid": metadata["uid"],
+        "resource_version": metadata.get("resourceVersion", ""),
+    }
     if problems:
         reason, message = problems[0]
         return PodRejected(reason=reason, message=message, **common)

@@ -37,7 +37,11 @@ def as_json(api: client.ApiClient, obj: object) -> dict[str, Any]:
 
 
 async def list_and_watch(
-    api: client.ApiClient, list_function: ListFunction, on_relist: OnRelist, on_event: OnEvent, **selectors: str
+    api: client.ApiClient,
+    list_function: ListFunction,
+    on_relist: OnRelist,
+    on_event: OnEvent,
+    **selectors: str,
 ) -> None:
     """Run until cancelled; every object change reaches `on_event`, every (re)list `on_relist`."""
     resource_version: str | None = None
@@ -60,8 +64,9 @@ async def list_and_watch(
                 async for change in stream:
                     if change["type"] != "BOOKMARK":
                         await on_event(change["type"], as_json(api, change["object"]))
+                    # Only once the change was handled: a watch that breaks resumes after it.
+                    resource_version = watcher.resource_version or resource_version
                     backoff = BACKOFF_START
-            resource_version = watcher.resource_version or resource_version
         except ApiException as error:
             if error.status == 410:
                 log.info("%s: history expired (410), listing again", list_function.__name__)
@@ -71,7 +76,11 @@ async def list_and_watch(
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            log.warning("%s: watch interrupted (%s), resuming in %.1fs", list_function.__name__,
-                        error or type(error).__name__, backoff)
+            log.warning(
+                "%s: watch interrupted (%s), resuming in %.1fs",
+                list_function.__name__,
+                error or type(error).__name__,
+                backoff,
+            )
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)

@@ -1,10 +1,10 @@
-"""The JetStream adapter against a real nats-server: publish, consume, de-duplicate, redeliver, dead-letter."""
+"""The JetStream adapter against a real nats-server: publish, consume, de-duplicate, redeliver,
+dead-letter."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import sys
+from datetime import UTC, datetime
 
 import anyio
 import pytest
@@ -40,11 +40,21 @@ async def collect(
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as group:
-            group.start_soon(lambda: bus.consume(durable=durable, filter_subjects=[subjects.POD_EVENTS],
-                                                 handle=handle, ack_wait=ack_wait))
+            group.start_soon(
+                lambda: bus.consume(
+                    durable=durable, filter_subjects=[subjects.POD_EVENTS], handle=handle, ack_wait=ack_wait
+                )
+            )
             await done.wait()
             group.cancel_scope.cancel()
     return seen
+
+
+async def all_acked(bus: EventBus, durable: str) -> None:
+    """Acks are fire-and-forget: wait (boundedly) until the server has seen every one of them."""
+    with anyio.fail_after(5):
+        while (await bus.js.consumer_info(subjects.STREAM, durable)).num_ack_pending:
+            await anyio.sleep(0.02)
 
 
 async def test_published_events_arrive_typed_with_trace_headers(bus: EventBus) -> None:
@@ -77,8 +87,7 @@ async def test_a_failed_handling_is_redelivered_and_then_acked(bus: EventBus) ->
 
     assert seen[0].envelope.event == deleted("a")
     assert seen[0].deliveries == 2
-    info = await bus.js.consumer_info(subjects.STREAM, "flaky")
-    assert info.num_ack_pending == 0
+    await all_acked(bus, "flaky")
 
 
 DYING_CONSUMER = """
@@ -125,12 +134,10 @@ async def test_malformed_message_is_terminated_recorded_and_consumption_goes_on(
 
     assert seen[0].envelope.event == deleted("good")
     letters = await bus.dead_letters("strict")
-    assert [letter.subject for letter in letters] == [
-        "mpsflow.pod.default.bad", "mpsflow.pod.default.worse"]
+    assert [letter.subject for letter in letters] == ["mpsflow.pod.default.bad", "mpsflow.pod.default.worse"]
     assert letters[1].data() == b"\xff not json"
     assert "undecodable" in letters[0].error
-    info = await bus.js.consumer_info(subjects.STREAM, "strict")
-    assert info.num_ack_pending == 0
+    await all_acked(bus, "strict")
 
 
 async def test_last_per_subject_gives_the_current_level(bus: EventBus) -> None:
@@ -147,8 +154,14 @@ async def test_last_per_subject_gives_the_current_level(bus: EventBus) -> None:
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as group:
-            group.start_soon(lambda: bus.consume(durable="levels", filter_subjects=[subjects.NODE_EVENTS],
-                                                 handle=handle, deliver_from="last_per_subject"))
+            group.start_soon(
+                lambda: bus.consume(
+                    durable="levels",
+                    filter_subjects=[subjects.NODE_EVENTS],
+                    handle=handle,
+                    deliver_from="last_per_subject",
+                )
+            )
             await done.wait()
             await anyio.sleep(0.3)
             group.cancel_scope.cancel()

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from events import subjects
-from events.envelope import Envelope, Event, UndecodableMessage, content_id, decode, encode
+from events.envelope import Envelope, Event, UndecodableMessageError, content_id, decode, encode
 from events.nodes import GfdFacts, GpuReport, NodeGpusReported, NodeObserved, NodeOptedOut, SliceState
 from events.plans import (
     NodeConfigApplied,
@@ -25,21 +25,53 @@ from events.pods import PodDeleted, PodObserved, PodRejected, PodUnplaced
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 
 EVERY_KIND: list[Event] = [
-    PodObserved(namespace="ml", name="train-1", uid="u1", resource_version="42", size_gb=10, priority=5,
-                created=T0, phase="Running", node="a100-1.example.com"),
-    PodRejected(namespace="ml", name="bad", uid="u2", resource_version="43", reason="SliceSizeZero",
-                message="nvidia.com/gpu-0gb asks for 0 GiB"),
+    PodObserved(
+        namespace="ml",
+        name="train-1",
+        uid="u1",
+        resource_version="42",
+        size_gb=10,
+        priority=5,
+        created=T0,
+        phase="Running",
+        node="a100-1.example.com",
+    ),
+    PodRejected(
+        namespace="ml",
+        name="bad",
+        uid="u2",
+        resource_version="43",
+        reason="SliceSizeZero",
+        message="nvidia.com/gpu-0gb asks for 0 GiB",
+    ),
     PodDeleted(namespace="ml", name="train-1", uid="u1"),
-    PodUnplaced(namespace="ml", name="huge", uid="u3", reason="needs 200 GiB; the largest opted-in GPU has 80 GiB"),
+    PodUnplaced(
+        namespace="ml", name="huge", uid="u3", reason="needs 200 GiB; the largest opted-in GPU has 80 GiB"
+    ),
     NodeObserved(name="a100-1", gfd=GfdFacts(product="NVIDIA-A100-SXM4-80GB", count=2, memory_mib=81920)),
     NodeObserved(name="bare", gfd_problem="label nvidia.com/gpu.memory is missing"),
     NodeOptedOut(name="a100-1", reason="label removed"),
-    NodeGpusReported(node="a100-1", applied_plan_id="p1", gpus=(
-        GpuReport(index=0, uuid="GPU-1", model="A100", memory_mib=81920, compute_capability=(8, 0),
-                  slices=(SliceState(id="mps-g0-10gb-0", size_gb=10, used=True),)),)),
-    PlanComputed(plan_id="p1", nodes={"a100-1": NodeLayout(gpus={0: (SliceSpec(size_gb=10, used=True),)})},
-                 placed={"ml/train-2": Placement(node="a100-1", gpu=0, size_gb=10)},
-                 unplaced={"ml/huge": "too big"}, excluded_nodes={"broken": "impossible"}),
+    NodeGpusReported(
+        node="a100-1",
+        applied_plan_id="p1",
+        gpus=(
+            GpuReport(
+                index=0,
+                uuid="GPU-1",
+                model="A100",
+                memory_mib=81920,
+                compute_capability=(8, 0),
+                slices=(SliceState(id="mps-g0-10gb-0", size_gb=10, used=True),),
+            ),
+        ),
+    ),
+    PlanComputed(
+        plan_id="p1",
+        nodes={"a100-1": NodeLayout(gpus={0: (SliceSpec(size_gb=10, used=True),)})},
+        placed={"ml/train-2": Placement(node="a100-1", gpu=0, size_gb=10)},
+        unplaced={"ml/huge": "too big"},
+        excluded_nodes={"broken": "impossible"},
+    ),
     NodeConfigPublished(node="a100-1", plan_id="p1", revision=3),
     NodeConfigApplied(node="a100-1", plan_id="p1"),
     NodeConfigFailed(node="a100-1", plan_id="p1", reason="GPU 3 does not exist"),
@@ -63,7 +95,9 @@ def test_times_are_normalised_to_utc_and_naive_times_refused() -> None:
     envelope = Envelope(id="e", time=local, source="s", event=PodDeleted(namespace="a", name="b", uid="c"))
     assert envelope.time == T0 and envelope.time.tzinfo == UTC
     with pytest.raises(ValueError, match="time zone"):
-        Envelope(id="e", time=datetime(2026, 1, 1), source="s", event=PodDeleted(namespace="a", name="b", uid="c"))
+        Envelope(
+            id="e", time=datetime(2026, 1, 1), source="s", event=PodDeleted(namespace="a", name="b", uid="c")
+        )
 
 
 @pytest.mark.parametrize(
@@ -71,14 +105,20 @@ def test_times_are_normalised_to_utc_and_naive_times_refused() -> None:
     [
         (b"not json", "(message)"),
         (b'{"id": "x", "time": "2026-11-22T10:00:00Z", "source": "s", "event": {"kind": "Nope"}}', "event"),
-        (b'{"id": "x", "time": "2026-11-22T10:00:00Z", "source": "s", "schema_version": 2, '
-         b'"event": {"kind": "PodDeleted", "namespace": "a", "name": "b", "uid": "c"}}', "schema_version"),
-        (b'{"id": "x", "time": "2026-11-22T10:00:00Z", "source": "s", '
-         b'"event": {"kind": "PodDeleted", "namespace": "a", "name": "b"}}', "event.PodDeleted.uid"),
+        (
+            b'{"id": "x", "time": "2026-11-22T10:00:00Z", "source": "s", "schema_version": 2, '
+            b'"event": {"kind": "PodDeleted", "namespace": "a", "name": "b", "uid": "c"}}',
+            "schema_version",
+        ),
+        (
+            b'{"id": "x", "time": "2026-11-22T10:00:00Z", "source": "s", '
+            b'"event": {"kind": "PodDeleted", "namespace": "a", "name": "b"}}',
+            "event.PodDeleted.uid",
+        ),
     ],
 )
 def test_undecodable_messages_name_the_offending_field(data: bytes, field: str) -> None:
-    with pytest.raises(UndecodableMessage) as error:
+    with pytest.raises(UndecodableMessageError) as error:
         decode(data)
     assert str(error.value).startswith(field)
 

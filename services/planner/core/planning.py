@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from services.planner.core.model import Gpu, Node, PendingPod, Placement, PlanResult, PlanSettings, Slice
 
 
-
 def pod_order(pod: PendingPod) -> tuple[int, float, str, str]:
     """Higher priority first, then older first (pods without a time last), then namespace/name."""
     created = pod.created.timestamp() if pod.created is not None else float("inf")
@@ -34,7 +33,8 @@ def excluded_reason(node: Node, settings: PlanSettings) -> str | None:
         if total > capacity:
             return f"GPU {gpu.index}: slices add up to {total} GiB but the GPU has {capacity} GiB"
         if len(gpu.slices) > gpu.max_slices:
-            return f"GPU {gpu.index}: {len(gpu.slices)} slices, more than the {gpu.max_slices} MPS clients allowed"
+            count, limit = len(gpu.slices), gpu.max_slices
+            return f"GPU {gpu.index}: {count} slices, more than the {limit} MPS clients allowed"
     return None
 
 
@@ -107,7 +107,9 @@ def plan_cluster(nodes: Iterable[Node], pending: Iterable[PendingPod], settings:
             continue
         for gpu in sorted(node.gpus, key=lambda g: g.index):
             gpus.append(
-                _GpuPlan(node.name, gpu, gpu.capacity_gb(settings.reserve_mib), node.can_carve, list(gpu.slices))
+                _GpuPlan(
+                    node.name, gpu, gpu.capacity_gb(settings.reserve_mib), node.can_carve, list(gpu.slices)
+                )
             )
 
     placed: dict[str, Placement] = {}
@@ -120,7 +122,9 @@ def plan_cluster(nodes: Iterable[Node], pending: Iterable[PendingPod], settings:
         if pod.size_gb <= 0:
             unplaced[pod.key] = f"asks for {pod.size_gb} GiB; a slice is at least 1 GiB"
         elif not gpus:
-            unplaced[pod.key] = "no opted-in node can be planned on (label nos.nebuly.com/gpu-partitioning=mps)"
+            unplaced[pod.key] = (
+                "no opted-in node can be planned on (label nos.nebuly.com/gpu-partitioning=mps)"
+            )
         elif pod.size_gb > largest:
             unplaced[pod.key] = f"needs {pod.size_gb} GiB; the largest opted-in GPU has {largest} GiB"
         else:
@@ -176,8 +180,10 @@ def _exhausted_reason(gpus: list[_GpuPlan], size_gb: int) -> str:
     carvable = [g for g in gpus if g.can_carve]
     if not carvable:
         return "no opted-in node can take new slices now (cordoned, or its GPU reports are stale)"
-    most = max(g.capacity - sum(s.size_gb for p, s in enumerate(g.slices) if s.used or g.claimed[p])
-               for g in carvable)
+    most = max(
+        g.capacity - sum(s.size_gb for p, s in enumerate(g.slices) if s.used or g.claimed[p])
+        for g in carvable
+    )
     return (
         f"capacity exhausted: needs {size_gb} GiB on one GPU; the most any GPU could offer now is {most} GiB"
     )

@@ -34,8 +34,8 @@ class BatchWindow:
 
 @dataclass(frozen=True)
 class PlannerSettings:
-    plan: PlanSettings = PlanSettings()
-    window: BatchWindow = BatchWindow()
+    plan: PlanSettings = field(default_factory=PlanSettings)
+    window: BatchWindow = field(default_factory=BatchWindow)
     report_stale_after: timedelta = timedelta(seconds=45)
 
 
@@ -140,9 +140,12 @@ def compute_plan(state: ClusterState, now: datetime, settings: PlannerSettings) 
         result = PlanResult(
             layouts=result.layouts,
             placed=result.placed,
-            unplaced={key: f"waiting for GPU reports from {len(waiting_for_report)} opted-in node(s)"
-                      if "no opted-in node" in reason else reason
-                      for key, reason in result.unplaced.items()},
+            unplaced={
+                key: f"waiting for GPU reports from {len(waiting_for_report)} opted-in node(s)"
+                if "no opted-in node" in reason
+                else reason
+                for key, reason in result.unplaced.items()
+            },
             excluded_nodes=excluded,
         )
     else:
@@ -150,16 +153,26 @@ def compute_plan(state: ClusterState, now: datetime, settings: PlannerSettings) 
     document = plan_document(result)
     return PlanComputed(
         plan_id=content_id(json.dumps(document, sort_keys=True)),
-        nodes={name: NodeLayout(gpus={i: tuple(SliceSpec(size_gb=s.size_gb, used=s.used) for s in slices)
-                                      for i, slices in gpus.items()})
-               for name, gpus in result.layouts.items()},
-        placed={key: PlacementEvent(node=p.node, gpu=p.gpu, size_gb=p.size_gb) for key, p in result.placed.items()},
+        nodes={
+            name: NodeLayout(
+                gpus={
+                    i: tuple(SliceSpec(size_gb=s.size_gb, used=s.used) for s in slices)
+                    for i, slices in gpus.items()
+                }
+            )
+            for name, gpus in result.layouts.items()
+        },
+        placed={
+            key: PlacementEvent(node=p.node, gpu=p.gpu, size_gb=p.size_gb) for key, p in result.placed.items()
+        },
         unplaced=result.unplaced,
         excluded_nodes=result.excluded_nodes,
     )
 
 
-def planning_nodes(state: ClusterState, now: datetime, settings: PlannerSettings) -> tuple[list[Node], list[str]]:
+def planning_nodes(
+    state: ClusterState, now: datetime, settings: PlannerSettings
+) -> tuple[list[Node], list[str]]:
     """Opted-in nodes with their reported GPUs, and the names of those that never reported.
 
     A slice counts as used when the agent says so, and also when a pod bound to the node holds
@@ -185,8 +198,9 @@ def planning_nodes(state: ClusterState, now: datetime, settings: PlannerSettings
 
 def _with_bound_pods(report: NodeGpusReported, bound: Counter[int]) -> tuple[Gpu, ...]:
     reported_used = Counter(s.size_gb for g in report.gpus for s in g.slices if s.used)
-    to_mark = Counter({size: count - reported_used[size] for size, count in bound.items()
-                       if count > reported_used[size]})
+    to_mark = Counter(
+        {size: count - reported_used[size] for size, count in bound.items() if count > reported_used[size]}
+    )
     gpus: list[Gpu] = []
     for gpu in sorted(report.gpus, key=lambda g: g.index):
         if gpu.mig_enabled:
@@ -198,6 +212,13 @@ def _with_bound_pods(report: NodeGpusReported, bound: Counter[int]) -> tuple[Gpu
                 to_mark[s.size_gb] -= 1
                 used = True
             slices.append(Slice(size_gb=s.size_gb, used=used))
-        gpus.append(Gpu(index=gpu.index, model=gpu.model, memory_mib=gpu.memory_mib, slices=tuple(slices),
-                        max_slices=gpu.max_slices))
+        gpus.append(
+            Gpu(
+                index=gpu.index,
+                model=gpu.model,
+                memory_mib=gpu.memory_mib,
+                slices=tuple(slices),
+                max_slices=gpu.max_slices,
+            )
+        )
     return tuple(gpus)

@@ -1,0 +1,527 @@
+"""The pod watcher against the Kubernetes API emulator (real kubernetes_asyncio client) and a real NATS.
+
+Nodes and pods written through the API become events on the bus; rejected and unplaced pods get
+exactly one Kubernetes Event; dropped watches, expired history and API errors are survived.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import anyio
+import nats.errors
+import pytest
+from kubernetes_asyncio import client
+from nats.js import api as js_api
+from nats.js.client import JetStreamContext
+
+from events import subjects
+from events.base import Model
+from events.envelope import Event, decode
+from events.jetstream import EventBus
+from events.nodes import GfdFacts, NodeObserved, NodeOptedOut
+from events.pods import PodDeleted, PodObserved, PodRejected, PodUnplaced
+from services.kit.kube import api_client
+from services.pod_watcher.service import UNPLACED_DURABLE, UNPLACED_REASON, PodWatcherService
+from services.pod_watcher.translate import Rule
+from services.pod_watcher.watching import list_and_watch
+from simulation.apiserver import ApiServer
+
+pytestmark = pytest.mark.anyio
+
+NAMESPACE = "default"
+OPT_IN = "nos.nebuly.com/gpu-partitioning"
+WAIT = 2.5
+
+E = TypeVar("E", bound=Model)
+P = TypeVar("P", PodObserved, PodRejected, PodDeleted)
+
+
+# --- fixtures and helpers -----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def apiserver() -> AsyncIterator[ApiServer]:
+    async with ApiServer(bookmark_interval=0.05) as server:
+        yield server
+
+
+@pytest.fixture
+async def api(apiserver: ApiServer) -> AsyncIterator[client.ApiClient]:
+    """The client the pod watcher uses."""
+    watcher_client = await api_client(apiserver.url, "pod-watcher-token")
+    try:
+        yield watcher_client
+    finally:
+        await watcher_client.close()
+
+
+@pytest.fixture
+async def core(apiserver: ApiServer) -> AsyncIterator[Any]:
+    """A separate client for the test's own writes and reads (the cluster's users)."""
+    user_client = await api_client(apiserver.url, "user-token")
+    try:
+        yield client.CoreV1Api(user_client)
+    finally:
+        await user_client.close()
+
+
+def gpu_node(name: str, *, memory_mib: int = 81920, opt_in_key: str = OPT_IN) -> Any:
+    labels = {
+        opt_in_key: "mps",
+        "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB",
+        "nvidia.com/gpu.count": "2",
+        "nvidia.com/gpu.memory": str(memory_mib),
+    }
+    return client.V1Node(metadata=client.V1ObjectMeta(name=name, labels=labels))
+
+
+def slice_pod(name: str, resource: str = "nvidia.com/gpu-10gb", quantity: str = "1") -> Any:
+    resources = client.V1ResourceRequirements(limits={resource: quantity})
+    container = client.V1Container(name="main", image="busybox", resources=resources)
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name), spec=client.V1PodSpec(containers=[container])
+    )
+
+
+def plain_pod(name: str) -> Any:
+    container = client.V1Container(name="main", image="busybox")
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name), spec=client.V1PodSpec(containers=[container])
+    )
+
+
+class BusLog:
+    """Every event on `mpsflow.>`, in stream order, through an ordered push subscription."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._subscription: Any = None
+        self.events: list[tuple[str, Event]] = []
+
+    async def __aenter__(self) -> BusLog:
+        self._subscription = await self._js.subscribe(
+            subjects.ALL_EVENTS,
+            ordered_consumer=True,
+            config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL),
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._subscription.unsubscribe()
+
+    async def _read_one(self, wait: float) -> bool:
+        try:
+            message = await self._subscription.next_msg(timeout=wait)
+        except nats.errors.TimeoutError:
+            return False
+        self.events.append((message.subject, decode(message.data).event))
+        return True
+
+    async def wait_for(
+        self, kind: type[E], where: Callable[[E], bool] = lambda _: True, within: float = WAIT
+    ) -> E:
+        """The first event of `kind` (already read or still to come) that satisfies `where`."""
+        checked = 0
+        with anyio.fail_after(within):
+            while True:
+                for _, event in self.events[checked:]:
+                    if isinstance(event, kind) and where(event):
+                        return event
+                checked = len(self.events)
+                await self._read_one(0.05)
+
+    async def pod(self, kind: type[P], name: str) -> P:
+        return await self.wait_for(kind, lambda event: event.name == name)
+
+    async def settle(self, quiet: float = 0.3) -> None:
+        """Reads until nothing arrived for `quiet` seconds."""
+        while await self._read_one(quiet):
+            pass
+
+    def of_pod(self, name: str) -> list[Event]:
+        subject = subjects.pod_subject(NAMESPACE, name)
+        return [event for s, event in self.events if s == subject]
+
+    def of_node(self, name: str) -> list[Event]:
+        subject = subjects.node_subject(name)
+        return [event for s, event in self.events if s == subject]
+
+
+@asynccontextmanager
+async def watching(bus: EventBus, api: client.ApiClient) -> AsyncIterator[PodWatcherService]:
+    """The pod watcher running in a task group."""
+    service = PodWatcherService(bus, api)
+    async with anyio.create_task_group() as group:
+        group.start_soon(service.run)
+        yield service
+        group.cancel_scope.cancel()
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    with anyio.fail_after(WAIT):
+        while True:
+            if condition():
+                return
+            await anyio.sleep(0.02)
+
+
+async def pod_events(core: Any, pod_name: str) -> list[Any]:
+    listed = await core.list_namespaced_event(NAMESPACE, field_selector=f"involvedObject.name={pod_name}")
+    return list(listed.items)
+
+
+async def wait_for_events(core: Any, pod_name: str) -> list[Any]:
+    """The Kubernetes Events of a pod, once there is at least one."""
+    with anyio.fail_after(WAIT):
+        while True:
+            if found := await pod_events(core, pod_name):
+                return found
+            await anyio.sleep(0.05)
+
+
+async def acked(bus: EventBus, sequence: int) -> None:
+    """Until the unplaced consumer has acked every message up to stream `sequence`."""
+    with anyio.fail_after(WAIT):
+        while True:
+            info = await bus.js.consumer_info(subjects.STREAM, UNPLACED_DURABLE)
+            if info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= sequence:
+                return
+            await anyio.sleep(0.05)
+
+
+async def wait_watching(apiserver: ApiServer, resource: str) -> None:
+    """Until the pod watcher has opened a watch of `resource` (a watch is registered as it is logged)."""
+    await eventually(lambda: verbs_on(apiserver, "watch", resource) >= 1)
+
+
+def verbs_on(apiserver: ApiServer, verb: str, resource: str, identity: str = "pod-watcher-token") -> int:
+    return sum(
+        1
+        for record in apiserver.request_log
+        if (record.verb, record.resource, record.identity) == (verb, resource, identity)
+    )
+
+
+# --- nodes and pods become events ---------------------------------------------------------------
+
+
+async def test_nodes_and_pods_become_events_on_the_bus(
+    bus: EventBus, api: client.ApiClient, core: Any
+) -> None:
+    await core.create_node(gpu_node("a100-1.example.com"))
+    await core.create_node(gpu_node("legacy", memory_mib=40960, opt_in_key="nos.nebuly.ai/gpu-partitioning"))
+    await core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name="cpu-only")))
+    await core.create_namespaced_pod(NAMESPACE, slice_pod("before-start"))
+    await core.create_namespaced_pod(NAMESPACE, plain_pod("web"))
+
+    async with BusLog(bus.js) as log, watching(bus, api):
+        listed = await log.pod(PodObserved, "before-start")
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("after-start", "nvidia.com/gpu-20gb"))
+        watched = await log.pod(PodObserved, "after-start")
+        await log.settle()
+
+    assert log.of_node("a100-1.example.com") == [
+        NodeObserved(
+            name="a100-1.example.com",
+            gfd=GfdFacts(product="NVIDIA-A100-SXM4-80GB", count=2, memory_mib=81920),
+        )
+    ]
+    assert [type(e) for e in log.of_node("legacy")] == [NodeObserved]
+    assert log.of_node("cpu-only") == []
+    assert log.of_pod("web") == []
+    stored = {
+        p["metadata"]["name"]: p for p in (await core.list_namespaced_pod(NAMESPACE)).to_dict()["items"]
+    }
+    assert (listed.size_gb, listed.phase, listed.node) == (10, "Pending", None)
+    assert listed.uid == stored["before-start"]["metadata"]["uid"]
+    assert watched.size_gb == 20
+    assert watched.resource_version == stored["after-start"]["metadata"]["resource_version"]
+    assert len(log.of_pod("before-start")) == 1
+    assert len(log.of_pod("after-start")) == 1
+
+
+async def test_a_pod_change_is_published_as_the_new_level(
+    bus: EventBus, api: client.ApiClient, core: Any
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    async with BusLog(bus.js) as log, watching(bus, api):
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("job"))
+        await log.pod(PodObserved, "job")
+        await core.patch_namespaced_pod_status("job", NAMESPACE, {"status": {"phase": "Running"}})
+        running = await log.wait_for(PodObserved, lambda e: e.phase == "Running")
+        await core.delete_namespaced_pod("job", NAMESPACE)
+        await log.pod(PodDeleted, "job")
+
+    assert running.name == "job"
+    assert [type(e) for e in log.of_pod("job")] == [PodObserved, PodObserved, PodDeleted]
+
+
+async def test_a_rejected_pod_gets_exactly_one_kubernetes_event(
+    bus: EventBus, api: client.ApiClient, core: Any, apiserver: ApiServer
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    async with BusLog(bus.js) as log, watching(bus, api):
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("greedy", "nvidia.com/gpu-10gb", "2"))
+        rejection = await log.pod(PodRejected, "greedy")
+        first = await wait_for_events(core, "greedy")
+        # a change of the pod is a new level, published again; the Event must not be posted twice
+        await core.patch_namespaced_pod("greedy", NAMESPACE, {"metadata": {"labels": {"touched": "yes"}}})
+        await log.wait_for(PodRejected, lambda e: e.resource_version != rejection.resource_version)
+        await log.settle(0.2)
+        events = await pod_events(core, "greedy")
+
+    assert rejection.reason == Rule.QUANTITY_NOT_ONE
+    assert len(first) == 1
+    assert len(events) == 1
+    event = events[0]
+    assert (event.reason, event.type, event.message) == (Rule.QUANTITY_NOT_ONE, "Warning", rejection.message)
+    assert (event.involved_object.kind, event.involved_object.name, event.involved_object.uid) == (
+        "Pod",
+        "greedy",
+        rejection.uid,
+    )
+    assert event.source.component == "mpsflow-pod-watcher"
+    assert verbs_on(apiserver, "create", "events") == 2  # the second answered 409
+
+
+async def test_a_pod_larger_than_every_gpu_is_rejected(
+    bus: EventBus, api: client.ApiClient, core: Any
+) -> None:
+    await core.create_node(gpu_node("small", memory_mib=16384))
+    async with BusLog(bus.js) as log, watching(bus, api):
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("huge", "nvidia.com/gpu-40gb"))
+        rejection = await log.pod(PodRejected, "huge")
+        events = await wait_for_events(core, "huge")
+
+    assert rejection.reason == Rule.TOO_LARGE
+    assert "16 GiB" in rejection.message
+    assert [e.reason for e in events] == [Rule.TOO_LARGE]
+
+
+async def test_a_too_large_pod_is_accepted_once_a_large_enough_gpu_opts_in(
+    bus: EventBus, api: client.ApiClient, core: Any
+) -> None:
+    await core.create_node(gpu_node("small", memory_mib=16384))
+    async with BusLog(bus.js) as log, watching(bus, api):
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("huge", "nvidia.com/gpu-40gb"))
+        await log.pod(PodRejected, "huge")
+        await core.create_node(gpu_node("big", memory_mib=81920))
+        await log.wait_for(NodeObserved, lambda e: e.name == "big")
+        accepted = await log.wait_for(PodObserved, lambda e: e.name == "huge", within=1.5)
+
+    assert accepted.size_gb == 40
+
+
+async def test_removing_the_opt_in_label_publishes_node_opted_out(
+    bus: EventBus, api: client.ApiClient, core: Any
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    await core.create_node(gpu_node("a100-2"))
+    async with BusLog(bus.js) as log, watching(bus, api):
+        await log.wait_for(NodeObserved, lambda e: e.name == "a100-2")
+        await core.patch_node("a100-1", {"metadata": {"labels": {OPT_IN: None}}})
+        opted_out = await log.wait_for(NodeOptedOut, lambda e: e.name == "a100-1")
+        await core.patch_node("a100-2", {"spec": {"unschedulable": True}})
+        cordoned = await log.wait_for(NodeObserved, lambda e: e.unschedulable)
+        await core.delete_node("a100-2")
+        gone = await log.wait_for(NodeOptedOut, lambda e: e.name == "a100-2")
+        # a node that is not opted in any more changes without a word
+        await core.patch_node("a100-1", {"metadata": {"labels": {"other": "x"}}})
+        await log.settle(0.2)
+
+    assert opted_out == NodeOptedOut(name="a100-1", reason="opt-in label removed")
+    assert cordoned.name == "a100-2"
+    assert gone == NodeOptedOut(name="a100-2", reason="the node is gone")
+    assert [type(e) for e in log.of_node("a100-1")] == [NodeObserved, NodeOptedOut]
+
+
+# --- resilience ---------------------------------------------------------------------------------
+
+
+async def test_after_a_dropped_watch_later_changes_arrive_once(
+    bus: EventBus, api: client.ApiClient, core: Any, apiserver: ApiServer
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    async with BusLog(bus.js) as log, watching(bus, api):
+        await wait_watching(apiserver, "pods")
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("first"))
+        await log.pod(PodObserved, "first")
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("bad", "nvidia.com/gpu-0gb"))
+        await log.pod(PodRejected, "bad")
+        watches_before = verbs_on(apiserver, "watch", "pods")
+
+        apiserver.drop_watches()
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("second"))
+        await core.create_node(gpu_node("a100-2"))
+        await log.pod(PodObserved, "second")
+        await log.wait_for(NodeObserved, lambda e: e.name == "a100-2")
+        await log.settle()
+        bad_events = await pod_events(core, "bad")
+
+    assert verbs_on(apiserver, "watch", "pods") > watches_before
+    assert verbs_on(apiserver, "list", "pods") == 1  # resumed, not relisted
+    assert [type(e) for e in log.of_pod("first")] == [PodObserved]
+    assert [type(e) for e in log.of_pod("second")] == [PodObserved]
+    assert [type(e) for e in log.of_pod("bad")] == [PodRejected]
+    assert [type(e) for e in log.of_node("a100-1")] == [NodeObserved]
+    assert len(bad_events) == 1
+
+
+async def test_after_expired_history_a_pod_deleted_meanwhile_is_published_deleted(
+    bus: EventBus, api: client.ApiClient, core: Any, apiserver: ApiServer
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    async with BusLog(bus.js) as log, watching(bus, api):
+        await wait_watching(apiserver, "pods")
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("doomed"))
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("survivor"))
+        observed = await log.pod(PodObserved, "doomed")
+        await log.pod(PodObserved, "survivor")
+
+        # all while the watcher waits to reconnect (its first backoff is 0.2 s): a write it cannot
+        # have seen, so that its last resourceVersion is older than what the API still remembers
+        apiserver.drop_watches()
+        await core.create_namespaced_config_map(
+            NAMESPACE, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="x"))
+        )
+        apiserver.expire_history()
+        await core.delete_namespaced_pod("doomed", NAMESPACE)
+        deleted = await log.pod(PodDeleted, "doomed")
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("later"))
+        await log.pod(PodObserved, "later")
+        await log.settle()
+
+    assert verbs_on(apiserver, "list", "pods") == 2  # the 410 led to a relist
+    assert deleted == PodDeleted(namespace=NAMESPACE, name="doomed", uid=observed.uid)
+    assert [type(e) for e in log.of_pod("doomed")] == [PodObserved, PodDeleted]
+    assert [type(e) for e in log.of_pod("survivor")] == [PodObserved]
+
+
+async def test_a_failed_first_list_is_retried_with_backoff(
+    bus: EventBus, api: client.ApiClient, core: Any, apiserver: ApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    await core.create_namespaced_pod(NAMESPACE, slice_pod("waiting"))
+    apiserver.fail_next("list", "pods", 500)
+
+    with caplog.at_level(logging.WARNING, logger="services.pod_watcher.watching"):
+        async with BusLog(bus.js) as log, watching(bus, api):
+            started = anyio.current_time()
+            await log.pod(PodObserved, "waiting")
+            elapsed = anyio.current_time() - started
+
+    assert verbs_on(apiserver, "list", "pods") == 2
+    assert elapsed >= 0.2  # the first backoff
+    assert any("API error 500" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_failed_node_list_delays_the_pods_until_nodes_are_known(
+    bus: EventBus, api: client.ApiClient, core: Any, apiserver: ApiServer
+) -> None:
+    await core.create_node(gpu_node("small", memory_mib=8192))
+    await core.create_namespaced_pod(NAMESPACE, slice_pod("big", "nvidia.com/gpu-20gb"))
+    apiserver.fail_next("list", "nodes", 503)
+
+    async with BusLog(bus.js) as log, watching(bus, api):
+        rejection = await log.pod(PodRejected, "big")
+
+    assert rejection.reason == Rule.TOO_LARGE
+    assert verbs_on(apiserver, "list", "nodes") == 2
+
+
+async def test_a_failed_event_post_does_not_stop_the_watcher(
+    bus: EventBus, api: client.ApiClient, core: Any, apiserver: ApiServer
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    async with BusLog(bus.js) as log, watching(bus, api):
+        await wait_watching(apiserver, "pods")
+        apiserver.fail_next("create", "events", 500)
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("bad", "nvidia.com/gpu-0gb"))
+        await log.pod(PodRejected, "bad")
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("next"))
+        await log.pod(PodObserved, "next")
+        events = await wait_for_events(core, "bad")
+
+    assert [e.reason for e in events] == [Rule.ZERO_SIZE]
+
+
+# --- unplaced pods ------------------------------------------------------------------------------
+
+
+async def test_an_unplaced_pod_gets_one_event_even_when_published_twice(
+    bus: EventBus, api: client.ApiClient, core: Any
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    created = await core.create_namespaced_pod(NAMESPACE, slice_pod("queued", "nvidia.com/gpu-80gb"))
+    unplaced = PodUnplaced(
+        namespace=NAMESPACE, name="queued", uid=created.metadata.uid, reason="every GPU is full"
+    )
+    subject = subjects.unplaced_subject(NAMESPACE, "queued")
+
+    async with BusLog(bus.js) as log, watching(bus, api):
+        await log.pod(PodObserved, "queued")
+        await bus.publish(subject, unplaced, message_id="unplaced-1")
+        first = await wait_for_events(core, "queued")
+        second_seq = await bus.publish(subject, unplaced, message_id="unplaced-2")
+        await acked(bus, second_seq)
+        events = await pod_events(core, "queued")
+
+    assert len(first) == 1
+    assert len(events) == 1
+    event = events[0]
+    assert (event.reason, event.type, event.message) == (UNPLACED_REASON, "Normal", "every GPU is full")
+    assert event.involved_object.uid == created.metadata.uid
+    assert UNPLACED_REASON == "MpsSliceNotPlaced"
+
+
+async def test_a_failed_unplaced_event_post_is_retried(
+    bus: EventBus, api: client.ApiClient, core: Any, apiserver: ApiServer
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    created = await core.create_namespaced_pod(NAMESPACE, slice_pod("queued"))
+    unplaced = PodUnplaced(namespace=NAMESPACE, name="queued", uid=created.metadata.uid, reason="no room")
+
+    async with watching(bus, api):
+        await wait_watching(apiserver, "pods")
+        apiserver.fail_next("create", "events", 503)
+        await bus.publish(subjects.unplaced_subject(NAMESPACE, "queued"), unplaced)
+        events = await wait_for_events(core, "queued")
+
+    assert [(e.reason, e.message) for e in events] == [(UNPLACED_REASON, "no room")]
+    assert verbs_on(apiserver, "create", "events") == 2
+    assert await bus.dead_letters(UNPLACED_DURABLE) == []
+
+
+# --- list_and_watch on its own ------------------------------------------------------------------
+
+
+async def test_list_and_watch_resumes_after_the_last_change_it_delivered(
+    api: client.ApiClient, core: Any, apiserver: ApiServer
+) -> None:
+    changes: list[tuple[str, str]] = []
+    relists: list[list[str]] = []
+
+    async def on_relist(items: list[dict[str, Any]]) -> None:
+        relists.append([item["metadata"]["name"] for item in items])
+
+    async def on_event(change: str, obj: dict[str, Any]) -> None:
+        changes.append((change, obj["metadata"]["name"]))
+
+    pods = client.CoreV1Api(api)
+    async with anyio.create_task_group() as group:
+        group.start_soon(lambda: list_and_watch(api, pods.list_pod_for_all_namespaces, on_relist, on_event))
+        await eventually(lambda: bool(relists))
+        await core.create_namespaced_pod(NAMESPACE, plain_pod("a"))
+        await eventually(lambda: ("ADDED", "a") in changes)
+        await anyio.sleep(0.15)  # a bookmark or two
+        apiserver.drop_watches()
+        await core.create_namespaced_pod(NAMESPACE, plain_pod("b"))
+        await eventually(lambda: ("ADDED", "b") in changes)
+        group.cancel_scope.cancel()
+
+    assert relists == [[]]
+    assert changes == [("ADDED", "a"), ("ADDED", "b")]

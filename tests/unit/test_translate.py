@@ -1,0 +1,483 @@
+"""The pod watcher's pure translation: every validation rule of a pod, and the opt-in of a node."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from events.nodes import GfdFacts, NodeObserved
+from events.pods import PodObserved, PodRejected
+from services.pod_watcher.translate import Rule, translate_node, translate_pod
+
+CREATED = "2026-11-22T10:00:00Z"
+
+
+def container(
+    name: str = "main",
+    requests: dict[str, str] | None = None,
+    limits: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    resources: dict[str, Any] = {}
+    if requests is not None:
+        resources["requests"] = requests
+    if limits is not None:
+        resources["limits"] = limits
+    return {"name": name, "image": "busybox", "resources": resources}
+
+
+def pod(
+    *containers: dict[str, Any],
+    init: list[dict[str, Any]] | None = None,
+    priority: int | None = None,
+    phase: str | None = "Pending",
+    node: str | None = None,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"containers": list(containers)}
+    if init is not None:
+        spec["initContainers"] = init
+    if priority is not None:
+        spec["priority"] = priority
+    if node is not None:
+        spec["nodeName"] = node
+    return {
+        "metadata": {
+            "namespace": "ml",
+            "name": "train",
+            "uid": "uid-train",
+            "resourceVersion": "42",
+            "creationTimestamp": CREATED,
+        },
+        "spec": spec,
+        "status": {"phase": phase} if phase is not None else {},
+    }
+
+
+def rejected(result: PodObserved | PodRejected | None) -> PodRejected:
+    assert isinstance(result, PodRejected), result
+    assert (result.namespace, result.name, result.uid, result.resource_version) == (
+        "ml",
+        "train",
+        "uid-train",
+        "42",
+    )
+    return result
+
+
+def observed(result: PodObserved | PodRejected | None) -> PodObserved:
+    assert isinstance(result, PodObserved), result
+    return result
+
+
+# --- pods: every rule, with its reason and the offending value in the message -----------------
+
+REJECTIONS: list[tuple[str, dict[str, Any], int | None, str, list[str]]] = [
+    (
+        "letters-for-size",
+        pod(container(limits={"nvidia.com/gpu-abcgb": "1"})),
+        None,
+        Rule.MALFORMED_RESOURCE,
+        ["'nvidia.com/gpu-abcgb'", "'main'"],
+    ),
+    (
+        "upper-case-unit",
+        pod(container(limits={"nvidia.com/gpu-10GB": "1"})),
+        None,
+        Rule.MALFORMED_RESOURCE,
+        ["'nvidia.com/gpu-10GB'"],
+    ),
+    (
+        "trailing-garbage",
+        pod(container(limits={"nvidia.com/gpu-10gbx": "1"})),
+        None,
+        Rule.MALFORMED_RESOURCE,
+        ["'nvidia.com/gpu-10gbx'"],
+    ),
+    (
+        "leading-zero",
+        pod(container(limits={"nvidia.com/gpu-010gb": "1"})),
+        None,
+        Rule.MALFORMED_RESOURCE,
+        ["'nvidia.com/gpu-010gb'"],
+    ),
+    (
+        "no-size",
+        pod(container(limits={"nvidia.com/gpu-gb": "1"})),
+        None,
+        Rule.MALFORMED_RESOURCE,
+        ["'nvidia.com/gpu-gb'"],
+    ),
+    (
+        "zero-size",
+        pod(container(limits={"nvidia.com/gpu-0gb": "1"})),
+        None,
+        Rule.ZERO_SIZE,
+        ["nvidia.com/gpu-0gb", "'main'"],
+    ),
+    (
+        "zero-size-several-zeros",
+        pod(container(limits={"nvidia.com/gpu-00gb": "1"})),
+        None,
+        Rule.ZERO_SIZE,
+        ["nvidia.com/gpu-00gb"],
+    ),
+    (
+        "two-slices-in-one-container",
+        pod(container(limits={"nvidia.com/gpu-10gb": "1", "nvidia.com/gpu-20gb": "1"})),
+        None,
+        Rule.SEVERAL_IN_CONTAINER,
+        ["nvidia.com/gpu-10gb", "nvidia.com/gpu-20gb", "'main'"],
+    ),
+    (
+        "two-slices-one-in-requests-one-in-limits",
+        pod(container(requests={"nvidia.com/gpu-10gb": "1"}, limits={"nvidia.com/gpu-20gb": "1"})),
+        None,
+        Rule.SEVERAL_IN_CONTAINER,
+        ["nvidia.com/gpu-10gb", "nvidia.com/gpu-20gb"],
+    ),
+    (
+        "quantity-two",
+        pod(container(limits={"nvidia.com/gpu-10gb": "2"})),
+        None,
+        Rule.QUANTITY_NOT_ONE,
+        ["2", "nvidia.com/gpu-10gb", "'main'"],
+    ),
+    (
+        "quantity-two-in-requests-only",
+        pod(container(requests={"nvidia.com/gpu-10gb": "2"})),
+        None,
+        Rule.QUANTITY_NOT_ONE,
+        ["2", "nvidia.com/gpu-10gb"],
+    ),
+    (
+        "quantity-zero",
+        pod(container(limits={"nvidia.com/gpu-10gb": "0"})),
+        None,
+        Rule.QUANTITY_NOT_ONE,
+        ["0 of nvidia.com/gpu-10gb"],
+    ),
+    (
+        "whole-gpu-with-slice",
+        pod(container(limits={"nvidia.com/gpu": "1", "nvidia.com/gpu-10gb": "1"})),
+        None,
+        Rule.WITH_WHOLE_GPU,
+        ["nvidia.com/gpu", "nvidia.com/gpu-10gb", "'main'"],
+    ),
+    (
+        "whole-gpu-in-requests-slice-in-limits",
+        pod(container(requests={"nvidia.com/gpu": "1"}, limits={"nvidia.com/gpu-10gb": "1"})),
+        None,
+        Rule.WITH_WHOLE_GPU,
+        ["nvidia.com/gpu-10gb"],
+    ),
+    (
+        "a-slice-in-each-of-two-containers",
+        pod(
+            container("a", limits={"nvidia.com/gpu-10gb": "1"}),
+            container("b", limits={"nvidia.com/gpu-20gb": "1"}),
+        ),
+        None,
+        Rule.SEVERAL_IN_POD,
+        ["'a'", "'b'"],
+    ),
+    (
+        "a-slice-in-an-init-container-and-in-a-container",
+        pod(
+            container("worker", limits={"nvidia.com/gpu-10gb": "1"}),
+            init=[container("warmup", limits={"nvidia.com/gpu-10gb": "1"})],
+        ),
+        None,
+        Rule.SEVERAL_IN_POD,
+        ["'warmup'", "'worker'"],
+    ),
+    (
+        "malformed-in-init-container",
+        pod(container("main"), init=[container("setup", limits={"nvidia.com/gpu-xgb": "1"})]),
+        None,
+        Rule.MALFORMED_RESOURCE,
+        ["'nvidia.com/gpu-xgb'", "'setup'"],
+    ),
+    (
+        "larger-than-the-largest-gpu",
+        pod(container(limits={"nvidia.com/gpu-100gb": "1"})),
+        80,
+        Rule.TOO_LARGE,
+        ["nvidia.com/gpu-100gb", "100 GiB", "80 GiB"],
+    ),
+    (
+        "one-more-than-the-largest-gpu",
+        pod(container(limits={"nvidia.com/gpu-41gb": "1"})),
+        40,
+        Rule.TOO_LARGE,
+        ["nvidia.com/gpu-41gb", "40 GiB"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "largest_gpu_gb", "reason", "quoted"),
+    [case[1:] for case in REJECTIONS],
+    ids=[case[0] for case in REJECTIONS],
+)
+def test_a_pod_that_breaks_a_rule_is_rejected_with_the_rule_as_reason(
+    manifest: dict[str, Any], largest_gpu_gb: int | None, reason: str, quoted: list[str]
+) -> None:
+    result = rejected(translate_pod(manifest, largest_gpu_gb))
+
+    assert result.reason == reason
+    for value in quoted:
+        assert value in result.message
+
+
+def test_every_rule_is_covered_by_the_table() -> None:
+    rules = {value for key, value in vars(Rule).items() if key.isupper()}
+    assert {case[3] for case in REJECTIONS} == rules
+    assert len(rules) == 7
+
+
+def test_the_reason_strings_are_the_documented_ones() -> None:
+    assert (
+        Rule.MALFORMED_RESOURCE,
+        Rule.ZERO_SIZE,
+        Rule.TOO_LARGE,
+        Rule.SEVERAL_IN_CONTAINER,
+        Rule.SEVERAL_IN_POD,
+        Rule.QUANTITY_NOT_ONE,
+        Rule.WITH_WHOLE_GPU,
+    ) == (
+        "MpsSliceResourceMalformed",
+        "MpsSliceSizeZero",
+        "MpsSliceLargerThanAnyGpu",
+        "MpsSeveralSlicesInContainer",
+        "MpsSeveralSlicesInPod",
+        "MpsSliceQuantityNotOne",
+        "MpsSliceWithWholeGpu",
+    )
+
+
+def test_the_size_limit_applies_only_once_the_largest_gpu_is_known() -> None:
+    huge = pod(container(limits={"nvidia.com/gpu-500gb": "1"}))
+
+    assert observed(translate_pod(huge, None)).size_gb == 500
+    assert rejected(translate_pod(huge, 80)).reason == Rule.TOO_LARGE
+
+
+def test_a_slice_exactly_as_large_as_the_largest_gpu_is_accepted() -> None:
+    assert observed(translate_pod(pod(container(limits={"nvidia.com/gpu-80gb": "1"})), 80)).size_gb == 80
+
+
+def test_the_first_problem_in_container_order_names_the_reason() -> None:
+    manifest = pod(
+        container("a", limits={"nvidia.com/gpu-0gb": "1"}),
+        container("b", limits={"nvidia.com/gpu-10gb": "3"}),
+    )
+
+    result = rejected(translate_pod(manifest, None))
+
+    assert result.reason == Rule.ZERO_SIZE
+    assert "'a'" in result.message
+
+
+# --- pods: what is accepted, and what is none of our business ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        pod(container()),
+        pod(container(limits={"nvidia.com/gpu": "1"})),
+        pod(container(limits={"cpu": "2", "memory": "1Gi"}, requests={"cpu": "1"})),
+        pod(container(limits={"nvidia.com/mig-1g.5gb": "1"})),
+        pod(container(limits={"nvidia.com/gpu": "1"}), container("b", limits={"nvidia.com/gpu": "2"})),
+        {"metadata": {"name": "bare", "uid": "u"}, "spec": {"containers": [{"name": "c"}]}},
+    ],
+    ids=["no-resources", "whole-gpu", "cpu-and-memory", "mig-resource", "two-whole-gpus", "minimal-object"],
+)
+def test_a_pod_without_slices_is_none_of_our_business(manifest: dict[str, Any]) -> None:
+    assert translate_pod(manifest, 80) is None
+
+
+def test_a_valid_pod_becomes_pod_observed_with_every_field() -> None:
+    manifest = pod(
+        container("main", limits={"nvidia.com/gpu-10gb": "1", "cpu": "2"}),
+        container("sidecar", limits={"cpu": "1"}),
+        priority=1000,
+        phase="Running",
+        node="a100-1.example.com",
+    )
+
+    assert translate_pod(manifest, 80) == PodObserved(
+        namespace="ml",
+        name="train",
+        uid="uid-train",
+        resource_version="42",
+        size_gb=10,
+        priority=1000,
+        created=datetime(2026, 11, 22, 10, 0, tzinfo=UTC),
+        phase="Running",
+        node="a100-1.example.com",
+    )
+
+
+@pytest.mark.parametrize(
+    "slice_container",
+    [
+        container(requests={"nvidia.com/gpu-20gb": "1"}),
+        container(limits={"nvidia.com/gpu-20gb": "1"}),
+        container(requests={"nvidia.com/gpu-20gb": "1"}, limits={"nvidia.com/gpu-20gb": "1"}),
+    ],
+    ids=["requests-only", "limits-only", "both"],
+)
+def test_a_slice_is_read_from_requests_or_limits(slice_container: dict[str, Any]) -> None:
+    assert observed(translate_pod(pod(slice_container), None)).size_gb == 20
+
+
+def test_a_slice_in_an_init_container_alone_is_read() -> None:
+    manifest = pod(container("main"), init=[container("prepare", limits={"nvidia.com/gpu-5gb": "1"})])
+
+    assert observed(translate_pod(manifest, None)).size_gb == 5
+
+
+def test_a_pending_unbound_pod_has_defaults() -> None:
+    manifest = pod(container(limits={"nvidia.com/gpu-1gb": "1"}), phase=None)
+    del manifest["metadata"]["namespace"]
+
+    result = observed(translate_pod(manifest, None))
+
+    assert (result.namespace, result.phase, result.node, result.priority) == ("default", "Pending", None, 0)
+    assert result.waits_for_slice
+
+
+@pytest.mark.parametrize(
+    "created",
+    ["2026-11-22T10:00:00Z", "2026-11-22T10:00:00+00:00", datetime(2026, 11, 22, 10, 0)],
+    ids=["zulu", "offset", "naive-datetime"],
+)
+def test_the_creation_time_is_read_as_utc(created: object) -> None:
+    manifest = pod(container(limits={"nvidia.com/gpu-1gb": "1"}))
+    manifest["metadata"]["creationTimestamp"] = created
+
+    assert observed(translate_pod(manifest, None)).created == datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+
+
+# --- nodes --------------------------------------------------------------------------------------
+
+GFD = {
+    "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB",
+    "nvidia.com/gpu.count": "4",
+    "nvidia.com/gpu.memory": "81920",
+}
+
+
+def node(labels: dict[str, str] | None, *, unschedulable: bool | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if unschedulable is not None:
+        spec["unschedulable"] = unschedulable
+    return {"metadata": {"name": "a100-1.example.com", "labels": labels}, "spec": spec}
+
+
+@pytest.mark.parametrize("key", ["nos.nebuly.com/gpu-partitioning", "nos.nebuly.ai/gpu-partitioning"])
+def test_a_node_opts_in_with_either_label(key: str) -> None:
+    assert translate_node(node({key: "mps", **GFD})) == NodeObserved(
+        name="a100-1.example.com",
+        unschedulable=False,
+        gfd=GfdFacts(product="NVIDIA-A100-SXM4-80GB", count=4, memory_mib=81920),
+    )
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        None,
+        {},
+        GFD,
+        {"nos.nebuly.com/gpu-partitioning": "mig", **GFD},
+        {"nos.nebuly.com/gpu-partitioning": "MPS", **GFD},
+        {"nos.nebuly.com/gpu-partitioning": "", **GFD},
+        {"nebuly.com/gpu-partitioning": "mps", **GFD},
+    ],
+    ids=["no-labels", "empty-labels", "gfd-only", "mig", "upper-case", "empty-value", "wrong-key"],
+)
+def test_a_node_that_does_not_opt_in_is_none(labels: dict[str, str] | None) -> None:
+    assert translate_node(node(labels)) is None
+
+
+def test_a_node_without_a_labels_key_is_none() -> None:
+    assert translate_node({"metadata": {"name": "n"}}) is None
+
+
+@pytest.mark.parametrize(
+    ("absent", "named"),
+    [
+        (["nvidia.com/gpu.memory"], ["nvidia.com/gpu.memory"]),
+        (["nvidia.com/gpu.product"], ["nvidia.com/gpu.product"]),
+        (
+            ["nvidia.com/gpu.count", "nvidia.com/gpu.memory"],
+            ["nvidia.com/gpu.count", "nvidia.com/gpu.memory"],
+        ),
+        (list(GFD), list(GFD)),
+    ],
+    ids=["memory", "product", "count-and-memory", "all"],
+)
+def test_missing_gfd_labels_are_a_named_problem(absent: list[str], named: list[str]) -> None:
+    labels = {"nos.nebuly.com/gpu-partitioning": "mps"} | {k: v for k, v in GFD.items() if k not in absent}
+
+    result = translate_node(node(labels))
+
+    assert result is not None
+    assert result.gfd is None
+    assert result.gfd_problem is not None
+    assert "missing" in result.gfd_problem
+    for key in named:
+        assert key in result.gfd_problem
+    for key in set(GFD) - set(absent):
+        assert key not in result.gfd_problem
+
+
+@pytest.mark.parametrize(
+    ("count", "memory", "quoted"),
+    [
+        ("four", "81920", "'four'"),
+        ("4", "80Gi", "'80Gi'"),
+        ("4", "0", "'0'"),
+        ("-1", "81920", "'-1'"),
+        ("4", "", "''"),
+    ],
+    ids=["count-not-a-number", "memory-with-unit", "memory-zero", "count-negative", "memory-empty"],
+)
+def test_unreadable_gfd_labels_are_a_named_problem(count: str, memory: str, quoted: str) -> None:
+    labels = {
+        "nos.nebuly.ai/gpu-partitioning": "mps",
+        **GFD,
+        "nvidia.com/gpu.count": count,
+        "nvidia.com/gpu.memory": memory,
+    }
+
+    result = translate_node(node(labels))
+
+    assert result is not None
+    assert result.gfd is None
+    assert result.gfd_problem is not None
+    assert "unreadable" in result.gfd_problem
+    assert "nvidia.com/gpu.count" in result.gfd_problem
+    assert "nvidia.com/gpu.memory" in result.gfd_problem
+    assert quoted in result.gfd_problem
+
+
+def test_gfd_memory_is_read_in_mib() -> None:
+    labels = {"nos.nebuly.com/gpu-partitioning": "mps", **GFD, "nvidia.com/gpu.memory": "81559"}
+
+    result = translate_node(node(labels))
+
+    assert result is not None and result.gfd is not None
+    assert result.gfd.memory_mib == 81559
+    assert result.gfd_problem is None
+
+
+@pytest.mark.parametrize(("flag", "expected"), [(True, True), (False, False), (None, False)])
+def test_the_unschedulable_flag_is_read(flag: bool | None, expected: bool) -> None:
+    result = translate_node(node({"nos.nebuly.com/gpu-partitioning": "mps", **GFD}, unschedulable=flag))
+
+    assert result is not None
+    assert result.unschedulable is expected
