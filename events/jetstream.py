@@ -279,6 +279,27 @@ class EventBus:
             headers={"Nats-Msg-Id": f"dead-{consumer}-{metadata.sequence.stream}"},
         )
 
+    async def current_levels(self, filter_subject: str) -> list[Envelope]:
+        """The last decodable event of every subject under `filter_subject`: what was last said of each."""
+        subscription = await self.js.subscribe(
+            filter_subject,
+            ordered_consumer=True,
+            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT),
+        )
+        levels: list[Envelope] = []
+        try:
+            while True:
+                try:
+                    message = await subscription.next_msg(timeout=0.5)
+                except TimeoutError:
+                    return levels
+                with contextlib.suppress(UndecodableMessageError):
+                    levels.append(decode(message.data))
+                if message.metadata.num_pending == 0:
+                    return levels
+        finally:
+            await subscription.unsubscribe()
+
     async def dead_letters(self, consumer: str) -> list[DeadLetter]:
         """Every dead letter a consumer recorded (for tests and `mpsflow` diagnostics)."""
         subscription = await self.js.subscribe(

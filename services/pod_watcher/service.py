@@ -21,7 +21,7 @@ from events import subjects
 from events.envelope import content_id
 from events.jetstream import Delivery, EventBus, TransientError
 from events.nodes import NodeObserved, NodeOptedOut
-from events.pods import PodDeleted, PodRejected, PodUnplaced
+from events.pods import PodDeleted, PodObserved, PodRejected, PodUnplaced
 from services.pod_watcher.translate import Rule, translate_node, translate_pod
 from services.pod_watcher.watching import list_and_watch
 
@@ -47,7 +47,18 @@ class PodWatcherService:
         sizes = [n.gfd.memory_mib // 1024 for n in self.nodes.values() if n.gfd is not None]
         return max(sizes, default=None)
 
-    async def run(self, nodes_ready: anyio.Event | None = None) -> None:
+    async def recall(self) -> None:
+        """What this watcher published before a restart, so that a relist can tell what vanished."""
+        for envelope in await self.bus.current_levels(subjects.POD_EVENTS):
+            event = envelope.event
+            if isinstance(event, PodObserved | PodRejected):
+                self.pods[event.key] = event.uid
+        for envelope in await self.bus.current_levels(subjects.NODE_EVENTS):
+            if isinstance(envelope.event, NodeObserved):
+                self.nodes[envelope.event.name] = envelope.event
+
+    async def run(self) -> None:
+        await self.recall()
         first_list = anyio.Event()
 
         async def relist_nodes(items: list[dict[str, Any]]) -> None:

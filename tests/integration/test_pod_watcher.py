@@ -401,6 +401,20 @@ async def test_after_expired_history_a_pod_deleted_meanwhile_is_published_delete
     assert [type(e) for e in log.of_pod("survivor")] == [PodObserved]
 
 
+async def test_a_restarted_watcher_publishes_the_deletion_of_a_pod_deleted_while_it_was_down(
+    bus: EventBus, api: client.ApiClient, core: Any
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    await core.create_namespaced_pod(NAMESPACE, slice_pod("short-lived"))
+    async with BusLog(bus.js) as log:
+        async with watching(bus, api):
+            await log.pod(PodObserved, "short-lived")
+        await core.delete_namespaced_pod("short-lived", NAMESPACE)
+        async with watching(bus, api):
+            deleted = await log.pod(PodDeleted, "short-lived")
+    assert deleted.name == "short-lived"
+
+
 async def test_a_failed_first_list_is_retried_with_backoff(
     bus: EventBus, api: client.ApiClient, core: Any, apiserver: ApiServer, caplog: pytest.LogCaptureFixture
 ) -> None:
