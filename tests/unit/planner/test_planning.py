@@ -1,0 +1,638 @@
+"""`plan_cluster`: table tests of its rules, properties over random clusters, and nos regressions."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from random import Random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.planner.core.model import (
+    Gpu,
+    Node,
+    PendingPod,
+    Placement,
+    PlanResult,
+    PlanSettings,
+    Slice,
+    max_slices_for,
+)
+from services.planner.core.planning import plan_cluster
+from services.planner.snapshot import render_plan
+from tests.unit.planner.invariants import assert_plan_invariants
+
+T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+A100_80 = "NVIDIA-A100-SXM4-80GB"
+A100_40 = "NVIDIA-A100-SXM4-40GB"
+P100 = "Tesla-P100-PCIE-16GB"
+P40 = "Tesla-P40"
+V100 = "Tesla-V100-SXM2-16GB"
+NO_RESERVE = PlanSettings()
+
+
+# --- builders ---------------------------------------------------------------------------------------------
+
+
+def slices(spec: str) -> tuple[Slice, ...]:
+    """`"10u 20f"` -> a used 10 GiB slice and a free 20 GiB slice; `"3*1u"` repeats."""
+    out: list[Slice] = []
+    for item in spec.split():
+        count, _, body = item.rpartition("*")
+        out.extend([Slice(size_gb=int(body[:-1]), used=body[-1] == "u")] * int(count or 1))
+    return tuple(out)
+
+
+def spec_of(layout: tuple[Slice, ...]) -> str:
+    return " ".join(f"{s.size_gb}{'u' if s.used else 'f'}" for s in layout)
+
+
+def gpu(index: int, gib: int, spec: str = "", *, model: str = A100_80, memory_mib: int | None = None) -> Gpu:
+    return Gpu(
+        index=index,
+        model=model,
+        memory_mib=gib * 1024 if memory_mib is None else memory_mib,
+        slices=slices(spec),
+        max_slices=max_slices_for(model),
+    )
+
+
+def node(name: str, *gpus: Gpu, can_carve: bool = True) -> Node:
+    return Node(name=name, gpus=gpus, can_carve=can_carve)
+
+
+def pod(
+    name: str, size_gb: int, *, priority: int = 0, minute: int | None = None, namespace: str = "default"
+) -> PendingPod:
+    created = None if minute is None else T0 + timedelta(minutes=minute)
+    return PendingPod(namespace=namespace, name=name, size_gb=size_gb, priority=priority, created=created)
+
+
+def layout_specs(result: PlanResult) -> dict[str, dict[int, str]]:
+    return {name: {index: spec_of(s) for index, s in gpus.items()} for name, gpus in result.layouts.items()}
+
+
+def where(result: PlanResult) -> dict[str, tuple[str, int]]:
+    return {key: (p.node, p.gpu) for key, p in result.placed.items()}
+
+
+def plan(nodes: list[Node], pods: list[PendingPod], plan_settings: PlanSettings = NO_RESERVE) -> PlanResult:
+    """`plan_cluster`, with the contract's invariants checked on every result."""
+    result = plan_cluster(nodes, pods, plan_settings)
+    assert_plan_invariants(nodes, pods, result, plan_settings)
+    return result
+
+
+# --- table tests ------------------------------------------------------------------------------------------
+
+Case = tuple[list[Node], list[PendingPod], dict[str, dict[int, str]], dict[str, tuple[str, int]]]
+
+LAYOUT_CASES: dict[str, Case] = {
+    "exact free slice reused before carving": (
+        [node("n", gpu(0, 80, "10u 20f"))],
+        [pod("p", 20)],
+        {"n": {0: "10u 20f"}},
+        {"default/p": ("n", 0)},
+    ),
+    "exact free slice on a later GPU beats carving on an empty one": (
+        [node("n", gpu(0, 80), gpu(1, 80, "20f"))],
+        [pod("p", 20)],
+        {"n": {0: "", 1: "20f"}},
+        {"default/p": ("n", 1)},
+    ),
+    "free slice of another size is not reused: carve": (
+        [node("n", gpu(0, 80, "20f"))],
+        [pod("p", 10)],
+        {"n": {0: "20f 10f"}},
+        {"default/p": ("n", 0)},
+    ),
+    "best fit: the GPU with the least room left after carving": (
+        [node("a", gpu(0, 80)), node("b", gpu(0, 40, "20u"), gpu(1, 40, "30u"))],
+        [pod("p", 10)],
+        {"a": {0: ""}, "b": {0: "20u", 1: "30u 10f"}},
+        {"default/p": ("b", 1)},
+    ),
+    "best fit keeps the large region whole for a later large pod": (
+        [node("n", gpu(0, 80), gpu(1, 40, "20u"))],
+        [pod("small", 20, priority=1), pod("large", 80)],
+        {"n": {0: "80f", 1: "20u 20f"}},
+        {"default/small": ("n", 1), "default/large": ("n", 0)},
+    ),
+    "best fit ties go to the first node by name, then GPU index": (
+        [node("b", gpu(0, 40)), node("a", gpu(1, 40), gpu(0, 40))],
+        [pod("p", 10)],
+        {"a": {0: "10f", 1: ""}, "b": {0: ""}},
+        {"default/p": ("a", 0)},
+    ),
+    "competition: N pods of 10 GiB use N free slices, then carve": (
+        [node("n", gpu(0, 80, "10f 10f"))],
+        [pod("p1", 10), pod("p2", 10), pod("p3", 10)],
+        {"n": {0: "10f 10f 10f"}},
+        {"default/p1": ("n", 0), "default/p2": ("n", 0), "default/p3": ("n", 0)},
+    ),
+    "competition: N pods of 10 GiB need N free slices; the rest wait": (
+        [node("n", gpu(0, 20, "10f 10f"))],
+        [pod("p1", 10), pod("p2", 10), pod("p3", 10)],
+        {"n": {0: "10f 10f"}},
+        {"default/p1": ("n", 0), "default/p2": ("n", 0)},
+    ),
+    "used slices are kept as they are; free ones reclaimed around them": (
+        [node("n", gpu(0, 40, "10f 10u 10f 5u"))],
+        [pod("p", 25)],
+        {"n": {0: "10u 5u 25f"}},
+        {"default/p": ("n", 0)},
+    ),
+    "reclaim removes free slices nobody needs, largest first": (
+        [node("n", gpu(0, 40, "10f 20f 10f"))],
+        [pod("p", 30)],
+        {"n": {0: "10f 30f"}},
+        {"default/p": ("n", 0)},
+    ),
+    "no reclaim when it cannot serve the pod": (
+        [node("n", gpu(0, 40, "30u 10f"))],
+        [pod("p", 20)],
+        {"n": {0: "30u 10f"}},
+        {},
+    ),
+    "no pods: free slices stay": (
+        [node("n", gpu(0, 40, "10f 20f 10f"))],
+        [],
+        {"n": {0: "10f 20f 10f"}},
+        {},
+    ),
+    "a free slice claimed by one pod is not reclaimed for another": (
+        [node("n", gpu(0, 40, "20f 20f"))],
+        [pod("a", 20, priority=1), pod("b", 40)],
+        {"n": {0: "20f 20f"}},
+        {"default/a": ("n", 0)},
+    ),
+    "reclaim on the GPU that frees the least": (
+        [node("n", gpu(0, 40, "30f 10u"), gpu(1, 40, "20f 20u"))],
+        [pod("p", 20)],
+        {"n": {0: "30f 10u", 1: "20f 20u"}},
+        {"default/p": ("n", 1)},
+    ),
+    "reclaim when exact reuse and carving both fail": (
+        [node("n", gpu(0, 40, "30f 10u"), gpu(1, 40, "25f 15u"))],
+        [pod("p", 20)],
+        {"n": {0: "30f 10u", 1: "15u 20f"}},
+        {"default/p": ("n", 1)},
+    ),
+    "pre-Volta: 16 slices at most, even with memory left": (
+        [node("n", gpu(0, 24, "15*1u", model=P40))],
+        [pod("p1", 1), pod("p2", 1)],
+        {"n": {0: " ".join(["1u"] * 15 + ["1f"])}},
+        {"default/p1": ("n", 0)},
+    ),
+    "Volta and newer: 48 slices at most": (
+        [node("n", gpu(0, 80, "47*1u"))],
+        [pod("p1", 1), pod("p2", 1)],
+        {"n": {0: " ".join(["1u"] * 47 + ["1f"])}},
+        {"default/p1": ("n", 0)},
+    ),
+    "at the client limit, reclaiming a free slice makes room": (
+        [node("n", gpu(0, 24, "15*1u 2f", model=P40))],
+        [pod("p", 1)],
+        {"n": {0: " ".join(["1u"] * 15 + ["1f"])}},
+        {"default/p": ("n", 0)},
+    ),
+    "a node that cannot carve gets nothing new; the others do": (
+        [node("cordoned", gpu(0, 80, "10f"), can_carve=False), node("ok", gpu(0, 40))],
+        [pod("p", 10)],
+        {"cordoned": {0: "10f"}, "ok": {0: "10f"}},
+        {"default/p": ("ok", 0)},
+    ),
+    "GPU indexes are kept, not positions": (
+        [node("n", gpu(3, 40, "10u"), gpu(1, 40, "30u"))],
+        [pod("p", 10)],
+        {"n": {1: "30u 10f", 3: "10u"}},
+        {"default/p": ("n", 1)},
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("nodes", "pods", "layouts", "placed"), LAYOUT_CASES.values(), ids=LAYOUT_CASES.keys()
+)
+def test_plan_layouts_and_placements(
+    nodes: list[Node],
+    pods: list[PendingPod],
+    layouts: dict[str, dict[int, str]],
+    placed: dict[str, tuple[str, int]],
+) -> None:
+    result = plan(nodes, pods)
+    assert layout_specs(result) == layouts
+    assert where(result) == placed
+    assert set(result.unplaced) == {p.key for p in pods} - set(placed)
+    assert result.excluded_nodes == {}
+
+
+ORDER_CASES: dict[str, tuple[list[PendingPod], set[str]]] = {
+    "higher priority first": (
+        [pod("low", 30, priority=0, minute=0), pod("high", 30, priority=5, minute=9)],
+        {"high"},
+    ),
+    "negative priority last": ([pod("neg", 30, priority=-1, minute=0), pod("zero", 30, minute=9)], {"zero"}),
+    "then older first": ([pod("young", 30, minute=5), pod("old", 30, minute=1)], {"old"}),
+    "pods without a time after those with one": ([pod("a", 30), pod("b", 30, minute=59)], {"b"}),
+    "then name": ([pod("b", 30, minute=1), pod("a", 30, minute=1)], {"a"}),
+    "then namespace before name": (
+        [pod("a", 30, minute=1, namespace="z"), pod("z", 30, minute=1, namespace="a")],
+        {"z"},
+    ),
+    "a smaller lower-priority pod still fits beside": (
+        [pod("big", 30, priority=1), pod("small", 10), pod("other", 30, priority=2)],
+        {"other", "small"},
+    ),
+}
+
+
+@pytest.mark.parametrize(("pods", "winners"), ORDER_CASES.values(), ids=ORDER_CASES.keys())
+def test_short_capacity_goes_by_priority_then_age_then_name(
+    pods: list[PendingPod], winners: set[str]
+) -> None:
+    result = plan([node("n", gpu(0, 40))], pods)
+    assert {key.split("/")[1] for key in result.placed} == winners
+    for key in result.unplaced:
+        assert "capacity exhausted" in result.unplaced[key]
+
+
+@pytest.mark.parametrize(
+    ("memory_mib", "reserve_mib", "capacity"),
+    [(40960, 0, 40), (40959, 0, 39), (40960, 512, 39), (40960, 1024, 39), (40960, 1025, 38), (81559, 0, 79)],
+)
+def test_capacity_is_whole_gib_of_memory_less_reserve(
+    memory_mib: int, reserve_mib: int, capacity: int
+) -> None:
+    nodes = [node("n", gpu(0, 0, memory_mib=memory_mib))]
+    pods = [pod("fits", capacity), pod("too-big", capacity + 1)]
+    result = plan(nodes, pods, PlanSettings(reserve_mib=reserve_mib))
+    assert where(result) == {"default/fits": ("n", 0)}
+    assert result.unplaced == {
+        "default/too-big": f"needs {capacity + 1} GiB; the largest opted-in GPU has {capacity} GiB"
+    }
+
+
+@pytest.mark.parametrize(
+    ("model", "limit"),
+    [
+        (A100_80, 48),
+        ("NVIDIA-H100-80GB-HBM3", 48),
+        (V100, 48),
+        ("Tesla-T4", 48),
+        (P100, 16),
+        (P40, 16),
+        ("Tesla-K80", 16),
+        ("Tesla-M60", 16),
+    ],
+)
+def test_mps_client_limit_by_model(model: str, limit: int) -> None:
+    assert max_slices_for(model) == limit
+    nodes = [node("n", gpu(0, 80, model=model))]
+    result = plan(nodes, [pod(f"p{i:02}", 1) for i in range(60)])
+    assert len(result.layouts["n"][0]) == limit
+    assert len(result.placed) == limit
+    assert len(result.unplaced) == 60 - limit
+
+
+def test_compute_capability_decides_the_limit_when_known() -> None:
+    assert max_slices_for("Some-Unknown-GPU", (6, 1)) == 16
+    assert max_slices_for("Tesla-P100-PCIE-16GB", (7, 0)) == 48
+
+
+@pytest.mark.parametrize(
+    ("nodes", "size", "reason"),
+    [
+        ([node("n", gpu(0, 80))], 0, "asks for 0 GiB; a slice is at least 1 GiB"),
+        ([node("n", gpu(0, 80))], 200, "needs 200 GiB; the largest opted-in GPU has 80 GiB"),
+        (
+            [node("a", gpu(0, 16)), node("b", gpu(0, 40))],
+            41,
+            "needs 41 GiB; the largest opted-in GPU has 40 GiB",
+        ),
+        (
+            [node("n", gpu(0, 40, "30u"))],
+            20,
+            "capacity exhausted: needs 20 GiB on one GPU; the most any GPU could offer now is 10 GiB",
+        ),
+        (
+            [node("n", gpu(0, 40), can_carve=False)],
+            10,
+            "no opted-in node can take new slices now (cordoned, or its GPU reports are stale)",
+        ),
+        ([], 10, "no opted-in node can be planned on (label nos.nebuly.com/gpu-partitioning=mps)"),
+    ],
+    ids=[
+        "size 0",
+        "larger than every GPU",
+        "larger than every GPU of several",
+        "exhausted",
+        "cannot carve",
+        "no nodes",
+    ],
+)
+def test_unplaced_reasons_name_the_numbers(nodes: list[Node], size: int, reason: str) -> None:
+    result = plan(nodes, [pod("p", size)])
+    assert result.placed == {}
+    assert result.unplaced == {"default/p": reason}
+
+
+def test_free_slice_on_a_node_that_cannot_carve_is_not_promised() -> None:
+    result = plan([node("n", gpu(0, 40, "10f"), can_carve=False)], [pod("p", 10)])
+    assert result.placed == {}
+    assert layout_specs(result) == {"n": {0: "10f"}}
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (node("bad", gpu(0, 40, "30u 20u")), "GPU 0: used slices hold 50 GiB but the GPU has 40 GiB"),
+        (
+            node("bad", gpu(0, 24, "17*1u", model=P40)),
+            "GPU 0: 17 slices, more than the 16 MPS clients allowed",
+        ),
+        (
+            node("bad", gpu(0, 80), gpu(1, 80, "49*1u")),
+            "GPU 1: 49 slices, more than the 48 MPS clients allowed",
+        ),
+    ],
+    ids=["used beyond memory", "used beyond pre-Volta client limit", "used beyond Volta client limit"],
+)
+def test_impossible_node_is_excluded_and_never_blocks_the_others(bad: Node, reason: str) -> None:
+    nodes = [bad, node("good", gpu(0, 40))]
+    result = plan(nodes, [pod("p", 10)])
+    assert result.excluded_nodes == {"bad": reason}
+    assert "bad" not in result.layouts
+    assert where(result) == {"default/p": ("good", 0)}
+
+
+def test_excluded_reason_counts_the_reserve() -> None:
+    nodes = [node("bad", gpu(0, 40, "40u"))]
+    result = plan(nodes, [], PlanSettings(reserve_mib=1024))
+    assert result.excluded_nodes == {"bad": "GPU 0: used slices hold 40 GiB but the GPU has 39 GiB"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: excluded_reason also excludes nodes whose *free* slices exceed the memory (or the "
+    "client limit); the contract excludes only impossible states (used slices beyond memory or beyond "
+    "the MPS client limit), so e.g. after a reserve is configured such nodes drop out of every plan "
+    "instead of having their free slices reclaimed",
+)
+@pytest.mark.parametrize(
+    "gpu_state",
+    [gpu(0, 40, "20u 20f"), gpu(0, 24, "10*1u 8*1f", model=P40)],
+    ids=["free slices beyond memory less reserve", "free slices beyond client limit"],
+)
+def test_free_slices_beyond_capacity_do_not_exclude_the_node(gpu_state: Gpu) -> None:
+    plan_settings = PlanSettings(reserve_mib=1024)
+    nodes = [node("n", gpu_state)]
+    result = plan_cluster(nodes, [pod("p", 1)], plan_settings)
+    assert result.excluded_nodes == {}
+    assert_plan_invariants(nodes, [pod("p", 1)], result, plan_settings)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: priority inversion. Pass 1 lets every pod (any priority) claim an exact-size free slice "
+    "before higher-priority pods get to reclaim, so a lower-priority pod takes the only slice the "
+    "higher one needed",
+)
+def test_lower_priority_pod_does_not_starve_a_higher_one_through_exact_reuse() -> None:
+    nodes = [node("n", gpu(0, 20, "10f"))]
+    result = plan(nodes, [pod("high", 20, priority=10), pod("low", 10, priority=0)])
+    assert where(result) == {"default/high": ("n", 0)}
+    assert layout_specs(result) == {"n": {0: "20f"}}
+
+
+# --- nos regressions (reference/nos.md §3.12) ------------------------------------------------------------
+
+
+def test_two_pods_competing_for_one_free_slice_get_one_placement_there() -> None:
+    nodes = [node("n", gpu(0, 10, "10f"))]
+    result = plan(nodes, [pod("a", 10), pod("b", 10)])
+    assert where(result) == {"default/a": ("n", 0)}
+    assert set(result.unplaced) == {"default/b"}
+
+
+def test_competing_pods_get_a_second_slice_carved_when_memory_allows() -> None:
+    nodes = [node("n", gpu(0, 20, "10f"))]
+    result = plan(nodes, [pod("a", 10), pod("b", 10)])
+    assert where(result) == {"default/a": ("n", 0), "default/b": ("n", 0)}
+    assert layout_specs(result) == {"n": {0: "10f 10f"}}
+
+
+def test_gpu_order_does_not_matter() -> None:
+    gpus = [gpu(0, 40, "10u 10f"), gpu(1, 80, "40u"), gpu(2, 40)]
+    pods = [pod("a", 10), pod("b", 30), pod("c", 20)]
+    results = {
+        render_plan(plan([node("n", *order)], pods)) for order in (gpus, gpus[::-1], gpus[1:] + gpus[:1])
+    }
+    assert len(results) == 1
+
+
+def test_one_bad_node_does_not_fail_the_plan() -> None:
+    nodes = [
+        node("a-bad", gpu(0, 16, "20u")),
+        node("b-good", gpu(0, 80, "10f")),
+        node("c-bad", gpu(0, 16, "9*2u")),
+    ]
+    result = plan(nodes, [pod("p", 10), pod("q", 20)])
+    assert set(result.excluded_nodes) == {"a-bad", "c-bad"}
+    assert where(result) == {"default/p": ("b-good", 0), "default/q": ("b-good", 0)}
+
+
+# --- properties -------------------------------------------------------------------------------------------
+
+# (model, memory in MiB) of GPUs of 16, 24, 40 and 80 GiB; H100 reports a little under 80 GiB.
+GPU_KINDS = [
+    (P100, 16384),
+    (V100, 16384),
+    ("Tesla-T4", 15360),
+    (P40, 24576),
+    ("NVIDIA-A10G", 23028),
+    (A100_40, 40960),
+    (A100_80, 81920),
+    ("NVIDIA-H100-80GB-HBM3", 81559),
+]
+NODE_NAMES = ["a100-1", "a100-2", "h100-1", "p100-1", "t4-1", "v100-1", "z-node"]
+SIZES = st.sampled_from([1, 2, 5, 10, 20, 40]) | st.integers(0, 90)
+
+
+@st.composite
+def gpus_of_node(draw: st.DrawFn) -> tuple[Gpu, ...]:
+    indexes = draw(st.lists(st.integers(0, 7), min_size=1, max_size=4, unique=True))
+    gpus: list[Gpu] = []
+    for index in indexes:
+        model, memory_mib = draw(st.sampled_from(GPU_KINDS))
+        capacity = memory_mib // 1024
+        shape = draw(st.sampled_from(["fits", "fits", "fits", "many small", "impossible"]))
+        if shape == "many small":
+            sizes = [1] * draw(st.integers(10, 50))
+        else:
+            sizes = draw(st.lists(st.sampled_from([1, 2, 5, 10, 20, 40]) | st.integers(1, 40), max_size=8))
+        chosen: list[Slice] = []
+        for size in sizes:
+            if shape != "impossible" and sum(s.size_gb for s in chosen) + size > capacity:
+                continue
+            chosen.append(Slice(size_gb=size, used=draw(st.booleans())))
+        gpus.append(Gpu(index, model, memory_mib, tuple(chosen), max_slices_for(model)))
+    return tuple(gpus)
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> tuple[list[Node], list[PendingPod], PlanSettings]:
+    names = draw(st.lists(st.sampled_from(NODE_NAMES), max_size=6, unique=True))
+    nodes = [
+        Node(name, draw(gpus_of_node()), can_carve=draw(st.sampled_from([True, True, True, False])))
+        for name in names
+    ]
+    count = draw(st.integers(0, 40))
+    pods = [
+        PendingPod(
+            namespace=draw(st.sampled_from(["default", "ml"])),
+            name=f"pod-{i}",
+            size_gb=draw(SIZES),
+            priority=draw(st.integers(-1, 2)),
+            created=draw(st.none() | st.integers(0, 5).map(lambda m: T0 + timedelta(minutes=m))),
+        )
+        for i in range(count)
+    ]
+    reserve = draw(st.sampled_from([0, 0, 512, 1024]))
+    return nodes, pods, PlanSettings(reserve_mib=reserve)
+
+
+# MPSFLOW_PROPERTY_EXAMPLES=5000 for a deeper search than the default quick run.
+EXAMPLES = int(os.environ.get("MPSFLOW_PROPERTY_EXAMPLES", "100"))
+PROPERTY = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+Cluster = tuple[list[Node], list[PendingPod], PlanSettings]
+
+
+@PROPERTY
+@given(clusters())
+def test_every_plan_keeps_the_contract_invariants(cluster: Cluster) -> None:
+    nodes, pods, plan_settings = cluster
+    assert_plan_invariants(nodes, pods, plan_cluster(nodes, pods, plan_settings), plan_settings)
+
+
+@PROPERTY
+@given(clusters())
+def test_plan_is_deterministic(cluster: Cluster) -> None:
+    nodes, pods, plan_settings = cluster
+    first, second = plan_cluster(nodes, pods, plan_settings), plan_cluster(nodes, pods, plan_settings)
+    assert first == second
+    assert render_plan(first) == render_plan(second)
+
+
+@PROPERTY
+@given(clusters(), st.randoms(use_true_random=False))
+def test_plan_does_not_depend_on_input_order(cluster: Cluster, rng: Random) -> None:
+    nodes, pods, plan_settings = cluster
+    shuffled_nodes = [replace(n, gpus=tuple(rng.sample(n.gpus, len(n.gpus)))) for n in nodes]
+    rng.shuffle(shuffled_nodes)
+    shuffled_pods = rng.sample(pods, len(pods))
+    expected = plan_cluster(nodes, pods, plan_settings)
+    actual = plan_cluster(shuffled_nodes, shuffled_pods, plan_settings)
+    # Excluded nodes' reasons are compared by node only: see the xfail test below for the reason text.
+    assert (actual.layouts, actual.placed, actual.unplaced) == (
+        expected.layouts,
+        expected.placed,
+        expected.unplaced,
+    )
+    assert set(actual.excluded_nodes) == set(expected.excluded_nodes)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: excluded_reason walks node.gpus in input order, so with two impossible GPUs the reason "
+    "(and the rendered plan) depends on the order the GPUs were listed in",
+)
+def test_excluded_reason_does_not_depend_on_gpu_order() -> None:
+    gpus = [gpu(0, 16, "20u"), gpu(1, 16, "30u")]
+    forward = plan_cluster([node("n", *gpus)], [], NO_RESERVE)
+    backward = plan_cluster([node("n", *gpus[::-1])], [], NO_RESERVE)
+    assert forward.excluded_nodes == backward.excluded_nodes
+
+
+@PROPERTY
+@given(clusters(), st.randoms(use_true_random=False))
+def test_slice_order_within_a_gpu_changes_nothing_but_listing_order(cluster: Cluster, rng: Random) -> None:
+    nodes, pods, plan_settings = cluster
+    shuffled = [
+        replace(n, gpus=tuple(replace(g, slices=tuple(rng.sample(g.slices, len(g.slices)))) for g in n.gpus))
+        for n in nodes
+    ]
+    expected, actual = plan_cluster(nodes, pods, plan_settings), plan_cluster(shuffled, pods, plan_settings)
+    assert (actual.placed, actual.unplaced, actual.excluded_nodes) == (
+        expected.placed,
+        expected.unplaced,
+        expected.excluded_nodes,
+    )
+    assert _multisets(actual) == _multisets(expected)
+
+
+def _multisets(result: PlanResult) -> dict[str, dict[int, Counter[Slice]]]:
+    return {name: {i: Counter(s) for i, s in gpus.items()} for name, gpus in result.layouts.items()}
+
+
+@PROPERTY
+@given(clusters())
+def test_used_slices_never_change(cluster: Cluster) -> None:
+    nodes, pods, plan_settings = cluster
+    result = plan_cluster(nodes, pods, plan_settings)
+    for n in nodes:
+        if n.name in result.excluded_nodes:
+            continue
+        for g in n.gpus:
+            planned = result.layouts[n.name][g.index]
+            assert [s for s in planned if s.used] == [s for s in g.slices if s.used]
+            if not n.can_carve:
+                assert planned == g.slices
+
+
+def apply_plan(
+    nodes: list[Node], pods: list[PendingPod], result: PlanResult
+) -> tuple[list[Node], list[PendingPod]]:
+    """The cluster once the plan took effect: planned slices exist, placed pods hold theirs, stop waiting."""
+    by_gpu: dict[tuple[str, int], list[Placement]] = {}
+    for placement in result.placed.values():
+        by_gpu.setdefault((placement.node, placement.gpu), []).append(placement)
+    applied: list[Node] = []
+    for n in nodes:
+        if n.name in result.excluded_nodes:
+            applied.append(n)
+            continue
+        gpus: list[Gpu] = []
+        for g in n.gpus:
+            planned = list(result.layouts[n.name][g.index])
+            for placement in by_gpu.get((n.name, g.index), []):
+                position = next(
+                    p for p, s in enumerate(planned) if not s.used and s.size_gb == placement.size_gb
+                )
+                planned[position] = Slice(size_gb=placement.size_gb, used=True)
+            gpus.append(replace(g, slices=tuple(planned)))
+        applied.append(replace(n, gpus=tuple(gpus)))
+    return applied, [p for p in pods if p.key not in result.placed]
+
+
+@PROPERTY
+@given(clusters())
+def test_planning_again_after_the_plan_took_effect_changes_nothing(cluster: Cluster) -> None:
+    nodes, pods, plan_settings = cluster
+    first = plan_cluster(nodes, pods, plan_settings)
+    applied_nodes, still_pending = apply_plan(nodes, pods, first)
+    second = plan_cluster(applied_nodes, still_pending, plan_settings)
+    assert_plan_invariants(applied_nodes, still_pending, second, plan_settings)
+    expected_layouts = {
+        n.name: {g.index: g.slices for g in n.gpus}
+        for n in applied_nodes
+        if n.name not in first.excluded_nodes
+    }
+    assert second.layouts == expected_layouts
+    assert second.placed == {}
+    assert set(second.unplaced) == set(first.unplaced)
+    assert second.excluded_nodes == first.excluded_nodes
