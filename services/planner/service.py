@@ -65,7 +65,10 @@ class PlannerService:
                 if isinstance(decision, PublishPlan):
                     await self._publish(decision)
                     continue
-                if not isinstance(decision, NothingToDo):
+                if isinstance(decision, NothingToDo):
+                    if decision.planned is not None:
+                        self.state.mark_planned(decision.planned)
+                else:
                     timeout = max(0.0, (decision.when - now).total_seconds())
             await self._wakeup.wait(timeout)
 
@@ -96,7 +99,7 @@ class PlannerService:
                 self._unplaced_published[key] = reason
             for key in set(self._unplaced_published) - set(plan.unplaced):
                 del self._unplaced_published[key]
-        self.state.mark_published(plan.plan_id)
+        self.state.mark_planned(plan.plan_id)
         log.info(
             "plan %s: %d placed, %d unplaced, %d nodes",
             plan.plan_id,

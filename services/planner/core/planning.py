@@ -2,16 +2,26 @@
 
 The rules it always keeps: a used slice is never removed, resized or moved; the slices of a GPU
 never add up to more than its capacity; no GPU gets more slices than MPS allows clients; a node
-that cannot take new slices (cordoned, stale) gets none. Within those, pods are served in
-priority order (higher first, then older, then namespace/name): first from free slices that
-already have their size, then by carving unallocated memory (best fit, to keep large regions
-whole), then by reclaiming free slices nobody needs. The result depends only on the input.
+that cannot take new slices (cordoned, stale) gets none. Within those, the objective is, in this
+order: serve as many pending pods as possible, higher priority first (then older, then
+namespace/name); change as few GPUs as possible; keep free memory in large whole regions.
+
+How: pods are served one priority class at a time. Each pod takes a free slice of its size if
+one exists; otherwise a slice is carved where it fits best, on a GPU this plan already changes
+if possible; otherwise free slices are reclaimed on the GPU that fits best, those that no
+pending pod needs first. When a class does not fit whole in age order, size-descending and
+size-ascending orders are tried too and the one that serves the most pods wins. Indexes keep
+every step logarithmic in the number of GPUs. The result depends only on the input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import heapq
+from bisect import bisect_left, insort
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 
 from services.planner.core.model import Gpu, Node, PendingPod, Placement, PlanResult, PlanSettings, Slice
 
@@ -23,77 +33,273 @@ def pod_order(pod: PendingPod) -> tuple[int, float, str, str]:
 
 
 def excluded_reason(node: Node, settings: PlanSettings) -> str | None:
-    """Why a node's reported state is impossible, or None when it can be planned on."""
-    for gpu in node.gpus:
+    """Why a node's reported state is impossible (used slices it cannot hold), or None."""
+    for gpu in sorted(node.gpus, key=lambda g: g.index):
         capacity = gpu.capacity_gb(settings.reserve_mib)
-        used = sum(s.size_gb for s in gpu.slices if s.used)
-        total = sum(s.size_gb for s in gpu.slices)
-        if used > capacity:
-            return f"GPU {gpu.index}: used slices hold {used} GiB but the GPU has {capacity} GiB"
-        if total > capacity:
-            return f"GPU {gpu.index}: slices add up to {total} GiB but the GPU has {capacity} GiB"
-        if len(gpu.slices) > gpu.max_slices:
-            count, limit = len(gpu.slices), gpu.max_slices
-            return f"GPU {gpu.index}: {count} slices, more than the {limit} MPS clients allowed"
+        used = [s.size_gb for s in gpu.slices if s.used]
+        if sum(used) > capacity:
+            return f"GPU {gpu.index}: used slices hold {sum(used)} GiB but the GPU has {capacity} GiB"
+        if len(used) > gpu.max_slices:
+            limit = gpu.max_slices
+            return f"GPU {gpu.index}: {len(used)} used slices, more than the {limit} MPS clients allowed"
     return None
+
+
+class _BestFit:
+    """GPUs keyed by a value; finds the GPU with the smallest value at least a need (then lowest order).
+
+    Entries are invalidated lazily: a GPU whose value changed leaves a stale heap entry behind,
+    skipped when met.
+    """
+
+    def __init__(self) -> None:
+        self._heaps: dict[int, list[int]] = {}
+        self._values: list[int] = []
+        self._current: dict[int, int] = {}
+
+    def set(self, order: int, value: int | None) -> None:
+        if self._current.get(order) == value:
+            return
+        if value is None:
+            del self._current[order]
+            return
+        self._current[order] = value
+        heap = self._heaps.get(value)
+        if heap is None:
+            heap = self._heaps[value] = []
+            insort(self._values, value)
+        heapq.heappush(heap, order)
+
+    def best_at_least(self, need: int) -> int | None:
+        position = bisect_left(self._values, need)
+        while position < len(self._values):
+            value = self._values[position]
+            heap = self._heaps[value]
+            while heap and self._current.get(heap[0]) != value:
+                heapq.heappop(heap)
+            if heap:
+                return heap[0]
+            del self._heaps[value]
+            self._values.pop(position)
+        return None
+
+    def largest(self) -> int:
+        return max(self._current.values(), default=0)
 
 
 @dataclass
 class _GpuPlan:
-    """A GPU's slices while planning; `claimed[i]` marks a free slice promised to a pending pod."""
+    """One GPU while planning; `claimed[i]` marks a free slice promised to a pending pod."""
 
+    order: int
     node: str
     gpu: Gpu
     capacity: int
     can_carve: bool
     slices: list[Slice]
-    claimed: list[bool] = field(default_factory=list)
+    claimed: list[bool]
+    changed: bool = False
+    allocated: int = 0
+    unclaimed: Counter[int] = field(default_factory=Counter)
 
-    def __post_init__(self) -> None:
-        self.claimed = [False] * len(self.slices)
+    @classmethod
+    def of(cls, order: int, node: Node, gpu: Gpu, settings: PlanSettings) -> _GpuPlan:
+        plan = cls(
+            order,
+            node.name,
+            gpu,
+            gpu.capacity_gb(settings.reserve_mib),
+            node.can_carve,
+            list(gpu.slices),
+            [False] * len(gpu.slices),
+        )
+        plan.allocated = sum(s.size_gb for s in plan.slices)
+        plan.unclaimed = Counter(s.size_gb for s in plan.slices if not s.used)
+        plan._shed_excess()
+        return plan
+
+    def copy(self) -> _GpuPlan:
+        return _GpuPlan(
+            self.order,
+            self.node,
+            self.gpu,
+            self.capacity,
+            self.can_carve,
+            list(self.slices),
+            list(self.claimed),
+            self.changed,
+            self.allocated,
+            Counter(self.unclaimed),
+        )
 
     @property
-    def allocated(self) -> int:
-        return sum(s.size_gb for s in self.slices)
-
-    @property
-    def unallocated(self) -> int:
+    def room(self) -> int:
         return self.capacity - self.allocated
 
-    def claim_free(self, size_gb: int) -> bool:
+    @property
+    def potential(self) -> int:
+        """Memory a pod could get here by reclaiming every free slice nobody claimed."""
+        return self.room + sum(size * count for size, count in self.unclaimed.items())
+
+    def _shed_excess(self) -> None:
+        """Drop free slices, largest first, until the GPU is within capacity and the client limit."""
+        while self.room < 0 or len(self.slices) > self.gpu.max_slices:
+            free = [p for p, s in enumerate(self.slices) if not s.used]
+            if not free:
+                return
+            self._remove([max(free, key=lambda p: (self.slices[p].size_gb, -p))])
+
+    def _remove(self, positions: Iterable[int]) -> None:
+        drop = set(positions)
+        for position in drop:
+            self.allocated -= self.slices[position].size_gb
+            self.unclaimed[self.slices[position].size_gb] -= 1
+        self.slices = [s for p, s in enumerate(self.slices) if p not in drop]
+        self.claimed = [c for p, c in enumerate(self.claimed) if p not in drop]
+        self.changed = True
+
+    def claim_free(self, size_gb: int) -> None:
         for position, candidate in enumerate(self.slices):
             if candidate.size_gb == size_gb and not candidate.used and not self.claimed[position]:
                 self.claimed[position] = True
-                return True
-        return False
+                self.unclaimed[size_gb] -= 1
+                return
+        raise AssertionError(f"no unclaimed free {size_gb} GiB slice on GPU {self.order}")
 
     def carve(self, size_gb: int) -> None:
         self.slices.append(Slice(size_gb=size_gb, used=False))
         self.claimed.append(True)
+        self.allocated += size_gb
+        self.changed = True
 
-    def reclaimable(self) -> list[int]:
-        """Positions of free slices nobody claimed, largest first (fewest removals to make room)."""
-        positions = [p for p, s in enumerate(self.slices) if not s.used and not self.claimed[p]]
-        return sorted(positions, key=lambda p: (-self.slices[p].size_gb, p))
-
-    def room_after_reclaim(self, size_gb: int) -> list[int] | None:
-        """The free slices to remove so that `size_gb` fits, or None when it cannot fit here."""
-        if len(self.slices) >= self.gpu.max_slices and not self.reclaimable():
-            return None
-        room = self.unallocated
-        removed: list[int] = []
-        for position in self.reclaimable():
-            if room >= size_gb and len(self.slices) - len(removed) < self.gpu.max_slices:
+    def reclaim_and_carve(self, size_gb: int, needed: Counter[int]) -> bool:
+        """Reclaim unclaimed free slices (unneeded, then larger ones first) and carve; False if it cannot."""
+        candidates = sorted(
+            (p for p, s in enumerate(self.slices) if not s.used and not self.claimed[p]),
+            key=lambda p: (needed[self.slices[p].size_gb] > 0, -self.slices[p].size_gb, p),
+        )
+        room, count, removed = self.room, len(self.slices), []
+        for position in candidates:
+            if room >= size_gb and count < self.gpu.max_slices:
                 break
             room += self.slices[position].size_gb
+            count -= 1
             removed.append(position)
-        fits = room >= size_gb and len(self.slices) - len(removed) < self.gpu.max_slices
-        return removed if fits else None
+        if room < size_gb or count >= self.gpu.max_slices:
+            return False
+        self._remove(removed)
+        self.carve(size_gb)
+        return True
 
-    def remove(self, positions: Iterable[int]) -> None:
-        drop = set(positions)
-        self.slices = [s for p, s in enumerate(self.slices) if p not in drop]
-        self.claimed = [c for p, c in enumerate(self.claimed) if p not in drop]
+
+class _Cluster:
+    """Every plannable GPU with the indexes that make each placement fast."""
+
+    def __init__(self, gpus: list[_GpuPlan]) -> None:
+        self.gpus = gpus
+        self.exact: dict[int, list[int]] = {}
+        self.carve_changed = _BestFit()
+        self.carve_unchanged = _BestFit()
+        self.reclaim = _BestFit()
+        for gpu in gpus:
+            if gpu.can_carve:
+                for size, count in gpu.unclaimed.items():
+                    if count > 0:
+                        self.exact.setdefault(size, []).append(gpu.order)
+            self._reindex(gpu)
+        for heap in self.exact.values():
+            heapq.heapify(heap)
+
+    def copy(self) -> _Cluster:
+        return _Cluster([gpu.copy() for gpu in self.gpus])
+
+    def _reindex(self, gpu: _GpuPlan) -> None:
+        can_take = gpu.can_carve and len(gpu.slices) < gpu.gpu.max_slices
+        room = gpu.room if can_take else None
+        self.carve_changed.set(gpu.order, room if gpu.changed else None)
+        self.carve_unchanged.set(gpu.order, None if gpu.changed else room)
+        reclaimable = gpu.can_carve and any(count > 0 for count in gpu.unclaimed.values())
+        self.reclaim.set(gpu.order, gpu.potential if reclaimable else None)
+
+    def _take_exact(self, size_gb: int) -> _GpuPlan | None:
+        heap = self.exact.get(size_gb)
+        while heap:
+            gpu = self.gpus[heap[0]]
+            if gpu.unclaimed[size_gb] > 0:
+                return gpu
+            heapq.heappop(heap)
+        return None
+
+    def place(self, size_gb: int, needed: Counter[int]) -> _GpuPlan | None:
+        gpu = self._take_exact(size_gb)
+        if gpu is not None:
+            gpu.claim_free(size_gb)
+        else:
+            order = self.carve_changed.best_at_least(size_gb)
+            if order is None:
+                order = self.carve_unchanged.best_at_least(size_gb)
+            if order is not None:
+                gpu = self.gpus[order]
+                gpu.carve(size_gb)
+            else:
+                order = self.reclaim.best_at_least(size_gb)
+                if order is None or not self.gpus[order].reclaim_and_carve(size_gb, needed):
+                    return None
+                gpu = self.gpus[order]
+        self._reindex(gpu)
+        return gpu
+
+    def changed_count(self) -> int:
+        return sum(1 for gpu in self.gpus if gpu.changed)
+
+
+def _serve(cluster: _Cluster, pods: Sequence[PendingPod], needed: Counter[int]) -> dict[str, Placement]:
+    placed: dict[str, Placement] = {}
+    smallest_failure = None
+    for pod in pods:
+        if smallest_failure is not None and pod.size_gb >= smallest_failure:
+            continue
+        gpu = cluster.place(pod.size_gb, needed)
+        if gpu is None:
+            smallest_failure = pod.size_gb
+            continue
+        needed[pod.size_gb] -= 1
+        placed[pod.key] = Placement(gpu.node, gpu.gpu.index, pod.size_gb)
+    return placed
+
+
+_ALTERNATIVE_ORDERS: tuple[Callable[[PendingPod], tuple[int, float, str, str]], ...] = (
+    lambda pod: (-pod.size_gb, *pod_order(pod)[1:]),
+    lambda pod: (pod.size_gb, *pod_order(pod)[1:]),
+)
+
+
+@dataclass
+class _Attempt:
+    cluster: _Cluster
+    served: dict[str, Placement]
+    needed: Counter[int]
+
+    @property
+    def score(self) -> tuple[int, int]:
+        return (len(self.served), -self.cluster.changed_count())
+
+
+def _serve_class(cluster: _Cluster, pods: list[PendingPod], needed: Counter[int]) -> _Attempt:
+    """Serve one priority class: in age order, unless another order serves strictly more pods."""
+    pristine = cluster.copy() if len(pods) > 1 else None
+    best = _Attempt(cluster, {}, Counter(needed))
+    best.served = _serve(cluster, pods, best.needed)
+    if pristine is None or len(best.served) == len(pods):
+        return best
+    for rank, key in enumerate(_ALTERNATIVE_ORDERS):
+        trial = _Attempt(
+            pristine if rank == len(_ALTERNATIVE_ORDERS) - 1 else pristine.copy(), {}, Counter(needed)
+        )
+        trial.served = _serve(trial.cluster, sorted(pods, key=key), trial.needed)
+        if trial.score > best.score:
+            best = trial
+    return best
 
 
 def plan_cluster(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: PlanSettings) -> PlanResult:
@@ -106,19 +312,14 @@ def plan_cluster(nodes: Iterable[Node], pending: Iterable[PendingPod], settings:
             excluded[node.name] = reason
             continue
         for gpu in sorted(node.gpus, key=lambda g: g.index):
-            gpus.append(
-                _GpuPlan(
-                    node.name, gpu, gpu.capacity_gb(settings.reserve_mib), node.can_carve, list(gpu.slices)
-                )
-            )
+            gpus.append(_GpuPlan.of(len(gpus), node, gpu, settings))
+    cluster = _Cluster(gpus)
 
-    placed: dict[str, Placement] = {}
     unplaced: dict[str, str] = {}
+    placed: dict[str, Placement] = {}
     largest = max((g.capacity for g in gpus), default=0)
-    waiting: list[PendingPod] = []
-    ordered = sorted(pending, key=pod_order)
-
-    for pod in ordered:
+    servable: list[PendingPod] = []
+    for pod in sorted(pending, key=pod_order):
         if pod.size_gb <= 0:
             unplaced[pod.key] = f"asks for {pod.size_gb} GiB; a slice is at least 1 GiB"
         elif not gpus:
@@ -128,62 +329,27 @@ def plan_cluster(nodes: Iterable[Node], pending: Iterable[PendingPod], settings:
         elif pod.size_gb > largest:
             unplaced[pod.key] = f"needs {pod.size_gb} GiB; the largest opted-in GPU has {largest} GiB"
         else:
-            target = next((g for g in gpus if g.can_carve and g.claim_free(pod.size_gb)), None)
-            if target is not None:
-                placed[pod.key] = Placement(target.node, target.gpu.index, pod.size_gb)
-            else:
-                waiting.append(pod)
+            servable.append(pod)
 
-    for pod in waiting:
-        target = _best_fit(gpus, pod.size_gb)
-        if target is not None:
-            target.carve(pod.size_gb)
-            placed[pod.key] = Placement(target.node, target.gpu.index, pod.size_gb)
-            continue
-        reclaim = _cheapest_reclaim(gpus, pod.size_gb)
-        if reclaim is not None:
-            gpu_plan, positions = reclaim
-            gpu_plan.remove(positions)
-            gpu_plan.carve(pod.size_gb)
-            placed[pod.key] = Placement(gpu_plan.node, gpu_plan.gpu.index, pod.size_gb)
-            continue
-        unplaced[pod.key] = _exhausted_reason(gpus, pod.size_gb)
+    needed = Counter(pod.size_gb for pod in servable)
+    for _, members in groupby(servable, key=lambda pod: pod.priority):
+        attempt = _serve_class(cluster, list(members), needed)
+        cluster, needed = attempt.cluster, attempt.needed
+        placed.update(attempt.served)
+
+    waiting = [pod for pod in servable if pod.key not in placed]
+    if waiting:
+        carvable = [g for g in cluster.gpus if g.can_carve]
+        most = max((g.potential for g in carvable), default=0)
+        for pod in waiting:
+            unplaced[pod.key] = (
+                f"capacity exhausted: needs {pod.size_gb} GiB on one GPU; the most any GPU could offer now "
+                f"is {most} GiB"
+                if carvable
+                else "no opted-in node can take new slices now (cordoned, or its GPU reports are stale)"
+            )
 
     layouts: dict[str, dict[int, tuple[Slice, ...]]] = {}
-    for gpu_plan in gpus:
+    for gpu_plan in cluster.gpus:
         layouts.setdefault(gpu_plan.node, {})[gpu_plan.gpu.index] = tuple(gpu_plan.slices)
     return PlanResult(layouts=layouts, placed=placed, unplaced=unplaced, excluded_nodes=excluded)
-
-
-def _best_fit(gpus: list[_GpuPlan], size_gb: int) -> _GpuPlan | None:
-    candidates = [
-        g for g in gpus if g.can_carve and g.unallocated >= size_gb and len(g.slices) < g.gpu.max_slices
-    ]
-    return min(candidates, key=lambda g: g.unallocated - size_gb, default=None)
-
-
-def _cheapest_reclaim(gpus: list[_GpuPlan], size_gb: int) -> tuple[_GpuPlan, list[int]] | None:
-    best: tuple[int, int, _GpuPlan, list[int]] | None = None
-    for order, gpu_plan in enumerate(gpus):
-        if not gpu_plan.can_carve:
-            continue
-        positions = gpu_plan.room_after_reclaim(size_gb)
-        if positions is None:
-            continue
-        freed = sum(gpu_plan.slices[p].size_gb for p in positions)
-        if best is None or (freed, order) < (best[0], best[1]):
-            best = (freed, order, gpu_plan, positions)
-    return None if best is None else (best[2], best[3])
-
-
-def _exhausted_reason(gpus: list[_GpuPlan], size_gb: int) -> str:
-    carvable = [g for g in gpus if g.can_carve]
-    if not carvable:
-        return "no opted-in node can take new slices now (cordoned, or its GPU reports are stale)"
-    most = max(
-        g.capacity - sum(s.size_gb for p, s in enumerate(g.slices) if s.used or g.claimed[p])
-        for g in carvable
-    )
-    return (
-        f"capacity exhausted: needs {size_gb} GiB on one GPU; the most any GPU could offer now is {most} GiB"
-    )

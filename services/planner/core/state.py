@@ -61,7 +61,8 @@ class ClusterState:
         event = envelope.event
         changed = True
         if isinstance(event, PodObserved):
-            changed = self.pods.get(event.key) != event
+            previous = self.pods.get(event.key)
+            changed = previous is None or _planned_fields(previous) != _planned_fields(event)
             self.pods[event.key] = event
         elif isinstance(event, PodDeleted | PodRejected):
             changed = self.pods.pop(event.key, None) is not None
@@ -70,7 +71,12 @@ class ClusterState:
             changed = level.observed != event
             level.observed = event
         elif isinstance(event, NodeOptedOut):
-            changed = self.nodes.pop(event.name, None) is not None
+            # Only the opt-in goes: the agent's report travels on its own subject, in no fixed
+            # order with this one, and stays true of the node.
+            known = self.nodes.get(event.name)
+            changed = known is not None and known.observed is not None
+            if known is not None:
+                known.observed = None
         elif isinstance(event, NodeGpusReported):
             level = self.nodes.setdefault(event.node, _NodeLevel())
             changed = level.report is None or level.report.gpus != event.gpus
@@ -88,14 +94,23 @@ class ClusterState:
         if self.last_change is None or when > self.last_change:
             self.last_change = when
 
-    def mark_published(self, plan_id: str) -> None:
+    def mark_planned(self, plan_id: str) -> None:
+        """The state so far is served by `plan_id` (just published, or published before)."""
         self.last_plan_id = plan_id
         self.first_unplanned_change = None
 
 
+def _planned_fields(pod: PodObserved) -> tuple[object, ...]:
+    """What of a pod the planner uses: a new resourceVersion alone changes nothing."""
+    return (pod.size_gb, pod.priority, pod.created, pod.phase, pod.node)
+
+
 @dataclass(frozen=True)
 class NothingToDo:
-    pass
+    """No plan to publish. `planned` names the plan that already serves the state when one was
+    computed: the caller marks it (`ClusterState.mark_planned`) so the next batch window starts afresh."""
+
+    planned: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +136,7 @@ def decide(state: ClusterState, now: datetime, settings: PlannerSettings) -> Dec
         return WaitUntil(window_closes)
     plan = compute_plan(state, now, settings)
     if plan.plan_id == state.last_plan_id:
-        return NothingToDo()
+        return NothingToDo(planned=plan.plan_id)
     return PublishPlan(plan)
 
 

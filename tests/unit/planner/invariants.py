@@ -71,9 +71,19 @@ def assert_plan_invariants(
                 f"inv 3: {where}: {len(slices)} slices, more than the {gpu.max_slices} MPS clients allowed"
             )
             assert all(s.size_gb >= 1 for s in slices), f"{where}: a slice smaller than 1 GiB: {slices}"
-            # A node that cannot carve (cordoned, stale) keeps exactly what it has.
+            # A node that cannot carve (cordoned, stale) gets nothing new; it only sheds free
+            # slices when what it reported was beyond its memory or client limit.
             if not node.can_carve:
-                assert slices == gpu.slices, f"{where}: cannot carve, yet its slices changed to {slices}"
+                within = (
+                    sum(s.size_gb for s in gpu.slices) * MIB_PER_GIB <= gpu.memory_mib - settings.reserve_mib
+                    and len(gpu.slices) <= gpu.max_slices
+                )
+                if within:
+                    assert slices == gpu.slices, f"{where}: cannot carve, yet its slices changed to {slices}"
+                else:
+                    assert not Counter(slices) - Counter(gpu.slices), (
+                        f"{where}: cannot carve, yet gained {slices}"
+                    )
 
     # 4. Placements name a planned GPU, the pod's own size, and never more pods than free slices.
     pod_size = {pod.key: pod.size_gb for pod in pod_list}
