@@ -122,6 +122,8 @@ class NodeAgent:
             kind=trace.SpanKind.CONSUMER,
             attributes={"mpsflow.node": self.settings.node, "mpsflow.plan_id": desired.plan_id},
         ):
+            # Usage right now, not as of the last poll: a slice allocated since must not be dropped.
+            self.in_use = await self.current_usage()
             outcome = reconcile(self.gpus, self.devices, self.in_use, desired)
             subject = subjects.config_subject(self.settings.node)
             if isinstance(outcome, Refused):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from events.nodes import GpuReport, NodeGpusReported, SliceState
 from events.plans import NodeMpsConfig
 from node_agent.nvml import GpuReading
-from node_agent.slices import SliceDevice, slice_device_id
+from node_agent.slices import SliceDevice, parse_slice_device_id, slice_device_id
 
 MIB_PER_GIB = 1024
 
@@ -46,6 +46,7 @@ def reconcile(
     if unknown:
         have = ", ".join(str(i) for i in sorted(by_index)) or "none"
         return Refused(f"GPU {unknown[0]} does not exist on this node (it has GPU {have})")
+    current = [*current, *adopted_devices(gpus, current, in_use)]
     devices: list[SliceDevice] = []
     for gpu in sorted(gpus, key=lambda g: g.index):
         existing = sorted(
@@ -62,6 +63,36 @@ def reconcile(
             return outcome
         devices.extend(outcome)
     return Reconciled(tuple(devices))
+
+
+def adopted_devices(
+    gpus: Sequence[GpuReading], current: Sequence[SliceDevice], in_use: Collection[str]
+) -> list[SliceDevice]:
+    """Slices containers hold that this agent does not offer (it restarted): they are adopted as-is.
+
+    A held device ID names its GPU and size, so the slice is rebuilt from it; IDs that are not
+    ours or name a GPU the node lacks are ignored.
+    """
+    by_index = {gpu.index: gpu for gpu in gpus}
+    known = {device.id for device in current}
+    adopted = []
+    for device_id in sorted(set(in_use) - known):
+        try:
+            gpu_index, size_gb, _ = parse_slice_device_id(device_id)
+        except ValueError:
+            continue
+        gpu = by_index.get(gpu_index)
+        if gpu is not None:
+            adopted.append(
+                SliceDevice(
+                    id=device_id,
+                    gpu_index=gpu_index,
+                    gpu_uuid=gpu.uuid,
+                    size_gb=size_gb,
+                    gpu_memory_mib=gpu.memory_total_mib,
+                )
+            )
+    return adopted
 
 
 def _gpu_devices(

@@ -1,0 +1,539 @@
+"""The node agent on a simulated node: real NATS, simulated GPUs, fake MPS daemons as separate
+processes, its real device plugin and a simulated kubelet device manager over real gRPC.
+
+Every node lives under a short directory in /tmp (unix socket paths must stay under 108 bytes);
+teardown stops the agent, then kills every fake MPS daemon it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import nats.errors
+import pytest
+from nats.js import api
+from nats.js.kv import KeyValue
+
+from events import subjects
+from events.envelope import Event, decode
+from events.jetstream import EventBus
+from events.nodes import NodeGpusReported
+from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
+from node_agent.agent import AgentSettings, NodeAgent
+from node_agent.device_plugin import SliceDevicePlugin
+from node_agent.mps import PID_FILE_NAME, DaemonSpec, SubprocessMpsControl
+from node_agent.nvml import NvmlInventory
+from simulation.fake_nvml import FakeDeviceHandle, FakeNvml, SimulatedGpu
+from simulation.kubelet_devices import DeviceManager, PodRef
+
+pytestmark = pytest.mark.anyio
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FAKE_MPS_CONTROL = (sys.executable, "-m", "simulation.fake_mps_control")
+NODE = "gpu-node-1.example.com"  # dots must survive the subject and key encoding
+A100 = SimulatedGpu("NVIDIA A100-SXM4-40GB", 40960)  # 40 GiB
+H100 = SimulatedGpu("NVIDIA H100 80GB HBM3", 81559, compute_capability=(9, 0))  # 79 GiB
+A100_MIG = SimulatedGpu("NVIDIA A100-SXM4-40GB", 40960, mig_enabled=True)
+GB10 = "nvidia.com/gpu-10gb"
+GB20 = "nvidia.com/gpu-20gb"
+GB40 = "nvidia.com/gpu-40gb"
+WAIT_S = 5.0
+
+Slices = dict[int, list[tuple[str, bool]]]
+"""GPU index -> (slice ID, used) as a report shows them."""
+
+
+@pytest.fixture(autouse=True)
+def _fake_mps_control_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fake runs as `python -m simulation...`; make that resolve whatever directory pytest runs from.
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    )
+
+
+async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
+    with anyio.move_on_after(timeout_s):
+        while not condition():  # noqa: ASYNC110 - polls files, processes and lists, not an event
+            await anyio.sleep(0.02)
+        return
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@dataclass
+class EventLog:
+    """Every event on the bus, in stream order, read by an ordered consumer from the beginning."""
+
+    bus: EventBus
+    events: list[tuple[str, Event]] = field(default_factory=list)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        subscription = await self.bus.js.subscribe(
+            subjects.ALL_EVENTS,
+            ordered_consumer=True,
+            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
+        )
+        task_status.started()
+        try:
+            while True:
+                try:
+                    message = await subscription.next_msg(timeout=1)
+                except nats.errors.TimeoutError:
+                    continue
+                self.events.append((message.subject, decode(message.data).event))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await subscription.unsubscribe()
+
+    def mark(self) -> int:
+        return len(self.events)
+
+    def reports(self, since: int = 0) -> list[NodeGpusReported]:
+        return [
+            event
+            for subject, event in self.events[since:]
+            if subject == subjects.gpus_subject(NODE) and isinstance(event, NodeGpusReported)
+        ]
+
+    def outcomes(self, since: int = 0) -> list[NodeConfigApplied | NodeConfigFailed]:
+        return [
+            event
+            for subject, event in self.events[since:]
+            if subject == subjects.config_subject(NODE)
+            and isinstance(event, NodeConfigApplied | NodeConfigFailed)
+        ]
+
+    async def report(
+        self, condition: Callable[[NodeGpusReported], bool], what: str, since: int = 0
+    ) -> NodeGpusReported:
+        """The first report from ``since`` on that meets ``condition``, waiting for it if needed."""
+        found: list[NodeGpusReported] = []
+
+        def seen() -> bool:
+            found.extend(report for report in self.reports(since) if condition(report))
+            return bool(found)
+
+        await eventually(seen, what)
+        return found[0]
+
+    async def outcome(self, plan_id: str, since: int = 0) -> NodeConfigApplied | NodeConfigFailed:
+        found: list[NodeConfigApplied | NodeConfigFailed] = []
+
+        def seen() -> bool:
+            found.extend(event for event in self.outcomes(since) if event.plan_id == plan_id)
+            return bool(found)
+
+        await eventually(seen, f"the outcome of plan {plan_id}")
+        return found[0]
+
+
+def slices(report: NodeGpusReported) -> Slices:
+    return {gpu.index: [(s.id, s.used) for s in gpu.slices] for gpu in report.gpus}
+
+
+@dataclass
+class Node:
+    root: Path
+    plugin_dir: Path
+    mps_root: Path
+    pod_resources_socket: Path
+    nvml: FakeNvml
+    inventory: NvmlInventory
+    control: SubprocessMpsControl
+    manager: DeviceManager
+    capacity: list[dict[str, int]]
+    bus: EventBus
+    kv: KeyValue
+    events: EventLog
+
+    def daemon(self, index: int) -> DaemonSpec:
+        return DaemonSpec.under(self.mps_root, index, self.nvml.gpus()[index].uuid or "")
+
+    async def put_config(self, plan_id: str, gpus: dict[int, tuple[int, ...]]) -> None:
+        desired = NodeMpsConfig(node=NODE, plan_id=plan_id, plan_sequence=1, gpus=gpus)
+        await self.kv.put(subjects.node_config_key(NODE), desired.model_dump_json().encode())
+
+    async def apply(self, plan_id: str, gpus: dict[int, tuple[int, ...]]) -> NodeGpusReported:
+        """Put a config, expect it applied and return the first report that shows the plan."""
+        mark = self.events.mark()
+        await self.put_config(plan_id, gpus)
+        assert await self.events.outcome(plan_id, mark) == NodeConfigApplied(node=NODE, plan_id=plan_id)
+        return await self.events.report(
+            lambda report: report.applied_plan_id == plan_id, f"a report of plan {plan_id}", mark
+        )
+
+    async def kubelet_sees(self, capacity: dict[str, int]) -> None:
+        await eventually(
+            lambda: bool(self.capacity) and self.capacity[-1] == capacity, f"kubelet capacity {capacity}"
+        )
+
+    def kubelet_device_ids(self) -> dict[str, set[str]]:
+        return {resource: set(devices) for resource, devices in self.manager.devices().items()}
+
+
+@contextlib.asynccontextmanager
+async def simulated_node(bus: EventBus, gpus: Sequence[SimulatedGpu]) -> AsyncIterator[Node]:
+    root = Path(tempfile.mkdtemp(dir="/tmp", prefix="mpsa-"))
+    plugin_dir = root / "dp"
+    plugin_dir.mkdir()
+    pod_resources_socket = root / "pod-resources.sock"
+    capacity: list[dict[str, int]] = []
+
+    async def record_capacity(counts: dict[str, int]) -> None:
+        capacity.append(counts)
+
+    manager = DeviceManager(
+        plugin_dir, pod_resources_socket=pod_resources_socket, on_capacity=record_capacity
+    )
+    nvml = FakeNvml(gpus, node_name=NODE)
+    try:
+        await manager.start()
+        async with anyio.create_task_group() as group:
+            events = EventLog(bus)
+            await group.start(events.run)
+            yield Node(
+                root=root,
+                plugin_dir=plugin_dir,
+                mps_root=root / "mps",
+                pod_resources_socket=pod_resources_socket,
+                nvml=nvml,
+                inventory=NvmlInventory(nvml),
+                control=SubprocessMpsControl(FAKE_MPS_CONTROL),
+                manager=manager,
+                capacity=capacity,
+                bus=bus,
+                kv=await bus.node_configs(),
+                events=events,
+            )
+            group.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await manager.stop()
+        _kill_fake_daemons(root / "mps")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    node: Node,
+    *,
+    heartbeat_seconds: float = 30.0,
+    usage_poll_seconds: float = 0.05,
+    allocation_grace_seconds: float = 0.3,
+) -> AsyncIterator[NodeAgent]:
+    plugin = SliceDevicePlugin(plugin_dir=node.plugin_dir, pipe_root=node.mps_root)
+    settings = AgentSettings(
+        node=NODE,
+        mps_root=node.mps_root,
+        pod_resources_socket=node.pod_resources_socket,
+        heartbeat_seconds=heartbeat_seconds,
+        usage_poll_seconds=usage_poll_seconds,
+        allocation_grace_seconds=allocation_grace_seconds,
+    )
+    agent = NodeAgent(settings, node.bus, node.inventory, node.control, plugin)
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(agent.run)
+            yield agent
+            group.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await plugin.close()
+
+
+async def started(node: Node) -> NodeGpusReported:
+    """The agent's first report: sent once it has read the GPUs and started their daemons."""
+    return await node.events.report(lambda _: True, "the agent's first report")
+
+
+def _pod(name: str) -> PodRef:
+    return PodRef(namespace="team-a", name=name, uid=f"uid-{name}")
+
+
+def _daemon_pid(daemon: DaemonSpec) -> int:
+    return int(daemon.pid_file.read_text())
+
+
+def _pid_in(daemon: DaemonSpec) -> int | None:
+    """The pid file's PID; None while there is none (a restart removes it before the new one writes)."""
+    try:
+        return int(daemon.pid_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return status.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_until_gone(pid: int) -> None:
+    deadline = time.monotonic() + 5
+    while _is_running(pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} is still running")
+        time.sleep(0.01)
+
+
+def _kill_fake_daemons(mps_root: Path) -> None:
+    """SIGKILL every daemon named by a pid file under ``mps_root`` that is still our fake."""
+    for pid_file in mps_root.glob(f"*/pipe/{PID_FILE_NAME}"):
+        try:
+            pid = int(pid_file.read_text())
+            command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (FileNotFoundError, ValueError):
+            continue
+        if b"simulation.fake_mps_control" in command_line:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _wait_until_gone(pid)
+
+
+async def test_on_start_it_reports_its_gpus_and_runs_one_daemon_per_gpu(bus: EventBus) -> None:
+    async with simulated_node(bus, [A100, H100, A100_MIG]) as node, running_agent(node):
+        first = await started(node)
+
+        assert first.node == NODE
+        assert first.applied_plan_id is None
+        assert [
+            (gpu.index, gpu.uuid, gpu.model, gpu.memory_mib, gpu.compute_capability, gpu.mig_enabled)
+            for gpu in first.gpus
+        ] == [
+            (0, node.nvml.gpus()[0].uuid, "NVIDIA-A100-SXM4-40GB", 40960, (8, 0), False),
+            (1, node.nvml.gpus()[1].uuid, "NVIDIA-H100-80GB-HBM3", 81559, (9, 0), False),
+            (2, node.nvml.gpus()[2].uuid, "NVIDIA-A100-SXM4-40GB", 40960, (8, 0), True),
+        ]
+        assert all(gpu.slices == () for gpu in first.gpus)
+        assert [gpu.daemon_healthy for gpu in first.gpus] == [True, True, False]
+        for index in (0, 1):
+            daemon = node.daemon(index)
+            assert await node.control.is_alive(daemon)
+            assert _is_running(_daemon_pid(daemon))
+            assert (
+                node.nvml.nvmlDeviceGetComputeMode(FakeDeviceHandle(index))
+                == FakeNvml.NVML_COMPUTEMODE_EXCLUSIVE_PROCESS
+            )
+        assert not node.daemon(2).pipe_dir.exists(), "a MIG GPU gets no MPS daemon"
+        assert node.nvml.nvmlDeviceGetComputeMode(FakeDeviceHandle(2)) == FakeNvml.NVML_COMPUTEMODE_DEFAULT
+        assert node.manager.devices() == {}
+
+
+async def test_a_config_is_applied_offered_to_the_kubelet_and_reported(bus: EventBus) -> None:
+    async with simulated_node(bus, [A100, H100]) as node, running_agent(node):
+        await started(node)
+
+        report = await node.apply("plan-1", {0: (10, 10, 20), 1: (40,)})
+
+        assert slices(report) == {
+            0: [("mps-g0-10gb-0", False), ("mps-g0-10gb-1", False), ("mps-g0-20gb-0", False)],
+            1: [("mps-g1-40gb-0", False)],
+        }
+        await node.kubelet_sees({GB10: 2, GB20: 1, GB40: 1})
+        assert node.kubelet_device_ids() == {
+            GB10: {"mps-g0-10gb-0", "mps-g0-10gb-1"},
+            GB20: {"mps-g0-20gb-0"},
+            GB40: {"mps-g1-40gb-0"},
+        }
+
+        # A second plan keeps the surviving slices' IDs and only adds or removes the difference.
+        report = await node.apply("plan-2", {0: (10, 10, 10), 1: (40, 20)})
+
+        assert slices(report) == {
+            0: [("mps-g0-10gb-0", False), ("mps-g0-10gb-1", False), ("mps-g0-10gb-2", False)],
+            1: [("mps-g1-20gb-0", False), ("mps-g1-40gb-0", False)],
+        }
+        await node.kubelet_sees({GB10: 3, GB20: 1, GB40: 1})
+        assert node.kubelet_device_ids()[GB20] == {"mps-g1-20gb-0"}
+
+
+async def test_an_allocated_slice_is_reported_used_until_its_pod_is_gone(bus: EventBus) -> None:
+    async with simulated_node(bus, [A100]) as node, running_agent(node):
+        await started(node)
+        await node.apply("plan-1", {0: (10, 10)})
+        await node.kubelet_sees({GB10: 2})
+
+        mark = node.events.mark()
+        allocated = await node.manager.allocate(_pod("a"), [("main", GB10)])
+
+        assert allocated["main"].device_ids == ["mps-g0-10gb-0"]
+        assert allocated["main"].envs["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=10240M"
+        used = await node.events.report(
+            lambda report: slices(report)[0] == [("mps-g0-10gb-0", True), ("mps-g0-10gb-1", False)],
+            "the allocated slice reported used",
+            mark,
+        )
+        assert used.applied_plan_id == "plan-1"
+
+        mark = node.events.mark()
+        node.manager.release("uid-a")
+
+        await node.events.report(
+            lambda report: slices(report)[0] == [("mps-g0-10gb-0", False), ("mps-g0-10gb-1", False)],
+            "the released slice reported free",
+            mark,
+        )
+
+
+async def test_a_config_that_overflows_a_gpu_is_refused_and_the_kubelet_keeps_its_devices(
+    bus: EventBus,
+) -> None:
+    async with simulated_node(bus, [A100, H100]) as node, running_agent(node):
+        await started(node)
+        await node.apply("plan-good", {0: (20, 20), 1: (10,)})
+        await node.kubelet_sees({GB10: 1, GB20: 2})
+        devices_before = node.manager.devices()
+
+        mark = node.events.mark()
+        await node.put_config("plan-bad", {0: (30, 20), 1: (10, 10)})
+
+        assert await node.events.outcome("plan-bad", mark) == NodeConfigFailed(
+            node=NODE,
+            plan_id="plan-bad",
+            reason="GPU 0: slices would add up to 50 GiB but the GPU has 40 GiB",
+        )
+        assert node.manager.devices() == devices_before
+        assert node.capacity[-1] == {GB10: 1, GB20: 2}
+
+        # The agent still works, and its reports still name the last applied plan.
+        report = await node.apply("plan-next", {0: (20,), 1: (10, 10)})
+        assert slices(report) == {
+            0: [("mps-g0-20gb-0", False)],
+            1: [("mps-g1-10gb-0", False), ("mps-g1-10gb-1", False)],
+        }
+        assert all(r.applied_plan_id != "plan-bad" for r in node.events.reports())
+
+
+async def test_a_config_that_drops_an_in_use_slice_keeps_it(bus: EventBus) -> None:
+    async with simulated_node(bus, [A100]) as node, running_agent(node):
+        await started(node)
+        await node.apply("plan-1", {0: (10, 10)})
+        await node.kubelet_sees({GB10: 2})
+        mark = node.events.mark()
+        await node.manager.allocate(_pod("a"), [("main", GB10)])
+        await node.events.report(
+            lambda report: ("mps-g0-10gb-0", True) in slices(report)[0], "the slice reported used", mark
+        )
+
+        report = await node.apply("plan-2", {0: (20,)})
+
+        assert slices(report) == {0: [("mps-g0-10gb-0", True), ("mps-g0-20gb-0", False)]}
+        await node.kubelet_sees({GB10: 1, GB20: 1})
+        assert node.kubelet_device_ids() == {GB10: {"mps-g0-10gb-0"}, GB20: {"mps-g0-20gb-0"}}
+        assert node.manager.assignments() == {"uid-a": {"main": ["mps-g0-10gb-0"]}}
+
+        # Keeping it must still fit: 10 GiB held + 40 GiB wanted is more than the GPU has.
+        mark = node.events.mark()
+        await node.put_config("plan-3", {0: (40,)})
+        assert await node.events.outcome("plan-3", mark) == NodeConfigFailed(
+            node=NODE,
+            plan_id="plan-3",
+            reason="GPU 0: slices would add up to 50 GiB (10 GiB of them held by running containers) "
+            "but the GPU has 40 GiB",
+        )
+
+
+async def test_a_killed_daemon_is_started_again_by_the_heartbeat(bus: EventBus) -> None:
+    async with simulated_node(bus, [A100, H100]) as node, running_agent(node, heartbeat_seconds=0.3):
+        await started(node)
+        daemon = node.daemon(1)
+        killed = _daemon_pid(daemon)
+        untouched = _daemon_pid(node.daemon(0))
+
+        os.kill(killed, signal.SIGKILL)
+        _wait_until_gone(killed)
+
+        await eventually(lambda: _pid_in(daemon) not in (None, killed), "a new daemon for GPU 1")
+        assert await node.control.is_alive(daemon)
+        assert _is_running(_daemon_pid(daemon))
+        assert _daemon_pid(node.daemon(0)) == untouched, "the healthy GPU's daemon is left alone"
+        mark = node.events.mark()
+        report = await node.events.report(lambda _: True, "a heartbeat report", mark)
+        assert [gpu.daemon_healthy for gpu in report.gpus] == [True, True]
+
+
+async def test_an_unreadable_config_is_skipped_and_the_agent_keeps_working(bus: EventBus) -> None:
+    async with simulated_node(bus, [A100]) as node, running_agent(node):
+        await started(node)
+        key = subjects.node_config_key(NODE)
+        mark = node.events.mark()
+
+        await node.kv.put(key, b"{not json")
+        await node.kv.put(key, b'{"node": "x", "plan_id": "p", "plan_sequence": -1, "gpus": {}}')
+        await node.kv.put(key, b"\xff\xfe")
+        await node.kv.delete(key)
+        report = await node.apply("plan-1", {0: (10,)})
+
+        assert slices(report) == {0: [("mps-g0-10gb-0", False)]}
+        assert node.events.outcomes(mark) == [NodeConfigApplied(node=NODE, plan_id="plan-1")]
+        await node.kubelet_sees({GB10: 1})
+
+
+async def test_a_config_already_in_the_bucket_is_applied_on_start(bus: EventBus) -> None:
+    async with simulated_node(bus, [A100]) as node:
+        await node.put_config("plan-early", {0: (20,)})
+
+        async with running_agent(node):
+            assert await node.events.outcome("plan-early") == NodeConfigApplied(
+                node=NODE, plan_id="plan-early"
+            )
+            await node.kubelet_sees({GB20: 1})
+
+
+async def test_a_slice_allocated_since_the_last_usage_poll_is_kept(bus: EventBus) -> None:
+    # A long poll interval makes the window between two polls deterministic; it exists at any interval.
+    async with simulated_node(bus, [A100]) as node, running_agent(node, usage_poll_seconds=60):
+        await started(node)
+        await node.apply("plan-1", {0: (10, 10)})
+        await node.kubelet_sees({GB10: 2})
+        await node.manager.allocate(_pod("a"), [("main", GB10)])
+
+        report = await node.apply("plan-2", {0: (20,)})
+
+        assert slices(report) == {0: [("mps-g0-10gb-0", True), ("mps-g0-20gb-0", False)]}
+
+
+async def test_a_restarted_agent_keeps_the_slice_a_container_holds(bus: EventBus) -> None:
+    async with simulated_node(bus, [A100]) as node:
+        async with running_agent(node):
+            await started(node)
+            await node.apply("plan-1", {0: (10, 10)})
+            await node.kubelet_sees({GB10: 2})
+            await node.manager.allocate(_pod("a"), [("main", GB10)])  # mps-g0-10gb-0
+            await node.manager.allocate(_pod("b"), [("main", GB10)])  # mps-g0-10gb-1
+            node.manager.release("uid-a")
+            mark = node.events.mark()
+            await node.events.report(
+                lambda report: slices(report)[0] == [("mps-g0-10gb-0", False), ("mps-g0-10gb-1", True)],
+                "only pod b's slice in use",
+                mark,
+            )
+            report = await node.apply("plan-2", {0: (10,)})
+            assert slices(report) == {0: [("mps-g0-10gb-1", True)]}
+
+        mark = node.events.mark()
+        async with running_agent(node):  # same KV, same kubelet, same daemons
+            # (Its NodeConfigApplied for plan-2 is de-duplicated by message ID; the report is not.)
+            report = await node.events.report(
+                lambda report: report.applied_plan_id == "plan-2", "the restarted agent's plan-2", mark
+            )
+            assert [slice_id for slice_id, _ in slices(report)[0]] == ["mps-g0-10gb-1"]
+            await node.events.report(
+                lambda report: slices(report)[0] == [("mps-g0-10gb-1", True)],
+                "pod b's slice, still in use, after the restart",
+                mark,
+            )
+            await node.kubelet_sees({GB10: 1})
+            assert node.kubelet_device_ids() == {GB10: {"mps-g0-10gb-1"}}
