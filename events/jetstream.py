@@ -281,10 +281,12 @@ class EventBus:
 
     async def current_levels(self, filter_subject: str) -> list[Envelope]:
         """The last decodable event of every subject under `filter_subject`: what was last said of each."""
+        return await self._read_all(filter_subject, api.DeliverPolicy.LAST_PER_SUBJECT)
+
+    async def _read_all(self, filter_subject: str, policy: api.DeliverPolicy) -> list[Envelope]:
+        """Read what the stream holds under `filter_subject` (by `policy`) until caught up."""
         subscription = await self.js.subscribe(
-            filter_subject,
-            ordered_consumer=True,
-            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT),
+            filter_subject, ordered_consumer=True, config=api.ConsumerConfig(deliver_policy=policy)
         )
         levels: list[Envelope] = []
         try:
@@ -299,6 +301,10 @@ class EventBus:
                     return levels
         finally:
             await subscription.unsubscribe()
+
+    async def everything(self, filter_subject: str) -> list[Envelope]:
+        """Every decodable event under `filter_subject` still in the stream, in stream order."""
+        return await self._read_all(filter_subject, api.DeliverPolicy.ALL)
 
     async def dead_letters(self, consumer: str) -> list[DeadLetter]:
         """Every dead letter a consumer recorded (for tests and `mpsflow` diagnostics)."""

@@ -73,9 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="plan offline from a snapshot (contract: plan.md)")
     plan.add_argument("snapshot", nargs="?", default="-", help="snapshot file, or - for standard input")
 
+    record = commands.add_parser("record", help="write every event of the stream to a JSON-lines file")
+    _common(record)
+    record.add_argument("out", type=Path, help="file to write (one envelope per line)")
+
+    replay = commands.add_parser("replay", help="replay recorded events through the planner, print its plans")
+    replay.add_argument("events", type=Path, help="JSON-lines file of envelopes (from `mpsflow record`)")
+
     demo = commands.add_parser("demo", help="run the whole system on a simulated cluster")
     demo.add_argument("--scenario", type=Path, help="YAML or JSON scenario (default: the built-in one)")
     demo.add_argument("--json", type=Path, dest="json_out", help="write the summary here")
+    demo.add_argument(
+        "--record", type=Path, help="also write every event of the run here (for `mpsflow replay`)"
+    )
     return parser
 
 
@@ -83,10 +93,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "plan":
         return plan_command(args.snapshot)
+    if args.command == "record":
+        import anyio
+
+        return anyio.run(record_command, args.nats_url, args.out, backend="asyncio")
+    if args.command == "replay":
+        return replay_command(args.events)
     if args.command == "demo":
         from simulation.demo import demo_command
 
-        return demo_command(args.scenario, args.json_out)
+        return demo_command(args.scenario, args.json_out, args.record)
     return run_command(args)
 
 
@@ -106,6 +122,47 @@ def plan_command(source: str) -> int:
         print(f"mpsflow plan: {error}", file=sys.stderr)
         return 2
     sys.stdout.write(render_plan(plan_cluster(nodes, pods, PlanSettings())))
+    return 0
+
+
+async def record_command(nats_url: str, out: Path) -> int:
+    from events.jetstream import EventBus
+    from events.subjects import ALL_EVENTS
+
+    bus = await EventBus.connect(nats_url, source="record")
+    try:
+        envelopes = await bus.everything(ALL_EVENTS)
+    finally:
+        await bus.close()
+    with out.open("w") as sink:
+        for envelope in envelopes:
+            sink.write(envelope.model_dump_json() + "\n")
+    print(f"mpsflow record: {len(envelopes)} events written to {out}", file=sys.stderr)
+    return 0
+
+
+def replay_command(source: Path) -> int:
+    import json
+
+    from events.envelope import UndecodableMessageError, decode
+    from services.planner.replay import replay
+
+    try:
+        lines = source.read_text().splitlines()
+    except OSError as error:
+        print(f"mpsflow replay: {source}: {error.strerror}", file=sys.stderr)
+        return 2
+    envelopes = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            envelopes.append(decode(line.encode()))
+        except UndecodableMessageError as error:
+            print(f"mpsflow replay: {source}:{number}: {error}", file=sys.stderr)
+            return 2
+    for replayed in replay(envelopes):
+        print(json.dumps(replayed.summary(), sort_keys=True))
     return 0
 
 

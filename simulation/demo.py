@@ -290,7 +290,9 @@ def _table(result: dict[str, Any], out: TextIO) -> None:
         )
 
 
-async def run_demo(scenario: Scenario, out: TextIO, json_out: Path | None = None) -> int:
+async def run_demo(
+    scenario: Scenario, out: TextIO, json_out: Path | None = None, record: Path | None = None
+) -> int:
     def say(line: str) -> None:
         print(line, file=out, flush=True)
 
@@ -335,6 +337,9 @@ async def run_demo(scenario: Scenario, out: TextIO, json_out: Path | None = None
             result = summary(cluster)
             info = await cluster.bus.js.stream_info(subjects.STREAM)
             result["events_published"] = info.state.last_seq
+            if record is not None:
+                recorded = await cluster.bus.everything(subjects.ALL_EVENTS)
+                await anyio.Path(record).write_text("".join(e.model_dump_json() + "\n" for e in recorded))
             group.cancel_scope.cancel()
         _table(result, out)
         if json_out is not None:
@@ -363,14 +368,14 @@ def _progress(cluster: Cluster) -> str:
     )
 
 
-def demo_command(scenario_path: Path | None, json_out: Path | None) -> int:
+def demo_command(scenario_path: Path | None, json_out: Path | None, record: Path | None = None) -> int:
     try:
         scenario = load_scenario(scenario_path)
     except ScenarioError as error:
         print(f"mpsflow demo: {error}", file=sys.stderr)
         return 2
     try:
-        return anyio.run(run_demo, scenario, sys.stdout, json_out, backend="asyncio")
+        return anyio.run(run_demo, scenario, sys.stdout, json_out, record, backend="asyncio")
     except KeyboardInterrupt:
         print("\ninterrupted; everything the demo started has been stopped", file=sys.stderr)
         return 130
