@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="plan offline from a snapshot (contract: plan.md)")
     plan.add_argument("snapshot", nargs="?", default="-", help="snapshot file, or - for standard input")
+    plan.add_argument("--indent", type=int, help="indent the JSON for people (default: compact)")
 
     record = commands.add_parser("record", help="write every event of the stream to a JSON-lines file")
     _common(record)
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "plan":
-        return plan_command(args.snapshot)
+        return plan_command(args.snapshot, args.indent)
     if args.command == "record":
         import anyio
 
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(args)
 
 
-def plan_command(source: str) -> int:
+def plan_command(source: str, indent: int | None = None) -> int:
     from services.planner.core.model import PlanSettings
     from services.planner.core.planning import plan_cluster
     from services.planner.snapshot import SnapshotError, parse_snapshot, render_plan
@@ -121,7 +122,7 @@ def plan_command(source: str) -> int:
     except SnapshotError as error:
         print(f"mpsflow plan: {error}", file=sys.stderr)
         return 2
-    sys.stdout.write(render_plan(plan_cluster(nodes, pods, PlanSettings())))
+    sys.stdout.write(render_plan(plan_cluster(nodes, pods, PlanSettings()), indent))
     return 0
 
 

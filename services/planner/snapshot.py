@@ -195,5 +195,7 @@ def plan_document(result: PlanResult) -> dict[str, Any]:
     return document
 
 
-def render_plan(result: PlanResult) -> str:
-    return json.dumps(plan_document(result), indent=2, sort_keys=False) + "\n"
+def render_plan(result: PlanResult, indent: int | None = None) -> str:
+    """The plan as JSON text: compact by default (fast at cluster scale), indented on request."""
+    separators = (",", ": ") if indent is not None else (",", ":")
+    return json.dumps(plan_document(result), indent=indent, separators=separators) + "\n"

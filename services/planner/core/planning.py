@@ -201,6 +201,7 @@ class _Cluster:
         self.carve_changed = _BestFit()
         self.carve_unchanged = _BestFit()
         self.reclaim = _BestFit()
+        self.journal: dict[int, _GpuPlan] | None = None
         for gpu in gpus:
             if gpu.can_carve:
                 for size, count in gpu.unclaimed.items():
@@ -212,6 +213,14 @@ class _Cluster:
 
     def copy(self) -> _Cluster:
         return _Cluster([gpu.copy() for gpu in self.gpus])
+
+    def as_it_was(self, journal: dict[int, _GpuPlan]) -> _Cluster:
+        """An independent copy of the cluster as it was when `journal` started recording."""
+        return _Cluster([journal.get(gpu.order, gpu).copy() for gpu in self.gpus])
+
+    def _before_change(self, gpu: _GpuPlan) -> None:
+        if self.journal is not None and gpu.order not in self.journal:
+            self.journal[gpu.order] = gpu.copy()
 
     def _reindex(self, gpu: _GpuPlan) -> None:
         can_take = gpu.can_carve and len(gpu.slices) < gpu.gpu.max_slices
@@ -233,6 +242,7 @@ class _Cluster:
     def place(self, size_gb: int, needed: Counter[int]) -> _GpuPlan | None:
         gpu = self._take_exact(size_gb)
         if gpu is not None:
+            self._before_change(gpu)
             gpu.claim_free(size_gb)
         else:
             order = self.carve_changed.best_at_least(size_gb)
@@ -240,12 +250,16 @@ class _Cluster:
                 order = self.carve_unchanged.best_at_least(size_gb)
             if order is not None:
                 gpu = self.gpus[order]
+                self._before_change(gpu)
                 gpu.carve(size_gb)
             else:
                 order = self.reclaim.best_at_least(size_gb)
-                if order is None or not self.gpus[order].reclaim_and_carve(size_gb, needed):
+                if order is None:
                     return None
                 gpu = self.gpus[order]
+                self._before_change(gpu)
+                if not gpu.reclaim_and_carve(size_gb, needed):
+                    return None
         self._reindex(gpu)
         return gpu
 
@@ -286,16 +300,21 @@ class _Attempt:
 
 
 def _serve_class(cluster: _Cluster, pods: list[PendingPod], needed: Counter[int]) -> _Attempt:
-    """Serve one priority class: in age order, unless another order serves strictly more pods."""
-    pristine = cluster.copy() if len(pods) > 1 else None
+    """Serve one priority class: in age order, unless another order serves strictly more pods.
+
+    The first attempt journals the GPUs it touches, so that only a class that does not fit whole
+    pays for copying the cluster to try the other orders.
+    """
+    cluster.journal = {}
     best = _Attempt(cluster, {}, Counter(needed))
     best.served = _serve(cluster, pods, best.needed)
-    if pristine is None or len(best.served) == len(pods):
+    journal, cluster.journal = cluster.journal, None
+    if len(best.served) == len(pods) or len(pods) == 1:
         return best
+    pristine = cluster.as_it_was(journal)
     for rank, key in enumerate(_ALTERNATIVE_ORDERS):
-        trial = _Attempt(
-            pristine if rank == len(_ALTERNATIVE_ORDERS) - 1 else pristine.copy(), {}, Counter(needed)
-        )
+        last = rank == len(_ALTERNATIVE_ORDERS) - 1
+        trial = _Attempt(pristine if last else pristine.copy(), {}, Counter(needed))
         trial.served = _serve(trial.cluster, sorted(pods, key=key), trial.needed)
         if trial.score > best.score:
             best = trial
