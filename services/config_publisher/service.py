@@ -79,7 +79,15 @@ class ConfigPublisherService:
                 entry = None
             current = None
             if entry is not None and entry.value:
-                current = NodeMpsConfig.model_validate_json(entry.value)
+                try:
+                    current = NodeMpsConfig.model_validate_json(entry.value)
+                except ValueError as error:  # written by another version, or damaged: replace it
+                    log.warning(
+                        "node %s: unreadable config at revision %d is replaced (%s)",
+                        desired.node,
+                        entry.revision,
+                        str(error).splitlines()[0],
+                    )
             if current is not None and (
                 current.same_layout(desired) or current.plan_sequence > desired.plan_sequence
             ):

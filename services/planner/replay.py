@@ -16,6 +16,7 @@ from events.envelope import Envelope
 from events.plans import PlanComputed
 from services.planner.core.state import (
     ClusterState,
+    IncrementalPlanner,
     NothingToDo,
     PlannerSettings,
     PublishPlan,
@@ -54,19 +55,20 @@ class ReplayedPlan:
 def replay(envelopes: Iterable[Envelope], settings: PlannerSettings | None = None) -> Iterator[ReplayedPlan]:
     settings = settings or PlannerSettings()
     state = ClusterState()
+    planner = IncrementalPlanner(settings)
     wake: datetime | None = None
 
     def settle(now: datetime) -> Iterator[ReplayedPlan]:
         nonlocal wake
-        decision = decide(state, now, settings)
+        decision = decide(state, now, settings, planner)
         wake = None
         if isinstance(decision, PublishPlan):
-            state.mark_planned(decision.plan.plan_id)
+            state.mark_planned(decision.plan.plan_id, decision.at_revision)
             yield ReplayedPlan(now, decision.plan)
         elif isinstance(decision, WaitUntil):
             wake = decision.when
         elif isinstance(decision, NothingToDo) and decision.planned is not None:
-            state.mark_planned(decision.planned)
+            state.mark_planned(decision.planned.plan_id, decision.at_revision)
 
     for envelope in envelopes:
         if envelope.kind not in PLANNER_KINDS:

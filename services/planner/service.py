@@ -16,10 +16,18 @@ from opentelemetry.trace import Link
 from events import subjects
 from events.envelope import content_id
 from events.jetstream import Delivery, EventBus
+from events.plans import PlanComputed
 from events.pods import PodUnplaced
 from events.tracing import link_to, tracer
 from services.kit.signal import Wakeup
-from services.planner.core.state import ClusterState, NothingToDo, PlannerSettings, PublishPlan, decide
+from services.planner.core.state import (
+    ClusterState,
+    IncrementalPlanner,
+    NothingToDo,
+    PlannerSettings,
+    PublishPlan,
+    decide,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,7 @@ class PlannerService:
         self.bus = bus
         self.settings = settings or PlannerSettings()
         self.state = ClusterState()
+        self.planner = IncrementalPlanner(self.settings)
         self._wakeup = Wakeup()
         self._caught_up = False
         self._links: list[Link] = []
@@ -46,6 +55,14 @@ class PlannerService:
             self._links.append(link)
         self._wakeup.set()
 
+    async def _check_caught_up(self) -> None:
+        """Caught up also when the backlog ended with messages that were dead-lettered, not handled."""
+        if not self._caught_up:
+            info = await self.bus.js.consumer_info(subjects.STREAM, DURABLE)
+            if info.num_pending == 0:
+                self._caught_up = True
+                self._wakeup.set()
+
     async def consume(self) -> None:
         await self.bus.consume(
             durable=DURABLE,
@@ -54,6 +71,7 @@ class PlannerService:
             deliver_from="last_per_subject",
             reset=True,
             batch=256,
+            after_batch=self._check_caught_up,
         )
 
     async def decide_forever(self) -> None:
@@ -61,13 +79,14 @@ class PlannerService:
             timeout: float | None = None
             if self._caught_up:
                 now = datetime.now(UTC)
-                decision = decide(self.state, now, self.settings)
+                decision = decide(self.state, now, self.settings, self.planner)
                 if isinstance(decision, PublishPlan):
                     await self._publish(decision)
                     continue
                 if isinstance(decision, NothingToDo):
                     if decision.planned is not None:
-                        self.state.mark_planned(decision.planned)
+                        await self._publish_unplaced(decision.planned)
+                        self.state.mark_planned(decision.planned.plan_id, decision.at_revision)
                 else:
                     timeout = max(0.0, (decision.when - now).total_seconds())
             await self._wakeup.wait(timeout)
@@ -85,21 +104,8 @@ class PlannerService:
             },
         ):
             await self.bus.publish(subjects.plan_subject(), plan, message_id=plan.plan_id)
-            for key, reason in sorted(plan.unplaced.items()):
-                if self._unplaced_published.get(key) == reason:
-                    continue
-                pod = self.state.pods.get(key)
-                if pod is None:
-                    continue
-                await self.bus.publish(
-                    subjects.unplaced_subject(pod.namespace, pod.name),
-                    PodUnplaced(namespace=pod.namespace, name=pod.name, uid=pod.uid, reason=reason),
-                    message_id=content_id("unplaced", pod.uid, reason),
-                )
-                self._unplaced_published[key] = reason
-            for key in set(self._unplaced_published) - set(plan.unplaced):
-                del self._unplaced_published[key]
-        self.state.mark_planned(plan.plan_id)
+            await self._publish_unplaced(plan)
+        self.state.mark_planned(plan.plan_id, decision.at_revision)
         log.info(
             "plan %s: %d placed, %d unplaced, %d nodes",
             plan.plan_id,
@@ -107,3 +113,20 @@ class PlannerService:
             len(plan.unplaced),
             len(plan.nodes),
         )
+
+    async def _publish_unplaced(self, plan: PlanComputed) -> None:
+        """One PodUnplaced per pod (by uid, so a re-created pod gets its own) and reason."""
+        still_unplaced: dict[str, str] = {}
+        for key, reason in sorted(plan.unplaced.items()):
+            pod = self.state.pods.get(key)
+            if pod is None:
+                continue
+            still_unplaced[pod.uid] = reason
+            if self._unplaced_published.get(pod.uid) == reason:
+                continue
+            await self.bus.publish(
+                subjects.unplaced_subject(pod.namespace, pod.name),
+                PodUnplaced(namespace=pod.namespace, name=pod.name, uid=pod.uid, reason=reason),
+                message_id=content_id("unplaced", pod.uid, reason),
+            )
+        self._unplaced_published = still_unplaced

@@ -113,8 +113,12 @@ class _GpuPlan:
             list(gpu.slices),
             [False] * len(gpu.slices),
         )
-        plan.allocated = sum(s.size_gb for s in plan.slices)
-        plan.unclaimed = Counter(s.size_gb for s in plan.slices if not s.used)
+        unclaimed: Counter[int] = Counter()
+        for piece in plan.slices:
+            plan.allocated += piece.size_gb
+            if not piece.used:
+                unclaimed[piece.size_gb] += 1
+        plan.unclaimed = unclaimed
         plan._shed_excess()
         return plan
 
@@ -202,6 +206,7 @@ class _Cluster:
         self.carve_unchanged = _BestFit()
         self.reclaim = _BestFit()
         self.journal: dict[int, _GpuPlan] | None = None
+        self.reclaimed = False
         for gpu in gpus:
             if gpu.can_carve:
                 for size, count in gpu.unclaimed.items():
@@ -239,7 +244,7 @@ class _Cluster:
             heapq.heappop(heap)
         return None
 
-    def place(self, size_gb: int, needed: Counter[int]) -> _GpuPlan | None:
+    def place(self, size_gb: int, needed: Counter[int], *, may_reclaim: bool = True) -> _GpuPlan | None:
         gpu = self._take_exact(size_gb)
         if gpu is not None:
             self._before_change(gpu)
@@ -253,9 +258,10 @@ class _Cluster:
                 self._before_change(gpu)
                 gpu.carve(size_gb)
             else:
-                order = self.reclaim.best_at_least(size_gb)
+                order = self.reclaim.best_at_least(size_gb) if may_reclaim else None
                 if order is None:
                     return None
+                self.reclaimed = True
                 gpu = self.gpus[order]
                 self._before_change(gpu)
                 if not gpu.reclaim_and_carve(size_gb, needed):
@@ -321,8 +327,40 @@ def _serve_class(cluster: _Cluster, pods: list[PendingPod], needed: Counter[int]
     return best
 
 
+@dataclass
+class PlanRun:
+    """A full planning pass and what it leaves behind, so that later pods can be added cheaply.
+
+    `extendable` holds when every priority class fit whole in age order and nothing was
+    reclaimed: then serving pods that sort after all of `last_pod` on the final cluster decides
+    exactly what a full pass over all pods would (see `extend_run`).
+    """
+
+    result: PlanResult
+    cluster: _Cluster
+    largest: int
+    last_pod: tuple[int, float, str, str] | None
+    extendable: bool
+
+
 def plan_cluster(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: PlanSettings) -> PlanResult:
     """Decide the desired slices of every node and where each pending pod is expected to run."""
+    return plan_run(nodes, pending, settings).result
+
+
+def _trivial_reason(pod: PendingPod, largest: int, any_gpu: bool) -> str | None:
+    """Why a pod can be placed nowhere whatever happens, or None."""
+    if pod.size_gb <= 0:
+        return f"asks for {pod.size_gb} GiB; a slice is at least 1 GiB"
+    if not any_gpu:
+        return "no opted-in node can be planned on (label nos.nebuly.com/gpu-partitioning=mps)"
+    if pod.size_gb > largest:
+        return f"needs {pod.size_gb} GiB; the largest opted-in GPU has {largest} GiB"
+    return None
+
+
+def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: PlanSettings) -> PlanRun:
+    """`plan_cluster`, keeping what `extend_run` needs."""
     excluded: dict[str, str] = {}
     gpus: list[_GpuPlan] = []
     for node in sorted(nodes, key=lambda n: n.name):
@@ -339,16 +377,11 @@ def plan_cluster(nodes: Iterable[Node], pending: Iterable[PendingPod], settings:
     largest = max((g.capacity for g in gpus), default=0)
     servable: list[PendingPod] = []
     for pod in sorted(pending, key=pod_order):
-        if pod.size_gb <= 0:
-            unplaced[pod.key] = f"asks for {pod.size_gb} GiB; a slice is at least 1 GiB"
-        elif not gpus:
-            unplaced[pod.key] = (
-                "no opted-in node can be planned on (label nos.nebuly.com/gpu-partitioning=mps)"
-            )
-        elif pod.size_gb > largest:
-            unplaced[pod.key] = f"needs {pod.size_gb} GiB; the largest opted-in GPU has {largest} GiB"
-        else:
+        reason = _trivial_reason(pod, largest, bool(gpus))
+        if reason is None:
             servable.append(pod)
+        else:
+            unplaced[pod.key] = reason
 
     needed = Counter(pod.size_gb for pod in servable)
     for _, members in groupby(servable, key=lambda pod: pod.priority):
@@ -368,7 +401,55 @@ def plan_cluster(nodes: Iterable[Node], pending: Iterable[PendingPod], settings:
                 else "no opted-in node can take new slices now (cordoned, or its GPU reports are stale)"
             )
 
+    result = PlanResult(
+        layouts=_layouts(cluster.gpus), placed=placed, unplaced=unplaced, excluded_nodes=excluded
+    )
+    last_pod = pod_order(servable[-1]) if servable else None
+    return PlanRun(result, cluster, largest, last_pod, extendable=not waiting and not cluster.reclaimed)
+
+
+def _layouts(gpus: Iterable[_GpuPlan]) -> dict[str, dict[int, tuple[Slice, ...]]]:
     layouts: dict[str, dict[int, tuple[Slice, ...]]] = {}
-    for gpu_plan in cluster.gpus:
+    for gpu_plan in gpus:
         layouts.setdefault(gpu_plan.node, {})[gpu_plan.gpu.index] = tuple(gpu_plan.slices)
-    return PlanResult(layouts=layouts, placed=placed, unplaced=unplaced, excluded_nodes=excluded)
+    return layouts
+
+
+@dataclass(frozen=True)
+class Extension:
+    """What serving some more pods added to a run: placements, reasons, and the nodes whose layout changed."""
+
+    placed: dict[str, Placement]
+    unplaced: dict[str, str]
+    layouts: dict[str, dict[int, tuple[Slice, ...]]]
+
+
+def extend_run(run: PlanRun, pods: Sequence[PendingPod]) -> Extension | None:
+    """Serve `pods` on top of `run`, exactly as a full pass over the run's pods and these would.
+
+    None when that cannot be guaranteed (the run is not extendable, a pod does not sort after
+    every pod of the run, or one would need reclaiming or would not fit); the run must then not
+    be used again, as its cluster may have changed.
+    """
+    if not run.extendable:
+        return None
+    ordered = sorted(pods, key=pod_order)
+    if ordered and run.last_pod is not None and pod_order(ordered[0]) <= run.last_pod:
+        return None
+    any_gpu = bool(run.cluster.gpus)
+    servable = [pod for pod in ordered if _trivial_reason(pod, run.largest, any_gpu) is None]
+    needed = Counter(pod.size_gb for pod in servable)
+    placed: dict[str, Placement] = {}
+    touched: set[str] = set()
+    for pod in servable:
+        gpu = run.cluster.place(pod.size_gb, needed, may_reclaim=False)
+        if gpu is None:
+            run.extendable = False
+            return None
+        needed[pod.size_gb] -= 1
+        placed[pod.key] = Placement(gpu.node, gpu.gpu.index, pod.size_gb)
+        touched.add(gpu.node)
+    if servable:
+        run.last_pod = pod_order(servable[-1])
+    unplaced = {pod.key: reason for pod in ordered if (reason := _trivial_reason(pod, run.largest, any_gpu))}
+    return Extension(placed, unplaced, _layouts(g for g in run.cluster.gpus if g.node in touched))

@@ -9,19 +9,19 @@ clock, so replaying a recorded stream reproduces every decision. Nothing here pe
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from events.envelope import Envelope, content_id
+from events.envelope import Envelope
 from events.nodes import NodeGpusReported, NodeObserved, NodeOptedOut
 from events.plans import NodeLayout, PlanComputed, SliceSpec
 from events.plans import Placement as PlacementEvent
 from events.pods import PodDeleted, PodObserved, PodRejected
-from services.planner.core.model import Gpu, Node, PendingPod, PlanResult, PlanSettings, Slice
-from services.planner.core.planning import plan_cluster
-from services.planner.snapshot import plan_document
+from services.planner.core.model import Gpu, Node, PendingPod, Placement, PlanSettings, Slice
+from services.planner.core.planning import PlanRun, extend_run, plan_run
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,11 @@ class ClusterState:
     first_unplanned_change: datetime | None = None
     last_change: datetime | None = None
     last_plan_id: str | None = None
+    # Bookkeeping for IncrementalPlanner: which levels changed when (not part of the state's value).
+    revision: int = field(default=0, compare=False)
+    pod_revisions: dict[str, int] = field(default_factory=dict, compare=False)
+    node_revisions: dict[str, int] = field(default_factory=dict, compare=False)
+    last_removal: int = field(default=0, compare=False)
 
     def apply(self, envelope: Envelope) -> None:
         """Fold one event in; events that change nothing the planner uses leave the window alone."""
@@ -86,6 +91,16 @@ class ClusterState:
         else:
             changed = False
         if changed:
+            self.revision += 1
+            if isinstance(event, PodObserved):
+                self.pod_revisions[event.key] = self.revision
+            elif isinstance(event, PodDeleted | PodRejected):
+                self.pod_revisions.pop(event.key, None)
+                self.last_removal = self.revision
+            elif isinstance(event, NodeGpusReported):
+                self.node_revisions[event.node] = self.revision
+            elif isinstance(event, NodeObserved | NodeOptedOut):
+                self.node_revisions[event.name] = self.revision
             self._touch(envelope.time)
 
     def _touch(self, when: datetime) -> None:
@@ -94,10 +109,14 @@ class ClusterState:
         if self.last_change is None or when > self.last_change:
             self.last_change = when
 
-    def mark_planned(self, plan_id: str) -> None:
-        """The state so far is served by `plan_id` (just published, or published before)."""
+    def mark_planned(self, plan_id: str, at_revision: int) -> None:
+        """The state as of `at_revision` is served by `plan_id` (just published, or before).
+
+        A change folded in since (while the plan was being published) keeps its batch window open.
+        """
         self.last_plan_id = plan_id
-        self.first_unplanned_change = None
+        if self.revision == at_revision:
+            self.first_unplanned_change = None
 
 
 def _planned_fields(pod: PodObserved) -> tuple[object, ...]:
@@ -107,10 +126,11 @@ def _planned_fields(pod: PodObserved) -> tuple[object, ...]:
 
 @dataclass(frozen=True)
 class NothingToDo:
-    """No plan to publish. `planned` names the plan that already serves the state when one was
+    """No plan to publish. `planned` is the plan that already serves the state when one was
     computed: the caller marks it (`ClusterState.mark_planned`) so the next batch window starts afresh."""
 
-    planned: str | None = None
+    planned: PlanComputed | None = None
+    at_revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,13 +140,19 @@ class WaitUntil:
 
 @dataclass(frozen=True)
 class PublishPlan:
+    """Publish `plan`, then mark it planned as of `at_revision`."""
+
     plan: PlanComputed
+    at_revision: int
 
 
 Decision = NothingToDo | WaitUntil | PublishPlan
 
 
-def decide(state: ClusterState, now: datetime, settings: PlannerSettings) -> Decision:
+def decide(
+    state: ClusterState, now: datetime, settings: PlannerSettings, planner: IncrementalPlanner | None = None
+) -> Decision:
+    """What to do now. A long-lived `planner` makes repeated decisions cheap; the result is the same."""
     if state.first_unplanned_change is None or state.last_change is None:
         return NothingToDo()
     window_closes = min(
@@ -134,55 +160,194 @@ def decide(state: ClusterState, now: datetime, settings: PlannerSettings) -> Dec
     )
     if now < window_closes:
         return WaitUntil(window_closes)
-    plan = compute_plan(state, now, settings)
+    plan = (planner or IncrementalPlanner(settings)).compute(state, now)
     if plan.plan_id == state.last_plan_id:
-        return NothingToDo(planned=plan.plan_id)
-    return PublishPlan(plan)
+        return NothingToDo(planned=plan, at_revision=state.revision)
+    return PublishPlan(plan, state.revision)
 
 
 def compute_plan(state: ClusterState, now: datetime, settings: PlannerSettings) -> PlanComputed:
-    nodes, waiting_for_report = planning_nodes(state, now, settings)
-    pending = [
-        PendingPod(p.namespace, p.name, p.size_gb, p.priority, p.created)
-        for p in state.pods.values()
-        if p.waits_for_slice
-    ]
-    result = plan_cluster(nodes, pending, settings.plan)
-    excluded = dict(result.excluded_nodes)
-    for name in waiting_for_report:
-        excluded[name] = "waiting for the node agent's first GPU report"
-    if waiting_for_report and not nodes:
-        result = PlanResult(
-            layouts=result.layouts,
-            placed=result.placed,
-            unplaced={
+    """The plan for `state` at `now`, computed from scratch."""
+    return IncrementalPlanner(settings).compute(state, now)
+
+
+class _PlanDigest:
+    """A plan id that is a function of the plan's content and can be updated item by item.
+
+    Each item (a node's layout, a placement, a reason) hashes on its own; the id is their sum,
+    so adding or replacing one item costs one hash, whatever the size of the plan.
+    """
+
+    MODULUS = 2**128
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    @staticmethod
+    def item(*parts: object) -> int:
+        text = json.dumps(parts, separators=(",", ":"))
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "big")
+
+    def add(self, item: int) -> None:
+        self.total = (self.total + item) % self.MODULUS
+
+    def remove(self, item: int) -> None:
+        self.total = (self.total - item) % self.MODULUS
+
+    @property
+    def plan_id(self) -> str:
+        return f"{self.total:032x}"[:24]
+
+
+def _node_layout(gpus: dict[int, tuple[Slice, ...]]) -> NodeLayout:
+    return NodeLayout.model_construct(
+        gpus={
+            index: tuple(SliceSpec.model_construct(size_gb=s.size_gb, used=s.used) for s in slices)
+            for index, slices in sorted(gpus.items())
+        }
+    )
+
+
+def _node_item(name: str, gpus: dict[int, tuple[Slice, ...]]) -> int:
+    layout = [[index, [[s.size_gb, s.used] for s in slices]] for index, slices in sorted(gpus.items())]
+    return _PlanDigest.item("node", name, layout)
+
+
+def _placement(p: Placement) -> PlacementEvent:
+    return PlacementEvent.model_construct(node=p.node, gpu=p.gpu, size_gb=p.size_gb)
+
+
+@dataclass
+class _Basis:
+    """The last full computation, which pods that sort after all others can extend."""
+
+    run: PlanRun
+    revision: int
+    can_carve: dict[str, bool]
+    pending: set[str]
+    digest: _PlanDigest
+    node_items: dict[str, int]
+    plan: PlanComputed
+
+
+class IncrementalPlanner:
+    """Computes plans, reusing the previous computation when only new pending pods arrived.
+
+    The fast path applies only when nothing but new pending pods changed since the last
+    computation, and `extend_run` guarantees that it decides exactly what a full pass would; in
+    every other case the plan is computed from scratch. Either way the plan is a function of the
+    state, identical byte for byte.
+    """
+
+    def __init__(self, settings: PlannerSettings) -> None:
+        self.settings = settings
+        self._basis: _Basis | None = None
+        self._rendered: dict[str, tuple[dict[int, tuple[Slice, ...]], NodeLayout, int]] = {}
+
+    def _render(self, name: str, gpus: dict[int, tuple[Slice, ...]]) -> tuple[NodeLayout, int]:
+        """A node's layout as an event value and its digest item, reused while the layout stays."""
+        cached = self._rendered.get(name)
+        if cached is not None and cached[0] == gpus:
+            return cached[1], cached[2]
+        layout, item = _node_layout(gpus), _node_item(name, gpus)
+        self._rendered[name] = (gpus, layout, item)
+        return layout, item
+
+    def compute(self, state: ClusterState, now: datetime) -> PlanComputed:
+        return self._extended(state, now) or self._full(state, now)
+
+    def _full(self, state: ClusterState, now: datetime) -> PlanComputed:
+        nodes, waiting_for_report = planning_nodes(state, now, self.settings)
+        pending = [
+            PendingPod(p.namespace, p.name, p.size_gb, p.priority, p.created)
+            for p in state.pods.values()
+            if p.waits_for_slice
+        ]
+        run = plan_run(nodes, pending, self.settings.plan)
+        result = run.result
+        excluded = dict(result.excluded_nodes)
+        for name in waiting_for_report:
+            excluded[name] = "waiting for the node agent's first GPU report"
+        unplaced = result.unplaced
+        if waiting_for_report and not nodes:
+            unplaced = {
                 key: f"waiting for GPU reports from {len(waiting_for_report)} opted-in node(s)"
                 if "no opted-in node" in reason
                 else reason
-                for key, reason in result.unplaced.items()
-            },
-            excluded_nodes=excluded,
+                for key, reason in unplaced.items()
+            }
+        digest = _PlanDigest()
+        rendered = {name: self._render(name, gpus) for name, gpus in sorted(result.layouts.items())}
+        node_items = {name: item for name, (_, item) in rendered.items()}
+        for item in node_items.values():
+            digest.add(item)
+        for key, p in result.placed.items():
+            digest.add(_PlanDigest.item("placed", key, p.node, p.gpu, p.size_gb))
+        for key, reason in unplaced.items():
+            digest.add(_PlanDigest.item("unplaced", key, reason))
+        for name, reason in excluded.items():
+            digest.add(_PlanDigest.item("excluded", name, reason))
+        plan = PlanComputed.model_construct(
+            kind="PlanComputed",
+            plan_id=digest.plan_id,
+            nodes={name: layout for name, (layout, _) in rendered.items()},
+            placed={key: _placement(p) for key, p in sorted(result.placed.items())},
+            unplaced=dict(sorted(unplaced.items())),
+            excluded_nodes=dict(sorted(excluded.items())),
         )
-    else:
-        result = PlanResult(result.layouts, result.placed, result.unplaced, excluded)
-    document = plan_document(result)
-    return PlanComputed(
-        plan_id=content_id(json.dumps(document, sort_keys=True)),
-        nodes={
-            name: NodeLayout(
-                gpus={
-                    i: tuple(SliceSpec(size_gb=s.size_gb, used=s.used) for s in slices)
-                    for i, slices in gpus.items()
-                }
-            )
-            for name, gpus in result.layouts.items()
-        },
-        placed={
-            key: PlacementEvent(node=p.node, gpu=p.gpu, size_gb=p.size_gb) for key, p in result.placed.items()
-        },
-        unplaced=result.unplaced,
-        excluded_nodes=result.excluded_nodes,
-    )
+        run.extendable = run.extendable and not waiting_for_report
+        can_carve = {node.name: node.can_carve for node in nodes}
+        self._basis = _Basis(
+            run, state.revision, can_carve, {p.key for p in pending}, digest, node_items, plan
+        )
+        return plan
+
+    def _extended(self, state: ClusterState, now: datetime) -> PlanComputed | None:
+        basis, self._basis = self._basis, None
+        if basis is None or state.last_removal > basis.revision:
+            return None
+        if any(revision > basis.revision for revision in state.node_revisions.values()):
+            return None
+        for name, can_carve in basis.can_carve.items():
+            level = state.nodes[name]
+            if level.reported_at is None or level.observed is None:
+                return None
+            fresh = now - level.reported_at <= self.settings.report_stale_after
+            if (fresh and not level.observed.unschedulable) != can_carve:
+                return None
+        arrived = [key for key, revision in state.pod_revisions.items() if revision > basis.revision]
+        if any(key in basis.pending or not state.pods[key].waits_for_slice for key in arrived):
+            return None
+        pods = [state.pods[key] for key in arrived]
+        extension = extend_run(
+            basis.run, [PendingPod(p.namespace, p.name, p.size_gb, p.priority, p.created) for p in pods]
+        )
+        if extension is None:
+            return None
+        digest = basis.digest
+        nodes = dict(basis.plan.nodes)
+        for name, gpus in extension.layouts.items():
+            digest.remove(basis.node_items[name])
+            nodes[name], basis.node_items[name] = self._render(name, gpus)
+            digest.add(basis.node_items[name])
+        for key, p in extension.placed.items():
+            digest.add(_PlanDigest.item("placed", key, p.node, p.gpu, p.size_gb))
+        for key, reason in extension.unplaced.items():
+            digest.add(_PlanDigest.item("unplaced", key, reason))
+        placed = {**basis.plan.placed, **{key: _placement(p) for key, p in extension.placed.items()}}
+        plan = PlanComputed.model_construct(
+            kind="PlanComputed",
+            plan_id=digest.plan_id,
+            nodes=dict(sorted(nodes.items())),
+            placed=dict(sorted(placed.items())),
+            unplaced=dict(sorted({**basis.plan.unplaced, **extension.unplaced}.items())),
+            excluded_nodes=basis.plan.excluded_nodes,
+        )
+        basis.revision = state.revision
+        basis.pending.update(arrived)
+        basis.plan = plan
+        self._basis = basis
+        return plan
 
 
 def planning_nodes(

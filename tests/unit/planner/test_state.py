@@ -143,7 +143,7 @@ def test_duplicates_are_harmless() -> None:
 def test_redelivered_identical_event_does_not_reopen_the_window() -> None:
     first = env(observed("a"), T0)
     state = state_of(first)
-    state.mark_planned("p")
+    state.mark_planned("p", state.revision)
     state.apply(env(observed("a"), T0 + timedelta(seconds=5)))
     assert state.first_unplanned_change is None
 
@@ -178,7 +178,7 @@ def test_opt_out_removes_the_node() -> None:
 
 def test_identical_heartbeat_does_not_count_as_a_change_but_refreshes_the_report() -> None:
     state = state_of(*ready_node("n"))
-    state.mark_planned("p")
+    state.mark_planned("p", state.revision)
     state.apply(env(report("n", gpu_report(0, 40)), T0 + timedelta(seconds=30)))
     assert state.first_unplanned_change is None
     assert state.nodes["n"].reported_at == T0 + timedelta(seconds=30)
@@ -320,7 +320,7 @@ def test_after_publishing_nothing_to_do_until_the_next_change() -> None:
     state = state_of(*ready_node("n"), env(observed("a")))
     decision = decide(state, T0 + timedelta(seconds=1), SETTINGS)
     assert isinstance(decision, PublishPlan)
-    state.mark_planned(decision.plan.plan_id)
+    state.mark_planned(decision.plan.plan_id, decision.at_revision)
     assert decide(state, T0 + timedelta(seconds=2), SETTINGS) == NothingToDo()
     state.apply(env(observed("b"), T0 + timedelta(seconds=3)))
     assert decide(state, T0 + timedelta(seconds=3), SETTINGS) == WaitUntil(
@@ -332,20 +332,31 @@ def test_a_change_that_leaves_the_plan_as_published_publishes_nothing() -> None:
     state = state_of(*ready_node("n"), env(observed("a", rv="1")))
     decision = decide(state, T0 + timedelta(seconds=1), SETTINGS)
     assert isinstance(decision, PublishPlan)
-    state.mark_planned(decision.plan.plan_id)
+    state.mark_planned(decision.plan.plan_id, decision.at_revision)
     state.apply(env(observed("a", rv="2"), T0 + timedelta(seconds=2)))  # e.g. a label changed
     assert decide(state, T0 + timedelta(seconds=3), SETTINGS) == NothingToDo()
+
+
+def test_a_change_folded_in_while_a_plan_is_published_keeps_its_window_open() -> None:
+    state = state_of(*ready_node("n"), env(observed("a")))
+    decision = decide(state, T0 + timedelta(seconds=1), SETTINGS)
+    assert isinstance(decision, PublishPlan)
+    state.apply(env(observed("b"), T0 + timedelta(seconds=1)))  # arrives during the publish
+    state.mark_planned(decision.plan.plan_id, decision.at_revision)
+    later = decide(state, T0 + timedelta(seconds=2), SETTINGS)
+    assert isinstance(later, PublishPlan) and "default/b" in later.plan.placed
 
 
 def test_batch_window_starts_afresh_after_a_change_that_left_the_plan_as_it_was() -> None:
     state = state_of(*ready_node("n"), env(observed("a", rv="1")))
     decision = decide(state, T0 + timedelta(seconds=1), SETTINGS)
     assert isinstance(decision, PublishPlan)
-    state.mark_planned(decision.plan.plan_id)
+    state.mark_planned(decision.plan.plan_id, decision.at_revision)
     state.apply(env(observed("a", priority=1), T0 + timedelta(seconds=2)))  # alone, it changes nothing
     unchanged = decide(state, T0 + timedelta(seconds=3), SETTINGS)
-    assert unchanged == NothingToDo(planned=decision.plan.plan_id)
-    state.mark_planned(decision.plan.plan_id)
+    assert isinstance(unchanged, NothingToDo) and unchanged.planned is not None
+    assert unchanged.planned.plan_id == decision.plan.plan_id
+    state.mark_planned(unchanged.planned.plan_id, unchanged.at_revision)
     burst = T0 + timedelta(seconds=30)  # the report is still fresh
     state.apply(env(observed("b"), burst))
     assert decide(state, burst + MS, SETTINGS) == WaitUntil(burst + 40 * MS)

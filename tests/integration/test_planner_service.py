@@ -1,0 +1,433 @@
+"""The planner service against a real nats-server: events in, plans and unplaced reasons out.
+
+The planner folds the last message of every pod, node and GPU subject into its state, waits for
+the batch window to close, and publishes a plan (message id = plan id) and one `PodUnplaced` per
+pod it cannot place and per reason. A restart rebuilds the same state from the stream and so the
+same plan, which de-duplication stores once; a message that does not decode is dead-lettered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import anyio
+import nats.errors
+import pytest
+from nats.js import api as js_api
+
+from events import subjects
+from events.base import Model
+from events.envelope import Event, UndecodableMessageError, decode
+from events.jetstream import EventBus
+from events.nodes import GpuReport, NodeGpusReported, NodeObserved, NodeOptedOut
+from events.plans import Placement, PlanComputed, SliceSpec
+from events.pods import PodDeleted, PodObserved, PodUnplaced
+from services.planner.core.state import BatchWindow, PlannerSettings
+from services.planner.service import DURABLE, PlannerService
+
+pytestmark = pytest.mark.anyio
+
+NAMESPACE = "default"
+NODE = "gpu-1.example.com"
+WAIT = 5.0
+CREATED = datetime(2026, 1, 1, tzinfo=UTC)
+
+E = TypeVar("E", bound=Model)
+
+
+# --- events -------------------------------------------------------------------------------------
+
+
+def gpu(index: int = 0, memory_gib: int = 80) -> GpuReport:
+    return GpuReport(
+        index=index,
+        uuid=f"GPU-{index}",
+        model="NVIDIA A100-SXM4-80GB",
+        memory_mib=memory_gib * 1024,
+        compute_capability=(8, 0),
+        slices=(),
+    )
+
+
+def pending_pod(
+    name: str, size_gb: int, *, uid: str | None = None, version: str = "1", priority: int = 0
+) -> PodObserved:
+    return PodObserved(
+        namespace=NAMESPACE,
+        name=name,
+        uid=uid or f"uid-{name}",
+        resource_version=version,
+        size_gb=size_gb,
+        priority=priority,
+        created=CREATED,
+        phase="Pending",
+        node=None,
+    )
+
+
+async def publish_node(bus: EventBus, name: str = NODE, *, gpus: int = 1) -> None:
+    await bus.publish(subjects.node_subject(name), NodeObserved(name=name))
+    await bus.publish(
+        subjects.gpus_subject(name), NodeGpusReported(node=name, gpus=tuple(gpu(i) for i in range(gpus)))
+    )
+
+
+async def publish_pod(bus: EventBus, pod: PodObserved) -> None:
+    await bus.publish(subjects.pod_subject(pod.namespace, pod.name), pod)
+
+
+def key(name: str) -> str:
+    return f"{NAMESPACE}/{name}"
+
+
+# --- harness ------------------------------------------------------------------------------------
+
+
+class BusLog:
+    """Every event on `mpsflow.>` in stream order, through an ordered push subscription.
+
+    Messages that are not envelopes (the tests' poison) are only noted by subject.
+    """
+
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+        self._subscription: Any = None
+        self.events: list[tuple[str, Event]] = []
+        self.undecodable: list[str] = []
+
+    async def __aenter__(self) -> BusLog:
+        self._subscription = await self._bus.js.subscribe(
+            subjects.ALL_EVENTS,
+            ordered_consumer=True,
+            config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL),
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._subscription.unsubscribe()
+
+    async def _read_one(self, wait: float) -> bool:
+        try:
+            message = await self._subscription.next_msg(timeout=wait)
+        except nats.errors.TimeoutError:
+            return False
+        try:
+            self.events.append((message.subject, decode(message.data).event))
+        except UndecodableMessageError:
+            self.undecodable.append(message.subject)
+        return True
+
+    async def wait_for(
+        self, kind: type[E], where: Callable[[E], bool] = lambda _: True, within: float = WAIT
+    ) -> E:
+        """The first event of `kind` (already read or still to come) that satisfies `where`."""
+        checked = 0
+        with anyio.fail_after(within):
+            while True:
+                for _, event in self.events[checked:]:
+                    if isinstance(event, kind) and where(event):
+                        return event
+                checked = len(self.events)
+                await self._read_one(0.05)
+
+    async def settle(self, quiet: float = 0.4) -> None:
+        """Reads until nothing arrived for `quiet` seconds."""
+        with anyio.fail_after(WAIT):
+            while await self._read_one(quiet):
+                pass
+
+    def of(self, kind: type[E]) -> list[E]:
+        return [event for _, event in self.events if isinstance(event, kind)]
+
+
+@asynccontextmanager
+async def planning(bus: EventBus, settings: PlannerSettings | None = None) -> AsyncIterator[PlannerService]:
+    """A planner service running in a task group, cancelled on exit (as a shutdown does)."""
+    service = PlannerService(bus, settings)
+    async with anyio.create_task_group() as group:
+        group.start_soon(service.consume)
+        group.start_soon(service.decide_forever)
+        yield service
+        group.cancel_scope.cancel()
+
+
+async def stored_count(bus: EventBus, subject: str) -> int:
+    """How many messages the stream holds on exactly `subject`."""
+    info = await bus.js.stream_info(subjects.STREAM, subjects_filter=subject)
+    return (info.state.subjects or {}).get(subject, 0)
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    with anyio.fail_after(WAIT):
+        while True:
+            if condition():
+                return
+            await anyio.sleep(0.02)
+
+
+async def done_publishing(service: PlannerService, plan: PlanComputed) -> None:
+    """Until the planner has finished publishing `plan` (and its unplaced reasons).
+
+    A change that reaches the planner while it is still publishing is lost (see the xfailed
+    test below), so the tests that are not about that race wait for this before the next change.
+    """
+    await eventually(lambda: service.state.last_plan_id == plan.plan_id)
+
+
+def window(idle_ms: int, maximum_ms: int) -> PlannerSettings:
+    return PlannerSettings(
+        window=BatchWindow(idle=timedelta(milliseconds=idle_ms), maximum=timedelta(milliseconds=maximum_ms))
+    )
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+async def test_a_pending_pod_gets_a_slice_carved_on_the_reported_gpu(bus: EventBus) -> None:
+    await publish_node(bus)
+    await publish_pod(bus, pending_pod("a", 10))
+
+    async with BusLog(bus) as log, planning(bus):
+        plan = await log.wait_for(PlanComputed, lambda p: key("a") in p.placed)
+
+    assert plan.placed == {key("a"): Placement(node=NODE, gpu=0, size_gb=10)}
+    assert plan.nodes[NODE].gpus == {0: (SliceSpec(size_gb=10, used=False),)}
+    assert plan.unplaced == {}
+    assert plan.excluded_nodes == {}
+    assert await stored_count(bus, subjects.plan_subject()) == 1
+
+
+async def test_a_pod_larger_than_any_gpu_is_reported_unplaced_once_across_plans(
+    bus: EventBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published: list[str] = []
+    real_publish = bus.publish
+
+    async def recording_publish(
+        subject: str, event: Event, *, message_id: str | None = None, time: datetime | None = None
+    ) -> int:
+        published.append(subject)
+        return await real_publish(subject, event, message_id=message_id, time=time)
+
+    monkeypatch.setattr(bus, "publish", recording_publish)
+    big_subject = subjects.unplaced_subject(NAMESPACE, "big")
+    await publish_node(bus)
+    await publish_pod(bus, pending_pod("big", 100))
+
+    async with BusLog(bus) as log, planning(bus) as planner:
+        unplaced = await log.wait_for(PodUnplaced)
+        await done_publishing(planner, log.of(PlanComputed)[-1])
+        # Two more plans in which the big pod still waits, for the same reason.
+        await publish_pod(bus, pending_pod("a", 10))
+        await done_publishing(planner, await log.wait_for(PlanComputed, lambda p: key("a") in p.placed))
+        await publish_pod(bus, pending_pod("b", 20))
+        last = await log.wait_for(PlanComputed, lambda p: key("b") in p.placed)
+        await log.settle()
+
+    assert unplaced == PodUnplaced(
+        namespace=NAMESPACE, name="big", uid="uid-big", reason=last.unplaced[key("big")]
+    )
+    assert "100 GiB" in unplaced.reason
+    assert "80 GiB" in unplaced.reason
+    assert len(log.of(PlanComputed)) == 3
+    assert all(key("big") in plan.unplaced for plan in log.of(PlanComputed))
+    # Once in the stream, and not even attempted again (de-duplication is not what saves it).
+    assert log.of(PodUnplaced) == [unplaced]
+    assert published.count(big_subject) == 1
+    assert await stored_count(bus, big_subject) == 1
+
+
+async def test_a_restarted_planner_rebuilds_its_state_and_repeats_the_same_plan(bus: EventBus) -> None:
+    await publish_node(bus)
+    await publish_pod(bus, pending_pod("a", 10))
+    await publish_pod(bus, pending_pod("big", 100))
+    big_subject = subjects.unplaced_subject(NAMESPACE, "big")
+
+    async with BusLog(bus) as log:
+        async with planning(bus) as first:
+            await log.wait_for(PodUnplaced)
+            await eventually(lambda: first.state.last_plan_id is not None)
+        await log.settle()
+        plans_before = await stored_count(bus, subjects.plan_subject())
+        before = log.of(PlanComputed)[-1]
+        assert before.plan_id == first.state.last_plan_id
+        assert key("a") in before.placed
+        assert key("big") in before.unplaced
+
+        publishes_before = bus.published
+        async with planning(bus) as second:
+            # The new planner decides from the rebuilt state and publishes (the same plan).
+            await eventually(lambda: second.state.last_plan_id is not None)
+            assert bus.published > publishes_before
+            assert set(second.state.pods) == {key("a"), key("big")}
+            assert second.state.last_plan_id == before.plan_id
+
+            # It goes on planning from there.
+            await publish_pod(bus, pending_pod("b", 20))
+            after = await log.wait_for(PlanComputed, lambda p: key("b") in p.placed)
+        await log.settle()
+
+    assert after.placed[key("a")] == before.placed[key("a")]
+    assert await stored_count(bus, subjects.plan_subject()) == plans_before + 1
+    assert [plan.plan_id for plan in log.of(PlanComputed)] == [before.plan_id, after.plan_id]
+    assert await stored_count(bus, big_subject) == 1
+
+
+async def test_a_burst_of_pod_events_within_the_batch_window_yields_few_plans(bus: EventBus) -> None:
+    settings = window(idle_ms=250, maximum_ms=2000)
+    await publish_node(bus)
+    names = [f"pod-{i:02d}" for i in range(20)]
+
+    async with BusLog(bus) as log, planning(bus, settings) as planner:
+        await done_publishing(planner, await log.wait_for(PlanComputed))
+        for name in names:
+            await publish_pod(bus, pending_pod(name, 3))
+        await log.wait_for(PlanComputed, lambda p: len(p.placed) == 20)
+        await log.settle()
+
+    plans = log.of(PlanComputed)[1:]
+    assert 1 <= len(plans) <= 3, [len(p.placed) for p in plans]
+    last = plans[-1]
+    assert set(last.placed) == {key(name) for name in names}
+    assert last.nodes[NODE].gpus == {0: tuple(SliceSpec(size_gb=3) for _ in names)}
+    assert last.unplaced == {}
+
+
+async def test_a_malformed_pod_message_is_dead_lettered_and_planning_goes_on(bus: EventBus) -> None:
+    bad_subject = subjects.pod_subject(NAMESPACE, "bad")
+    await publish_node(bus)
+
+    async with BusLog(bus) as log, planning(bus) as planner:
+        await done_publishing(planner, await log.wait_for(PlanComputed))
+        await bus.js.publish(bad_subject, b"garbage")
+        await publish_pod(bus, pending_pod("a", 10))
+        plan = await log.wait_for(PlanComputed, lambda p: key("a") in p.placed)
+        await done_publishing(planner, plan)
+
+        letters = await bus.dead_letters(DURABLE)
+        assert [(letter.subject, letter.data()) for letter in letters] == [(bad_subject, b"garbage")]
+        assert letters[0].error.startswith("undecodable")
+        assert log.undecodable == [bad_subject]
+
+        # Still planning after the poison message.
+        await publish_pod(bus, pending_pod("b", 10))
+        later = await log.wait_for(PlanComputed, lambda p: key("b") in p.placed)
+
+    assert plan.placed[key("a")] == Placement(node=NODE, gpu=0, size_gb=10)
+    assert set(later.placed) == {key("a"), key("b")}
+
+
+async def test_a_node_that_opts_out_disappears_from_the_next_plan(bus: EventBus) -> None:
+    other = "gpu-2"
+    await publish_node(bus)
+    await publish_node(bus, other)
+
+    async with BusLog(bus) as log, planning(bus) as planner:
+        both = await log.wait_for(PlanComputed, lambda p: set(p.nodes) == {NODE, other})
+        await done_publishing(planner, both)
+        await bus.publish(subjects.node_subject(other), NodeOptedOut(name=other, reason="label removed"))
+        alone = await log.wait_for(PlanComputed, lambda p: p.plan_id != both.plan_id)
+        await done_publishing(planner, alone)
+
+        # Its agent's next report does not bring it back: only the API decides who is opted in.
+        await bus.publish(subjects.gpus_subject(other), NodeGpusReported(node=other, gpus=(gpu(0), gpu(1))))
+        await publish_pod(bus, pending_pod("a", 10))
+        later = await log.wait_for(PlanComputed, lambda p: key("a") in p.placed)
+
+    assert set(alone.nodes) == {NODE}
+    assert other not in alone.excluded_nodes
+    assert set(later.nodes) == {NODE}
+    assert later.placed[key("a")].node == NODE
+
+
+async def test_a_change_that_does_not_alter_the_plan_does_not_shorten_the_next_batch_window(
+    bus: EventBus,
+) -> None:
+    settings = window(idle_ms=150, maximum_ms=400)
+    await publish_node(bus)
+    await publish_pod(bus, pending_pod("a", 10))
+
+    async with BusLog(bus) as log, planning(bus, settings) as planner:
+        first = await log.wait_for(PlanComputed, lambda p: key("a") in p.placed)
+        await done_publishing(planner, first)
+        # The pending pod's priority changes: a change the planner uses, but the same plan.
+        await publish_pod(bus, pending_pod("a", 10, version="2", priority=5))
+        await anyio.sleep(0.6)  # longer than the window's maximum
+        assert planner.state.pods[key("a")].priority == 5
+        assert len(log.of(PlanComputed)) == 1
+        for i in range(5):  # a burst well within the window: 40 ms apart, 160 ms in all
+            if i:
+                await anyio.sleep(0.04)
+            await publish_pod(bus, pending_pod(f"pod-{i}", 5))
+        await log.wait_for(PlanComputed, lambda p: len(p.placed) == 6)
+        await log.settle()
+
+    after = [plan for plan in log.of(PlanComputed) if plan.plan_id != first.plan_id]
+    assert [len(plan.placed) for plan in after] == [6]
+
+
+# --- known bugs ---------------------------------------------------------------------------------
+
+
+async def test_a_change_that_arrives_while_a_plan_is_being_published_is_planned(
+    bus: EventBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publishing_plan = anyio.Event()
+    release = anyio.Event()
+    real_publish = bus.publish
+
+    async def slow_plan_publish(
+        subject: str, event: Event, *, message_id: str | None = None, time: datetime | None = None
+    ) -> int:
+        sequence = await real_publish(subject, event, message_id=message_id, time=time)
+        if isinstance(event, PlanComputed) and not release.is_set():
+            publishing_plan.set()
+            await release.wait()  # a slow ack, as on a loaded server
+        return sequence
+
+    monkeypatch.setattr(bus, "publish", slow_plan_publish)
+    await publish_node(bus)
+    await publish_pod(bus, pending_pod("a", 10))
+
+    async with BusLog(bus) as log, planning(bus) as planner:
+        with anyio.fail_after(WAIT):
+            await publishing_plan.wait()
+        await publish_pod(bus, pending_pod("b", 10))
+        await eventually(lambda: key("b") in planner.state.pods)
+        release.set()
+        plan = await log.wait_for(PlanComputed, lambda p: key("b") in p.placed, within=1.5)
+
+    assert set(plan.placed) == {key("a"), key("b")}
+
+
+async def test_a_restarted_planner_plans_even_when_the_backlog_ends_with_a_malformed_message(
+    bus: EventBus,
+) -> None:
+    await publish_node(bus)
+    await publish_pod(bus, pending_pod("a", 10))
+    await bus.js.publish(subjects.pod_subject(NAMESPACE, "bad"), b"garbage")
+
+    async with BusLog(bus) as log, planning(bus):
+        plan = await log.wait_for(PlanComputed, within=1.5)
+
+    assert key("a") in plan.placed
+
+
+async def test_a_pod_recreated_under_the_same_name_is_reported_unplaced_again(bus: EventBus) -> None:
+    await publish_node(bus)
+    await publish_pod(bus, pending_pod("big", 100))
+
+    async with BusLog(bus) as log, planning(bus, window(idle_ms=300, maximum_ms=1000)) as planner:
+        await log.wait_for(PodUnplaced, lambda e: e.uid == "uid-big")
+        await done_publishing(planner, log.of(PlanComputed)[-1])
+        # A StatefulSet-like controller replaces the pending pod at once.
+        await bus.publish(
+            subjects.pod_subject(NAMESPACE, "big"), PodDeleted(namespace=NAMESPACE, name="big", uid="uid-big")
+        )
+        await publish_pod(bus, pending_pod("big", 100, uid="uid-big-2"))
+        replaced = await log.wait_for(PodUnplaced, lambda e: e.uid == "uid-big-2", within=2)
+
+    assert "100 GiB" in replaced.reason
