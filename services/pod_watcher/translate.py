@@ -1,16 +1,22 @@
 """Pure translation of Kubernetes objects into mpsflow events, with every validation rule.
 
-A pod that asks for no `nvidia.com/gpu-<N>gb` resource is none of our business (None). A pod
-that asks for one slice correctly becomes `PodObserved`; one that breaks a rule becomes
-`PodRejected` whose `reason` names the rule and whose message quotes the offending value. Nodes
-become `NodeObserved` when they opt in by label. Input is the JSON form of the objects (camelCase
-keys, as the API serves them). Nothing here performs I/O.
+Where it sits: the pure core of the pod watcher (`services/pod_watcher/service.py` feeds it what
+the API serves). A pod that asks for no `nvidia.com/gpu-<N>gb` resource is none of our business
+(None). A pod that asks for one slice correctly becomes `PodObserved`; one that breaks a rule
+becomes `PodRejected` whose `reason` names the rule and whose message quotes the offending value.
+Rules are checked in this order and the first problem found names the reason: the shape of the
+slice resources (container by container, init containers first), one slice per pod, the size
+against the largest opted-in GPU, then what the MPS client needs (`MpsClientRules`: hostIPC, then
+the user). Nodes become `NodeObserved` when they carry the opt-in label (`OptInLabel`). Input is
+the JSON form of the objects (camelCase keys, as the API serves them). Nothing here performs I/O.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,8 +27,8 @@ SLICE_PREFIX = "nvidia.com/gpu-"
 SLICE_PATTERN = re.compile(r"^nvidia\.com/gpu-([1-9][0-9]*)gb$")
 ZERO_SLICE_PATTERN = re.compile(r"^nvidia\.com/gpu-0+gb$")
 WHOLE_GPU = "nvidia.com/gpu"
-OPT_IN_LABEL_KEYS = ("nos.nebuly.com/gpu-partitioning", "nos.nebuly.ai/gpu-partitioning")
-OPT_IN_VALUE = "mps"
+NOS_DOMAIN = "nos.nebuly.com/"
+NOS_LEGACY_DOMAIN = "nos.nebuly.ai/"
 GFD_PRODUCT = "nvidia.com/gpu.product"
 GFD_COUNT = "nvidia.com/gpu.count"
 GFD_MEMORY = "nvidia.com/gpu.memory"
@@ -38,17 +44,73 @@ class Rule:
     SEVERAL_IN_POD = "MpsSeveralSlicesInPod"
     QUANTITY_NOT_ONE = "MpsSliceQuantityNotOne"
     WITH_WHOLE_GPU = "MpsSliceWithWholeGpu"
+    HOST_IPC_REQUIRED = "MpsHostIpcRequired"
+    USER_MISMATCH = "MpsUserMismatch"
 
 
-def is_opted_in(labels: Mapping[str, str]) -> bool:
-    return any(labels.get(key) == OPT_IN_VALUE for key in OPT_IN_LABEL_KEYS)
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
-def translate_node(node: Mapping[str, Any]) -> NodeObserved | None:
+@dataclass(frozen=True)
+class OptInLabel:
+    """The node label `key=value` that opts a node in to MPS partitioning.
+
+    A key in the nos.nebuly.com domain is also accepted with the same name in the older
+    nos.nebuly.ai domain of the seeds, with the same value: `nos.nebuly.com/gpu-partitioning=mps`
+    also matches `nos.nebuly.ai/gpu-partitioning=mps`. Any other key matches only as given."""
+
+    key: str = f"{NOS_DOMAIN}gpu-partitioning"
+    value: str = "mps"
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        if self.key.startswith(NOS_DOMAIN):
+            return (self.key, NOS_LEGACY_DOMAIN + self.key.removeprefix(NOS_DOMAIN))
+        return (self.key,)
+
+    @classmethod
+    def parse(cls, text: str) -> OptInLabel:
+        """`KEY=VALUE` with a Kubernetes label key and a non-empty label value; ValueError says why not."""
+        key, equals, value = text.partition("=")
+        if not equals:
+            raise ValueError(f"{text!r} is not KEY=VALUE")
+        prefix, slash, name = key.rpartition("/")
+        if not _LABEL_NAME.match(name) or (slash and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix))):
+            raise ValueError(f"{key!r} is not a label key ([DNS subdomain/]name of at most 63 characters)")
+        if not _LABEL_NAME.match(value):
+            raise ValueError(f"{value!r} is not a non-empty label value of at most 63 characters")
+        return cls(key, value)
+
+
+@dataclass(frozen=True)
+class MpsClientRules:
+    """What a pod needs to be an MPS client in the node agent's configured mode.
+
+    `require_host_ipc`: the pod must set `hostIPC: true`, because MPS clients share /dev/shm with
+    the MPS server through the host IPC namespace (nos requires it the same way).
+    `mps_user`: the UID the MPS servers run as, or None not to check. The MPS server of a GPU serves
+    one UID at a time: a client of another UID waits until every client of the running server has
+    exited, so a pod whose effective `runAsUser` (the container's securityContext, else the pod's)
+    differs, or is left to the image, would hang."""
+
+    require_host_ipc: bool = True
+    mps_user: int | None = None
+
+
+DEFAULT_OPT_IN = OptInLabel()
+DEFAULT_CLIENT_RULES = MpsClientRules()
+
+
+def is_opted_in(labels: Mapping[str, str], opt_in: OptInLabel = DEFAULT_OPT_IN) -> bool:
+    return any(labels.get(key) == opt_in.value for key in opt_in.keys)
+
+
+def translate_node(node: Mapping[str, Any], opt_in: OptInLabel = DEFAULT_OPT_IN) -> NodeObserved | None:
     """NodeObserved for an opted-in node (with GFD facts or the reason they are missing), else None."""
     metadata = node.get("metadata", {})
     labels: Mapping[str, str] = metadata.get("labels") or {}
-    if not is_opted_in(labels):
+    if not is_opted_in(labels, opt_in):
         return None
     gfd: GfdFacts | None = None
     problem: str | None = None
@@ -84,12 +146,14 @@ def _container_requests(container: Mapping[str, Any]) -> dict[str, object]:
     return merged
 
 
-def translate_pod(pod: Mapping[str, Any], largest_gpu_gb: int | None) -> PodObserved | PodRejected | None:
+def translate_pod(
+    pod: Mapping[str, Any], largest_gpu_gb: int | None, rules: MpsClientRules = DEFAULT_CLIENT_RULES
+) -> PodObserved | PodRejected | None:
     """Validate a pod's slice request; `largest_gpu_gb` is None while no opted-in GPU is known."""
     metadata = pod.get("metadata", {})
     spec = pod.get("spec", {})
     containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
-    slices: list[tuple[str, int]] = []
+    slices: list[tuple[Mapping[str, Any], int]] = []
     problems: list[tuple[str, str]] = []
     for container in containers:
         name = container.get("name", "?")
@@ -118,7 +182,7 @@ def translate_pod(pod: Mapping[str, Any], largest_gpu_gb: int | None) -> PodObse
                     )
                 )
             else:
-                slices.append((name, int(match.group(1))))
+                slices.append((container, int(match.group(1))))
         if len(asked) > 1:
             problems.append(
                 (
@@ -141,7 +205,7 @@ def translate_pod(pod: Mapping[str, Any], largest_gpu_gb: int | None) -> PodObse
             (
                 Rule.SEVERAL_IN_POD,
                 "containers "
-                + ", ".join(repr(c) for c, _ in slices)
+                + ", ".join(repr(c.get("name", "?")) for c, _ in slices)
                 + " each ask for a slice; mpsflow gives one slice per pod",
             )
         )
@@ -153,6 +217,8 @@ def translate_pod(pod: Mapping[str, Any], largest_gpu_gb: int | None) -> PodObse
                 f"the largest opted-in GPU has {largest_gpu_gb} GiB",
             )
         )
+    if not problems:
+        problems.extend(_client_problems(spec, slices[0][0], rules))
     common = {
         "namespace": metadata.get("namespace", "default"),
         "name": metadata["name"],
@@ -172,6 +238,42 @@ def translate_pod(pod: Mapping[str, Any], largest_gpu_gb: int | None) -> PodObse
         node=spec.get("nodeName") or None,
         **common,
     )
+
+
+def _client_problems(
+    spec: Mapping[str, Any], container: Mapping[str, Any], rules: MpsClientRules
+) -> list[tuple[str, str]]:
+    """What keeps the pod from being an MPS client of the node agent's servers, if anything."""
+    problems: list[tuple[str, str]] = []
+    host_ipc = spec.get("hostIPC")
+    if rules.require_host_ipc and host_ipc is not True:
+        shown = "unset" if host_ipc is None else json.dumps(host_ipc)
+        problems.append(
+            (
+                Rule.HOST_IPC_REQUIRED,
+                f"the pod has hostIPC {shown}; MPS clients share /dev/shm with the MPS server "
+                "through the host IPC namespace: set spec.hostIPC: true",
+            )
+        )
+    if rules.mps_user is not None:
+        name = container.get("name", "?")
+        own = (container.get("securityContext") or {}).get("runAsUser")
+        pods = (spec.get("securityContext") or {}).get("runAsUser")
+        if own is not None:
+            runs_as = f"runs as user {own} (its securityContext.runAsUser)"
+        elif pods is not None:
+            runs_as = f"runs as user {pods} (the pod's securityContext.runAsUser)"
+        else:
+            runs_as = "leaves runAsUser unset (the image's user)"
+        if (own if own is not None else pods) != rules.mps_user:
+            problems.append(
+                (
+                    Rule.USER_MISMATCH,
+                    f"container {name!r} {runs_as}; the MPS server serves user {rules.mps_user} "
+                    f"only: set runAsUser: {rules.mps_user}",
+                )
+            )
+    return problems
 
 
 def _parse_time(value: object) -> datetime:

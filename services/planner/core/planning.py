@@ -89,7 +89,8 @@ class _BestFit:
 
 @dataclass
 class _GpuPlan:
-    """One GPU while planning; `claimed[i]` marks a free slice promised to a pending pod."""
+    """One GPU while planning. `owners[i]` is the pod a free slice is promised to (None: nobody);
+    `fresh[i]` marks a slice this plan carved."""
 
     order: int
     node: str
@@ -97,13 +98,15 @@ class _GpuPlan:
     capacity: int
     can_carve: bool
     slices: list[Slice]
-    claimed: list[bool]
+    owners: list[str | None]
+    fresh: list[bool]
     changed: bool = False
     allocated: int = 0
     unclaimed: Counter[int] = field(default_factory=Counter)
 
     @classmethod
     def of(cls, order: int, node: Node, gpu: Gpu, settings: PlanSettings) -> _GpuPlan:
+        count = len(gpu.slices)
         plan = cls(
             order,
             node.name,
@@ -111,7 +114,8 @@ class _GpuPlan:
             gpu.capacity_gb(settings.reserve_mib),
             node.can_carve,
             list(gpu.slices),
-            [False] * len(gpu.slices),
+            [None] * count,
+            [False] * count,
         )
         unclaimed: Counter[int] = Counter()
         for piece in plan.slices:
@@ -130,7 +134,8 @@ class _GpuPlan:
             self.capacity,
             self.can_carve,
             list(self.slices),
-            list(self.claimed),
+            list(self.owners),
+            list(self.fresh),
             self.changed,
             self.allocated,
             Counter(self.unclaimed),
@@ -157,29 +162,47 @@ class _GpuPlan:
         drop = set(positions)
         for position in drop:
             self.allocated -= self.slices[position].size_gb
-            self.unclaimed[self.slices[position].size_gb] -= 1
+            if self.owners[position] is None:
+                self.unclaimed[self.slices[position].size_gb] -= 1
         self.slices = [s for p, s in enumerate(self.slices) if p not in drop]
-        self.claimed = [c for p, c in enumerate(self.claimed) if p not in drop]
+        self.owners = [o for p, o in enumerate(self.owners) if p not in drop]
+        self.fresh = [f for p, f in enumerate(self.fresh) if p not in drop]
         self.changed = True
 
-    def claim_free(self, size_gb: int) -> None:
+    def claim_free(self, size_gb: int, owner: str) -> None:
         for position, candidate in enumerate(self.slices):
-            if candidate.size_gb == size_gb and not candidate.used and not self.claimed[position]:
-                self.claimed[position] = True
+            if candidate.size_gb == size_gb and not candidate.used and self.owners[position] is None:
+                self.owners[position] = owner
                 self.unclaimed[size_gb] -= 1
                 return
         raise AssertionError(f"no unclaimed free {size_gb} GiB slice on GPU {self.order}")
 
-    def carve(self, size_gb: int) -> None:
+    def carve(self, size_gb: int, owner: str) -> None:
         self.slices.append(Slice(size_gb=size_gb, used=False))
-        self.claimed.append(True)
+        self.owners.append(owner)
+        self.fresh.append(True)
         self.allocated += size_gb
         self.changed = True
 
-    def reclaim_and_carve(self, size_gb: int, needed: Counter[int]) -> bool:
+    def release(self, owner: str) -> None:
+        """Take back a pod's promise: a slice carved for it goes, an existing one becomes free again."""
+        position = self.owners.index(owner)
+        if self.fresh[position]:
+            self.owners[position] = None
+            self.unclaimed[self.slices[position].size_gb] += 1
+            self._remove([position])
+        else:
+            self.owners[position] = None
+            self.unclaimed[self.slices[position].size_gb] += 1
+
+    def promised(self) -> list[tuple[int, str]]:
+        """(size, pod) of every slice promised to a pod, smallest first."""
+        return sorted((s.size_gb, o) for s, o in zip(self.slices, self.owners, strict=True) if o is not None)
+
+    def reclaim_and_carve(self, size_gb: int, needed: Counter[int], owner: str) -> bool:
         """Reclaim unclaimed free slices (unneeded, then larger ones first) and carve; False if it cannot."""
         candidates = sorted(
-            (p for p, s in enumerate(self.slices) if not s.used and not self.claimed[p]),
+            (p for p, s in enumerate(self.slices) if not s.used and self.owners[p] is None),
             key=lambda p: (needed[self.slices[p].size_gb] > 0, -self.slices[p].size_gb, p),
         )
         room, count, removed = self.room, len(self.slices), []
@@ -192,8 +215,18 @@ class _GpuPlan:
         if room < size_gb or count >= self.gpu.max_slices:
             return False
         self._remove(removed)
-        self.carve(size_gb)
+        self.carve(size_gb, owner)
         return True
+
+    def take(self, size_gb: int, needed: Counter[int], owner: str) -> bool:
+        """Serve a pod on this GPU by whichever means fits: a free slice, room, or reclaiming."""
+        if self.unclaimed[size_gb] > 0:
+            self.claim_free(size_gb, owner)
+            return True
+        if self.room >= size_gb and len(self.slices) < self.gpu.max_slices:
+            self.carve(size_gb, owner)
+            return True
+        return self.reclaim_and_carve(size_gb, needed, owner)
 
 
 class _Cluster:
@@ -235,20 +268,42 @@ class _Cluster:
         reclaimable = gpu.can_carve and any(count > 0 for count in gpu.unclaimed.values())
         self.reclaim.set(gpu.order, gpu.potential if reclaimable else None)
 
-    def _take_exact(self, size_gb: int) -> _GpuPlan | None:
+    def _take_exact(self, size_gb: int, exclude: int | None = None) -> _GpuPlan | None:
         heap = self.exact.get(size_gb)
+        found = None
         while heap:
             gpu = self.gpus[heap[0]]
-            if gpu.unclaimed[size_gb] > 0:
+            if gpu.unclaimed[size_gb] <= 0 or not gpu.can_carve:
+                heapq.heappop(heap)
+            elif gpu.order == exclude:
+                heapq.heappop(heap)
+                found = self._take_exact(size_gb)
+                heapq.heappush(heap, gpu.order)
+                return found
+            else:
                 return gpu
-            heapq.heappop(heap)
-        return None
+        return found
 
-    def place(self, size_gb: int, needed: Counter[int], *, may_reclaim: bool = True) -> _GpuPlan | None:
-        gpu = self._take_exact(size_gb)
+    def _offer_exact(self, gpu: _GpuPlan) -> None:
+        """Index a GPU's free slices again (after they were given back or restored)."""
+        if gpu.can_carve:
+            for size, count in gpu.unclaimed.items():
+                if count > 0:
+                    heapq.heappush(self.exact.setdefault(size, []), gpu.order)
+
+    def place(
+        self,
+        size_gb: int,
+        needed: Counter[int],
+        owner: str,
+        *,
+        may_reclaim: bool = True,
+        exclude: int | None = None,
+    ) -> _GpuPlan | None:
+        gpu = self._take_exact(size_gb, exclude)
         if gpu is not None:
             self._before_change(gpu)
-            gpu.claim_free(size_gb)
+            gpu.claim_free(size_gb, owner)
         else:
             order = self.carve_changed.best_at_least(size_gb)
             if order is None:
@@ -256,7 +311,7 @@ class _Cluster:
             if order is not None:
                 gpu = self.gpus[order]
                 self._before_change(gpu)
-                gpu.carve(size_gb)
+                gpu.carve(size_gb, owner)
             else:
                 order = self.reclaim.best_at_least(size_gb) if may_reclaim else None
                 if order is None:
@@ -264,10 +319,37 @@ class _Cluster:
                 self.reclaimed = True
                 gpu = self.gpus[order]
                 self._before_change(gpu)
-                if not gpu.reclaim_and_carve(size_gb, needed):
+                if not gpu.reclaim_and_carve(size_gb, needed, owner):
                     return None
         self._reindex(gpu)
         return gpu
+
+    def move_and_take(
+        self, gpu: _GpuPlan, mover: str, size_gb: int, needed: Counter[int], pod: PendingPod
+    ) -> _GpuPlan | None:
+        """Move `mover`'s promised slice off `gpu` to another GPU so that `pod` fits on `gpu`.
+
+        Returns where `mover` went, or None with the cluster exactly as it was.
+        """
+        self.journal = {}
+        self._before_change(gpu)
+        gpu.release(mover)
+        gpu.can_carve = False
+        self._reindex(gpu)
+        target = self.place(size_gb, needed, mover, exclude=gpu.order)
+        gpu.can_carve = True
+        taken = target is not None and gpu.take(pod.size_gb, needed, pod.key)
+        journal, self.journal = self.journal, None
+        if taken:
+            self._reindex(gpu)
+            self._offer_exact(gpu)
+            return target
+        for order, saved in journal.items():
+            restored = self.gpus[order]
+            restored.__dict__.update(saved.__dict__)  # in place: callers keep their references
+            self._reindex(restored)
+            self._offer_exact(restored)
+        return None
 
     def changed_count(self) -> int:
         return sum(1 for gpu in self.gpus if gpu.changed)
@@ -279,7 +361,7 @@ def _serve(cluster: _Cluster, pods: Sequence[PendingPod], needed: Counter[int]) 
     for pod in pods:
         if smallest_failure is not None and pod.size_gb >= smallest_failure:
             continue
-        gpu = cluster.place(pod.size_gb, needed)
+        gpu = cluster.place(pod.size_gb, needed, pod.key)
         if gpu is None:
             smallest_failure = pod.size_gb
             continue
@@ -315,16 +397,48 @@ def _serve_class(cluster: _Cluster, pods: list[PendingPod], needed: Counter[int]
     best = _Attempt(cluster, {}, Counter(needed))
     best.served = _serve(cluster, pods, best.needed)
     journal, cluster.journal = cluster.journal, None
-    if len(best.served) == len(pods) or len(pods) == 1:
+    if len(best.served) == len(pods):
         return best
-    pristine = cluster.as_it_was(journal)
-    for rank, key in enumerate(_ALTERNATIVE_ORDERS):
-        last = rank == len(_ALTERNATIVE_ORDERS) - 1
-        trial = _Attempt(pristine if last else pristine.copy(), {}, Counter(needed))
-        trial.served = _serve(trial.cluster, sorted(pods, key=key), trial.needed)
-        if trial.score > best.score:
-            best = trial
+    if len(pods) > 1:
+        pristine = cluster.as_it_was(journal)
+        for rank, key in enumerate(_ALTERNATIVE_ORDERS):
+            last = rank == len(_ALTERNATIVE_ORDERS) - 1
+            trial = _Attempt(pristine if last else pristine.copy(), {}, Counter(needed))
+            trial.served = _serve(trial.cluster, sorted(pods, key=key), trial.needed)
+            if trial.score > best.score:
+                best = trial
+    _repair(best, [pod for pod in pods if pod.key not in best.served])
     return best
+
+
+REPAIR_LIMIT = 64  # pods of one class that repair tries to place, so that it stays cheap at scale
+
+
+def _repair(attempt: _Attempt, waiting: list[PendingPod]) -> None:
+    """Place pods that did not fit by moving one promised slice to another GPU, where that makes room.
+
+    Greedy placement leaves memory scattered; moving one pod's slice elsewhere often frees enough
+    on one GPU for a pod that fit nowhere. Every move keeps the moved pod placed.
+    """
+    cluster = attempt.cluster
+    for pod in waiting[:REPAIR_LIMIT]:
+        for gpu in cluster.gpus:
+            if not gpu.can_carve:
+                continue
+            promised, base = gpu.promised(), gpu.potential
+            if not promised or base + promised[-1][0] < pod.size_gb:
+                continue
+            target = None
+            for size, mover in promised:
+                if base + size >= pod.size_gb:
+                    target = cluster.move_and_take(gpu, mover, size, attempt.needed, pod)
+                    if target is not None:
+                        attempt.served[mover] = Placement(target.node, target.gpu.index, size)
+                        attempt.served[pod.key] = Placement(gpu.node, gpu.gpu.index, pod.size_gb)
+                        attempt.needed[pod.size_gb] -= 1
+                        break
+            if target is not None:
+                break
 
 
 @dataclass
@@ -442,7 +556,7 @@ def extend_run(run: PlanRun, pods: Sequence[PendingPod]) -> Extension | None:
     placed: dict[str, Placement] = {}
     touched: set[str] = set()
     for pod in servable:
-        gpu = run.cluster.place(pod.size_gb, needed, may_reclaim=False)
+        gpu = run.cluster.place(pod.size_gb, needed, pod.key, may_reclaim=False)
         if gpu is None:
             run.extendable = False
             return None
