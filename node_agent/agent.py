@@ -27,13 +27,16 @@ from events.jetstream import EventBus
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from events.tracing import extract, tracer
 from node_agent.device_plugin import SliceDevicePlugin
-from node_agent.mps import DaemonSpec, MpsControl
+from node_agent.mps import DaemonSpec, MpsCommandError, MpsControl, apply_gpu_defaults
 from node_agent.nvml import GpuInventory, GpuReading
 from node_agent.pod_resources import slices_in_use
 from node_agent.reconcile import Refused, gpu_report, reconcile
 from node_agent.slices import SliceDevice
 
 log = logging.getLogger(__name__)
+
+MIB_PER_GIB = 1024
+RESTART_BACKOFF = (1.0, 60.0)  # first delay after a failed daemon restart, and the longest
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class NodeAgent:
         self.in_use: frozenset[str] = frozenset()
         self.daemon_health: dict[int, bool] = {}
         self.applied_plan_id: str | None = None
+        self._restart_failures: dict[int, tuple[int, float]] = {}
+        self._daemon_limits: dict[int, int] = {}
         self._last_report: str | None = None
 
     async def run(self) -> None:
@@ -137,6 +142,7 @@ class NodeAgent:
             await self.plugin.set_devices(outcome.devices)
             self.devices = outcome.devices
             self.applied_plan_id = desired.plan_id
+            await self.apply_daemon_limits()
             await self.bus.publish(
                 subject,
                 NodeConfigApplied(node=self.settings.node, plan_id=desired.plan_id),
@@ -174,17 +180,53 @@ class NodeAgent:
             await self.report(force=True)
 
     async def keep_daemon_alive(self, gpu: GpuReading) -> bool:
-        """Probe a GPU's daemon through its control pipe and start it again if it died."""
+        """Probe a GPU's daemon through its control pipe and start it again if it died.
+
+        Failed restarts back off exponentially (RESTART_BACKOFF), so a GPU whose daemon cannot
+        run is not hammered; a restarted daemon gets this GPU's defaults again.
+        """
         daemon = self.daemon(gpu)
         if await self.mps.is_alive(daemon):
+            self._restart_failures.pop(gpu.index, None)
             return True
+        failures, next_try = self._restart_failures.get(gpu.index, (0, 0.0))
+        if time.monotonic() < next_try:
+            return False
         log.warning("GPU %d: MPS daemon does not answer; starting it again", gpu.index)
         try:
             await self.mps.start_daemon(daemon)
         except Exception as error:
-            log.error("GPU %d: MPS daemon restart failed: %s", gpu.index, error)
+            delay = min(RESTART_BACKOFF[1], RESTART_BACKOFF[0] * 2**failures)
+            self._restart_failures[gpu.index] = (failures + 1, time.monotonic() + delay)
+            log.error("GPU %d: MPS daemon restart failed (%s); next try in %.0fs", gpu.index, error, delay)
             return False
+        self._restart_failures.pop(gpu.index, None)
+        self._daemon_limits.pop(gpu.index, None)
+        await self.apply_daemon_limits()
         return True
+
+    async def apply_daemon_limits(self) -> None:
+        """Cap each GPU's future MPS clients at its largest slice (clients' own limits only go lower).
+
+        A container's pinned limit comes from the environment the device plugin gives it; this
+        default also binds a client that would come without it. Only future servers are affected
+        (peers.md §0.7): running clients keep what they have.
+        """
+        for gpu in self.gpus:
+            sizes = [d.size_gb for d in self.devices if d.gpu_index == gpu.index]
+            if not sizes or gpu.mig_enabled or not self.daemon_health.get(gpu.index):
+                continue
+            limit = max(sizes) * MIB_PER_GIB
+            if self._daemon_limits.get(gpu.index) == limit:
+                continue
+            try:
+                await apply_gpu_defaults(
+                    self.mps, self.daemon(gpu), pinned_mem_limit_mib=limit, active_thread_percentage=None
+                )
+            except MpsCommandError as error:
+                log.warning("GPU %d: MPS default memory limit not set: %s", gpu.index, error)
+                continue
+            self._daemon_limits[gpu.index] = limit
 
     async def report(self, *, force: bool = False) -> None:
         report = gpu_report(

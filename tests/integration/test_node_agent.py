@@ -32,7 +32,7 @@ from events.nodes import NodeGpusReported
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from node_agent.agent import AgentSettings, NodeAgent
 from node_agent.device_plugin import SliceDevicePlugin
-from node_agent.mps import PID_FILE_NAME, DaemonSpec, SubprocessMpsControl
+from node_agent.mps import PID_FILE_NAME, DaemonSpec, MpsCommandError, SubprocessMpsControl, parse_mem_limit
 from node_agent.nvml import NvmlInventory
 from simulation.fake_nvml import FakeDeviceHandle, FakeNvml, SimulatedGpu
 from simulation.kubelet_devices import DeviceManager, PodRef
@@ -462,6 +462,36 @@ async def test_a_killed_daemon_is_started_again_by_the_heartbeat(bus: EventBus) 
         mark = node.events.mark()
         report = await node.events.report(lambda _: True, "a heartbeat report", mark)
         assert [gpu.daemon_healthy for gpu in report.gpus] == [True, True]
+
+
+async def test_each_daemon_caps_future_clients_at_its_largest_slice_also_after_a_restart(
+    bus: EventBus,
+) -> None:
+    async with simulated_node(bus, [A100, H100]) as node, running_agent(node, heartbeat_seconds=0.3):
+        await started(node)
+        await node.apply("plan-1", {0: (10, 20), 1: (5,)})
+        for index, limit in ((0, 20480), (1, 5120)):
+            reply = await node.control.send(node.daemon(index), "get_default_device_pinned_mem_limit 0")
+            assert parse_mem_limit(reply) == limit
+
+        killed = _daemon_pid(node.daemon(0))
+        os.kill(killed, signal.SIGKILL)
+        _wait_until_gone(killed)
+        await eventually(lambda: _pid_in(node.daemon(0)) not in (None, killed), "a new daemon for GPU 0")
+
+        async def limit_restored() -> bool:
+            try:
+                reply = await node.control.send(node.daemon(0), "get_default_device_pinned_mem_limit 0")
+            except MpsCommandError:
+                return False
+            return parse_mem_limit(reply) == 20480
+
+        for _ in range(int(WAIT_S / 0.05)):
+            if await limit_restored():
+                break
+            await anyio.sleep(0.05)
+        else:
+            raise AssertionError("the restarted daemon did not get GPU 0's limit back")
 
 
 async def test_an_unreadable_config_is_skipped_and_the_agent_keeps_working(bus: EventBus) -> None:
