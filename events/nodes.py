@@ -46,6 +46,13 @@ class SliceState(Model):
     used: bool
 
 
+class GpuProcessReport(Model):
+    """A process on a GPU (an MPS server or client, or anything else), as NVML lists it."""
+
+    pid: int
+    used_memory_mib: int | None = None
+
+
 class GpuReport(Model):
     """One GPU of a node as its agent sees it through NVML and its own device plugin."""
 
@@ -53,10 +60,23 @@ class GpuReport(Model):
     uuid: str
     model: str
     memory_mib: int = Field(gt=0)
+    memory_used_mib: int = Field(default=0, ge=0)
+    processes: tuple[GpuProcessReport, ...] = ()
     compute_capability: tuple[int, int]
     mig_enabled: bool = False
     daemon_healthy: bool = True
     slices: tuple[SliceState, ...] = ()
+
+    def planned_fields(self) -> tuple[object, ...]:
+        """What the planner uses of this GPU (memory in use and processes change all the time)."""
+        return (
+            self.index,
+            self.model,
+            self.memory_mib,
+            self.compute_capability,
+            self.mig_enabled,
+            self.slices,
+        )
 
     @property
     def max_slices(self) -> int:

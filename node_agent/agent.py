@@ -174,6 +174,10 @@ class NodeAgent:
     async def heartbeat(self) -> None:
         while True:
             await anyio.sleep(self.settings.heartbeat_seconds)
+            try:
+                self.gpus = await self.inventory.read()
+            except Exception as error:  # keep the last readings; the report still tells daemon health
+                log.warning("NVML read failed: %s", error)
             for gpu in self.gpus:
                 if not gpu.mig_enabled:
                     self.daemon_health[gpu.index] = await self.keep_daemon_alive(gpu)

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from events.nodes import GpuReport, NodeGpusReported, SliceState
+from events.nodes import GpuProcessReport, GpuReport, NodeGpusReported, SliceState
 from events.plans import NodeMpsConfig
 from node_agent.nvml import GpuReading
 from node_agent.slices import SliceDevice, parse_slice_device_id, slice_device_id
@@ -159,6 +159,10 @@ def gpu_report(
                 uuid=gpu.uuid,
                 model=gpu.model,
                 memory_mib=gpu.memory_total_mib,
+                memory_used_mib=gpu.memory_used_mib,
+                processes=tuple(
+                    GpuProcessReport(pid=p.pid, used_memory_mib=p.used_memory_mib) for p in gpu.processes
+                ),
                 compute_capability=gpu.compute_capability,
                 mig_enabled=gpu.mig_enabled,
                 daemon_healthy=daemon_health.get(gpu.index, False),

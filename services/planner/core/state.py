@@ -84,7 +84,9 @@ class ClusterState:
                 known.observed = None
         elif isinstance(event, NodeGpusReported):
             level = self.nodes.setdefault(event.node, _NodeLevel())
-            changed = level.report is None or level.report.gpus != event.gpus
+            changed = level.report is None or [g.planned_fields() for g in level.report.gpus] != [
+                g.planned_fields() for g in event.gpus
+            ]
             level.report = event
             if level.reported_at is None or envelope.time > level.reported_at:
                 level.reported_at = envelope.time

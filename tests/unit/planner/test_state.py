@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from events.envelope import Envelope, Event
-from events.nodes import GpuReport, NodeGpusReported, NodeObserved, NodeOptedOut, SliceState
+from events.nodes import GpuProcessReport, GpuReport, NodeGpusReported, NodeObserved, NodeOptedOut, SliceState
 from events.plans import PlanComputed
 from events.pods import PodDeleted, PodObserved, PodPhase, PodRejected, PodUnplaced
 from services.planner.core.model import PendingPod, PlanSettings
@@ -182,6 +182,18 @@ def test_identical_heartbeat_does_not_count_as_a_change_but_refreshes_the_report
     state.apply(env(report("n", gpu_report(0, 40)), T0 + timedelta(seconds=30)))
     assert state.first_unplanned_change is None
     assert state.nodes["n"].reported_at == T0 + timedelta(seconds=30)
+
+
+def test_memory_in_use_and_processes_moving_do_not_count_as_a_change() -> None:
+    state = state_of(*ready_node("n"))
+    state.mark_planned("p", state.revision)
+    busy = gpu_report(0, 40).model_copy(
+        update={"memory_used_mib": 12000, "processes": (GpuProcessReport(pid=4242, used_memory_mib=900),)}
+    )
+    state.apply(env(report("n", busy), T0 + timedelta(seconds=30)))
+    assert state.first_unplanned_change is None
+    state.apply(env(report("n", gpu_report(0, 40, "10f")), T0 + timedelta(seconds=31)))
+    assert state.first_unplanned_change == T0 + timedelta(seconds=31)
 
 
 # Per-key histories: each pod's subject, each node's subject and each node agent's subject keep their own
