@@ -70,12 +70,27 @@ def replay(envelopes: Iterable[Envelope], settings: PlannerSettings | None = Non
         elif isinstance(decision, NothingToDo) and decision.planned is not None:
             state.mark_planned(decision.planned.plan_id, decision.at_revision)
 
+    seen_until: datetime | None = None
+
+    def timers_until(moment: datetime) -> Iterator[ReplayedPlan]:
+        """Batch windows closing and reports going stale before `moment`, in time order."""
+        nonlocal seen_until
+        while seen_until is not None:
+            stale = state.next_staleness(seen_until, settings.report_stale_after)
+            due = [t for t in (wake, stale) if t is not None and t <= moment]
+            if not due:
+                return
+            seen_until = min(due)
+            if seen_until == stale:
+                state.report_went_stale(seen_until)
+            yield from settle(seen_until)
+
     for envelope in envelopes:
         if envelope.kind not in PLANNER_KINDS:
             continue
-        while wake is not None and wake <= envelope.time:
-            yield from settle(wake)
+        yield from timers_until(envelope.time)
         state.apply(envelope)
+        seen_until = envelope.time
         yield from settle(envelope.time)
-    while wake is not None:
+    while wake is not None:  # the last window closes; the recording says nothing of later silence
         yield from settle(wake)

@@ -75,10 +75,15 @@ class PlannerService:
         )
 
     async def decide_forever(self) -> None:
+        checked_staleness = datetime.now(UTC)
         while True:
             timeout: float | None = None
             if self._caught_up:
                 now = datetime.now(UTC)
+                stale = self.state.next_staleness(checked_staleness, self.settings.report_stale_after)
+                if stale is not None and stale <= now:
+                    self.state.report_went_stale(stale)
+                checked_staleness = now
                 decision = decide(self.state, now, self.settings, self.planner)
                 if isinstance(decision, PublishPlan):
                     await self._publish(decision)
@@ -89,6 +94,10 @@ class PlannerService:
                         self.state.mark_planned(decision.planned.plan_id, decision.at_revision)
                 else:
                     timeout = max(0.0, (decision.when - now).total_seconds())
+                stale = self.state.next_staleness(now, self.settings.report_stale_after)
+                if stale is not None:
+                    until_stale = (stale - now).total_seconds()
+                    timeout = until_stale if timeout is None else min(timeout, until_stale)
             await self._wakeup.wait(timeout)
 
     async def _publish(self, decision: PublishPlan) -> None:

@@ -111,6 +111,24 @@ class ClusterState:
         if self.last_change is None or when > self.last_change:
             self.last_change = when
 
+    def next_staleness(self, after: datetime, stale_after: timedelta) -> datetime | None:
+        """When the next opted-in node's report goes stale (after `after`), or None.
+
+        Reports stopping is an event of its own: nothing arrives, so the caller wakes up then and
+        calls `report_went_stale`.
+        """
+        deadlines = [
+            level.reported_at + stale_after
+            for level in self.nodes.values()
+            if level.observed is not None and level.reported_at is not None
+        ]
+        return min((d for d in deadlines if d > after), default=None)
+
+    def report_went_stale(self, when: datetime) -> None:
+        """A node's report went stale at `when`: that changes where slices may be carved."""
+        self.revision += 1
+        self._touch(when)
+
     def mark_planned(self, plan_id: str, at_revision: int) -> None:
         """The state as of `at_revision` is served by `plan_id` (just published, or before).
 

@@ -27,6 +27,7 @@ from services.planner.core.state import (
     decide,
     planning_nodes,
 )
+from services.planner.replay import replay
 from tests.unit.planner.invariants import assert_plan_invariants
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
@@ -528,3 +529,24 @@ def test_compute_plan_matches_plan_cluster_and_keeps_the_invariants() -> None:
         == result.excluded_nodes
         == {"b": "GPU 0: used slices hold 20 GiB but the GPU has 15 GiB"}
     )
+
+
+def test_a_report_going_stale_is_a_change_that_stops_carving_there() -> None:
+    state = state_of(*ready_node("n"), env(observed("a"), T0 + MS))
+    first = decide(state, T0 + timedelta(seconds=1), SETTINGS)
+    assert isinstance(first, PublishPlan) and "default/a" in first.plan.placed
+    state.mark_planned(first.plan.plan_id, first.at_revision)
+    stale_at = state.next_staleness(T0 + timedelta(seconds=1), SETTINGS.report_stale_after)
+    assert stale_at == T0 + SETTINGS.report_stale_after
+    state.report_went_stale(stale_at)
+    later = decide(state, stale_at + timedelta(seconds=1), SETTINGS)
+    assert isinstance(later, PublishPlan)
+    assert "cordoned, or its GPU reports are stale" in later.plan.unplaced["default/a"]
+    assert state.next_staleness(stale_at, SETTINGS.report_stale_after) is None
+
+
+def test_replay_wakes_up_when_a_report_goes_stale() -> None:
+    stream = [*ready_node("n"), env(observed("a"), T0 + MS), env(observed("b"), T0 + timedelta(seconds=90))]
+    plans = list(replay(stream, SETTINGS))
+    assert [p.at for p in plans][:2] == [T0 + MS + 40 * MS, T0 + SETTINGS.report_stale_after + 40 * MS]
+    assert "default/a" in plans[0].plan.placed and "default/a" in plans[1].plan.unplaced
