@@ -4,12 +4,16 @@ It lists and watches nodes and pods, publishes the level of every opted-in node 
 pod that asks for a slice, and after a relist publishes the deletion of what vanished
 meanwhile. A pod that breaks a rule gets one Warning Event naming the rule; a pod the planner
 cannot place yet gets one Event with the planner's reason. Events have names derived from the
-pod and the reason, so a restart or a redelivery never posts the same Event twice.
+pod and the reason, so a restart or a redelivery never posts the same Event twice. What opts a
+node in and what an MPS client pod needs come from `WatcherSettings` (`mpsflow run pod-watcher`
+flags). Its Kubernetes API use is exactly what `k8s/pod-watcher.yaml` grants: list and watch of
+pods and nodes, create of events (audited by tests/e2e/test_rbac.py).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +26,15 @@ from events.envelope import content_id
 from events.jetstream import Delivery, EventBus, TransientError
 from events.nodes import NodeObserved, NodeOptedOut
 from events.pods import PodDeleted, PodObserved, PodRejected, PodUnplaced
-from services.pod_watcher.translate import Rule, translate_node, translate_pod
+from services.pod_watcher.translate import (
+    DEFAULT_CLIENT_RULES,
+    DEFAULT_OPT_IN,
+    MpsClientRules,
+    OptInLabel,
+    Rule,
+    translate_node,
+    translate_pod,
+)
 from services.pod_watcher.watching import list_and_watch
 
 log = logging.getLogger(__name__)
@@ -33,10 +45,24 @@ UNPLACED_REASON = "MpsSliceNotPlaced"
 REJECTION_EVENT_RETRIES = (0.2, 0.5, 1.0, 2.0)
 
 
+@dataclass(frozen=True)
+class WatcherSettings:
+    """The node label that opts a node in, and what a pod needs to be an MPS client."""
+
+    opt_in: OptInLabel = DEFAULT_OPT_IN
+    client_rules: MpsClientRules = DEFAULT_CLIENT_RULES
+
+
+DEFAULT_SETTINGS = WatcherSettings()
+
+
 class PodWatcherService:
-    def __init__(self, bus: EventBus, api: client.ApiClient) -> None:
+    def __init__(
+        self, bus: EventBus, api: client.ApiClient, settings: WatcherSettings = DEFAULT_SETTINGS
+    ) -> None:
         self.bus = bus
         self.api = api
+        self.settings = settings
         self.core = client.CoreV1Api(api)
         self.nodes: dict[str, NodeObserved] = {}
         self.pods: dict[str, str] = {}  # pod key -> uid, for pods we published
@@ -91,7 +117,7 @@ class PodWatcherService:
 
     async def node_changed(self, change: str, node: dict[str, Any]) -> None:
         name = node["metadata"]["name"]
-        observed = None if change == "DELETED" else translate_node(node)
+        observed = None if change == "DELETED" else translate_node(node, self.settings.opt_in)
         if observed is None:
             if name in self.nodes:
                 await self._opt_out(
@@ -132,7 +158,7 @@ class PodWatcherService:
             if key in self.pods:
                 await self._deleted(namespace, name, metadata["uid"])
             return
-        event = translate_pod(pod, self.largest_gpu_gb)
+        event = translate_pod(pod, self.largest_gpu_gb, self.settings.client_rules)
         if event is None:
             return
         self.pods[key] = event.uid

@@ -258,14 +258,14 @@ def _client_problems(
     if rules.mps_user is not None:
         name = container.get("name", "?")
         own = (container.get("securityContext") or {}).get("runAsUser")
-        pods = (spec.get("securityContext") or {}).get("runAsUser")
-        if own is not None:
-            runs_as = f"runs as user {own} (its securityContext.runAsUser)"
-        elif pods is not None:
-            runs_as = f"runs as user {pods} (the pod's securityContext.runAsUser)"
-        else:
-            runs_as = "leaves runAsUser unset (the image's user)"
-        if (own if own is not None else pods) != rules.mps_user:
+        user = own if own is not None else (spec.get("securityContext") or {}).get("runAsUser")
+        if user != rules.mps_user:
+            where = "its" if own is not None else "the pod's"
+            runs_as = (
+                "leaves runAsUser unset (the image's user)"
+                if user is None
+                else f"runs as user {user} ({where} securityContext.runAsUser)"
+            )
             problems.append(
                 (
                     Rule.USER_MISMATCH,

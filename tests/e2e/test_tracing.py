@@ -36,6 +36,7 @@ workload:
     pod:
       metadata: {name: traced, namespace: default}
       spec:
+        hostIPC: true
         containers: [{name: main, image: busybox, resources: {limits: {nvidia.com/gpu-10gb: 1}}}]
 timeout: 30
 """

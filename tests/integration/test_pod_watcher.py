@@ -1,7 +1,8 @@
 """The pod watcher against the Kubernetes API emulator (real kubernetes_asyncio client) and a real NATS.
 
 Nodes and pods written through the API become events on the bus; rejected and unplaced pods get
-exactly one Kubernetes Event; dropped watches, expired history and API errors are survived.
+exactly one Kubernetes Event; dropped watches, expired history and API errors are survived. The
+opt-in label and the MPS client rules come from `WatcherSettings`, which the command line builds.
 """
 
 from __future__ import annotations
@@ -24,9 +25,16 @@ from events.envelope import Event, decode
 from events.jetstream import EventBus
 from events.nodes import GfdFacts, NodeObserved, NodeOptedOut
 from events.pods import PodDeleted, PodObserved, PodRejected, PodUnplaced
+from services.cli import build_parser
 from services.kit.kube import api_client
-from services.pod_watcher.service import UNPLACED_DURABLE, UNPLACED_REASON, PodWatcherService
-from services.pod_watcher.translate import Rule
+from services.pod_watcher.service import (
+    DEFAULT_SETTINGS,
+    UNPLACED_DURABLE,
+    UNPLACED_REASON,
+    PodWatcherService,
+    WatcherSettings,
+)
+from services.pod_watcher.translate import MpsClientRules, OptInLabel, Rule
 from services.pod_watcher.watching import list_and_watch
 from simulation.apiserver import ApiServer
 
@@ -69,9 +77,11 @@ async def core(apiserver: ApiServer) -> AsyncIterator[Any]:
         await user_client.close()
 
 
-def gpu_node(name: str, *, memory_mib: int = 81920, opt_in_key: str = OPT_IN) -> Any:
+def gpu_node(
+    name: str, *, memory_mib: int = 81920, opt_in_key: str = OPT_IN, opt_in_value: str = "mps"
+) -> Any:
     labels = {
-        opt_in_key: "mps",
+        opt_in_key: opt_in_value,
         "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB",
         "nvidia.com/gpu.count": "2",
         "nvidia.com/gpu.memory": str(memory_mib),
@@ -79,12 +89,19 @@ def gpu_node(name: str, *, memory_mib: int = 81920, opt_in_key: str = OPT_IN) ->
     return client.V1Node(metadata=client.V1ObjectMeta(name=name, labels=labels))
 
 
-def slice_pod(name: str, resource: str = "nvidia.com/gpu-10gb", quantity: str = "1") -> Any:
+def slice_pod(
+    name: str,
+    resource: str = "nvidia.com/gpu-10gb",
+    quantity: str = "1",
+    *,
+    host_ipc: bool = True,
+    user: int | None = None,
+) -> Any:
     resources = client.V1ResourceRequirements(limits={resource: quantity})
     container = client.V1Container(name="main", image="busybox", resources=resources)
-    return client.V1Pod(
-        metadata=client.V1ObjectMeta(name=name), spec=client.V1PodSpec(containers=[container])
-    )
+    security = client.V1PodSecurityContext(run_as_user=user) if user is not None else None
+    spec = client.V1PodSpec(containers=[container], host_ipc=host_ipc, security_context=security)
+    return client.V1Pod(metadata=client.V1ObjectMeta(name=name), spec=spec)
 
 
 def plain_pod(name: str) -> Any:
@@ -152,9 +169,11 @@ class BusLog:
 
 
 @asynccontextmanager
-async def watching(bus: EventBus, api: client.ApiClient) -> AsyncIterator[PodWatcherService]:
+async def watching(
+    bus: EventBus, api: client.ApiClient, settings: WatcherSettings = DEFAULT_SETTINGS
+) -> AsyncIterator[PodWatcherService]:
     """The pod watcher running in a task group."""
-    service = PodWatcherService(bus, api)
+    service = PodWatcherService(bus, api, settings)
     async with anyio.create_task_group() as group:
         group.start_soon(service.run)
         yield service
@@ -337,6 +356,47 @@ async def test_removing_the_opt_in_label_publishes_node_opted_out(
     assert cordoned.name == "a100-2"
     assert gone == NodeOptedOut(name="a100-2", reason="the node is gone")
     assert [type(e) for e in log.of_node("a100-1")] == [NodeObserved, NodeOptedOut]
+
+
+async def test_the_watcher_uses_its_configured_opt_in_label(
+    bus: EventBus, api: client.ApiClient, core: Any
+) -> None:
+    settings = WatcherSettings(opt_in=OptInLabel("example.com/mps", "on"))
+    await core.create_node(gpu_node("custom", opt_in_key="example.com/mps", opt_in_value="on"))
+    await core.create_node(gpu_node("nos-labelled"))
+    async with BusLog(bus.js) as log, watching(bus, api, settings):
+        await log.wait_for(NodeObserved, lambda e: e.name == "custom")
+        await core.patch_node("custom", {"metadata": {"labels": {"example.com/mps": "off"}}})
+        opted_out = await log.wait_for(NodeOptedOut, lambda e: e.name == "custom")
+        await log.settle(0.2)
+
+    assert opted_out.reason == "opt-in label removed"
+    assert log.of_node("nos-labelled") == []
+
+
+async def test_a_pod_that_cannot_be_an_mps_client_gets_a_warning_event(
+    bus: EventBus, api: client.ApiClient, core: Any
+) -> None:
+    settings = WatcherSettings(client_rules=MpsClientRules(mps_user=1000))
+    await core.create_node(gpu_node("a100-1"))
+    async with BusLog(bus.js) as log, watching(bus, api, settings):
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("isolated", host_ipc=False, user=1000))
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("root", user=0))
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("client", user=1000))
+        isolated = await log.pod(PodRejected, "isolated")
+        root = await log.pod(PodRejected, "root")
+        client_pod = await log.pod(PodObserved, "client")
+        isolated_events = await wait_for_events(core, "isolated")
+        root_events = await wait_for_events(core, "root")
+
+    assert (isolated.reason, root.reason) == (Rule.HOST_IPC_REQUIRED, Rule.USER_MISMATCH)
+    assert "hostIPC false" in isolated.message
+    assert "user 0" in root.message
+    assert [(e.reason, e.type, e.message) for e in isolated_events + root_events] == [
+        (Rule.HOST_IPC_REQUIRED, "Warning", isolated.message),
+        (Rule.USER_MISMATCH, "Warning", root.message),
+    ]
+    assert client_pod.size_gb == 10
 
 
 # --- resilience ---------------------------------------------------------------------------------
@@ -539,3 +599,54 @@ async def test_list_and_watch_resumes_after_the_last_change_it_delivered(
 
     assert relists == [[]]
     assert changes == [("ADDED", "a"), ("ADDED", "b")]
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_the_watcher_flags_default_to_the_nos_label_and_host_ipc_only() -> None:
+    args = build_parser().parse_args(["run", "pod-watcher"])
+
+    assert (args.opt_in_label, args.require_host_ipc, args.mps_user) == (OptInLabel(), True, None)
+
+
+def test_the_watcher_flags_set_the_label_and_the_client_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPSFLOW_OPT_IN_LABEL", "example.com/from-env=yes")
+    from_env = build_parser().parse_args(["run", "pod-watcher"])
+    given = build_parser().parse_args(
+        [
+            "run",
+            "pod-watcher",
+            "--opt-in-label",
+            "example.com/mps=on",
+            "--no-require-host-ipc",
+            "--mps-user",
+            "1000",
+        ]
+    )
+
+    assert from_env.opt_in_label == OptInLabel("example.com/from-env", "yes")
+    assert (given.opt_in_label, given.require_host_ipc, given.mps_user) == (
+        OptInLabel("example.com/mps", "on"),
+        False,
+        1000,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--opt-in-label", "nos.nebuly.com/gpu-partitioning"], "argument --opt-in-label: "),
+        (["--mps-user", "root"], "argument --mps-user: 'root' is not a user id"),
+        (["--mps-user", "-5"], "argument --mps-user: '-5' is not a user id"),
+    ],
+    ids=["label-without-value", "user-name", "negative-user"],
+)
+def test_a_bad_watcher_flag_exits_2_naming_it(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["run", "pod-watcher", *argv])
+
+    assert exited.value.code == 2
+    assert named in capsys.readouterr().err

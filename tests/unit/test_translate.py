@@ -9,7 +9,7 @@ import pytest
 
 from events.nodes import GfdFacts, NodeObserved
 from events.pods import PodObserved, PodRejected
-from services.pod_watcher.translate import Rule, translate_node, translate_pod
+from services.pod_watcher.translate import MpsClientRules, OptInLabel, Rule, translate_node, translate_pod
 
 CREATED = "2026-11-22T10:00:00Z"
 
@@ -18,13 +18,17 @@ def container(
     name: str = "main",
     requests: dict[str, str] | None = None,
     limits: dict[str, str] | None = None,
+    user: int | None = None,
 ) -> dict[str, Any]:
     resources: dict[str, Any] = {}
     if requests is not None:
         resources["requests"] = requests
     if limits is not None:
         resources["limits"] = limits
-    return {"name": name, "image": "busybox", "resources": resources}
+    made: dict[str, Any] = {"name": name, "image": "busybox", "resources": resources}
+    if user is not None:
+        made["securityContext"] = {"runAsUser": user}
+    return made
 
 
 def pod(
@@ -33,8 +37,15 @@ def pod(
     priority: int | None = None,
     phase: str | None = "Pending",
     node: str | None = None,
+    host_ipc: bool | None = True,
+    user: int | None = None,
 ) -> dict[str, Any]:
+    """A pod; by default a well-formed MPS client (hostIPC: true) with no runAsUser of its own."""
     spec: dict[str, Any] = {"containers": list(containers)}
+    if host_ipc is not None:
+        spec["hostIPC"] = host_ipc
+    if user is not None:
+        spec["securityContext"] = {"runAsUser": user}
     if init is not None:
         spec["initContainers"] = init
     if priority is not None:
@@ -230,10 +241,131 @@ def test_a_pod_that_breaks_a_rule_is_rejected_with_the_rule_as_reason(
         assert value in result.message
 
 
-def test_every_rule_is_covered_by_the_table() -> None:
+# --- pods: what an MPS client needs, checked after the rules above ------------------------------
+
+TEN = {"nvidia.com/gpu-10gb": "1"}
+USER_1000 = MpsClientRules(mps_user=1000)
+
+CLIENT_REJECTIONS: list[tuple[str, dict[str, Any], MpsClientRules, str, list[str]]] = [
+    (
+        "host-ipc-unset",
+        pod(container(limits=TEN), host_ipc=None),
+        MpsClientRules(),
+        Rule.HOST_IPC_REQUIRED,
+        ["hostIPC unset", "spec.hostIPC: true"],
+    ),
+    (
+        "host-ipc-false",
+        pod(container(limits=TEN), host_ipc=False),
+        MpsClientRules(),
+        Rule.HOST_IPC_REQUIRED,
+        ["hostIPC false"],
+    ),
+    (
+        "host-ipc-before-the-user",
+        pod(container(limits=TEN), host_ipc=None, user=0),
+        USER_1000,
+        Rule.HOST_IPC_REQUIRED,
+        ["hostIPC unset"],
+    ),
+    (
+        "pod-user-differs",
+        pod(container(limits=TEN), user=0),
+        USER_1000,
+        Rule.USER_MISMATCH,
+        ["'main'", "user 0", "the pod's securityContext.runAsUser", "serves user 1000"],
+    ),
+    (
+        "container-user-overrides-a-matching-pod-user",
+        pod(container(limits=TEN, user=2000), user=1000),
+        USER_1000,
+        Rule.USER_MISMATCH,
+        ["user 2000", "its securityContext.runAsUser"],
+    ),
+    (
+        "user-left-to-the-image",
+        pod(container(limits=TEN)),
+        USER_1000,
+        Rule.USER_MISMATCH,
+        ["'main'", "runAsUser unset", "runAsUser: 1000"],
+    ),
+    (
+        "the-slice-in-an-init-container-runs-as-another-user",
+        pod(container("main", user=1000), init=[container("warmup", limits=TEN, user=0)]),
+        USER_1000,
+        Rule.USER_MISMATCH,
+        ["'warmup'", "user 0"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "rules", "reason", "quoted"),
+    [case[1:] for case in CLIENT_REJECTIONS],
+    ids=[case[0] for case in CLIENT_REJECTIONS],
+)
+def test_a_pod_that_cannot_be_an_mps_client_is_rejected_with_the_rule_as_reason(
+    manifest: dict[str, Any], rules: MpsClientRules, reason: str, quoted: list[str]
+) -> None:
+    result = rejected(translate_pod(manifest, 80, rules))
+
+    assert result.reason == reason
+    for value in quoted:
+        assert value in result.message
+
+
+@pytest.mark.parametrize(
+    ("manifest", "rules"),
+    [
+        (pod(container(limits=TEN), host_ipc=None), MpsClientRules(require_host_ipc=False)),
+        (pod(container(limits=TEN)), MpsClientRules()),
+        (pod(container(limits=TEN), user=1000), USER_1000),
+        (pod(container(limits=TEN, user=1000)), USER_1000),
+        (pod(container(limits=TEN, user=1000), user=0), USER_1000),
+        (pod(container(limits=TEN, user=1000), container("sidecar", user=0)), USER_1000),
+        (pod(container(limits=TEN, user=0)), MpsClientRules(mps_user=0)),
+    ],
+    ids=[
+        "host-ipc-not-required",
+        "user-not-checked-by-default",
+        "pod-user-matches",
+        "container-user-matches",
+        "container-user-overrides-a-wrong-pod-user",
+        "only-the-slice-container-counts",
+        "root-as-the-mps-user",
+    ],
+)
+def test_a_pod_that_can_be_an_mps_client_is_observed(manifest: dict[str, Any], rules: MpsClientRules) -> None:
+    assert observed(translate_pod(manifest, 80, rules)).size_gb == 10
+
+
+@pytest.mark.parametrize(
+    ("manifest", "largest_gpu_gb", "reason"),
+    [
+        (pod(container(limits={"nvidia.com/gpu-xgb": "1"}), host_ipc=None), 80, Rule.MALFORMED_RESOURCE),
+        (pod(container(limits={"nvidia.com/gpu-10gb": "2"}), host_ipc=None), 80, Rule.QUANTITY_NOT_ONE),
+        (pod(container(limits=TEN), container("b", limits=TEN), host_ipc=None), 80, Rule.SEVERAL_IN_POD),
+        (pod(container(limits={"nvidia.com/gpu-200gb": "1"}), host_ipc=None), 80, Rule.TOO_LARGE),
+        (pod(container(limits={"nvidia.com/gpu-200gb": "1"}), host_ipc=None), None, Rule.HOST_IPC_REQUIRED),
+    ],
+    ids=["malformed", "quantity", "several-in-pod", "too-large", "size-unknown-yet"],
+)
+def test_the_resource_rules_come_before_the_mps_client_rules(
+    manifest: dict[str, Any], largest_gpu_gb: int | None, reason: str
+) -> None:
+    assert rejected(translate_pod(manifest, largest_gpu_gb, USER_1000)).reason == reason
+
+
+def test_a_pod_without_slices_needs_nothing_of_an_mps_client() -> None:
+    manifest = pod(container(limits={"nvidia.com/gpu": "1"}), host_ipc=None, user=0)
+
+    assert translate_pod(manifest, 80, USER_1000) is None
+
+
+def test_every_rule_is_covered_by_the_tables() -> None:
     rules = {value for key, value in vars(Rule).items() if key.isupper()}
-    assert {case[3] for case in REJECTIONS} == rules
-    assert len(rules) == 7
+    assert {case[3] for case in REJECTIONS} | {case[3] for case in CLIENT_REJECTIONS} == rules
+    assert len(rules) == 9
 
 
 def test_the_reason_strings_are_the_documented_ones() -> None:
@@ -245,6 +377,8 @@ def test_the_reason_strings_are_the_documented_ones() -> None:
         Rule.SEVERAL_IN_POD,
         Rule.QUANTITY_NOT_ONE,
         Rule.WITH_WHOLE_GPU,
+        Rule.HOST_IPC_REQUIRED,
+        Rule.USER_MISMATCH,
     ) == (
         "MpsSliceResourceMalformed",
         "MpsSliceSizeZero",
@@ -253,6 +387,8 @@ def test_the_reason_strings_are_the_documented_ones() -> None:
         "MpsSeveralSlicesInPod",
         "MpsSliceQuantityNotOne",
         "MpsSliceWithWholeGpu",
+        "MpsHostIpcRequired",
+        "MpsUserMismatch",
     )
 
 
@@ -384,6 +520,84 @@ def test_a_node_opts_in_with_either_label(key: str) -> None:
         unschedulable=False,
         gfd=GfdFacts(product="NVIDIA-A100-SXM4-80GB", count=4, memory_mib=81920),
     )
+
+
+@pytest.mark.parametrize(
+    ("opt_in", "labels", "opted_in"),
+    [
+        (OptInLabel("example.com/mps", "yes"), {"example.com/mps": "yes"}, True),
+        (OptInLabel("example.com/mps", "yes"), {"example.com/mps": "mps"}, False),
+        (OptInLabel("example.com/mps", "yes"), {"nos.nebuly.com/gpu-partitioning": "mps"}, False),
+        (OptInLabel("example.com/gpu-partitioning", "mps"), {"nos.nebuly.ai/gpu-partitioning": "mps"}, False),
+        (OptInLabel("mps-node", "true"), {"mps-node": "true"}, True),
+        (OptInLabel("nos.nebuly.com/partitioning", "on"), {"nos.nebuly.ai/partitioning": "on"}, True),
+        (OptInLabel("nos.nebuly.com/partitioning", "on"), {"nos.nebuly.ai/gpu-partitioning": "on"}, False),
+        (OptInLabel(value="shared"), {"nos.nebuly.ai/gpu-partitioning": "shared"}, True),
+        (OptInLabel(value="shared"), {"nos.nebuly.ai/gpu-partitioning": "mps"}, False),
+    ],
+    ids=[
+        "own-key",
+        "own-key-other-value",
+        "own-key-ignores-the-default",
+        "no-alias-outside-the-nos-domain",
+        "key-without-prefix",
+        "nos-key-with-its-ai-twin",
+        "the-twin-has-the-same-name",
+        "default-key-with-own-value-through-the-twin",
+        "the-twin-needs-the-configured-value",
+    ],
+)
+def test_the_opt_in_label_is_configurable(opt_in: OptInLabel, labels: dict[str, str], opted_in: bool) -> None:
+    assert (translate_node(node({**labels, **GFD}), opt_in) is not None) is opted_in
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("nos.nebuly.com/gpu-partitioning=mps", OptInLabel()),
+        ("example.com/mps=yes", OptInLabel("example.com/mps", "yes")),
+        ("mps=on", OptInLabel("mps", "on")),
+        ("a.b-c/Mps_Node.1=Yes-1.0_x", OptInLabel("a.b-c/Mps_Node.1", "Yes-1.0_x")),
+    ],
+)
+def test_an_opt_in_label_is_parsed_from_key_equals_value(text: str, parsed: OptInLabel) -> None:
+    assert OptInLabel.parse(text) == parsed
+
+
+@pytest.mark.parametrize(
+    ("text", "quoted"),
+    [
+        ("nos.nebuly.com/gpu-partitioning", "'nos.nebuly.com/gpu-partitioning' is not KEY=VALUE"),
+        ("=mps", "'' is not a label key"),
+        ("Example.com/mps=yes", "'Example.com/mps' is not a label key"),
+        ("a/b/c=yes", "'a/b/c' is not a label key"),
+        ("/mps=yes", "'/mps' is not a label key"),
+        (f"{'x' * 64}=yes", "is not a label key"),
+        (f"{'p' * 254}/mps=yes", "is not a label key"),
+        ("mps-=yes", "'mps-' is not a label key"),
+        ("mps=", "'' is not a non-empty label value"),
+        ("mps=a b", "'a b' is not a non-empty label value"),
+        (f"mps={'y' * 64}", "is not a non-empty label value"),
+    ],
+    ids=[
+        "no-equals",
+        "empty-key",
+        "upper-case-prefix",
+        "two-slashes",
+        "empty-prefix",
+        "name-too-long",
+        "prefix-too-long",
+        "name-ends-in-dash",
+        "empty-value",
+        "space-in-value",
+        "value-too-long",
+    ],
+)
+def test_a_malformed_opt_in_label_is_refused_saying_why(text: str, quoted: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        OptInLabel.parse(text)
+
+    assert quoted in str(caught.value)
 
 
 @pytest.mark.parametrize(
