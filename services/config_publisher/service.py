@@ -4,6 +4,13 @@ It consumes plans in order and writes a node's key only when that node's layout 
 compare-and-set on the key's revision (retrying on a conflict). A config is never replaced by
 one derived from an older plan, so a redelivered old plan is harmless. A failure on one node
 never keeps the others from being written. It never talks to a GPU.
+
+With a `CompatibilityWriter` it also writes, after the KV bucket (which stays the main path),
+the Kubernetes view of every node whose KV config is the plan's: the device-plugin ConfigMap
+key and label of nebuly's fork, and the GPU Operator labels and nos status annotations. The
+writer costs no request for a node whose rendering it already applied, so only nodes whose
+layout (or, for the status annotations, slice usage) changed are touched, and a node whose
+Kubernetes write failed is written again when the plan comes again.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from nats.js.kv import KeyValue
 from events import subjects
 from events.envelope import content_id
 from events.jetstream import Delivery, EventBus, TransientError
-from events.plans import NodeConfigPublished, NodeMpsConfig, PlanComputed
+from events.plans import NodeConfigPublished, NodeLayout, NodeMpsConfig, PlanComputed
 from events.tracing import current_traceparent
+from services.config_publisher.kube_writer import CompatibilityWriter
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +45,9 @@ def desired_config(plan: PlanComputed, plan_sequence: int, node: str) -> NodeMps
 
 
 class ConfigPublisherService:
-    def __init__(self, bus: EventBus) -> None:
+    def __init__(self, bus: EventBus, writer: CompatibilityWriter | None = None) -> None:
         self.bus = bus
+        self.writer = writer
         self._kv: KeyValue | None = None
 
     async def kv(self) -> KeyValue:
@@ -60,16 +69,25 @@ class ConfigPublisherService:
         if not isinstance(plan, PlanComputed):
             return
         failures: list[str] = []
+        current: dict[str, NodeLayout] = {}
         for node in sorted(plan.nodes):
             try:
-                await self.publish_node(desired_config(plan, delivery.stream_sequence, node))
+                if await self.publish_node(desired_config(plan, delivery.stream_sequence, node)):
+                    current[node] = plan.nodes[node]
             except Exception as error:
                 log.warning("node %s: config not published: %s", node, error)
                 failures.append(f"{node}: {error}")
+        if self.writer is not None and current:
+            unwritten = await self.writer.write(current, delivery.stream_sequence)
+            failures.extend(f"{node}: {reason}" for node, reason in sorted(unwritten.items()))
         if failures:
             raise TransientError("; ".join(failures))
 
-    async def publish_node(self, desired: NodeMpsConfig) -> None:
+    async def publish_node(self, desired: NodeMpsConfig) -> bool:
+        """Writes the node's config unless its key holds the same layout or a newer plan's config.
+
+        True when the key now holds the desired layout; False when it holds a newer plan's config.
+        """
         kv = await self.kv()
         key = subjects.node_config_key(desired.node)
         for _ in range(CAS_ATTEMPTS):
@@ -88,10 +106,10 @@ class ConfigPublisherService:
                         entry.revision,
                         str(error).splitlines()[0],
                     )
-            if current is not None and (
-                current.same_layout(desired) or current.plan_sequence > desired.plan_sequence
-            ):
-                return
+            if current is not None and current.plan_sequence > desired.plan_sequence:
+                return False
+            if current is not None and current.same_layout(desired):
+                return True
             try:
                 if entry is None:
                     revision = await kv.create(key, desired.model_dump_json().encode())
@@ -107,7 +125,7 @@ class ConfigPublisherService:
             log.info(
                 "node %s: config of plan %s published (revision %d)", desired.node, desired.plan_id, revision
             )
-            return
+            return True
         raise TransientError(
             f"node {desired.node}: the config key kept changing under {CAS_ATTEMPTS} attempts"
         )

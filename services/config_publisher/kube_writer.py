@@ -1,0 +1,352 @@
+"""The config publisher's Kubernetes compatibility writes, with kubernetes-asyncio.
+
+Where it sits: the effectful half of compatibility mode (the pure half is `render`); the config
+publisher calls it after the node-config KV bucket, which stays the main path. It writes what
+clusters built around nebuly's device-plugin fork and GPU Operator read:
+
+- with a ConfigMap (`--compat-configmap NAMESPACE/NAME`): each node's device-plugin config under
+  its own key, then the node's `nvidia.com/device-plugin.config` label naming that key;
+- with node labels (default on): `nvidia.com/gpu.sharing-strategy`, `nvidia.com/gpu.replicas` and
+  nos's `nos.nebuly.com/status-gpu-*` annotations on each node.
+
+For a batch of nodes it (1) reads every node, skipping with a warning a node that does not exist,
+so a missing node never gets a key; (2) sets each node's key in the ConfigMap, creating the
+ConfigMap if absent, and removes only keys that `render.key_owner` names as that node's, except
+the one its label still points at; (3) reads the ConfigMap back and flips the label of each node
+whose key it holds: the label never names a key the API server does not hold, with no sleep;
+(4) removes the node's previous key, leaving one key per node. Every write is compare-and-set (a
+ConfigMap replace or a node merge patch carrying the resourceVersion it read), retried on 409 with
+a bounded, jittered backoff after a fresh read, and skipped when it would change nothing; a
+rendering this writer already applied, or one from an older plan, costs no request at all.
+
+It never deletes a ConfigMap key it cannot attribute to a node by exact name (never by prefix, so
+`node-1` never touches `node-10`'s key, nor the fork's `default`), never touches other labels or
+annotations, and never sleeps to wait for anyone. A failure on one node never stops the others;
+an unreachable API server ends the batch at once (every other node would wait out the same
+timeout) and is logged once per outage. The ConfigMap only reaches the API server: the kubelet
+copies it into the device plugin's volume later, and the fork's config-manager restarts (and so
+retries) while its volume lacks the key (nos.md §2.4); nothing here can observe that copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import aiohttp
+import anyio
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from events.plans import NodeLayout
+from services.config_publisher.render import (
+    DEVICE_PLUGIN_CONFIG_LABEL,
+    NodeRendering,
+    key_owner,
+    metadata_patch,
+    owner_tag,
+    render_node,
+)
+
+log = logging.getLogger(__name__)
+
+CAS_ATTEMPTS = 5
+BACKOFF_SECONDS = 0.05
+REQUEST_TIMEOUT = 10
+MERGE_PATCH = "application/merge-patch+json"
+
+T = TypeVar("T")
+
+
+class ConflictError(Exception):
+    """An object kept changing between our read and our write, every attempt."""
+
+
+class ApiUnreachableError(Exception):
+    """The API server could not be reached (connection refused, reset, or timed out)."""
+
+
+def parse_configmap(text: str) -> tuple[str, str]:
+    """`NAMESPACE/NAME` as (namespace, name)."""
+    namespace, separator, name = text.partition("/")
+    if not separator or not namespace or not name or "/" in name:
+        raise ValueError(f"{text!r} is not NAMESPACE/NAME")
+    return namespace, name
+
+
+def _keep(key: str, wanted: Mapping[str, str], selected: Mapping[str, str]) -> bool:
+    """Whether a ConfigMap key survives a write of the nodes in `wanted` (owner tag -> new key):
+    every key of another node or of no node does, and of a written node's keys only the new one
+    and the one its label selects now (in `selected`, owner tag -> key)."""
+    owner = key_owner(key)
+    if owner is None or owner not in wanted:
+        return True
+    return key in (wanted[owner], selected.get(owner))
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, ApiException):
+        return f"API answered {error.status} {error.reason}"
+    return str(error) or type(error).__name__
+
+
+class CompatibilityWriter:
+    """Writes the compatibility view of nodes' layouts; see the module docstring.
+
+    `namespace` and `configmap_name` (both or neither) select the device-plugin ConfigMap;
+    `node_labels` writes the GPU Operator labels and nos status annotations. The
+    `nvidia.com/device-plugin.config` label is written exactly when there is a ConfigMap.
+    """
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        namespace: str | None = None,
+        configmap_name: str | None = None,
+        *,
+        node_labels: bool = True,
+        attempts: int = CAS_ATTEMPTS,
+        backoff: float = BACKOFF_SECONDS,
+    ) -> None:
+        if (namespace is None) != (configmap_name is None):
+            raise ValueError("give both the ConfigMap's namespace and its name, or neither")
+        if namespace is None and not node_labels:
+            raise ValueError("nothing to write: no ConfigMap and no node labels")
+        self.core = client.CoreV1Api(api)
+        self.namespace = namespace
+        self.configmap_name = configmap_name
+        self.node_labels = node_labels
+        self.attempts = attempts
+        self.backoff = backoff
+        self._applied: dict[str, tuple[int, NodeRendering]] = {}
+        self._unreachable = False
+
+    @property
+    def uses_configmap(self) -> bool:
+        return self.configmap_name is not None
+
+    def _pending(self, layouts: Mapping[str, NodeLayout], version: int) -> dict[str, NodeRendering]:
+        """The renderings that differ from what this writer applied, unless from an older plan."""
+        pending = {}
+        for node, layout in sorted(layouts.items()):
+            rendering = render_node(node, layout)
+            applied = self._applied.get(node)
+            if applied is None or (version >= applied[0] and applied[1] != rendering):
+                pending[node] = rendering
+            elif applied[1] == rendering and version > applied[0]:
+                self._applied[node] = (version, rendering)
+        return pending
+
+    async def write(self, layouts: Mapping[str, NodeLayout], version: int) -> dict[str, str]:
+        """Bring these nodes to their layouts; `version` orders calls (the plan's stream sequence).
+
+        Returns the reason for every node that could not be written (a node that does not exist
+        is skipped, not failed). A node that failed is tried again by the next call.
+        """
+        renderings = self._pending(layouts, version)
+        failures: dict[str, str] = {}
+        try:
+            await self._write(renderings, version, failures)
+        except ApiUnreachableError as error:
+            if not self._unreachable:
+                self._unreachable = True
+                log.warning("Kubernetes API unreachable (%s): compatibility writes wait for it", error)
+            for node, rendering in renderings.items():
+                if node not in failures and self._applied.get(node) != (version, rendering):
+                    failures[node] = f"Kubernetes API unreachable: {error}"
+        return failures
+
+    async def _request(self, call: Awaitable[T]) -> T:
+        try:
+            result = await call
+        except ApiException:
+            self._reached()
+            raise
+        except (aiohttp.ClientConnectionError, TimeoutError) as error:
+            raise ApiUnreachableError(_reason(error)) from error
+        self._reached()
+        return result
+
+    def _reached(self) -> None:
+        if self._unreachable:
+            self._unreachable = False
+            log.info("Kubernetes API reachable again")
+
+    async def _pause(self, attempt: int) -> None:
+        await anyio.sleep(self.backoff * 2**attempt * random.uniform(0.5, 1.0))
+
+    def _fail(self, failures: dict[str, str], node: str, reason: str) -> None:
+        log.warning("node %s: compatibility config not written: %s", node, reason)
+        failures[node] = reason
+
+    async def _write(
+        self, renderings: Mapping[str, NodeRendering], version: int, failures: dict[str, str]
+    ) -> None:
+        nodes: dict[str, client.V1Node] = {}
+        for name in renderings:
+            try:
+                nodes[name] = await self._request(self.core.read_node(name, _request_timeout=REQUEST_TIMEOUT))
+            except ApiException as error:
+                if error.status == 404:
+                    log.warning("node %s: not found; no compatibility config written for it", name)
+                else:
+                    self._fail(failures, name, f"reading the node: {_reason(error)}")
+        ready = sorted(nodes)
+        if self.uses_configmap and ready:
+            ready = await self._store_configs({name: renderings[name] for name in ready}, nodes, failures)
+        labelled = []
+        for name in ready:
+            try:
+                if await self._patch_node(nodes[name], renderings[name]):
+                    labelled.append(name)
+                else:
+                    log.warning("node %s: deleted while being written; skipped", name)
+            except (ApiException, ConflictError) as error:
+                self._fail(failures, name, f"patching the node: {_reason(error)}")
+        if self.uses_configmap and labelled:
+            current = {owner_tag(name): renderings[name].config_key for name in labelled}
+
+            def drop_previous(data: dict[str, str]) -> dict[str, str]:
+                return {key: text for key, text in data.items() if _keep(key, current, {})}
+
+            try:
+                await self._update_configmap(drop_previous)
+            except (ApiException, ConflictError) as error:
+                for name in labelled:
+                    self._fail(failures, name, f"removing its previous ConfigMap key: {_reason(error)}")
+                return
+        for name in labelled:
+            self._applied[name] = (version, renderings[name])
+
+    async def _store_configs(
+        self,
+        renderings: Mapping[str, NodeRendering],
+        nodes: Mapping[str, client.V1Node],
+        failures: dict[str, str],
+    ) -> list[str]:
+        """Sets each node's key, then reads the ConfigMap back; the nodes whose key it holds."""
+        wanted = {owner_tag(name): rendering.config_key for name, rendering in renderings.items()}
+        selected = {
+            owner_tag(name): (nodes[name].metadata.labels or {}).get(DEVICE_PLUGIN_CONFIG_LABEL, "")
+            for name in renderings
+        }
+
+        def put(data: dict[str, str]) -> dict[str, str]:
+            updated = {key: text for key, text in data.items() if _keep(key, wanted, selected)}
+            updated.update((r.config_key, r.config_yaml) for r in renderings.values())
+            return updated
+
+        where = f"ConfigMap {self.namespace}/{self.configmap_name}"
+        try:
+            await self._update_configmap(put)
+            held = (await self._read_configmap()).data or {}
+        except (ApiException, ConflictError) as error:
+            for name in renderings:
+                self._fail(failures, name, f"{where}: {_reason(error)}")
+            return []
+        ready = []
+        for name, rendering in sorted(renderings.items()):
+            if held.get(rendering.config_key) == rendering.config_yaml:
+                ready.append(name)
+            else:
+                self._fail(failures, name, f"{where} lost key {rendering.config_key} to another writer")
+        return ready
+
+    async def _read_configmap(self) -> client.V1ConfigMap:
+        assert self.configmap_name is not None and self.namespace is not None
+        return await self._request(
+            self.core.read_namespaced_config_map(
+                self.configmap_name, self.namespace, _request_timeout=REQUEST_TIMEOUT
+            )
+        )
+
+    async def _update_configmap(self, change: Callable[[dict[str, str]], dict[str, str]]) -> None:
+        """Replaces the ConfigMap's data with `change(data)`, compare-and-set; creates it if absent
+        (unless `change({})` is empty)."""
+        assert self.configmap_name is not None and self.namespace is not None
+        for attempt in range(self.attempts):
+            if attempt:
+                await self._pause(attempt)
+            try:
+                current = await self._read_configmap()
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+                data = change({})
+                if not data:
+                    return
+                body = client.V1ConfigMap(
+                    metadata=client.V1ObjectMeta(name=self.configmap_name, namespace=self.namespace),
+                    data=data,
+                )
+                try:
+                    await self._request(
+                        self.core.create_namespaced_config_map(
+                            self.namespace, body, _request_timeout=REQUEST_TIMEOUT
+                        )
+                    )
+                    return
+                except ApiException as create_error:
+                    if create_error.status != 409:  # AlreadyExists: someone else created it; re-read
+                        raise
+                    continue
+            data = dict(current.data or {})
+            wanted = change(data)
+            if wanted == data:
+                return
+            current.data = wanted
+            try:
+                await self._request(
+                    self.core.replace_namespaced_config_map(
+                        self.configmap_name, self.namespace, current, _request_timeout=REQUEST_TIMEOUT
+                    )
+                )
+                return
+            except ApiException as error:
+                if error.status != 409:
+                    raise
+        raise ConflictError(
+            f"ConfigMap {self.namespace}/{self.configmap_name} kept changing under {self.attempts} attempts"
+        )
+
+    async def _patch_node(self, node: client.V1Node, rendering: NodeRendering) -> bool:
+        """Merge-patches the node's labels and annotations, compare-and-set; False if it is gone."""
+        name = rendering.node
+        for attempt in range(self.attempts):
+            if attempt:
+                await self._pause(attempt)
+                try:
+                    node = await self._request(self.core.read_node(name, _request_timeout=REQUEST_TIMEOUT))
+                except ApiException as error:
+                    if error.status == 404:
+                        return False
+                    raise
+            metadata = node.metadata
+            patch: dict[str, Any] = metadata_patch(
+                rendering,
+                metadata.labels or {},
+                metadata.annotations or {},
+                config_label=self.uses_configmap,
+                node_labels=self.node_labels,
+            )
+            if not patch:
+                return True
+            body = {"metadata": {**patch, "resourceVersion": metadata.resource_version}}
+            try:
+                await self._request(
+                    self.core.patch_node(
+                        name,
+                        body,
+                        _content_type=MERGE_PATCH,  # type: ignore[call-arg]
+                        _request_timeout=REQUEST_TIMEOUT,
+                    )
+                )
+                return True
+            except ApiException as error:
+                if error.status == 404:
+                    return False
+                if error.status != 409:
+                    raise
+        raise ConflictError(f"node {name} kept changing under {self.attempts} attempts")
