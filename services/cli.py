@@ -11,6 +11,10 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.pod_watcher.translate import OptInLabel
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
@@ -31,6 +35,30 @@ def _kube(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _opt_in_label(text: str) -> OptInLabel:
+    from services.pod_watcher.translate import OptInLabel
+
+    try:
+        return OptInLabel.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def _uid(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a user id (a whole number, 0 or more)")
+    return int(text)
+
+
+def _configmap(text: str) -> tuple[str, str]:
+    from services.config_publisher.kube_writer import parse_configmap
+
+    try:
+        return parse_configmap(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpsflow", description="Automatic NVIDIA MPS GPU partitioning for Kubernetes"
@@ -42,8 +70,46 @@ def build_parser() -> argparse.ArgumentParser:
     watcher = services.add_parser("pod-watcher", help="watch pods and nodes, publish their state")
     _common(watcher)
     _kube(watcher)
+    watcher.add_argument(
+        "--opt-in-label",
+        type=_opt_in_label,
+        default=os.environ.get("MPSFLOW_OPT_IN_LABEL", "nos.nebuly.com/gpu-partitioning=mps"),
+        metavar="KEY=VALUE",
+        help="the node label that opts a node in (env MPSFLOW_OPT_IN_LABEL); a key in the "
+        "nos.nebuly.com domain also matches its nos.nebuly.ai twin",
+    )
+    watcher.add_argument(
+        "--require-host-ipc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reject slice pods without hostIPC: true, as MPS clients share /dev/shm with the server "
+        "(default: on)",
+    )
+    watcher.add_argument(
+        "--mps-user",
+        type=_uid,
+        metavar="UID",
+        help="reject slice pods whose effective runAsUser is not this UID, the MPS servers' user "
+        "(default: not checked)",
+    )
     _common(services.add_parser("planner", help="fold events into state and publish plans"))
-    _common(services.add_parser("config-publisher", help="write each node's desired MPS config"))
+    publisher = services.add_parser("config-publisher", help="write each node's desired MPS config")
+    _common(publisher)
+    _kube(publisher)
+    publisher.add_argument(
+        "--compat-configmap",
+        type=_configmap,
+        metavar="NAMESPACE/NAME",
+        help="also write each node's config for nebuly's device-plugin fork into this ConfigMap and "
+        "point the node's nvidia.com/device-plugin.config label at it (default: off)",
+    )
+    publisher.add_argument(
+        "--no-node-labels",
+        dest="node_labels",
+        action="store_false",
+        help="do not write the nvidia.com/gpu.sharing-strategy and nvidia.com/gpu.replicas labels "
+        "and the nos.nebuly.com/status-gpu-* annotations on nodes",
+    )
     agent = services.add_parser(
         "node-agent", help="apply a node's MPS config and serve its slices to the kubelet"
     )
@@ -85,7 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scenario", type=Path, help="YAML or JSON scenario (default: the built-in one)")
     demo.add_argument("--json", type=Path, dest="json_out", help="write the summary here")
     demo.add_argument(
+        "--audit-log",
+        type=Path,
+        metavar="FILE",
+        help="write every request the API emulator served here, one JSON object a line",
+    )
+    demo.add_argument(
         "--record", type=Path, help="also write every event of the run here (for `mpsflow replay`)"
+    )
+    demo.add_argument(
+        "--compat",
+        action="store_true",
+        help="also write nebuly's device-plugin ConfigMap (mpsflow/nos-device-plugin-configs) and "
+        "each node's nvidia.com/device-plugin.config label, and print them at the end",
     )
     return parser
 
@@ -103,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from simulation.demo import demo_command
 
-        return demo_command(args.scenario, args.json_out, args.record)
+        return demo_command(args.scenario, args.json_out, args.record, args.audit_log, args.compat)
     return run_command(args)
 
 
@@ -172,26 +250,28 @@ def run_command(args: argparse.Namespace) -> int:
 
     service: str = args.service
     if service == "pod-watcher":
-        run_service("mpsflow-pod-watcher", lambda: _pod_watcher(args.nats_url, args.kube_url))
+        run_service("mpsflow-pod-watcher", lambda: _pod_watcher(args))
     elif service == "planner":
         run_service("mpsflow-planner", lambda: _planner(args.nats_url))
     elif service == "config-publisher":
-        run_service("mpsflow-config-publisher", lambda: _config_publisher(args.nats_url))
+        run_service("mpsflow-config-publisher", lambda: _config_publisher(args))
     else:
         run_service("mpsflow-node-agent", lambda: _node_agent(args), **{"k8s.node.name": args.node})
     return 0
 
 
-async def _pod_watcher(nats_url: str, kube_url: str | None) -> None:
+async def _pod_watcher(args: argparse.Namespace) -> None:
     from events.jetstream import EventBus
     from services.kit.kube import api_client
-    from services.pod_watcher.service import PodWatcherService
+    from services.pod_watcher.service import PodWatcherService, WatcherSettings
+    from services.pod_watcher.translate import MpsClientRules
 
-    bus = await EventBus.connect(nats_url, source="pod-watcher")
-    api = await api_client(kube_url, os.environ.get("MPSFLOW_KUBE_TOKEN"))
+    settings = WatcherSettings(args.opt_in_label, MpsClientRules(args.require_host_ipc, args.mps_user))
+    bus = await EventBus.connect(args.nats_url, source="pod-watcher")
+    api = await api_client(args.kube_url, os.environ.get("MPSFLOW_KUBE_TOKEN"))
     api.user_agent = "mpsflow-pod-watcher"
     try:
-        await PodWatcherService(bus, api).run()
+        await PodWatcherService(bus, api, settings).run()
     finally:
         await api.close()
         await bus.close()
@@ -213,15 +293,36 @@ async def _planner(nats_url: str) -> None:
         await bus.close()
 
 
-async def _config_publisher(nats_url: str) -> None:
-    from events.jetstream import EventBus
-    from services.config_publisher.service import ConfigPublisherService
+async def _config_publisher(args: argparse.Namespace) -> None:
+    import logging
 
-    bus = await EventBus.connect(nats_url, source="config-publisher")
+    from kubernetes_asyncio.config import ConfigException
+
+    from events.jetstream import EventBus
+    from services.config_publisher.kube_writer import CompatibilityWriter
+    from services.config_publisher.service import ConfigPublisherService
+    from services.kit.kube import api_client
+
+    namespace, name = args.compat_configmap or (None, None)
+    api = None
+    if namespace is not None or args.node_labels:
+        try:
+            api = await api_client(args.kube_url, os.environ.get("MPSFLOW_KUBE_TOKEN"))
+        except (ConfigException, OSError) as error:
+            logging.getLogger(__name__).warning(
+                "no Kubernetes API configured (%s): publishing to the node-config KV bucket only", error
+            )
+    writer = None
+    if api is not None:
+        api.user_agent = "mpsflow-config-publisher"
+        writer = CompatibilityWriter(api, namespace, name, node_labels=args.node_labels)
+    bus = await EventBus.connect(args.nats_url, source="config-publisher")
     try:
-        await ConfigPublisherService(bus).consume()
+        await ConfigPublisherService(bus, writer).consume()
     finally:
         await bus.close()
+        if api is not None:
+            await api.close()
 
 
 async def _node_agent(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ on failure and on Ctrl-C too. The same machinery backs the end-to-end tests.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ from events.nodes import NodeGpusReported
 from events.plans import PlanComputed
 from events.pods import PodRejected
 from node_agent.slices import parse_resource_name
+from services.config_publisher.render import DEVICE_PLUGIN_CONFIG_LABEL
 from services.kit.kube import api_client
 from simulation.apiserver import ApiServer
 from simulation.kubelet import RUNS_FOR_ANNOTATION, Kubelet
@@ -47,6 +49,8 @@ from simulation.scheduler import Scheduler
 SERVICES = ("pod-watcher", "planner", "config-publisher")
 READY_TIMEOUT = 30.0
 FAKE_MPS_CONTROL = f"{sys.executable} -m simulation.fake_mps_control"
+COMPAT_CONFIGMAP = ("mpsflow", "nos-device-plugin-configs")
+COMPAT_SETTLE_TIMEOUT = 5.0
 
 
 @dataclass
@@ -163,8 +167,13 @@ async def _play(cluster: Cluster, core: client.CoreV1Api) -> None:
         await core.create_namespaced_pod(item.namespace, manifest, _request_timeout=10)
 
 
-async def start_cluster(scenario: Scenario, stack: AsyncExitStack, say: Callable[[str], None]) -> Cluster:
-    """Start everything but the workload; returns once every node agent has reported."""
+async def start_cluster(
+    scenario: Scenario, stack: AsyncExitStack, say: Callable[[str], None], *, compat: bool = False
+) -> Cluster:
+    """Start everything but the workload; returns once every node agent has reported.
+
+    `compat` makes the config publisher also write nebuly's device-plugin ConfigMap
+    (`COMPAT_CONFIGMAP`) and point each node's `nvidia.com/device-plugin.config` label at it."""
     base = Path(tempfile.mkdtemp(prefix="mpsflow-", dir="/tmp"))
     stack.callback(shutil.rmtree, base, True)
     nats_server = LocalNatsServer(base / "nats").start()
@@ -186,7 +195,9 @@ async def start_cluster(scenario: Scenario, stack: AsyncExitStack, say: Callable
     stack.callback(_stop_processes, cluster)
     say(f"started nats-server on {nats_server.url} and the API emulator on {api.url}")
     for service in SERVICES:
-        _start_process(cluster, service, _service_command(service), f"mpsflow-{service}")
+        extra = ("--compat-configmap", "/".join(COMPAT_CONFIGMAP)) if compat else ()
+        command = _service_command(service, *(extra if service == "config-publisher" else ()))
+        _start_process(cluster, service, command, f"mpsflow-{service}")
     for node in scenario.nodes:
         node_dir = base / "nodes" / node.name
         gpus_file = node_dir / "gpus.json"
@@ -290,14 +301,56 @@ def _table(result: dict[str, Any], out: TextIO) -> None:
         )
 
 
+def _write_request_log(api: ApiServer, path: Path) -> None:
+    """Every request the API emulator recorded, one JSON object a line (for the RBAC audit)."""
+    path.write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in api.request_log))
+
+
+def _compat_view(cluster: Cluster) -> tuple[list[str], dict[str, str | None]]:
+    """The compatibility ConfigMap's keys, and each node's `nvidia.com/device-plugin.config` label."""
+    namespace, name = COMPAT_CONFIGMAP
+    configmaps = [c for c in cluster.api.objects("configmaps", namespace) if c["metadata"]["name"] == name]
+    keys = sorted(configmaps[0].get("data") or {}) if configmaps else []
+    labels = {
+        node["metadata"]["name"]: (node["metadata"].get("labels") or {}).get(DEVICE_PLUGIN_CONFIG_LABEL)
+        for node in cluster.api.objects("nodes")
+    }
+    return keys, labels
+
+
+async def _show_compat(cluster: Cluster, say: Callable[[str], None]) -> None:
+    """Prints the compatibility ConfigMap's keys and the node labels that select them, once every
+    node's label names a key of the ConfigMap and no node has a key left over (or after a while)."""
+    with anyio.move_on_after(COMPAT_SETTLE_TIMEOUT):
+        while True:
+            keys, labels = _compat_view(cluster)
+            if all(label in keys for label in labels.values()) and len(keys) == len(labels):
+                break
+            await anyio.sleep(0.1)
+    keys, labels = _compat_view(cluster)
+    say(f"\ndevice-plugin ConfigMap {'/'.join(COMPAT_CONFIGMAP)}: {len(keys)} keys")
+    for key in keys:
+        say(f"  {key}")
+    for node, label in sorted(labels.items()):
+        shown = label if label in keys else f"{label} (NOT in the ConfigMap)"
+        say(f"  {node:10} {DEVICE_PLUGIN_CONFIG_LABEL}={shown}")
+
+
 async def run_demo(
-    scenario: Scenario, out: TextIO, json_out: Path | None = None, record: Path | None = None
+    scenario: Scenario,
+    out: TextIO,
+    json_out: Path | None = None,
+    record: Path | None = None,
+    audit_log: Path | None = None,
+    compat: bool = False,
 ) -> int:
     def say(line: str) -> None:
         print(line, file=out, flush=True)
 
     async with AsyncExitStack() as stack:
-        cluster = await start_cluster(scenario, stack, say)
+        cluster = await start_cluster(scenario, stack, say, compat=compat)
+        if audit_log is not None:
+            stack.callback(_write_request_log, cluster.api, audit_log)
         settled = False
         async with anyio.create_task_group() as group:
             for kubelet in cluster.kubelets.values():
@@ -342,6 +395,8 @@ async def run_demo(
                 await anyio.Path(record).write_text("".join(e.model_dump_json() + "\n" for e in recorded))
             group.cancel_scope.cancel()
         _table(result, out)
+        if compat:
+            await _show_compat(cluster, say)
         if json_out is not None:
             await anyio.Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
             say(f"\nsummary written to {json_out}")
@@ -368,14 +423,22 @@ def _progress(cluster: Cluster) -> str:
     )
 
 
-def demo_command(scenario_path: Path | None, json_out: Path | None, record: Path | None = None) -> int:
+def demo_command(
+    scenario_path: Path | None,
+    json_out: Path | None,
+    record: Path | None = None,
+    audit_log: Path | None = None,
+    compat: bool = False,
+) -> int:
     try:
         scenario = load_scenario(scenario_path)
     except ScenarioError as error:
         print(f"mpsflow demo: {error}", file=sys.stderr)
         return 2
     try:
-        return anyio.run(run_demo, scenario, sys.stdout, json_out, record, backend="asyncio")
+        return anyio.run(
+            run_demo, scenario, sys.stdout, json_out, record, audit_log, compat, backend="asyncio"
+        )
     except KeyboardInterrupt:
         print("\ninterrupted; everything the demo started has been stopped", file=sys.stderr)
         return 130

@@ -8,7 +8,6 @@ rule it broke; and the final layouts must keep the plan contract's invariants.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections import Counter
@@ -34,13 +33,10 @@ def run_demo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[st
     )
 
 
-@pytest.fixture(scope="module")
-def summary(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("demo") / "summary.json"
-    finished = run_demo("--json", str(out))
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    loaded: dict[str, Any] = json.loads(out.read_text())
-    return loaded
+@pytest.fixture
+def summary(demo_summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary of the session's one demo run (tests/e2e/conftest.py)."""
+    return demo_summary
 
 
 def test_the_built_in_scenario_is_as_big_as_promised() -> None:

@@ -1,4 +1,7 @@
-"""The manifests in k8s/ hang together and start the commands that exist."""
+"""The manifests in k8s/ hang together, start the commands that exist and grant least privilege.
+
+Their schema is checked in test_manifests_schema.py; that each service uses only what its RBAC
+grants is audited in tests/e2e/test_rbac.py."""
 
 from __future__ import annotations
 
@@ -52,12 +55,61 @@ def test_each_service_runs_a_real_command_under_its_own_service_account(workload
     assert parsed.command == "run"
 
 
-def test_only_the_pod_watcher_may_read_the_kubernetes_api() -> None:
-    bound = {d["subjects"][0]["name"] for d in documents() if d["kind"].endswith("RoleBinding")}
-    assert bound == {"mpsflow-pod-watcher"}
+def test_only_the_services_that_use_the_kubernetes_api_get_a_token_and_roles() -> None:
+    bound = {s["name"] for d in documents() if d["kind"].endswith("RoleBinding") for s in d["subjects"]}
+    assert bound == {"mpsflow-pod-watcher", "mpsflow-config-publisher"}
     for document in documents():
-        if document["kind"] == "ServiceAccount" and document["metadata"]["name"] not in bound:
-            assert document.get("automountServiceAccountToken") is False, document["metadata"]["name"]
+        if document["kind"] == "ServiceAccount":
+            name = document["metadata"]["name"]
+            assert document.get("automountServiceAccountToken", True) is (name in bound), name
+
+
+def test_every_binding_binds_an_existing_role_to_existing_service_accounts() -> None:
+    accounts = {
+        (d["metadata"]["namespace"], d["metadata"]["name"])
+        for d in documents()
+        if d["kind"] == "ServiceAccount"
+    }
+    roles = {
+        (d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"])
+        for d in documents()
+        if d["kind"] in ("Role", "ClusterRole")
+    }
+    bindings = [d for d in documents() if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    assert bindings
+    for binding in bindings:
+        namespace = binding["metadata"].get("namespace")
+        ref = binding["roleRef"]
+        assert ref["apiGroup"] == "rbac.authorization.k8s.io", binding["metadata"]["name"]
+        if binding["kind"] == "ClusterRoleBinding":
+            assert ref["kind"] == "ClusterRole", binding["metadata"]["name"]
+        role_namespace = namespace if ref["kind"] == "Role" else None
+        assert (ref["kind"], role_namespace, ref["name"]) in roles, binding["metadata"]["name"]
+        for subject in binding["subjects"]:
+            assert subject["kind"] == "ServiceAccount", binding["metadata"]["name"]
+            assert (subject.get("namespace", namespace), subject["name"]) in accounts, subject
+
+
+def rbac_rules() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (d["metadata"]["name"], rule)
+        for d in documents()
+        if d["kind"] in ("Role", "ClusterRole")
+        for rule in d["rules"]
+    ]
+
+
+def test_no_rule_grants_by_wildcard() -> None:
+    for role, rule in rbac_rules():
+        for field in ("apiGroups", "resources", "verbs", "resourceNames"):
+            assert "*" not in rule.get(field, []), (role, field)
+
+
+def test_resource_names_restrict_only_verbs_whose_request_names_an_object() -> None:
+    """create, list, watch and deletecollection name no object: resourceNames would refuse them."""
+    for role, rule in rbac_rules():
+        if rule.get("resourceNames"):
+            assert not {"create", "list", "watch", "deletecollection"} & set(rule["verbs"]), role
 
 
 def test_the_node_agent_only_runs_on_opted_in_nodes() -> None:
