@@ -103,9 +103,12 @@ class _GpuPlan:
     changed: bool = False
     allocated: int = 0
     unclaimed: Counter[int] = field(default_factory=Counter)
+    bindable: frozenset[int] = frozenset()
 
     @classmethod
-    def of(cls, order: int, node: Node, gpu: Gpu, settings: PlanSettings) -> _GpuPlan:
+    def of(
+        cls, order: int, node: Node, gpu: Gpu, settings: PlanSettings, bindable: frozenset[int]
+    ) -> _GpuPlan:
         count = len(gpu.slices)
         plan = cls(
             order,
@@ -116,6 +119,7 @@ class _GpuPlan:
             list(gpu.slices),
             [None] * count,
             [False] * count,
+            bindable=bindable,
         )
         unclaimed: Counter[int] = Counter()
         for piece in plan.slices:
@@ -139,6 +143,7 @@ class _GpuPlan:
             self.changed,
             self.allocated,
             Counter(self.unclaimed),
+            self.bindable,
         )
 
     @property
@@ -147,8 +152,10 @@ class _GpuPlan:
 
     @property
     def potential(self) -> int:
-        """Memory a pod could get here by reclaiming every free slice nobody claimed."""
-        return self.room + sum(size * count for size, count in self.unclaimed.items())
+        """Memory a pod could get here by reclaiming every free slice it may reclaim."""
+        return self.room + sum(
+            size * count for size, count in self.unclaimed.items() if size not in self.bindable
+        )
 
     def _shed_excess(self) -> None:
         """Drop free slices, largest first, until the GPU is within capacity and the client limit."""
@@ -202,7 +209,11 @@ class _GpuPlan:
     def reclaim_and_carve(self, size_gb: int, needed: Counter[int], owner: str) -> bool:
         """Reclaim unclaimed free slices (unneeded, then larger ones first) and carve; False if it cannot."""
         candidates = sorted(
-            (p for p, s in enumerate(self.slices) if not s.used and self.owners[p] is None),
+            (
+                p
+                for p, s in enumerate(self.slices)
+                if not s.used and self.owners[p] is None and s.size_gb not in self.bindable
+            ),
             key=lambda p: (needed[self.slices[p].size_gb] > 0, -self.slices[p].size_gb, p),
         )
         room, count, removed = self.room, len(self.slices), []
@@ -265,7 +276,9 @@ class _Cluster:
         room = gpu.room if can_take else None
         self.carve_changed.set(gpu.order, room if gpu.changed else None)
         self.carve_unchanged.set(gpu.order, None if gpu.changed else room)
-        reclaimable = gpu.can_carve and any(count > 0 for count in gpu.unclaimed.values())
+        reclaimable = gpu.can_carve and any(
+            count > 0 and size not in gpu.bindable for size, count in gpu.unclaimed.items()
+        )
         self.reclaim.set(gpu.order, gpu.potential if reclaimable else None)
 
     def _take_exact(self, size_gb: int, exclude: int | None = None) -> _GpuPlan | None:
@@ -475,6 +488,10 @@ def _trivial_reason(pod: PendingPod, largest: int, any_gpu: bool) -> str | None:
 
 def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: PlanSettings) -> PlanRun:
     """`plan_cluster`, keeping what `extend_run` needs."""
+    pending = list(pending)
+    # A free slice of a size some pending pod asks for is offered to the scheduler, which may bind
+    # that pod to it at any moment, whatever this plan intends: such a slice is never reclaimed.
+    bindable = frozenset(pod.size_gb for pod in pending)
     excluded: dict[str, str] = {}
     gpus: list[_GpuPlan] = []
     for node in sorted(nodes, key=lambda n: n.name):
@@ -483,7 +500,7 @@ def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: Pla
             excluded[node.name] = reason
             continue
         for gpu in sorted(node.gpus, key=lambda g: g.index):
-            gpus.append(_GpuPlan.of(len(gpus), node, gpu, settings))
+            gpus.append(_GpuPlan.of(len(gpus), node, gpu, settings, bindable))
     cluster = _Cluster(gpus)
 
     unplaced: dict[str, str] = {}

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from random import Random
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from services.planner.core.model import (
@@ -389,11 +389,21 @@ def test_free_slices_beyond_capacity_do_not_exclude_the_node(gpu_state: Gpu) -> 
     assert_plan_invariants(nodes, [pod("p", 1)], result, plan_settings)
 
 
-def test_lower_priority_pod_does_not_starve_a_higher_one_through_exact_reuse() -> None:
+def test_a_higher_priority_pod_gets_reclaimed_memory_nobody_can_bind_to() -> None:
     nodes = [node("n", gpu(0, 20, "10f"))]
-    result = plan(nodes, [pod("high", 20, priority=10), pod("low", 10, priority=0)])
+    result = plan(nodes, [pod("high", 20, priority=10), pod("other", 5, priority=0)])
     assert where(result) == {"default/high": ("n", 0)}
     assert layout_specs(result) == {"n": {0: "20f"}}
+
+
+def test_a_free_slice_a_pending_pod_can_be_bound_to_is_never_reclaimed() -> None:
+    # The scheduler sees the free 10 GiB slice and may bind "low" to it at any moment: reclaiming it
+    # for "high" would fail that pod at admission. "high" waits for memory that no one can take.
+    nodes = [node("n", gpu(0, 20, "10f"))]
+    result = plan(nodes, [pod("high", 20, priority=10), pod("low", 10, priority=0)])
+    assert where(result) == {"default/low": ("n", 0)}
+    assert layout_specs(result) == {"n": {0: "10f"}}
+    assert "capacity exhausted" in result.unplaced["default/high"]
 
 
 # --- nos regressions (reference/nos.md §3.12) ------------------------------------------------------------
@@ -598,8 +608,13 @@ def apply_plan(
 @PROPERTY
 @given(clusters())
 def test_planning_again_after_the_plan_took_effect_changes_nothing(cluster: Cluster) -> None:
+    """The planned slices exist and the placed pods hold theirs. (Once they bind, slices of their
+    size that no pending pod can take any more may be reclaimed: that is a new state.)"""
     nodes, pods, plan_settings = cluster
     first = plan_cluster(nodes, pods, plan_settings)
+    bound_sizes = {p.size_gb for p in pods if p.key in first.placed}
+    waiting_sizes = {p.size_gb for p in pods if p.key not in first.placed}
+    assume(bound_sizes <= waiting_sizes or not first.unplaced)
     applied_nodes, still_pending = apply_plan(nodes, pods, first)
     second = plan_cluster(applied_nodes, still_pending, plan_settings)
     assert_plan_invariants(applied_nodes, still_pending, second, plan_settings)
