@@ -27,7 +27,14 @@ from events.jetstream import EventBus
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from events.tracing import extract, tracer
 from node_agent.device_plugin import SliceDevicePlugin
-from node_agent.mps import DaemonSpec, MpsCommandError, MpsControl, apply_gpu_defaults
+from node_agent.mps import (
+    DaemonSpec,
+    MpsCommandError,
+    MpsControl,
+    apply_gpu_defaults,
+    format_mem_limit,
+    parse_server_list,
+)
 from node_agent.nvml import GpuInventory, GpuReading
 from node_agent.pod_resources import slices_in_use
 from node_agent.reconcile import Refused, gpu_report, reconcile
@@ -210,11 +217,13 @@ class NodeAgent:
         return True
 
     async def apply_daemon_limits(self) -> None:
-        """Cap each GPU's future MPS clients at its largest slice (clients' own limits only go lower).
+        """Cap each GPU's MPS clients at its largest slice (a client's own limit can only go lower).
 
-        A container's pinned limit comes from the environment the device plugin gives it; this
-        default also binds a client that would come without it. Only future servers are affected
-        (peers.md §0.7): running clients keep what they have.
+        A container's pinned limit comes from the environment the device plugin gives it; this cap
+        also binds a client that would come without it. It is the default for servers started
+        later and is set on servers already running too, since a client can only lower the limit
+        of the server it joins: a server started under a smaller cap would hold a bigger slice's
+        new client to it. Clients already connected keep what they have (peers.md §0.7).
         """
         for gpu in self.gpus:
             sizes = [d.size_gb for d in self.devices if d.gpu_index == gpu.index]
@@ -223,10 +232,15 @@ class NodeAgent:
             limit = max(sizes) * MIB_PER_GIB
             if self._daemon_limits.get(gpu.index) == limit:
                 continue
+            daemon = self.daemon(gpu)
             try:
                 await apply_gpu_defaults(
-                    self.mps, self.daemon(gpu), pinned_mem_limit_mib=limit, active_thread_percentage=None
+                    self.mps, daemon, pinned_mem_limit_mib=limit, active_thread_percentage=None
                 )
+                for server in parse_server_list(await self.mps.send(daemon, "get_server_list")):
+                    await self.mps.send(
+                        daemon, f"set_device_pinned_mem_limit {server} 0 {format_mem_limit(limit)}"
+                    )
             except MpsCommandError as error:
                 log.warning("GPU %d: MPS default memory limit not set: %s", gpu.index, error)
                 continue

@@ -32,7 +32,14 @@ from events.nodes import NodeGpusReported
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from node_agent.agent import AgentSettings, NodeAgent
 from node_agent.device_plugin import SliceDevicePlugin
-from node_agent.mps import PID_FILE_NAME, DaemonSpec, MpsCommandError, SubprocessMpsControl, parse_mem_limit
+from node_agent.mps import (
+    PID_FILE_NAME,
+    DaemonSpec,
+    MpsCommandError,
+    SubprocessMpsControl,
+    parse_mem_limit,
+    parse_server_list,
+)
 from node_agent.nvml import NvmlInventory
 from simulation.fake_nvml import FakeDeviceHandle, FakeNvml, SimulatedGpu
 from simulation.kubelet_devices import DeviceManager, PodRef
@@ -474,6 +481,13 @@ async def test_each_daemon_caps_future_clients_at_its_largest_slice_also_after_a
             reply = await node.control.send(node.daemon(index), "get_default_device_pinned_mem_limit 0")
             assert parse_mem_limit(reply) == limit
 
+        # A server already running under the 20 GiB cap is raised with the GPU's new largest slice.
+        await node.control.send(node.daemon(0), "start_server -uid 1000")
+        [server] = parse_server_list(await node.control.send(node.daemon(0), "get_server_list"))
+        await node.apply("plan-2", {0: (10, 30), 1: (5,)})
+        reply = await node.control.send(node.daemon(0), f"get_device_pinned_mem_limit {server} 0")
+        assert parse_mem_limit(reply) == 30720
+
         killed = _daemon_pid(node.daemon(0))
         os.kill(killed, signal.SIGKILL)
         _wait_until_gone(killed)
@@ -484,7 +498,7 @@ async def test_each_daemon_caps_future_clients_at_its_largest_slice_also_after_a
                 reply = await node.control.send(node.daemon(0), "get_default_device_pinned_mem_limit 0")
             except MpsCommandError:
                 return False
-            return parse_mem_limit(reply) == 20480
+            return parse_mem_limit(reply) == 30720
 
         for _ in range(int(WAIT_S / 0.05)):
             if await limit_restored():
