@@ -10,21 +10,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 import nats.errors
 import nats.js.errors
 import pytest
-from nats.js import api as js_api
 from nats.js.kv import KeyValue
 
 from events import subjects
 from events.base import Model
-from events.envelope import Event, decode
 from events.jetstream import Delivery, EventBus
 from events.plans import NodeConfigPublished, NodeLayout, NodeMpsConfig, PlanComputed, SliceSpec
 from services.config_publisher.service import DURABLE, ConfigPublisherService
+from tests.buslog import BusLog as SharedBusLog
 
 pytestmark = pytest.mark.anyio
 
@@ -83,38 +82,7 @@ async def revision_of(kv: KeyValue, node: str) -> int:
 # --- harness ------------------------------------------------------------------------------------
 
 
-class BusLog:
-    """Every event on `mpsflow.>` in stream order, through an ordered push subscription."""
-
-    def __init__(self, bus: EventBus) -> None:
-        self._bus = bus
-        self._subscription: Any = None
-        self.events: list[tuple[str, Event]] = []
-
-    async def __aenter__(self) -> BusLog:
-        self._subscription = await self._bus.js.subscribe(
-            subjects.ALL_EVENTS,
-            ordered_consumer=True,
-            config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL),
-        )
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._subscription.unsubscribe()
-
-    async def settle(self, quiet: float = 0.3) -> None:
-        """Reads until nothing arrived for `quiet` seconds."""
-        with anyio.fail_after(WAIT):
-            while True:
-                try:
-                    message = await self._subscription.next_msg(timeout=quiet)
-                except nats.errors.TimeoutError:
-                    return
-                self.events.append((message.subject, decode(message.data).event))
-
-    def of(self, kind: type[E]) -> list[E]:
-        return [event for _, event in self.events if isinstance(event, kind)]
-
+class BusLog(SharedBusLog):
     def published(self) -> list[tuple[str, str, str]]:
         """(subject, node, plan id) of every `NodeConfigPublished`, in order."""
         return [

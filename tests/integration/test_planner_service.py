@@ -11,22 +11,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
-import nats.errors
 import pytest
-from nats.js import api as js_api
 
 from events import subjects
 from events.base import Model
-from events.envelope import Event, UndecodableMessageError, decode
+from events.envelope import Event
 from events.jetstream import EventBus
 from events.nodes import GpuReport, NodeGpusReported, NodeObserved, NodeOptedOut
 from events.plans import Placement, PlanComputed, SliceSpec
 from events.pods import PodDeleted, PodObserved, PodUnplaced
 from services.planner.core.state import BatchWindow, PlannerSettings
 from services.planner.service import DURABLE, PlannerService
+from tests.buslog import BusLog
 
 pytestmark = pytest.mark.anyio
 
@@ -84,63 +83,6 @@ def key(name: str) -> str:
 
 
 # --- harness ------------------------------------------------------------------------------------
-
-
-class BusLog:
-    """Every event on `mpsflow.>` in stream order, through an ordered push subscription.
-
-    Messages that are not envelopes (the tests' poison) are only noted by subject.
-    """
-
-    def __init__(self, bus: EventBus) -> None:
-        self._bus = bus
-        self._subscription: Any = None
-        self.events: list[tuple[str, Event]] = []
-        self.undecodable: list[str] = []
-
-    async def __aenter__(self) -> BusLog:
-        self._subscription = await self._bus.js.subscribe(
-            subjects.ALL_EVENTS,
-            ordered_consumer=True,
-            config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL),
-        )
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._subscription.unsubscribe()
-
-    async def _read_one(self, wait: float) -> bool:
-        try:
-            message = await self._subscription.next_msg(timeout=wait)
-        except nats.errors.TimeoutError:
-            return False
-        try:
-            self.events.append((message.subject, decode(message.data).event))
-        except UndecodableMessageError:
-            self.undecodable.append(message.subject)
-        return True
-
-    async def wait_for(
-        self, kind: type[E], where: Callable[[E], bool] = lambda _: True, within: float = WAIT
-    ) -> E:
-        """The first event of `kind` (already read or still to come) that satisfies `where`."""
-        checked = 0
-        with anyio.fail_after(within):
-            while True:
-                for _, event in self.events[checked:]:
-                    if isinstance(event, kind) and where(event):
-                        return event
-                checked = len(self.events)
-                await self._read_one(0.05)
-
-    async def settle(self, quiet: float = 0.4) -> None:
-        """Reads until nothing arrived for `quiet` seconds."""
-        with anyio.fail_after(WAIT):
-            while await self._read_one(quiet):
-                pass
-
-    def of(self, kind: type[E]) -> list[E]:
-        return [event for _, event in self.events if isinstance(event, kind)]
 
 
 @asynccontextmanager

@@ -13,15 +13,12 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio
-import nats.errors
 import pytest
 from kubernetes_asyncio import client
-from nats.js import api as js_api
-from nats.js.client import JetStreamContext
 
 from events import subjects
 from events.base import Model
-from events.envelope import Event, decode
+from events.envelope import Event
 from events.jetstream import EventBus
 from events.nodes import GfdFacts, NodeObserved, NodeOptedOut
 from events.pods import PodDeleted, PodObserved, PodRejected, PodUnplaced
@@ -37,6 +34,7 @@ from services.pod_watcher.service import (
 from services.pod_watcher.translate import MpsClientRules, OptInLabel, Rule
 from services.pod_watcher.watching import list_and_watch
 from simulation.apiserver import ApiServer
+from tests.buslog import BusLog as SharedBusLog
 
 pytestmark = pytest.mark.anyio
 
@@ -111,61 +109,15 @@ def plain_pod(name: str) -> Any:
     )
 
 
-class BusLog:
-    """Every event on `mpsflow.>`, in stream order, through an ordered push subscription."""
-
-    def __init__(self, js: JetStreamContext) -> None:
-        self._js = js
-        self._subscription: Any = None
-        self.events: list[tuple[str, Event]] = []
-
-    async def __aenter__(self) -> BusLog:
-        self._subscription = await self._js.subscribe(
-            subjects.ALL_EVENTS,
-            ordered_consumer=True,
-            config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL),
-        )
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._subscription.unsubscribe()
-
-    async def _read_one(self, wait: float) -> bool:
-        try:
-            message = await self._subscription.next_msg(timeout=wait)
-        except nats.errors.TimeoutError:
-            return False
-        self.events.append((message.subject, decode(message.data).event))
-        return True
-
-    async def wait_for(
-        self, kind: type[E], where: Callable[[E], bool] = lambda _: True, within: float = WAIT
-    ) -> E:
-        """The first event of `kind` (already read or still to come) that satisfies `where`."""
-        checked = 0
-        with anyio.fail_after(within):
-            while True:
-                for _, event in self.events[checked:]:
-                    if isinstance(event, kind) and where(event):
-                        return event
-                checked = len(self.events)
-                await self._read_one(0.05)
-
+class BusLog(SharedBusLog):
     async def pod(self, kind: type[P], name: str) -> P:
         return await self.wait_for(kind, lambda event: event.name == name)
 
-    async def settle(self, quiet: float = 0.3) -> None:
-        """Reads until nothing arrived for `quiet` seconds."""
-        while await self._read_one(quiet):
-            pass
-
     def of_pod(self, name: str) -> list[Event]:
-        subject = subjects.pod_subject(NAMESPACE, name)
-        return [event for s, event in self.events if s == subject]
+        return self.on(subjects.pod_subject(NAMESPACE, name))
 
     def of_node(self, name: str) -> list[Event]:
-        subject = subjects.node_subject(name)
-        return [event for s, event in self.events if s == subject]
+        return self.on(subjects.node_subject(name))
 
 
 @asynccontextmanager
@@ -237,7 +189,7 @@ async def test_nodes_and_pods_become_events_on_the_bus(
     await core.create_namespaced_pod(NAMESPACE, slice_pod("before-start"))
     await core.create_namespaced_pod(NAMESPACE, plain_pod("web"))
 
-    async with BusLog(bus.js) as log, watching(bus, api):
+    async with BusLog(bus) as log, watching(bus, api):
         listed = await log.pod(PodObserved, "before-start")
         await core.create_namespaced_pod(NAMESPACE, slice_pod("after-start", "nvidia.com/gpu-20gb"))
         watched = await log.pod(PodObserved, "after-start")
@@ -267,7 +219,7 @@ async def test_a_pod_change_is_published_as_the_new_level(
     bus: EventBus, api: client.ApiClient, core: Any
 ) -> None:
     await core.create_node(gpu_node("a100-1"))
-    async with BusLog(bus.js) as log, watching(bus, api):
+    async with BusLog(bus) as log, watching(bus, api):
         await core.create_namespaced_pod(NAMESPACE, slice_pod("job"))
         await log.pod(PodObserved, "job")
         await core.patch_namespaced_pod_status("job", NAMESPACE, {"status": {"phase": "Running"}})
@@ -283,7 +235,7 @@ async def test_a_rejected_pod_gets_exactly_one_kubernetes_event(
     bus: EventBus, api: client.ApiClient, core: Any, apiserver: ApiServer
 ) -> None:
     await core.create_node(gpu_node("a100-1"))
-    async with BusLog(bus.js) as log, watching(bus, api):
+    async with BusLog(bus) as log, watching(bus, api):
         await core.create_namespaced_pod(NAMESPACE, slice_pod("greedy", "nvidia.com/gpu-10gb", "2"))
         rejection = await log.pod(PodRejected, "greedy")
         first = await wait_for_events(core, "greedy")
@@ -311,7 +263,7 @@ async def test_a_pod_larger_than_every_gpu_is_rejected(
     bus: EventBus, api: client.ApiClient, core: Any
 ) -> None:
     await core.create_node(gpu_node("small", memory_mib=16384))
-    async with BusLog(bus.js) as log, watching(bus, api):
+    async with BusLog(bus) as log, watching(bus, api):
         await core.create_namespaced_pod(NAMESPACE, slice_pod("huge", "nvidia.com/gpu-40gb"))
         rejection = await log.pod(PodRejected, "huge")
         events = await wait_for_events(core, "huge")
@@ -325,7 +277,7 @@ async def test_a_too_large_pod_is_accepted_once_a_large_enough_gpu_opts_in(
     bus: EventBus, api: client.ApiClient, core: Any
 ) -> None:
     await core.create_node(gpu_node("small", memory_mib=16384))
-    async with BusLog(bus.js) as log, watching(bus, api):
+    async with BusLog(bus) as log, watching(bus, api):
         await core.create_namespaced_pod(NAMESPACE, slice_pod("huge", "nvidia.com/gpu-40gb"))
         await log.pod(PodRejected, "huge")
         await core.create_node(gpu_node("big", memory_mib=81920))
@@ -340,7 +292,7 @@ async def test_removing_the_opt_in_label_publishes_node_opted_out(
 ) -> None:
     await core.create_node(gpu_node("a100-1"))
     await core.create_node(gpu_node("a100-2"))
-    async with BusLog(bus.js) as log, watching(bus, api):
+    async with BusLog(bus) as log, watching(bus, api):
         await log.wait_for(NodeObserved, lambda e: e.name == "a100-2")
         await core.patch_node("a100-1", {"metadata": {"labels": {OPT_IN: None}}})
         opted_out = await log.wait_for(NodeOptedOut, lambda e: e.name == "a100-1")
@@ -364,7 +316,7 @@ async def test_the_watcher_uses_its_configured_opt_in_label(
     settings = WatcherSettings(opt_in=OptInLabel("example.com/mps", "on"))
     await core.create_node(gpu_node("custom", opt_in_key="example.com/mps", opt_in_value="on"))
     await core.create_node(gpu_node("nos-labelled"))
-    async with BusLog(bus.js) as log, watching(bus, api, settings):
+    async with BusLog(bus) as log, watching(bus, api, settings):
         await log.wait_for(NodeObserved, lambda e: e.name == "custom")
         await core.patch_node("custom", {"metadata": {"labels": {"example.com/mps": "off"}}})
         opted_out = await log.wait_for(NodeOptedOut, lambda e: e.name == "custom")
@@ -379,7 +331,7 @@ async def test_a_pod_that_cannot_be_an_mps_client_gets_a_warning_event(
 ) -> None:
     settings = WatcherSettings(client_rules=MpsClientRules(mps_user=1000))
     await core.create_node(gpu_node("a100-1"))
-    async with BusLog(bus.js) as log, watching(bus, api, settings):
+    async with BusLog(bus) as log, watching(bus, api, settings):
         await core.create_namespaced_pod(NAMESPACE, slice_pod("isolated", host_ipc=False, user=1000))
         await core.create_namespaced_pod(NAMESPACE, slice_pod("root", user=0))
         await core.create_namespaced_pod(NAMESPACE, slice_pod("client", user=1000))
@@ -406,7 +358,7 @@ async def test_after_a_dropped_watch_later_changes_arrive_once(
     bus: EventBus, api: client.ApiClient, core: Any, apiserver: ApiServer
 ) -> None:
     await core.create_node(gpu_node("a100-1"))
-    async with BusLog(bus.js) as log, watching(bus, api):
+    async with BusLog(bus) as log, watching(bus, api):
         await wait_watching(apiserver, "pods")
         await core.create_namespaced_pod(NAMESPACE, slice_pod("first"))
         await log.pod(PodObserved, "first")
@@ -435,7 +387,7 @@ async def test_after_expired_history_a_pod_deleted_meanwhile_is_published_delete
     bus: EventBus, api: client.ApiClient, core: Any, apiserver: ApiServer
 ) -> None:
     await core.create_node(gpu_node("a100-1"))
-    async with BusLog(bus.js) as log, watching(bus, api):
+    async with BusLog(bus) as log, watching(bus, api):
         await wait_watching(apiserver, "pods")
         await core.create_namespaced_pod(NAMESPACE, slice_pod("doomed"))
         await core.create_namespaced_pod(NAMESPACE, slice_pod("survivor"))
@@ -466,7 +418,7 @@ async def test_a_restarted_watcher_publishes_the_deletion_of_a_pod_deleted_while
 ) -> None:
     await core.create_node(gpu_node("a100-1"))
     await core.create_namespaced_pod(NAMESPACE, slice_pod("short-lived"))
-    async with BusLog(bus.js) as log:
+    async with BusLog(bus) as log:
         async with watching(bus, api):
             await log.pod(PodObserved, "short-lived")
         await core.delete_namespaced_pod("short-lived", NAMESPACE)
@@ -483,7 +435,7 @@ async def test_a_failed_first_list_is_retried_with_backoff(
     apiserver.fail_next("list", "pods", 500)
 
     with caplog.at_level(logging.WARNING, logger="services.pod_watcher.watching"):
-        async with BusLog(bus.js) as log, watching(bus, api):
+        async with BusLog(bus) as log, watching(bus, api):
             started = anyio.current_time()
             await log.pod(PodObserved, "waiting")
             elapsed = anyio.current_time() - started
@@ -500,7 +452,7 @@ async def test_a_failed_node_list_delays_the_pods_until_nodes_are_known(
     await core.create_namespaced_pod(NAMESPACE, slice_pod("big", "nvidia.com/gpu-20gb"))
     apiserver.fail_next("list", "nodes", 503)
 
-    async with BusLog(bus.js) as log, watching(bus, api):
+    async with BusLog(bus) as log, watching(bus, api):
         rejection = await log.pod(PodRejected, "big")
 
     assert rejection.reason == Rule.TOO_LARGE
@@ -511,7 +463,7 @@ async def test_a_failed_event_post_does_not_stop_the_watcher(
     bus: EventBus, api: client.ApiClient, core: Any, apiserver: ApiServer
 ) -> None:
     await core.create_node(gpu_node("a100-1"))
-    async with BusLog(bus.js) as log, watching(bus, api):
+    async with BusLog(bus) as log, watching(bus, api):
         await wait_watching(apiserver, "pods")
         apiserver.fail_next("create", "events", 500)
         await core.create_namespaced_pod(NAMESPACE, slice_pod("bad", "nvidia.com/gpu-0gb"))
@@ -536,7 +488,7 @@ async def test_an_unplaced_pod_gets_one_event_even_when_published_twice(
     )
     subject = subjects.unplaced_subject(NAMESPACE, "queued")
 
-    async with BusLog(bus.js) as log, watching(bus, api):
+    async with BusLog(bus) as log, watching(bus, api):
         await log.pod(PodObserved, "queued")
         await bus.publish(subject, unplaced, message_id="unplaced-1")
         first = await wait_for_events(core, "queued")
