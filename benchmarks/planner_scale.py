@@ -28,15 +28,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
+from benchmarks.folding import T0, envelope, fold_state, pending_pod_event
 from benchmarks.optimum import upper_bound
 from benchmarks.snapshots import generate, write_snapshot
-from events.envelope import Envelope, Event
-from events.nodes import GpuReport, NodeGpusReported, NodeObserved, SliceState
-from events.pods import PodObserved
 from services.planner.core.model import PendingPod, PlanSettings
 from services.planner.core.planning import plan_cluster
 from services.planner.core.state import (
@@ -51,15 +48,6 @@ from services.planner.snapshot import parse_snapshot
 TARGET_WALL_S = 2.0
 TARGET_RSS_BYTES = 1024**3
 TARGET_DECISION_MS = 20.0
-T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
-
-COMPUTE_CAPABILITY = {
-    "NVIDIA-A100-SXM4-40GB": (8, 0),
-    "NVIDIA-A100-SXM4-80GB": (8, 0),
-    "NVIDIA-H100-80GB-HBM3": (9, 0),
-    "NVIDIA-L4": (8, 9),
-    "Tesla-T4": (7, 5),
-}
 
 
 @dataclass(frozen=True)
@@ -98,51 +86,6 @@ def run_plan(path: Path) -> PlanRun:
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
     placed = len(json.loads(done.stdout)["placed"])
     return PlanRun(wall_s=wall, peak_rss_bytes=peak, placed=placed)
-
-
-def _envelope(event: Event, at: datetime, serial: int) -> Envelope:
-    return Envelope(id=f"bench-{serial}", time=at, source="benchmark", event=event)
-
-
-def fold_state(snapshot: dict[str, Any]) -> ClusterState:
-    """The planner service's state for `snapshot`, folded from the envelopes it would receive."""
-    state = ClusterState()
-    serial = 0
-    for node in snapshot["nodes"]:
-        gpus = tuple(
-            GpuReport(
-                index=gpu["index"],
-                uuid=f"GPU-{node['name']}-{gpu['index']}",
-                model=gpu["model"],
-                memory_mib=gpu["memory_mib"],
-                compute_capability=COMPUTE_CAPABILITY.get(gpu["model"], (8, 0)),
-                slices=tuple(
-                    SliceState(id=f"mps-{gpu['index']}-{n}", size_gb=s["size_gb"], used=s["used"])
-                    for n, s in enumerate(gpu["slices"])
-                ),
-            )
-            for gpu in node["gpus"]
-        )
-        for event in (NodeObserved(name=node["name"]), NodeGpusReported(node=node["name"], gpus=gpus)):
-            serial += 1
-            state.apply(_envelope(event, T0, serial))
-    for pod in snapshot["pending_pods"]:
-        serial += 1
-        state.apply(_envelope(_pending(pod), T0, serial))
-    return state
-
-
-def _pending(pod: dict[str, Any]) -> PodObserved:
-    return PodObserved(
-        namespace=pod["namespace"],
-        name=pod["name"],
-        uid=f"uid-{pod['namespace']}-{pod['name']}",
-        resource_version="1",
-        size_gb=pod["size_gb"],
-        priority=pod["priority"],
-        created=datetime.fromisoformat(pod["created"].replace("Z", "+00:00")),
-        phase="Pending",
-    )
 
 
 def _ms(seconds: float) -> str:
@@ -224,9 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "created": (T0 + timedelta(seconds=2 + n)).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
         at = now + timedelta(milliseconds=100 * (n + 1))
-        envelope = _envelope(_pending(pod), at, 10**9 + n)
+        arrival = envelope(pending_pod_event(pod), at, 10**9 + n)
         started = time.perf_counter()
-        state.apply(envelope)
+        state.apply(arrival)
         applied = time.perf_counter()
         plan = planner.compute(state, at)
         finished = time.perf_counter()

@@ -7,7 +7,7 @@ from datetime import timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.planner_scale import T0, fold_state
+from benchmarks.folding import T0, fold_state
 from benchmarks.snapshots import generate
 from events.envelope import Envelope
 from events.pods import PodDeleted, PodObserved
