@@ -290,6 +290,8 @@ class EventBus:
         )
         levels: list[Envelope] = []
         try:
+            if (await subscription.consumer_info()).num_pending == 0:
+                return levels
             while True:
                 try:
                     message = await subscription.next_msg(timeout=0.5)

@@ -34,7 +34,7 @@ from kubernetes_asyncio import client
 from events import subjects
 from events.envelope import UndecodableMessageError, decode
 from events.jetstream import EventBus
-from events.nodes import NodeGpusReported
+from events.nodes import NodeGpusReported, NodeObserved
 from events.plans import PlanComputed
 from events.pods import PodRejected
 from node_agent.slices import parse_resource_name
@@ -58,9 +58,10 @@ class Observed:
     """What the demo learned from the bus."""
 
     reports: dict[str, NodeGpusReported] = field(default_factory=dict)
+    watched: set[str] = field(default_factory=set)
     rejected: dict[str, str] = field(default_factory=dict)
     plans: int = 0
-    all_reported: anyio.Event = field(default_factory=anyio.Event)
+    ready: anyio.Event = field(default_factory=anyio.Event)
 
 
 @dataclass
@@ -142,12 +143,15 @@ async def _observe(cluster: Cluster) -> None:
                 continue
             if isinstance(event, NodeGpusReported):
                 cluster.observed.reports[event.node] = event
-                if set(cluster.observed.reports) >= {node.name for node in cluster.scenario.nodes}:
-                    cluster.observed.all_reported.set()
+            elif isinstance(event, NodeObserved):
+                cluster.observed.watched.add(event.name)
             elif isinstance(event, PodRejected):
                 cluster.observed.rejected[event.key] = f"{event.reason}: {event.message}"
             elif isinstance(event, PlanComputed):
                 cluster.observed.plans += 1
+            nodes = {node.name for node in cluster.scenario.nodes}
+            if set(cluster.observed.reports) >= nodes and cluster.observed.watched >= nodes:
+                cluster.observed.ready.set()  # every node agent reported and the pod watcher is watching
     finally:
         with anyio.CancelScope(shield=True):
             await subscription.unsubscribe()
@@ -360,10 +364,11 @@ async def run_demo(
             group.start_soon(Scheduler(scheduler_api).run)
             group.start_soon(_observe, cluster)
             with anyio.move_on_after(READY_TIMEOUT):
-                await cluster.observed.all_reported.wait()
-            missing = sorted({n.name for n in scenario.nodes} - set(cluster.observed.reports))
+                await cluster.observed.ready.wait()
+            names = {n.name for n in scenario.nodes}
+            missing = sorted((names - set(cluster.observed.reports)) | (names - cluster.observed.watched))
             if missing:
-                say(f"node agents did not report within {READY_TIMEOUT:.0f}s: {', '.join(missing)}")
+                say(f"no GPU report or pod-watcher view within {READY_TIMEOUT:.0f}s of: {', '.join(missing)}")
                 for name, process in cluster.processes.items():
                     if process.poll() is not None:
                         say(f"  {name} exited with status {process.returncode}")

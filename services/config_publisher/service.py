@@ -9,28 +9,35 @@ With a `CompatibilityWriter` it also writes, after the KV bucket (which stays th
 the Kubernetes view of every node whose KV config is the plan's: the device-plugin ConfigMap
 key and label of nebuly's fork, and the GPU Operator labels and nos status annotations. The
 writer costs no request for a node whose rendering it already applied, so only nodes whose
-layout (or, for the status annotations, slice usage) changed are touched, and a node whose
-Kubernetes write failed is written again when the plan comes again.
+layout (or, for the status annotations, slice usage) changed are touched. That write runs
+beside the KV path, so a slow or unreachable API server never delays the node agents; a node
+whose Kubernetes write failed is written again with backoff, and after a restart the latest plan
+is written again.
 """
 
 from __future__ import annotations
 
 import logging
 
+import anyio
+import nats.js.errors
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from events import subjects
-from events.envelope import content_id
+from events.envelope import UndecodableMessageError, content_id, decode
 from events.jetstream import Delivery, EventBus, TransientError
 from events.plans import NodeConfigPublished, NodeLayout, NodeMpsConfig, PlanComputed
 from events.tracing import current_traceparent
 from services.config_publisher.kube_writer import CompatibilityWriter
+from services.kit.signal import Wakeup
 
 log = logging.getLogger(__name__)
 
 DURABLE = "config-publisher"
 CAS_ATTEMPTS = 5
+RETRY_FIRST = 0.2  # seconds before a failed Kubernetes write is tried again; doubles up to RETRY_LONGEST
+RETRY_LONGEST = 10.0
 
 
 def desired_config(plan: PlanComputed, plan_sequence: int, node: str) -> NodeMpsConfig:
@@ -49,6 +56,8 @@ class ConfigPublisherService:
         self.bus = bus
         self.writer = writer
         self._kv: KeyValue | None = None
+        self._kubernetes_due: dict[str, tuple[NodeLayout, int]] = {}
+        self._kubernetes_wakeup = Wakeup()
 
     async def kv(self) -> KeyValue:
         if self._kv is None:
@@ -56,13 +65,57 @@ class ConfigPublisherService:
         return self._kv
 
     async def consume(self) -> None:
-        await self.bus.consume(
-            durable=DURABLE,
-            filter_subjects=[subjects.plan_subject()],
-            handle=self.handle,
-            deliver_from="last_per_subject",
-            batch=16,
-        )
+        async with anyio.create_task_group() as group:
+            if self.writer is not None:
+                await self._recall_latest_plan()
+                group.start_soon(self._keep_kubernetes_written)
+            await self.bus.consume(
+                durable=DURABLE,
+                filter_subjects=[subjects.plan_subject()],
+                handle=self.handle,
+                deliver_from="last_per_subject",
+                batch=16,
+            )
+
+    async def _recall_latest_plan(self) -> None:
+        """After a restart, the Kubernetes side is brought to the latest plan even if it was acked."""
+        try:
+            message = await self.bus.js.get_last_msg(subjects.STREAM, subjects.plan_subject())
+        except nats.js.errors.NotFoundError:
+            return
+        if message.data is None:
+            return
+        try:
+            plan = decode(message.data).event
+        except UndecodableMessageError:
+            return
+        if isinstance(plan, PlanComputed):
+            for node, layout in plan.nodes.items():
+                self._kubernetes_due[node] = (layout, message.seq or 0)
+            self._kubernetes_wakeup.set()
+
+    async def _keep_kubernetes_written(self) -> None:
+        """Write node labels (and the compatibility ConfigMap) for the latest plans, retrying with backoff.
+
+        It runs beside the KV path so that a slow or unreachable API server never delays the node
+        agents, which read the KV.
+        """
+        delay = RETRY_FIRST
+        while True:
+            await self._kubernetes_wakeup.wait(delay if self._kubernetes_due else None)
+            failures = await self.write_kubernetes()
+            delay = min(delay * 2, RETRY_LONGEST) if failures else RETRY_FIRST
+
+    async def write_kubernetes(self) -> dict[str, str]:
+        """One pass over the nodes whose Kubernetes side is due; returns the failures (kept due)."""
+        due, self._kubernetes_due = self._kubernetes_due, {}
+        if self.writer is None or not due:
+            return {}
+        version = max(sequence for _, sequence in due.values())
+        failures = await self.writer.write({node: layout for node, (layout, _) in due.items()}, version)
+        for node in failures:
+            self._kubernetes_due.setdefault(node, due[node])
+        return failures
 
     async def handle(self, delivery: Delivery) -> None:
         plan = delivery.envelope.event
@@ -78,8 +131,9 @@ class ConfigPublisherService:
                 log.warning("node %s: config not published: %s", node, error)
                 failures.append(f"{node}: {error}")
         if self.writer is not None and current:
-            unwritten = await self.writer.write(current, delivery.stream_sequence)
-            failures.extend(f"{node}: {reason}" for node, reason in sorted(unwritten.items()))
+            for node, layout in current.items():
+                self._kubernetes_due[node] = (layout, delivery.stream_sequence)
+            self._kubernetes_wakeup.set()
         if failures:
             raise TransientError("; ".join(failures))
 
