@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
+import anyio
+import nats.errors
 from opentelemetry.trace import Link
 
 from events import subjects
@@ -26,12 +28,15 @@ from services.planner.core.state import (
     NothingToDo,
     PlannerSettings,
     PublishPlan,
+    WaitUntil,
     decide,
 )
 
 log = logging.getLogger(__name__)
 
 DURABLE = "planner"
+RETRY_FIRST = 0.5  # seconds before a failed publish is tried again; doubles up to RETRY_LONGEST
+RETRY_LONGEST = 30.0
 MAX_LINKS = 64
 
 
@@ -76,6 +81,7 @@ class PlannerService:
 
     async def decide_forever(self) -> None:
         checked_staleness = datetime.now(UTC)
+        retry = RETRY_FIRST
         while True:
             timeout: float | None = None
             if self._caught_up:
@@ -85,14 +91,26 @@ class PlannerService:
                     self.state.report_went_stale(stale)
                 checked_staleness = now
                 decision = decide(self.state, now, self.settings, self.planner)
-                if isinstance(decision, PublishPlan):
-                    await self._publish(decision)
-                    continue
-                if isinstance(decision, NothingToDo):
-                    if decision.planned is not None:
+                try:
+                    if isinstance(decision, PublishPlan):
+                        await self._publish(decision)
+                        retry = RETRY_FIRST
+                        continue
+                    if isinstance(decision, NothingToDo) and decision.planned is not None:
                         await self._publish_unplaced(decision.planned)
                         self.state.mark_planned(decision.planned.plan_id, decision.at_revision)
-                else:
+                except (nats.errors.Error, TimeoutError) as error:
+                    # The state stays unplanned, so the next try publishes the plan then in force.
+                    log.error(
+                        "publishing failed (%s: %s); trying again in %.1fs",
+                        type(error).__name__,
+                        error,
+                        retry,
+                    )
+                    await anyio.sleep(retry)
+                    retry = min(retry * 2, RETRY_LONGEST)
+                    continue
+                if isinstance(decision, WaitUntil):
                     timeout = max(0.0, (decision.when - now).total_seconds())
                 stale = self.state.next_staleness(now, self.settings.report_stale_after)
                 if stale is not None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
+import nats.errors
 import pytest
 
 from events import subjects
@@ -140,6 +141,28 @@ async def test_a_pending_pod_gets_a_slice_carved_on_the_reported_gpu(bus: EventB
     assert plan.unplaced == {}
     assert plan.excluded_nodes == {}
     assert await stored_count(bus, subjects.plan_subject()) == 1
+
+
+async def test_a_plan_that_cannot_be_published_is_tried_again_and_the_planner_lives_on(
+    bus: EventBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await publish_node(bus)
+    await publish_pod(bus, pending_pod("a", 10))
+    real_publish = bus.publish
+    refused: list[str] = []
+
+    async def refuse_the_first_plan(subject: str, event: Any, **options: Any) -> int:
+        if subject == subjects.plan_subject() and not refused:
+            refused.append(subject)
+            raise nats.errors.MaxPayloadError
+        return await real_publish(subject, event, **options)
+
+    monkeypatch.setattr(bus, "publish", refuse_the_first_plan)
+    async with BusLog(bus) as log, planning(bus):
+        plan = await log.wait_for(PlanComputed, lambda p: key("a") in p.placed)
+
+    assert refused == [subjects.plan_subject()]
+    assert plan.placed[key("a")].size_gb == 10
 
 
 async def test_a_pod_larger_than_any_gpu_is_reported_unplaced_once_across_plans(
