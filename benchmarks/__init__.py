@@ -1,0 +1,1 @@
+"""Benchmarks that print their figures: planner quality against an exact optimum and nos, and scale."""
