@@ -75,6 +75,9 @@ class NodeAgent:
         self.in_use: frozenset[str] = frozenset()
         self.daemon_health: dict[int, bool] = {}
         self.applied_plan_id: str | None = None
+        # Applied/failed events name this run of the agent: a restarted agent applying the same
+        # config again says so, while a retried publish within one run is stored once.
+        self._incarnation = str(time.time_ns())
         self._restart_failures: dict[int, tuple[int, float]] = {}
         self._daemon_limits: dict[int, int] = {}
         self._last_report: str | None = None
@@ -121,12 +124,13 @@ class NodeAgent:
                 except ValueError as error:
                     log.error("node config revision %d is unreadable: %s", entry.revision, error)
                     continue
-                await self.apply(desired)
+                await self.apply(desired, entry.revision)
         finally:
             with anyio.CancelScope(shield=True):
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
-    async def apply(self, desired: NodeMpsConfig) -> None:
+    async def apply(self, desired: NodeMpsConfig, revision: int) -> None:
+        """Apply the config found at KV `revision`, and say whether it was applied or refused."""
         context = extract({"traceparent": desired.traceparent} if desired.traceparent else None)
         with tracer().start_as_current_span(
             "apply node config",
@@ -143,7 +147,9 @@ class NodeAgent:
                 await self.bus.publish(
                     subject,
                     NodeConfigFailed(node=self.settings.node, plan_id=desired.plan_id, reason=outcome.reason),
-                    message_id=content_id("failed", self.settings.node, desired.plan_id),
+                    message_id=content_id(
+                        "failed", self.settings.node, desired.plan_id, str(revision), self._incarnation
+                    ),
                 )
                 return
             await self.plugin.set_devices(outcome.devices)
@@ -153,7 +159,9 @@ class NodeAgent:
             await self.bus.publish(
                 subject,
                 NodeConfigApplied(node=self.settings.node, plan_id=desired.plan_id),
-                message_id=content_id("applied", self.settings.node, desired.plan_id),
+                message_id=content_id(
+                    "applied", self.settings.node, desired.plan_id, str(revision), self._incarnation
+                ),
             )
             await self.report()
 

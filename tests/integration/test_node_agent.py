@@ -536,6 +536,15 @@ async def test_a_config_already_in_the_bucket_is_applied_on_start(bus: EventBus)
             await node.kubelet_sees({GB20: 1})
 
 
+async def test_a_restarted_agent_says_again_that_it_applied_the_config(bus: EventBus) -> None:
+    async with simulated_node(bus, [A100]) as node:
+        async with running_agent(node):
+            await node.apply("plan-1", {0: (20,)})
+        mark = node.events.mark()
+        async with running_agent(node):
+            assert await node.events.outcome("plan-1", mark) == NodeConfigApplied(node=NODE, plan_id="plan-1")
+
+
 async def test_a_slice_allocated_since_the_last_usage_poll_is_kept(bus: EventBus) -> None:
     # A long poll interval makes the window between two polls deterministic; it exists at any interval.
     async with simulated_node(bus, [A100]) as node, running_agent(node, usage_poll_seconds=60):
