@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError
 
 from events.base import AwareDatetime, Model
 from events.nodes import NodeGpusReported, NodeObserved, NodeOptedOut
-from events.plans import NodeConfigApplied, NodeConfigFailed, NodeConfigPublished, PlanComputed
+from events.plans import NodeConfigApplied, NodeConfigFailed, NodeConfigPublished, NodePlanned, PlanComputed
 from events.pods import PodDeleted, PodObserved, PodRejected, PodUnplaced
 
 SCHEMA_VERSION = 1
@@ -28,6 +28,7 @@ Event = Annotated[
     | NodeOptedOut
     | NodeGpusReported
     | PlanComputed
+    | NodePlanned
     | NodeConfigPublished
     | NodeConfigApplied
     | NodeConfigFailed,

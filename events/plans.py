@@ -34,7 +34,13 @@ class Placement(Model):
 
 
 class PlanComputed(Model):
-    """A plan for the whole cluster; `plan_id` is derived from its content."""
+    """A plan for the whole cluster; `plan_id` is derived from its content.
+
+    The planner publishes each node's layout that changed as its own `NodePlanned`, then this
+    event: whole for a small cluster, and only its id and excluded nodes for a large one (reasons
+    go out per pod as `PodUnplaced`), so that no message grows with the cluster. The config
+    publisher honours the nodes of either.
+    """
 
     kind: Literal["PlanComputed"] = "PlanComputed"
     plan_id: str
@@ -42,6 +48,15 @@ class PlanComputed(Model):
     placed: dict[str, Placement] = {}
     unplaced: dict[str, str] = {}
     excluded_nodes: dict[str, str] = {}
+
+
+class NodePlanned(Model):
+    """One node's desired layout in plan `plan_id`, published when it differs from the last one."""
+
+    kind: Literal["NodePlanned"] = "NodePlanned"
+    node: str
+    plan_id: str
+    layout: NodeLayout
 
 
 class NodeMpsConfig(Model):

@@ -82,6 +82,11 @@ def plan_subject() -> str:
     return f"{PREFIX}.plan"
 
 
+def planned_subject(node: str) -> str:
+    """One node's desired layout, as each plan changes it (the last one is the node's level)."""
+    return f"{PREFIX}.planned.{encode_token(node)}"
+
+
 def unplaced_subject(namespace: str, name: str) -> str:
     """Why the planner could not place one pending pod (the pod watcher turns it into an Event)."""
     return f"{PREFIX}.unplaced.{encode_token(namespace)}.{encode_token(name)}"
@@ -107,4 +112,5 @@ POD_EVENTS = f"{PREFIX}.pod.>"
 NODE_EVENTS = f"{PREFIX}.node.>"
 GPU_EVENTS = f"{PREFIX}.gpus.>"
 UNPLACED_EVENTS = f"{PREFIX}.unplaced.>"
+PLANNED_EVENTS = f"{PREFIX}.planned.>"
 CONFIG_EVENTS = f"{PREFIX}.config.>"

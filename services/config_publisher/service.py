@@ -20,14 +20,13 @@ from __future__ import annotations
 import logging
 
 import anyio
-import nats.js.errors
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from events import subjects
-from events.envelope import UndecodableMessageError, content_id, decode
+from events.envelope import content_id
 from events.jetstream import Delivery, EventBus, TransientError
-from events.plans import NodeConfigPublished, NodeLayout, NodeMpsConfig, PlanComputed
+from events.plans import NodeConfigPublished, NodeLayout, NodeMpsConfig, NodePlanned, PlanComputed
 from events.tracing import current_traceparent
 from services.config_publisher.kube_writer import CompatibilityWriter
 from services.kit.signal import Wakeup
@@ -40,11 +39,10 @@ RETRY_FIRST = 0.2  # seconds before a failed Kubernetes write is tried again; do
 RETRY_LONGEST = 10.0
 
 
-def desired_config(plan: PlanComputed, plan_sequence: int, node: str) -> NodeMpsConfig:
-    layout = plan.nodes[node]
+def desired_config(plan_id: str, layout: NodeLayout, plan_sequence: int, node: str) -> NodeMpsConfig:
     return NodeMpsConfig(
         node=node,
-        plan_id=plan.plan_id,
+        plan_id=plan_id,
         plan_sequence=plan_sequence,
         gpus=layout.sizes(),
         traceparent=current_traceparent(),
@@ -71,27 +69,22 @@ class ConfigPublisherService:
                 group.start_soon(self._keep_kubernetes_written)
             await self.bus.consume(
                 durable=DURABLE,
-                filter_subjects=[subjects.plan_subject()],
+                filter_subjects=[subjects.plan_subject(), subjects.PLANNED_EVENTS],
                 handle=self.handle,
                 deliver_from="last_per_subject",
                 batch=16,
             )
 
     async def _recall_latest_plan(self) -> None:
-        """After a restart, the Kubernetes side is brought to the latest plan even if it was acked."""
-        try:
-            message = await self.bus.js.get_last_msg(subjects.STREAM, subjects.plan_subject())
-        except nats.js.errors.NotFoundError:
-            return
-        if message.data is None:
-            return
-        try:
-            plan = decode(message.data).event
-        except UndecodableMessageError:
-            return
-        if isinstance(plan, PlanComputed):
-            for node, layout in plan.nodes.items():
-                self._kubernetes_due[node] = (layout, message.seq or 0)
+        """After a restart, the Kubernetes side is brought to the latest layouts even if they were acked."""
+        for envelope in await self.bus.current_levels(subjects.PLANNED_EVENTS):
+            if isinstance(envelope.event, NodePlanned):
+                self._kubernetes_due[envelope.event.node] = (envelope.event.layout, 0)
+        for envelope in await self.bus.current_levels(subjects.plan_subject()):
+            if isinstance(envelope.event, PlanComputed):  # a plan that carries its nodes
+                for node, layout in envelope.event.nodes.items():
+                    self._kubernetes_due.setdefault(node, (layout, 0))
+        if self._kubernetes_due:
             self._kubernetes_wakeup.set()
 
     async def _keep_kubernetes_written(self) -> None:
@@ -118,15 +111,21 @@ class ConfigPublisherService:
         return failures
 
     async def handle(self, delivery: Delivery) -> None:
-        plan = delivery.envelope.event
-        if not isinstance(plan, PlanComputed):
+        event = delivery.envelope.event
+        if isinstance(event, NodePlanned):
+            plan_id, layouts = event.plan_id, {event.node: event.layout}
+        elif isinstance(event, PlanComputed):
+            plan_id, layouts = event.plan_id, event.nodes
+        else:
             return
         failures: list[str] = []
         current: dict[str, NodeLayout] = {}
-        for node in sorted(plan.nodes):
+        for node in sorted(layouts):
             try:
-                if await self.publish_node(desired_config(plan, delivery.stream_sequence, node)):
-                    current[node] = plan.nodes[node]
+                if await self.publish_node(
+                    desired_config(plan_id, layouts[node], delivery.stream_sequence, node)
+                ):
+                    current[node] = layouts[node]
             except Exception as error:
                 log.warning("node %s: config not published: %s", node, error)
                 failures.append(f"{node}: {error}")

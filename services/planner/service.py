@@ -2,8 +2,10 @@
 
 On start it rebuilds its state from the last message of every subject (its durable consumer
 is recreated at "last per subject"), so a restart loses nothing. Deciding is `decide` from the
-functional core; this shell only moves events in and plans out, and publishes why each pod
-that could not be placed waits. It never talks to Kubernetes or to a GPU.
+functional core; this shell only moves events in and plans out: each node's layout that changed
+as a `NodePlanned`, then the plan as a `PlanComputed` (summarized when large), and why each pod
+that could not be placed waits as a `PodUnplaced`, so that no message grows with the cluster. It
+never talks to Kubernetes or to a GPU.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from opentelemetry.trace import Link
 from events import subjects
 from events.envelope import content_id
 from events.jetstream import Delivery, EventBus
-from events.plans import PlanComputed
+from events.plans import NodeLayout, NodePlanned, PlanComputed
 from events.pods import PodUnplaced
 from events.tracing import link_to, tracer
 from services.kit.signal import Wakeup
@@ -35,9 +37,23 @@ from services.planner.core.state import (
 log = logging.getLogger(__name__)
 
 DURABLE = "planner"
+WHOLE_PLAN_ITEMS = 2_000  # placements, reasons and GPU layouts: about 150 KiB of JSON
 RETRY_FIRST = 0.5  # seconds before a failed publish is tried again; doubles up to RETRY_LONGEST
 RETRY_LONGEST = 30.0
 MAX_LINKS = 64
+
+
+def published_plan(plan: PlanComputed) -> PlanComputed:
+    """The plan as it goes on the bus: whole while small, its id and excluded nodes when large.
+
+    Node agents get their layouts from `NodePlanned` and pods their reasons from `PodUnplaced`, so
+    the whole plan on the bus is for people and tools (`mpsflow record`); a large cluster's plan
+    would outgrow a NATS message.
+    """
+    items = len(plan.placed) + len(plan.unplaced) + sum(len(layout.gpus) for layout in plan.nodes.values())
+    if items <= WHOLE_PLAN_ITEMS:
+        return plan
+    return PlanComputed(plan_id=plan.plan_id, nodes={}, excluded_nodes=plan.excluded_nodes)
 
 
 class PlannerService:
@@ -50,6 +66,7 @@ class PlannerService:
         self._caught_up = False
         self._links: list[Link] = []
         self._unplaced_published: dict[str, str] = {}
+        self._published_layouts: dict[str, NodeLayout] = {}
 
     async def handle(self, delivery: Delivery) -> None:
         self.state.apply(delivery.envelope)
@@ -130,7 +147,15 @@ class PlannerService:
                 "mpsflow.unplaced": len(plan.unplaced),
             },
         ):
-            await self.bus.publish(subjects.plan_subject(), plan, message_id=plan.plan_id)
+            for node, layout in sorted(plan.nodes.items()):
+                if self._published_layouts.get(node) != layout:
+                    await self.bus.publish(
+                        subjects.planned_subject(node),
+                        NodePlanned(node=node, plan_id=plan.plan_id, layout=layout),
+                        message_id=content_id("planned", node, plan.plan_id),
+                    )
+                    self._published_layouts[node] = layout
+            await self.bus.publish(subjects.plan_subject(), published_plan(plan), message_id=plan.plan_id)
             await self._publish_unplaced(plan)
         self.state.mark_planned(plan.plan_id, decision.at_revision)
         log.info(

@@ -21,7 +21,7 @@ from nats.js.kv import KeyValue
 from events import subjects
 from events.base import Model
 from events.jetstream import Delivery, EventBus
-from events.plans import NodeConfigPublished, NodeLayout, NodeMpsConfig, PlanComputed, SliceSpec
+from events.plans import NodeConfigPublished, NodeLayout, NodeMpsConfig, NodePlanned, PlanComputed, SliceSpec
 from services.config_publisher.service import DURABLE, ConfigPublisherService
 from tests.buslog import BusLog as SharedBusLog
 
@@ -403,3 +403,15 @@ async def test_an_unreadable_config_is_replaced_and_blocks_no_one(
         (NODE_B, "plan-1"),
         (NODE_C, "plan-1"),
     }
+
+
+async def test_a_node_planned_event_is_written_like_a_plan_of_that_node(bus: EventBus) -> None:
+    kv = await bus.node_configs()
+    layout = make_plan("plan-9", {NODE_A: {0: (10, 20)}}).nodes[NODE_A]
+    async with publishing(bus):
+        sequence = await bus.publish(
+            subjects.planned_subject(NODE_A), NodePlanned(node=NODE_A, plan_id="plan-9", layout=layout)
+        )
+        await handled(bus, sequence)
+    config, _ = await config_of(kv, NODE_A)
+    assert (config.plan_id, config.plan_sequence, config.gpus) == ("plan-9", sequence, {0: (10, 20)})

@@ -22,10 +22,10 @@ from events.base import Model
 from events.envelope import Event
 from events.jetstream import EventBus
 from events.nodes import GpuReport, NodeGpusReported, NodeObserved, NodeOptedOut
-from events.plans import Placement, PlanComputed, SliceSpec
+from events.plans import NodeLayout, NodePlanned, Placement, PlanComputed, SliceSpec
 from events.pods import PodDeleted, PodObserved, PodUnplaced
 from services.planner.core.state import BatchWindow, PlannerSettings
-from services.planner.service import DURABLE, PlannerService
+from services.planner.service import DURABLE, PlannerService, published_plan
 from tests.buslog import BusLog
 
 pytestmark = pytest.mark.anyio
@@ -396,3 +396,30 @@ async def test_a_pod_recreated_under_the_same_name_is_reported_unplaced_again(bu
         replaced = await log.wait_for(PodUnplaced, lambda e: e.uid == "uid-big-2", within=2)
 
     assert "100 GiB" in replaced.reason
+
+
+async def test_each_node_layout_goes_out_on_its_own_subject_only_when_it_changes(bus: EventBus) -> None:
+    await publish_node(bus)
+    await publish_pod(bus, pending_pod("a", 10))
+    async with BusLog(bus) as log, planning(bus) as planner:
+        first = await log.wait_for(PlanComputed, lambda p: key("a") in p.placed)
+        await done_publishing(planner, first)
+        await publish_pod(bus, pending_pod("zero", 0))  # a new plan (a new reason), the same layout
+        await log.wait_for(PlanComputed, lambda p: key("zero") in p.unplaced)
+        await log.settle()
+    planned = log.of(NodePlanned)
+    assert [(p.node, p.plan_id) for p in planned] == [(NODE, first.plan_id)]
+    assert planned[0].layout == first.nodes[NODE]
+
+
+def test_a_large_plan_goes_on_the_bus_as_its_id_and_excluded_nodes() -> None:
+    layout = NodeLayout(gpus={0: (SliceSpec(size_gb=1),)})
+    small = PlanComputed(plan_id="p", nodes={"n": layout}, unplaced={"a/b": "why"})
+    assert published_plan(small) == small
+    large = PlanComputed(
+        plan_id="p",
+        nodes={f"n{i}": layout for i in range(3000)},
+        unplaced={"a/b": "why"},
+        excluded_nodes={"x": "impossible"},
+    )
+    assert published_plan(large) == PlanComputed(plan_id="p", nodes={}, excluded_nodes={"x": "impossible"})

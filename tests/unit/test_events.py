@@ -16,6 +16,7 @@ from events.plans import (
     NodeConfigFailed,
     NodeConfigPublished,
     NodeLayout,
+    NodePlanned,
     Placement,
     PlanComputed,
     SliceSpec,
@@ -71,6 +72,9 @@ EVERY_KIND: list[Event] = [
         placed={"ml/train-2": Placement(node="a100-1", gpu=0, size_gb=10)},
         unplaced={"ml/huge": "too big"},
         excluded_nodes={"broken": "impossible"},
+    ),
+    NodePlanned(
+        node="a100-1", plan_id="p1", layout=NodeLayout(gpus={0: (SliceSpec(size_gb=10, used=True),)})
     ),
     NodeConfigPublished(node="a100-1", plan_id="p1", revision=3),
     NodeConfigApplied(node="a100-1", plan_id="p1"),
