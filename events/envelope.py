@@ -17,8 +17,6 @@ from events.nodes import NodeGpusReported, NodeObserved, NodeOptedOut
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeConfigPublished, NodePlanned, PlanComputed
 from events.pods import PodDeleted, PodObserved, PodRejected, PodUnplaced
 
-SCHEMA_VERSION = 1
-
 Event = Annotated[
     PodObserved
     | PodRejected

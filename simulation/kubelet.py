@@ -40,7 +40,6 @@ class StartedPod:
     started_at: float
     device_ids: list[str]
     envs: dict[str, str]
-    finished_at: float | None = None
 
     @property
     def gpu(self) -> int | None:
@@ -162,7 +161,6 @@ class Kubelet:
 
     async def _finish_after(self, key: str, pod: dict[str, Any], seconds: float) -> None:
         await anyio.sleep(seconds)
-        self.started[key].finished_at = time.monotonic()
         self.devices.release(pod["metadata"]["uid"])
         await self._set_phase(pod, "Succeeded")
 
