@@ -338,25 +338,31 @@ class _Cluster:
         return gpu
 
     def move_and_take(
-        self, gpu: _GpuPlan, mover: str, size_gb: int, needed: Counter[int], pod: PendingPod
-    ) -> _GpuPlan | None:
-        """Move `mover`'s promised slice off `gpu` to another GPU so that `pod` fits on `gpu`.
+        self, gpu: _GpuPlan, movers: Sequence[tuple[int, str]], needed: Counter[int], pod: PendingPod
+    ) -> list[_GpuPlan] | None:
+        """Move the promised slices of `movers` (size, pod) off `gpu` so that `pod` fits on `gpu`.
 
-        Returns where `mover` went, or None with the cluster exactly as it was.
+        Returns where each mover went, or None with the cluster exactly as it was.
         """
         self.journal = {}
         self._before_change(gpu)
-        gpu.release(mover)
+        for _, mover in movers:
+            gpu.release(mover)
         gpu.can_carve = False
         self._reindex(gpu)
-        target = self.place(size_gb, needed, mover, exclude=gpu.order)
+        targets: list[_GpuPlan] = []
+        for size_gb, mover in movers:
+            target = self.place(size_gb, needed, mover, exclude=gpu.order)
+            if target is None:
+                break
+            targets.append(target)
         gpu.can_carve = True
-        taken = target is not None and gpu.take(pod.size_gb, needed, pod.key)
+        taken = len(targets) == len(movers) and gpu.take(pod.size_gb, needed, pod.key)
         journal, self.journal = self.journal, None
         if taken:
             self._reindex(gpu)
             self._offer_exact(gpu)
-            return target
+            return targets
         for order, saved in journal.items():
             restored = self.gpus[order]
             restored.__dict__.update(saved.__dict__)  # in place: callers keep their references
@@ -425,33 +431,67 @@ def _serve_class(cluster: _Cluster, pods: list[PendingPod], needed: Counter[int]
 
 
 REPAIR_LIMIT = 64  # pods of one class that repair tries to place, so that it stays cheap at scale
+PAIR_CANDIDATES = 4  # the largest promised slices of a GPU that repair tries to move in pairs
+REPAIR_ATTEMPTS = 5_000  # moves repair tries per class at most, whatever the cluster
 
 
 def _repair(attempt: _Attempt, waiting: list[PendingPod]) -> None:
-    """Place pods that did not fit by moving one promised slice to another GPU, where that makes room.
+    """Place pods that did not fit by moving promised slices to other GPUs, where that makes room.
 
-    Greedy placement leaves memory scattered; moving one pod's slice elsewhere often frees enough
-    on one GPU for a pod that fit nowhere. Every move keeps the moved pod placed.
+    Greedy placement leaves memory scattered; moving one pod's slice elsewhere (or, failing that,
+    two of the largest) often frees enough on one GPU for a pod that fit nowhere. Every move
+    keeps the moved pods placed.
     """
     cluster = attempt.cluster
+    smallest_failure: int | None = None
+    budget = REPAIR_ATTEMPTS
     for pod in waiting[:REPAIR_LIMIT]:
+        if smallest_failure is not None and pod.size_gb >= smallest_failure:
+            continue
+        for gpu, chosen in _mover_sets(cluster, pod):
+            budget -= 1
+            if budget < 0:
+                return
+            targets = cluster.move_and_take(gpu, chosen, attempt.needed, pod)
+            if targets is not None:
+                for (size, mover), target in zip(chosen, targets, strict=True):
+                    attempt.served[mover] = Placement(target.node, target.gpu.index, size)
+                attempt.served[pod.key] = Placement(gpu.node, gpu.gpu.index, pod.size_gb)
+                attempt.needed[pod.size_gb] -= 1
+                break
+        else:
+            smallest_failure = pod.size_gb
+
+
+def _mover_sets(cluster: _Cluster, pod: PendingPod) -> Iterable[tuple[_GpuPlan, list[tuple[int, str]]]]:
+    """Candidate moves for `pod`: single promised slices on every GPU first, then pairs of the largest.
+
+    A slice only moves if the cluster has room for it somewhere (a free slice of its size, or
+    memory at least as large), which keeps a full cluster from being searched in vain.
+    """
+    spare = max((g.potential for g in cluster.gpus if g.can_carve), default=0)
+    free_sizes = {
+        size for g in cluster.gpus if g.can_carve for size, count in g.unclaimed.items() if count > 0
+    }
+
+    def movable(size: int) -> bool:
+        return size <= spare or size in free_sizes
+
+    for pairs in (False, True):
         for gpu in cluster.gpus:
             if not gpu.can_carve:
                 continue
-            promised, base = gpu.promised(), gpu.potential
-            if not promised or base + promised[-1][0] < pod.size_gb:
-                continue
-            target = None
-            for size, mover in promised:
-                if base + size >= pod.size_gb:
-                    target = cluster.move_and_take(gpu, mover, size, attempt.needed, pod)
-                    if target is not None:
-                        attempt.served[mover] = Placement(target.node, target.gpu.index, size)
-                        attempt.served[pod.key] = Placement(gpu.node, gpu.gpu.index, pod.size_gb)
-                        attempt.needed[pod.size_gb] -= 1
-                        break
-            if target is not None:
-                break
+            promised, base = [p for p in gpu.promised() if movable(p[0])], gpu.potential
+            if not pairs:
+                for size, mover in promised:
+                    if base + size >= pod.size_gb:
+                        yield gpu, [(size, mover)]
+            else:
+                largest = promised[-PAIR_CANDIDATES:]
+                for first in range(len(largest)):
+                    for second in range(first + 1, len(largest)):
+                        if base + largest[first][0] + largest[second][0] >= pod.size_gb:
+                            yield gpu, [largest[second], largest[first]]
 
 
 @dataclass
