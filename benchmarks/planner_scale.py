@@ -20,10 +20,8 @@ import argparse
 import json
 import re
 import resource
-import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -44,6 +42,7 @@ from services.planner.core.state import (
     planning_nodes,
 )
 from services.planner.snapshot import parse_snapshot
+from simulation.nats_server import installed_command
 
 TARGET_WALL_S = 2.0
 TARGET_RSS_BYTES = 1024**3
@@ -57,19 +56,9 @@ class PlanRun:
     placed: int
 
 
-def _mpsflow() -> str:
-    beside = Path(sys.executable).parent / "mpsflow"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("mpsflow")
-    if found is None:
-        raise SystemExit("mpsflow is not installed (pip install -e .)")
-    return found
-
-
 def run_plan(path: Path) -> PlanRun:
     """One `mpsflow plan PATH` subprocess: wall time, peak RSS, pods placed."""
-    command = [_mpsflow(), "plan", str(path)]
+    command = [installed_command("mpsflow", "mpsflow (pip install -e .)"), "plan", str(path)]
     timer = Path("/usr/bin/time").exists()
     if timer:
         command = ["/usr/bin/time", "-v", *command]

