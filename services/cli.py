@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument("--heartbeat", type=float, default=10.0, help="seconds between GPU reports")
 
-    plan = commands.add_parser("plan", help="plan offline from a snapshot (contract: plan.md)")
+    plan = commands.add_parser(
+        "plan", help="plan offline from a JSON snapshot of opted-in nodes, their slices and pending pods"
+    )
     plan.add_argument("snapshot", nargs="?", default="-", help="snapshot file, or - for standard input")
     plan.add_argument("--indent", type=int, help="indent the JSON for people (default: compact)")
 
