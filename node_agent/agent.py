@@ -37,12 +37,11 @@ from node_agent.mps import (
 )
 from node_agent.nvml import GpuInventory, GpuReading
 from node_agent.pod_resources import slices_in_use
-from node_agent.reconcile import Refused, gpu_report, reconcile
+from node_agent.reconcile import MIB_PER_GIB, Refused, gpu_report, reconcile
 from node_agent.slices import SliceDevice
 
 log = logging.getLogger(__name__)
 
-MIB_PER_GIB = 1024
 RESTART_BACKOFF = (1.0, 60.0)  # first delay after a failed daemon restart, and the longest
 
 

@@ -83,6 +83,14 @@ class WorkloadItem(_Strict):
         return f"{self.namespace}/{self.name}"
 
 
+def _refuse_duplicates(what: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{what} {name} appears twice")
+        seen.add(name)
+
+
 class Scenario(_Strict):
     nodes: list[ScenarioNode] = Field(min_length=1)
     workload: list[WorkloadItem] = []
@@ -91,19 +99,13 @@ class Scenario(_Strict):
     @field_validator("nodes")
     @classmethod
     def _unique_nodes(cls, nodes: list[ScenarioNode]) -> list[ScenarioNode]:
-        names = [n.name for n in nodes]
-        duplicated = sorted({n for n in names if names.count(n) > 1})
-        if duplicated:
-            raise ValueError(f"node {duplicated[0]!r} appears twice")
+        _refuse_duplicates("node", [repr(n.name) for n in nodes])
         return nodes
 
     @field_validator("workload")
     @classmethod
     def _unique_pods(cls, workload: list[WorkloadItem]) -> list[WorkloadItem]:
-        keys = [item.key for item in workload]
-        duplicated = sorted({k for k in keys if keys.count(k) > 1})
-        if duplicated:
-            raise ValueError(f"pod {duplicated[0]} appears twice")
+        _refuse_duplicates("pod", [item.key for item in workload])
         return workload
 
 

@@ -11,8 +11,6 @@ import os
 
 from kubernetes_asyncio import client, config
 
-REQUEST_TIMEOUT = 15
-
 
 async def api_client(url: str | None, token: str | None = None) -> client.ApiClient:
     configuration = client.Configuration()

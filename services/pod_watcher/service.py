@@ -174,14 +174,18 @@ class PodWatcherService:
 
     async def _post_rejection(self, event: PodRejected) -> None:
         """Post the rejection Event, retrying a little: the watch must go on even if the API refuses."""
-        for delay in REJECTION_EVENT_RETRIES:
+        for delay in (*REJECTION_EVENT_RETRIES, None):
             try:
                 await self.post_event(event.namespace, event.name, event.uid, event.reason, event.message)
                 return
             except TransientError as error:
+                if delay is None:
+                    log.error(
+                        "giving up on the rejection Event of %s (%s): %s", event.key, event.reason, error
+                    )
+                    return
                 log.warning("%s; retrying in %.1fs", error, delay)
                 await anyio.sleep(delay)
-        log.error("giving up on the rejection Event of %s: %s", event.key, event.reason)
 
     async def _deleted(self, namespace: str, name: str, uid: str) -> None:
         self.pods.pop(f"{namespace}/{name}", None)

@@ -1,0 +1,50 @@
+"""Scenario files: the built-in one loads, and an invalid one is refused naming the offending field."""
+
+from __future__ import annotations
+
+import pytest
+
+from simulation.scenario import ScenarioError, load_scenario, parse_scenario
+
+POD = "{metadata: {name: p}, spec: {containers: [{name: c}]}}"
+
+
+def test_the_built_in_scenario_loads_with_gfd_labels() -> None:
+    scenario = load_scenario(None)
+    labels = scenario.nodes[0].all_labels()
+    assert labels["nvidia.com/gpu.memory"] == str(scenario.nodes[0].gpus[0].memory_mib)
+    assert labels["nvidia.com/gpu.count"] == str(len(scenario.nodes[0].gpus))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("- a list", "scenario: must be a mapping with nodes, workload and timeout"),
+        ("nodes: [", "scenario: not valid YAML or JSON"),
+        ("nodes: []", "nodes: List should have at least 1 item after validation, not 0"),
+        ("nodes: [{name: a}, {name: a}]", "nodes: node 'a' appears twice"),
+        ("nodes: [{name: Bad_Name}]", "nodes[0].name: String should match pattern"),
+        (
+            "nodes: [{name: a, gpus: [{model: X, memory_mib: 0}]}]",
+            "nodes[0].gpus[0].memory_mib: Input should be greater than 0",
+        ),
+        (
+            f"nodes: [{{name: a}}]\nworkload: [{{at: 0, pod: {POD}}}, {{at: 1, pod: {POD}}}]",
+            "workload: pod default/p appears twice",
+        ),
+        (
+            f"nodes: [{{name: a}}]\nworkload: [{{at: -1, pod: {POD}}}]",
+            "workload[0].at: Input should be greater than or equal to 0",
+        ),
+        (
+            "nodes: [{name: a}]\nworkload: [{at: 0, pod: {metadata: {name: p}}}]",
+            "workload[0].pod: spec.containers must list at least one container",
+        ),
+        ("nodes: [{name: a}]\ntimeout: 0", "timeout: Input should be greater than 0"),
+        ("nodes: [{name: a}]\nextra: 1", "extra: Extra inputs are not permitted"),
+    ],
+)
+def test_an_invalid_scenario_is_refused_naming_the_field(text: str, message: str) -> None:
+    with pytest.raises(ScenarioError) as refused:
+        parse_scenario(text)
+    assert str(refused.value).startswith(message)
