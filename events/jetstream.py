@@ -290,7 +290,10 @@ class EventBus:
         )
         levels: list[Envelope] = []
         try:
-            if (await subscription.consumer_info()).num_pending == 0:
+            # The server pushes at once: messages already delivered to this client are no longer
+            # pending, so nothing to read means none pending and none delivered.
+            info = await subscription.consumer_info()
+            if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
                 return levels
             while True:
                 try:
