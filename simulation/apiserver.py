@@ -4,7 +4,8 @@ Where it sits: simulation only. Tests and the demo start an `ApiServer` and poin
 `kubernetes_asyncio` client of every service at its URL, so the services run unchanged against it.
 Production services never import this module. It must never stand in for, proxy to, or talk to a
 real cluster, never hold real credentials, and never listen beyond the address it is given
-(loopback by default): everything lives in memory and nothing is enforced.
+(loopback by default): everything lives in memory and nothing is enforced. The only connections it
+makes are the calls to the admission webhooks a test gives it.
 
 What it emulates (core/v1 only): pods, configmaps and events (namespaced) and nodes
 (cluster-scoped); the subresources pods/binding, pods/status and nodes/status; the verbs get, list,
@@ -20,12 +21,52 @@ pod or node ignore `status` and writes to their `status` subresource change only
 binding answers `201` with a `Status` (not the Binding), and a Binding whose metadata.name differs
 from the pod is refused.
 
+Timing: with `watch_delay` every event a watch delivers (synthetic ADDED and history replays
+included) is written no earlier than that many seconds after it was queued for that watch, in
+order, as from a watch cache lagging behind etcd; a BOOKMARK is only sent when nothing is held back.
+
+Mutating admission webhooks (`AdmissionWebhook`), on pod CREATE only, as the real API server calls
+them: in order, after the request's namespace is checked and before the name is generated, the
+object validated and defaulted; an `admission.k8s.io/v1` AdmissionReview is POSTed to the webhook's
+URL with `?timeout=<N>s`; a `JSONPatch` answer mutates the pod, `allowed: false` refuses the create
+with the webhook's status (code 400 when it gives none below 400, message `admission webhook
+"<name>" denied the request: ...`); a call that fails (refused, timed out, not 2xx, unreadable, a
+wrong uid, apiVersion or kind, an undecodable patch) refuses the create with 500 `Internal error
+occurred: failed calling webhook "<name>": ...` under failurePolicy Fail and is skipped under
+Ignore; a patch that cannot be applied is a 500 under either policy. The wording of the underlying
+network and decoding errors is the emulator's, not Go's.
+
+Pod validation, as the real API's ValidatePodCreate/ValidatePodUpdate, for what scheduling gates
+need. On create: `spec.schedulingGates` with `spec.nodeName` is 422, and a pod with gates gets the
+condition PodScheduled=False, reason SchedulingGated (unless it already has a PodScheduled
+condition). On update and patch of a pod (not of pods/status), the spec is immutable except:
+containers' and initContainers' `image`, `activeDeadlineSeconds`, `terminationGracePeriodSeconds`
+from a negative value to 1, `tolerations` (existing ones kept, only their tolerationSeconds may
+change), `schedulingGates` (entries may only be removed), and, while the stored pod has gates,
+`nodeSelector` (keys may only be added) and `affinity.nodeAffinity` (preferred terms freely; a
+required node selector may be set when absent, and one that is present keeps its number of terms,
+each of which may only gain requirements after those it has). Unset, null, [] and {} compare
+equal, as in the real API's semantic equality.
+Refusals are 422 Invalid with the real message `Pod "<name>" is invalid: <field>: <reason>` and
+causes; values are shown as JSON (not Go syntax) and the spec diff after "pod updates may not change
+fields other than ..." lists the changed paths (not Go's cmp.Diff). Binding a pod with gates is
+409 `Operation cannot be fulfilled on pods/binding "<name>": pod <name> has non-empty
+.spec.schedulingGates`. As in the real API, the SchedulingGated condition stays when the gates go,
+until the scheduler writes PodScheduled.
+
 What it does NOT emulate:
-- authentication and RBAC: bearer tokens are only recorded (`RequestRecord.identity`), never checked;
-- admission (webhooks, quota, limit ranges, defaulting) beyond `status.phase: Pending` for a new pod
+- authentication and RBAC: bearer tokens are only recorded (`RequestRecord.identity`) and passed
+  to webhooks as the username, never checked;
+- admission beyond the mutating webhooks above: no validating webhooks or admission policies, no
+  webhooks on other resources, subresources or operations, no reinvocation, no namespace or object
+  selectors, no CEL (`AdmissionWebhook.matches` stands in for matchConditions), service references
+  or caBundle (https is verified against the system's certificates), audit annotations or
+  warnings; no quota, limit ranges or defaulting beyond `status.phase: Pending` for a new pod
   created without a status (the real API resets a new pod's status; this keeps a given one);
 - validation beyond object names (RFC 1123 subdomains), kind/apiVersion, name/namespace agreement
-  with the URL, Binding targets and selector syntax; pod spec immutability is not enforced;
+  with the URL, Binding targets, selector syntax and the pod rules above (not: the pod's own
+  schema, gate names and duplicates, how activeDeadlineSeconds may change, QoS immutability,
+  metadata update rules, in-place resize);
 - graceful deletion: DELETE removes any object, pods included, at once (no deletionTimestamp,
   grace period, finalizers or garbage collection); of DeleteOptions only preconditions are honoured;
 - strategic merge semantics: a strategic merge patch is applied as an RFC 7386 merge patch, so lists
@@ -40,29 +81,36 @@ What it does NOT emulate:
   waits, then answers 504 "Too large resource version");
 - any controller: no scheduler, kubelet, node heartbeats, event aggregation or TTL.
 
-Test hooks on `ApiServer`: `request_log`, `fail_next`, `drop_watches` (aborts the TCP connections:
-the client sees `aiohttp.ClientPayloadError`), `expire_history` and `objects`.
+Test hooks on `ApiServer`: `request_log` (webhook calls are not in it), `fail_next`, `drop_watches`
+(aborts the TCP connections: the client sees `aiohttp.ClientPayloadError`), `expire_history`,
+`objects` and the settable `watch_delay`.
 
 Concurrency: everything runs on one asyncio loop; every store operation is synchronous, hence atomic,
-and each open watch gets its changes through its own asyncio.Queue, in resourceVersion order.
+and each open watch gets its changes through its own asyncio.Queue, in resourceVersion order. A pod
+create awaits its webhooks before its synchronous store operation, so other requests go on meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import copy
 import json
+import math
 import random
 import re
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
+import aiohttp
 from aiohttp import web
+from yarl import URL
 
 JsonObject = dict[str, Any]
 
@@ -116,6 +164,35 @@ class RequestRecord:
 
 
 @dataclass(frozen=True)
+class AdmissionWebhook:
+    """A mutating admission webhook the emulator calls on every pod create, as the real API server
+    calls one registered for CREATE of pods with admissionReviewVersions [v1] and sideEffects None.
+
+    `url` is its clientConfig.url, http or https (the real API server calls https only, trusting
+    the webhook's caBundle; here https is verified against the system's certificates).
+    `timeout_seconds` bounds the whole call (the real timeoutSeconds is whole seconds, 1 to 30).
+    `matches` stands in for matchConditions, whose CEL the emulator cannot evaluate: given a copy
+    of the pod as the webhook would receive it, False skips the call. The emulator never records
+    the calls anywhere (not in `request_log`)."""
+
+    name: str
+    url: str
+    failure_policy: Literal["Fail", "Ignore"] = "Fail"
+    timeout_seconds: float = 10.0
+    matches: Callable[[JsonObject], bool] | None = None
+
+    def __post_init__(self) -> None:
+        target = URL(self.url)
+        if target.scheme not in ("http", "https") or not target.host:
+            raise ValueError(f"webhook {self.name!r} needs an http or https URL, got {self.url!r}")
+        if self.failure_policy not in ("Fail", "Ignore") or self.timeout_seconds <= 0:
+            raise ValueError(
+                f"webhook {self.name!r} needs failure_policy Fail or Ignore and a positive timeout, "
+                f"got {self.failure_policy!r} and {self.timeout_seconds}"
+            )
+
+
+@dataclass(frozen=True)
 class _Kind:
     kind: str
     namespaced: bool
@@ -150,17 +227,59 @@ _UNSET_FIELD_TEXT: Final = {"spec.unschedulable": "false"}  # how an unset field
 
 
 class _ApiError(Exception):
-    """Answered as a `Status` object with HTTP status `code`."""
+    """Answered as a `Status` object with HTTP status `code`; `reason` defaults to the code's usual
+    reason, and "" leaves it out (as a webhook's denial without one)."""
 
     def __init__(self, code: int, message: str, reason: str | None = None, details: JsonObject | None = None):
         super().__init__(message)
         self.code = code
-        self.body = _failure(code, message, reason or _REASONS.get(code, "Unknown"), details)
+        self.body = _failure(
+            code, message, _REASONS.get(code, "Unknown") if reason is None else reason, details
+        )
 
 
 def _failure(code: int, message: str, reason: str, details: JsonObject | None = None) -> JsonObject:
     status = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message}
-    return status | {"reason": reason, "code": code} | ({"details": details} if details else {})
+    return (
+        status
+        | ({"reason": reason} if reason else {})
+        | {"code": code}
+        | ({"details": details} if details else {})
+    )
+
+
+def _internal_error(message: str) -> _ApiError:
+    """The real API's 500 for an error it did not expect, as apierrors.NewInternalError words it."""
+    return _ApiError(500, f"Internal error occurred: {message}", details={"causes": [{"message": message}]})
+
+
+@dataclass(frozen=True)
+class _FieldError:
+    """One entry of the real API's field.ErrorList: which field, Forbidden or Invalid, and why."""
+
+    field: str
+    type: Literal["Forbidden", "Invalid"]
+    detail: str
+    value: Any = None
+    """The rejected value; shown (as JSON, where Go shows its own syntax) only for Invalid."""
+
+    def body(self) -> str:
+        if self.type == "Forbidden":
+            return f"Forbidden: {self.detail}"
+        return f"Invalid value: {json.dumps(self.value)}: {self.detail}"
+
+
+def _invalid(kind: str, name: str, errors: Sequence[_FieldError]) -> _ApiError:
+    """The real API's 422 for a refused object (apierrors.NewInvalid): one message and one cause per error."""
+    texts = [f"{error.field}: {error.body()}" for error in errors]
+    summary = texts[0] if len(texts) == 1 else f"[{', '.join(texts)}]"
+    causes = [
+        {"reason": f"FieldValue{error.type}", "message": error.body(), "field": error.field}
+        for error in errors
+    ]
+    return _ApiError(
+        422, f'{kind} "{name}" is invalid: {summary}', details={"name": name, "kind": kind, "causes": causes}
+    )
 
 
 def _json_response(body: JsonObject, status: int = 200) -> web.Response:
@@ -405,6 +524,160 @@ def _json_patch(document: Any, operations: Any) -> Any:
     return document
 
 
+# --- pod rules ---------------------------------------------------------------------------------
+
+_UPDATABLE_POD_SPEC_FIELDS: Final = ",".join(
+    (
+        "`spec.containers[*].image`",
+        "`spec.initContainers[*].image`",
+        "`spec.activeDeadlineSeconds`",
+        "`spec.tolerations` (only additions to existing tolerations)",
+        "`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)",
+    )
+)
+_REQUIRED_NODE_SELECTOR: Final = "requiredDuringSchedulingIgnoredDuringExecution"
+_NODE_SELECTOR_TERMS_PATH: Final = f"spec.affinity.nodeAffinity.{_REQUIRED_NODE_SELECTOR}.nodeSelectorTerms"
+_SCHEDULING_GATED: Final = {
+    "type": "PodScheduled",
+    "status": "False",
+    "reason": "SchedulingGated",
+    "message": "Scheduling is blocked due to non-empty scheduling gates",
+}
+
+
+def _normalized(value: Any) -> Any:
+    """`value` without null, [] or {} members at any depth: the real API's semantic equality does not
+    tell them from an unset field. List items keep their positions."""
+    if isinstance(value, dict):
+        kept = {key: _normalized(member) for key, member in value.items()}
+        return {key: member for key, member in kept.items() if member not in (None, [], {})}
+    if isinstance(value, list):
+        return [_normalized(item) for item in value]
+    return value
+
+
+def _set_or_drop(target: JsonObject, key: str, value: Any) -> None:
+    if value is None:
+        target.pop(key, None)
+    else:
+        target[key] = copy.deepcopy(value)
+
+
+def _differences(old: Any, new: Any, path: str) -> list[str]:
+    """One line per changed leaf, `path: old -> new` (the real message shows Go's cmp.Diff instead)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            line
+            for key in sorted(old.keys() | new.keys())
+            for line in _differences(old.get(key), new.get(key), f"{path}.{key}")
+        ]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [
+            line
+            for i, pair in enumerate(zip(old, new, strict=True))
+            for line in _differences(*pair, f"{path}[{i}]")
+        ]
+    return [] if old == new else [f"  {path}: {json.dumps(old)} -> {json.dumps(new)}"]
+
+
+def _only_added_requirements(new_term: JsonObject, old_term: JsonObject) -> bool:
+    """Whether a node selector term kept the old term's requirements first and in order (they AND)."""
+    kinds = ("matchExpressions", "matchFields")
+    if not any(old_term.get(kind) for kind in kinds):
+        return not any(new_term.get(kind) for kind in kinds)
+    return all(
+        new_term.get(kind, [])[: len(old_term.get(kind, []))] == old_term.get(kind, []) for kind in kinds
+    )
+
+
+def _node_affinity_errors(new: JsonObject | None, old: JsonObject | None) -> list[_FieldError]:
+    """The real validateNodeAffinityMutation: a required node selector may be set when there is none;
+    an existing one keeps its number of terms and each term may only gain requirements."""
+    old_required = (old or {}).get(_REQUIRED_NODE_SELECTOR)
+    if old_required is None:
+        return []
+    old_terms = old_required.get("nodeSelectorTerms", [])
+    new_terms = (new or {}).get(_REQUIRED_NODE_SELECTOR, {}).get("nodeSelectorTerms", [])
+    if old_terms and len(new_terms) != len(old_terms):
+        detail = "no additions/deletions to non-empty NodeSelectorTerms list are allowed"
+        return [_FieldError(_NODE_SELECTOR_TERMS_PATH, "Invalid", detail, new_terms)]
+    return [
+        _FieldError(
+            f"{_NODE_SELECTOR_TERMS_PATH}[{index}]",
+            "Invalid",
+            "only additions are allowed (no mutations or deletions)",
+            new_term,
+        )
+        for index, (new_term, old_term) in enumerate(zip(new_terms, old_terms, strict=False))
+        if not _only_added_requirements(new_term, old_term)
+    ]
+
+
+def _pod_spec_update_errors(old_spec: Any, new_spec: Any) -> list[_FieldError]:
+    """What the real ValidatePodUpdate says against changing a pod's spec from `old_spec` to
+    `new_spec`, for the rules the module docstring lists; empty when the change is allowed."""
+    old, new = _normalized(old_spec or {}), _normalized(new_spec or {})
+    for containers in ("containers", "initContainers"):
+        if len(new.get(containers, [])) != len(old.get(containers, [])):
+            detail = "pod updates may not add or remove containers"
+            return [_FieldError(f"spec.{containers}", "Forbidden", detail)]
+    errors: list[_FieldError] = []
+    new_tolerations = [{**t, "tolerationSeconds": None} for t in new.get("tolerations", [])]
+    if any({**t, "tolerationSeconds": None} not in new_tolerations for t in old.get("tolerations", [])):
+        detail = "existing toleration can not be modified except its tolerationSeconds"
+        errors.append(_FieldError("spec.tolerations", "Forbidden", detail))
+    old_gates = {gate.get("name") for gate in old.get("schedulingGates", [])}
+    added_gates = {gate.get("name"): i for i, gate in enumerate(new.get("schedulingGates", []))}
+    for gate, index in added_gates.items():
+        if gate not in old_gates:
+            detail = f"only deletion is allowed, but found new scheduling gate '{gate}'"
+            errors.append(_FieldError(f"spec.schedulingGates[{index}].name", "Forbidden", detail))
+    if new == old:
+        return errors
+    munged = copy.deepcopy(new)
+    for containers in ("containers", "initContainers"):
+        for container, was in zip(munged.get(containers, []), old.get(containers, []), strict=True):
+            _set_or_drop(container, "image", was.get("image"))
+    for field in ("activeDeadlineSeconds", "schedulingGates", "tolerations"):
+        _set_or_drop(munged, field, old.get(field))
+    grace = old.get("terminationGracePeriodSeconds")
+    if isinstance(grace, int) and grace < 0 and munged.get("terminationGracePeriodSeconds") == 1:
+        munged["terminationGracePeriodSeconds"] = grace
+    if old.get("schedulingGates"):  # a gated pod may still narrow where it is to run
+        new_selector, old_selector = munged.get("nodeSelector", {}), old.get("nodeSelector", {})
+        if any(new_selector.get(key) != value for key, value in old_selector.items()):
+            detail = "only additions to spec.nodeSelector are allowed (no mutations or deletions)"
+            errors.append(_FieldError("spec.nodeSelector", "Invalid", detail, new_selector))
+        _set_or_drop(munged, "nodeSelector", old.get("nodeSelector"))
+        old_affinity = old.get("affinity", {}).get("nodeAffinity")
+        errors += _node_affinity_errors(munged.get("affinity", {}).get("nodeAffinity"), old_affinity)
+        _set_or_drop(munged.setdefault("affinity", {}), "nodeAffinity", old_affinity)
+    munged = _normalized(munged)
+    if munged != old:
+        changes = "\n".join(_differences(old, munged, "spec"))
+        detail = f"pod updates may not change fields other than {_UPDATABLE_POD_SPEC_FIELDS}\n{changes}"
+        errors.append(_FieldError("spec", "Forbidden", detail))
+    return errors
+
+
+def _prepare_new_pod(pod: JsonObject) -> None:
+    """What the real API's PrepareForCreate does to a new pod, as far as the emulator goes: a
+    `Pending` phase when it has no status, and the SchedulingGated condition when it has gates."""
+    if not pod.get("status"):
+        pod["status"] = {"phase": "Pending"}
+    conditions = pod["status"].get("conditions") or []
+    gated = bool((pod.get("spec") or {}).get("schedulingGates"))
+    if gated and not any(condition.get("type") == "PodScheduled" for condition in conditions):
+        gated_since = {"lastProbeTime": None, "lastTransitionTime": _now()}
+        pod["status"]["conditions"] = [*conditions, _SCHEDULING_GATED | gated_since]
+
+
+def _binding_conflict(pod_name: str, why: str) -> _ApiError:
+    """The real API's 409 for a binding its storage refuses."""
+    message = f'Operation cannot be fulfilled on pods/binding "{pod_name}": {why}'
+    return _ApiError(409, message, details={"name": pod_name, "kind": "pods/binding"})
+
+
 # --- store and watches -------------------------------------------------------------------------
 
 
@@ -420,12 +693,23 @@ class _Change:
     previous: JsonObject | None
 
 
+@dataclass(frozen=True)
+class _Queued:
+    """A change waiting in one watch's queue, with the loop time it was queued at."""
+
+    change: _Change
+    queued_at: float
+
+
 @dataclass(eq=False)
 class _Watch:
     resource: str
     filter: _Filter
-    queue: asyncio.Queue[_Change | None]  # None ends the stream cleanly
+    queue: asyncio.Queue[_Queued | None]  # None ends the stream cleanly
     transport: asyncio.Transport | None
+
+    def push(self, change: _Change) -> None:
+        self.queue.put_nowait(_Queued(change, asyncio.get_running_loop().time()))
 
     def event_for(self, change: _Change) -> tuple[str, JsonObject] | None:
         matches_now = self.filter.matches(change.obj)
@@ -482,7 +766,7 @@ class _Store:
             self._history_floor = self._history.popleft().resource_version
         for watch in self.watches:
             if watch.resource == resource:
-                watch.queue.put_nowait(change)
+                watch.push(change)
         return stored
 
     def expire_history(self) -> None:
@@ -503,8 +787,127 @@ class _Store:
                 c for c in self._history if c.resource_version > since and c.resource == watch.resource
             ]
         for change in initial:
-            watch.queue.put_nowait(change)
+            watch.push(change)
         self.watches.add(watch)
+
+
+# --- admission webhooks ------------------------------------------------------------------------
+
+_POD_KIND: Final = {"group": "", "version": "v1", "kind": "Pod"}
+_POD_RESOURCE: Final = {"group": "", "version": "v1", "resource": "pods"}
+_ADMISSION_REVIEW_API_VERSION: Final = "admission.k8s.io/v1"
+
+
+class _WebhookCallError(Exception):
+    """A webhook call that failed (the real webhookutil.ErrCallingWebhook): the webhook's
+    failurePolicy decides whether the create is refused or goes on without it."""
+
+
+def _admission_review(uid: str, pod: JsonObject, identity: str | None, options: JsonObject) -> JsonObject:
+    """The AdmissionReview the real API server sends for a pod create (empty fields left out, as Go's
+    omitempty does, so a pod with only generateName has no `name`)."""
+    user = (
+        {"username": identity}
+        if identity
+        else {"username": "system:anonymous", "groups": ["system:unauthenticated"]}
+    )
+    name = pod["metadata"].get("name")
+    request = {
+        "uid": uid,
+        "kind": _POD_KIND,
+        "resource": _POD_RESOURCE,
+        "requestKind": _POD_KIND,
+        "requestResource": _POD_RESOURCE,
+        **({"name": name} if name else {}),
+        "namespace": pod["metadata"]["namespace"],
+        "operation": "CREATE",
+        "userInfo": user,
+        "object": pod,
+        "oldObject": None,
+        "dryRun": False,
+        "options": options,
+    }
+    return {"kind": "AdmissionReview", "apiVersion": _ADMISSION_REVIEW_API_VERSION, "request": request}
+
+
+def _invalid_answer(why: str) -> _WebhookCallError:
+    return _WebhookCallError(f"received invalid webhook response: {why}")
+
+
+async def _post_review(
+    session: aiohttp.ClientSession, webhook: AdmissionWebhook, review: JsonObject
+) -> JsonObject:
+    """The `response` of the webhook's answer to `review`, checked as the real API server checks it
+    (VerifyAdmissionResponse); raises _WebhookCallError when the call or the answer fails."""
+    url = URL(webhook.url).update_query(timeout=f"{math.ceil(webhook.timeout_seconds)}s")
+    try:
+        async with asyncio.timeout(webhook.timeout_seconds), session.post(url, json=review) as answer:
+            status, body = answer.status, await answer.read()
+    except TimeoutError:
+        raise _WebhookCallError(f'failed to call webhook: Post "{url}": context deadline exceeded') from None
+    except aiohttp.ClientError as error:
+        raise _WebhookCallError(f'failed to call webhook: Post "{url}": {error}') from None
+    if not 200 <= status <= 206:
+        raise _WebhookCallError(f"failed to call webhook: the server answered HTTP status {status}")
+    try:
+        answer_review = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _WebhookCallError(f"failed to call webhook: the answer is not JSON: {error}") from None
+    response = answer_review.get("response") if isinstance(answer_review, dict) else None
+    if not isinstance(response, dict):
+        raise _invalid_answer("webhook response was absent")
+    uid = review["request"]["uid"]
+    if response.get("uid") != uid:
+        raise _invalid_answer(f'expected response.uid="{uid}", got "{response.get("uid", "")}"')
+    api_version, kind = answer_review.get("apiVersion", ""), answer_review.get("kind", "")
+    if (api_version, kind) != (_ADMISSION_REVIEW_API_VERSION, "AdmissionReview"):
+        group, _, version = str(api_version).rpartition("/")
+        expected = f"{_ADMISSION_REVIEW_API_VERSION}, Kind=AdmissionReview"
+        raise _invalid_answer(f"expected webhook response of {expected}, got {group}/{version}, Kind={kind}")
+    if response.get("patch") and response.get("patchType") is None:
+        raise _invalid_answer("webhook returned response.patch but not response.patchType")
+    if not response.get("patch") and response.get("patchType") is not None:
+        raise _invalid_answer("webhook returned response.patchType but not response.patch")
+    return response
+
+
+def _denial(webhook_name: str, status: Any) -> _ApiError:
+    """The real webhookerrors.ToStatusErr: the webhook's status with a code of at least 400 (400
+    when it gives none) and its message (else its reason) after who denied the request."""
+    result = status if isinstance(status, dict) else {}
+    code = result.get("code")
+    denied = f'admission webhook "{webhook_name}" denied the request'
+    explanation = result.get("message") or result.get("reason")
+    return _ApiError(
+        code if isinstance(code, int) and code >= 400 else 400,
+        f"{denied}: {explanation}" if explanation else f"{denied} without explanation",
+        str(result.get("reason") or ""),
+        result.get("details") if isinstance(result.get("details"), dict) else None,
+    )
+
+
+def _admitted(webhook_name: str, pod: JsonObject, response: JsonObject) -> JsonObject:
+    """The pod as a webhook's checked `response` leaves it; raises its denial, _WebhookCallError
+    for a patch that cannot be decoded or has another type than JSONPatch, and a 500 for one that
+    cannot be applied (whatever the failurePolicy, as in the real API server)."""
+    if response.get("allowed") is not True:
+        raise _denial(webhook_name, response.get("status"))
+    if not response.get("patch"):
+        return pod
+    try:
+        operations = json.loads(base64.b64decode(response["patch"], validate=True))
+    except (binascii.Error, TypeError, ValueError) as error:
+        raise _WebhookCallError(f"received undecodable patch in webhook response: {error}") from None
+    if not isinstance(operations, list):
+        raise _WebhookCallError("received undecodable patch in webhook response: not a list of operations")
+    if not operations:
+        return pod
+    if response["patchType"] != "JSONPatch":
+        raise _WebhookCallError(f'unsupported patch type "{response["patchType"]}"')
+    try:
+        return _checked_object(_json_patch(copy.deepcopy(pod), operations), "Pod")
+    except _ApiError as error:
+        raise _internal_error(str(error)) from None
 
 
 # --- requests ----------------------------------------------------------------------------------
@@ -607,15 +1010,30 @@ async def _errors_as_status(
 class ApiServer:
     """The emulator: `async with ApiServer() as api:` serves on a free loopback port at `api.url`.
 
-    Besides HTTP it offers test hooks: `request_log`, `fail_next`, `drop_watches`,
-    `expire_history` and `objects`."""
+    `history_limit` is how many writes a watch can replay; `bookmark_interval` how often an idle
+    watch that asked for bookmarks gets one; `watch_delay` (seconds, also settable later as an
+    attribute) how long every watch event is held back after it was queued for its watch;
+    `admission_webhooks` the mutating webhooks every pod create goes through, in order.
 
-    def __init__(self, *, history_limit: int = 1000, bookmark_interval: float = 1.0) -> None:
+    Besides HTTP it offers test hooks: `request_log`, `fail_next`, `drop_watches`,
+    `expire_history`, `objects` and `watch_delay`."""
+
+    def __init__(
+        self,
+        *,
+        history_limit: int = 1000,
+        bookmark_interval: float = 1.0,
+        watch_delay: float = 0.0,
+        admission_webhooks: Sequence[AdmissionWebhook] = (),
+    ) -> None:
         self.request_log: list[RequestRecord] = []
+        self.watch_delay = watch_delay
         self._store = _Store(history_limit)
         self._bookmark_interval = bookmark_interval
+        self._webhooks = tuple(admission_webhooks)
         self._failures: list[tuple[str, str, int]] = []
         self._runner: web.AppRunner | None = None
+        self._webhook_client: aiohttp.ClientSession | None = None
         self._url: str | None = None
 
     @property
@@ -641,6 +1059,7 @@ class ApiServer:
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
         bound_port = self._runner.addresses[0][1]
+        self._webhook_client = aiohttp.ClientSession()
         self._url = f"http://{host}:{bound_port}"
         return self._url
 
@@ -650,7 +1069,10 @@ class ApiServer:
             watch.queue.put_nowait(None)
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._webhook_client is not None:
+            await self._webhook_client.close()
         self._runner = None
+        self._webhook_client = None
         self._url = None
 
     async def __aenter__(self) -> ApiServer:
@@ -772,7 +1194,7 @@ class ApiServer:
         if verb == "create" and target.subresource == "binding":
             return _json_response(self._bind(target, _parse_json(raw)), 201)
         if verb == "create":
-            return _json_response(self._create(target, _parse_json(raw)), 201)
+            return _json_response(await self._create(target, _parse_json(raw), identity, request.query), 201)
         if verb == "update":
             return _json_response(self._update(target, _parse_json(raw)))
         if verb == "patch":
@@ -793,15 +1215,45 @@ class ApiServer:
             "items": items,
         }
 
-    def _create(self, target: _Target, body: Any) -> JsonObject:
+    async def _create(
+        self, target: _Target, body: Any, identity: str | None, query: Mapping[str, str]
+    ) -> JsonObject:
         obj = _checked_object(body, target.kind.kind)
+        if target.kind.namespaced:
+            if (obj["metadata"].get("namespace") or target.namespace) != target.namespace:
+                raise _ApiError(
+                    400,
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                )
+            obj["metadata"]["namespace"] = target.namespace
+        if target.resource == "pods" and target.subresource is None:
+            obj = await self._admit(obj, identity, query)
+        return self._store_created(target, obj)
+
+    async def _admit(self, pod: JsonObject, identity: str | None, query: Mapping[str, str]) -> JsonObject:
+        """Calls every webhook whose `matches` allows it, in order, as the real API server calls mutating
+        webhooks on a create, and returns the pod as they left it."""
+        options = {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"} | {
+            option: query[option] for option in ("fieldManager", "fieldValidation") if query.get(option)
+        }
+        for webhook in self._webhooks:
+            if webhook.matches is not None and not webhook.matches(copy.deepcopy(pod)):
+                continue
+            if self._webhook_client is None:
+                raise RuntimeError("the API server is not started")
+            review = _admission_review(str(uuid.uuid4()), pod, identity, options)
+            try:
+                pod = _admitted(webhook.name, pod, await _post_review(self._webhook_client, webhook, review))
+            except _WebhookCallError as failure:
+                if webhook.failure_policy == "Fail":
+                    raise _internal_error(f'failed calling webhook "{webhook.name}": {failure}') from None
+        return pod
+
+    def _store_created(self, target: _Target, obj: JsonObject) -> JsonObject:
+        """Names, checks, defaults and stores an admitted new object, in one synchronous step."""
         metadata = obj["metadata"]
         if metadata.get("resourceVersion"):
             raise _ApiError(400, "resourceVersion should not be set on objects to be created")
-        if target.kind.namespaced and (metadata.get("namespace") or target.namespace) != target.namespace:
-            raise _ApiError(
-                400, "the namespace of the provided object does not match the namespace sent on the request"
-            )
         name = metadata.get("name")
         if not name and metadata.get("generateName"):
             name = metadata["generateName"] + "".join(random.choices(_GENERATED_SUFFIX_ALPHABET, k=5))
@@ -809,6 +1261,10 @@ class ApiServer:
             raise _ApiError(
                 422, f"metadata.name: Invalid value: {name!r}: must be a lowercase RFC 1123 subdomain"
             )
+        spec = obj.get("spec") or {}
+        if target.resource == "pods" and spec.get("nodeName") and spec.get("schedulingGates"):
+            detail = "cannot be set until all schedulingGates have been cleared"
+            raise _invalid("Pod", name, [_FieldError("spec.nodeName", "Forbidden", detail)])
         if (target.namespace or "", name) in self._store.objects[target.resource]:
             details = {"name": name, "kind": target.resource}
             raise _ApiError(409, f'{target.resource} "{name}" already exists', "AlreadyExists", details)
@@ -816,8 +1272,8 @@ class ApiServer:
         metadata.pop("namespace", None)
         if target.kind.namespaced:
             metadata["namespace"] = target.namespace
-        if target.resource == "pods" and not obj.get("status"):
-            obj["status"] = {"phase": "Pending"}
+        if target.resource == "pods":
+            _prepare_new_pod(obj)
         return self._store.commit(target.resource, "ADDED", obj, None)
 
     def _update(self, target: _Target, body: Any) -> JsonObject:
@@ -863,6 +1319,10 @@ class ApiServer:
             updated["metadata"].pop(field, None)
             if field in current["metadata"]:
                 updated["metadata"][field] = current["metadata"][field]
+        if target.resource == "pods" and target.subresource is None:
+            errors = _pod_spec_update_errors(current.get("spec"), updated.get("spec"))
+            if errors:
+                raise _invalid("Pod", target.name or "", errors)
         if updated == current:
             return current
         return self._store.commit(target.resource, "MODIFIED", updated, current)
@@ -890,10 +1350,13 @@ class ApiServer:
             raise _ApiError(422, "target.name: Required value")
         if node_target.get("kind", "Node") not in ("", "Node"):
             raise _ApiError(422, f"target.kind: Unsupported value: {node_target.get('kind')!r}: must be Node")
-        pod = self._store.get("pods", target.namespace, target.name or "")
+        pod_name = target.name or ""
+        pod = self._store.get("pods", target.namespace, pod_name)
         bound_to = (pod.get("spec") or {}).get("nodeName")
         if bound_to:
-            raise _ApiError(409, f'pod {target.name} is already assigned to node "{bound_to}"')
+            raise _binding_conflict(pod_name, f'pod {pod_name} is already assigned to node "{bound_to}"')
+        if (pod.get("spec") or {}).get("schedulingGates"):
+            raise _binding_conflict(pod_name, f"pod {pod_name} has non-empty .spec.schedulingGates")
         bound = copy.deepcopy(pod)
         bound.setdefault("spec", {})["nodeName"] = node_target["name"]
         if binding["metadata"].get("annotations"):
@@ -948,15 +1411,22 @@ class ApiServer:
             wake = min((t for t in (deadline, next_bookmark) if t is not None), default=None)
             try:
                 async with asyncio.timeout_at(wake):
-                    change = await watch.queue.get()
+                    queued = await watch.queue.get()
             except TimeoutError:
                 if next_bookmark is not None and loop.time() >= next_bookmark:
-                    # The queue is empty, so every change up to the current resourceVersion was sent.
+                    # Nothing is queued or held back, so every change up to the current
+                    # resourceVersion was sent.
                     await _send(response, "BOOKMARK", _bookmark(kind, self._store.resource_version))
                     next_bookmark = loop.time() + self._bookmark_interval
                 continue
-            if change is None:
+            if queued is None:
                 return
-            event = watch.event_for(change)
+            release = queued.queued_at + self.watch_delay
+            if release > loop.time():
+                if deadline is not None and release > deadline:
+                    await asyncio.sleep(deadline - loop.time())
+                    return  # the watch's lifetime ends while the change is held back
+                await asyncio.sleep(release - loop.time())
+            event = watch.event_for(queued.change)
             if event is not None:
                 await _send(response, *event)

@@ -2,21 +2,30 @@
 
 These tests pin both the emulator's behaviour and the client's quirks that the services must
 live with (how a watch reports a dropped connection or an expired resourceVersion, which key the
-bearer token goes under, the Binding response the client cannot deserialize).
+bearer token goes under, the Binding response the client cannot deserialize). Admission webhooks
+are tiny aiohttp servers on loopback; watch timing is measured with the loop clock, as lower
+bounds only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
-from collections.abc import AsyncIterator
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from simulation.apiserver import ApiServer
+from simulation.apiserver import AdmissionWebhook, ApiServer
 
 pytestmark = pytest.mark.anyio
 
@@ -427,3 +436,534 @@ async def test_discovery_and_version(core: Any) -> None:
     assert {"pods", "pods/binding", "pods/status", "nodes", "nodes/status", "configmaps", "events"} == {
         r.name for r in resources.resources
     }
+
+
+# --- admission webhooks ------------------------------------------------------------------------
+
+GATE = "mpsflow.dev/slice"
+SCHEDULING_GATED = {
+    "type": "PodScheduled",
+    "status": "False",
+    "reason": "SchedulingGated",
+    "message": "Scheduling is blocked due to non-empty scheduling gates",
+    "lastProbeTime": None,
+}
+
+
+@dataclass(frozen=True)
+class Received:
+    """One AdmissionReview a test webhook received, with the path and query it was posted to."""
+
+    path: str
+    query: dict[str, str]
+    review: dict[str, Any]
+
+
+@dataclass
+class Webhooks:
+    """A tiny webhook server on loopback; each path answers AdmissionReviews its own way."""
+
+    url: str
+    received: list[Received] = field(default_factory=list)
+
+
+def answer(review: dict[str, Any], **response: Any) -> web.Response:
+    uid = review["request"]["uid"]
+    body = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {"uid": uid, **response},
+    }
+    return web.json_response(body)
+
+
+def encoded(operations: list[dict[str, Any]]) -> str:
+    return base64.b64encode(json.dumps(operations).encode()).decode()
+
+
+@pytest.fixture
+async def webhooks() -> AsyncIterator[Webhooks]:
+    answers: dict[str, Callable[[dict[str, Any]], web.Response]] = {
+        "/gate": lambda review: answer(
+            review,
+            allowed=True,
+            patchType="JSONPatch",
+            patch=encoded([{"op": "add", "path": "/spec/schedulingGates", "value": [{"name": GATE}]}]),
+        ),
+        "/slow": lambda review: answer(review, allowed=True),  # only once the test is over
+        "/deny": lambda review: answer(
+            review, allowed=False, status={"code": 403, "reason": "Forbidden", "message": "no slice for you"}
+        ),
+        "/deny-without-code": lambda review: answer(review, allowed=False, status={"message": "no slice"}),
+        "/garbage": lambda review: web.Response(text="this is not an AdmissionReview"),
+        "/without-kind": lambda review: web.json_response({"response": {"uid": review["request"]["uid"]}}),
+        "/wrong-uid": lambda review: answer(review | {"request": {"uid": "not-this-one"}}, allowed=True),
+        "/unappliable-patch": lambda review: answer(
+            review,
+            allowed=True,
+            patchType="JSONPatch",
+            patch=encoded([{"op": "remove", "path": "/spec/nope"}]),
+        ),
+    }
+    released = asyncio.Event()  # ends the slow webhook's calls when the test is over
+    server = Webhooks("")
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        review = await request.json()
+        server.received.append(Received(request.path, dict(request.query), review))
+        if request.path == "/slow":
+            await released.wait()
+        return answers[request.path](review)
+
+    app = web.Application()
+    app.router.add_post("/{path:.*}", handle)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    server.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield server
+    finally:
+        released.set()
+        await runner.cleanup()
+
+
+def unused_port_url() -> str:
+    """The URL of a loopback port nothing listens on: connecting is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+@asynccontextmanager
+async def emulator(
+    *hooks: AdmissionWebhook, token: str | None = None
+) -> AsyncIterator[tuple[ApiServer, Any]]:
+    """An emulator calling `hooks` on pod creates, and a CoreV1Api on it (with `token` as bearer)."""
+    async with ApiServer(admission_webhooks=hooks) as server:
+        configuration = client.Configuration(host=server.url)
+        if token:
+            configuration.api_key = {"BearerToken": token}
+            configuration.api_key_prefix = {"BearerToken": "Bearer"}
+        async with client.ApiClient(configuration) as api_client:
+            yield server, client.CoreV1Api(api_client)
+
+
+def slice_pod(
+    name: str = "", *, generate_name: str = "", gates: tuple[str, ...] = (), node_name: str = ""
+) -> dict[str, Any]:
+    """A pod asking for one 10 GiB MPS slice, as a plain body."""
+    container = {"name": "main", "image": "busybox", "resources": {"limits": {"nvidia.com/gpu-10gb": "1"}}}
+    spec: dict[str, Any] = {"containers": [container]}
+    if gates:
+        spec["schedulingGates"] = [{"name": gate} for gate in gates]
+    if node_name:
+        spec["nodeName"] = node_name
+    metadata = {"name": name} if name else {"generateName": generate_name}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def asks_for_a_slice(pod_object: dict[str, Any]) -> bool:
+    return any(
+        "nvidia.com/gpu-10gb" in ((c.get("resources") or {}).get("limits") or {})
+        for c in pod_object["spec"]["containers"]
+    )
+
+
+def without_times(condition: dict[str, Any]) -> dict[str, Any]:
+    assert condition["lastTransitionTime"]
+    return {key: value for key, value in condition.items() if key != "lastTransitionTime"}
+
+
+async def test_webhook_json_patch_gates_the_stored_pod(webhooks: Webhooks) -> None:
+    async with emulator(AdmissionWebhook("gate.test", f"{webhooks.url}/gate")) as (server, core):
+        created = await core.create_namespaced_pod(NAMESPACE, slice_pod("job"))
+        [stored] = server.objects("pods")
+    assert [gate.name for gate in created.spec.scheduling_gates] == [GATE]
+    assert stored["spec"]["schedulingGates"] == [{"name": GATE}]
+    assert [without_times(c) for c in stored["status"]["conditions"]] == [SCHEDULING_GATED]
+    assert stored["status"]["phase"] == "Pending"
+
+
+async def test_admission_review_is_the_one_the_real_api_server_sends(webhooks: Webhooks) -> None:
+    async with emulator(AdmissionWebhook("gate.test", f"{webhooks.url}/gate"), token="mpsflow") as (_, core):
+        created = await core.create_namespaced_pod(
+            NAMESPACE, slice_pod(generate_name="job-"), field_manager="mpsflow-tests"
+        )
+    [call] = webhooks.received
+    assert call.path == "/gate" and call.query == {"timeout": "10s"}
+    assert (call.review["apiVersion"], call.review["kind"]) == ("admission.k8s.io/v1", "AdmissionReview")
+    request = dict(call.review["request"])
+    uuid.UUID(request.pop("uid"))
+    # The webhook sees the pod before it is named, defaulted or stored; an empty name is left out.
+    assert request.pop("object") == slice_pod(generate_name="job-") | {
+        "metadata": {"generateName": "job-", "namespace": NAMESPACE}
+    }
+    assert created.metadata.name.startswith("job-") and "name" not in request
+    assert request == {
+        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+        "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+        "namespace": NAMESPACE,
+        "operation": "CREATE",
+        "userInfo": {"username": "mpsflow"},
+        "oldObject": None,
+        "dryRun": False,
+        "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1", "fieldManager": "mpsflow-tests"},
+    }
+
+
+async def test_webhook_denial_is_answered_with_its_status(webhooks: Webhooks) -> None:
+    hooks = (
+        AdmissionWebhook("deny.test", f"{webhooks.url}/deny", matches=lambda p: p["metadata"]["name"] == "a"),
+        AdmissionWebhook("bare.test", f"{webhooks.url}/deny-without-code"),
+    )
+    async with emulator(*hooks) as (server, core):
+        with pytest.raises(ApiException) as denied:
+            await core.create_namespaced_pod(NAMESPACE, slice_pod("a"))
+        with pytest.raises(ApiException) as without_code:
+            await core.create_namespaced_pod(NAMESPACE, slice_pod("b"))
+        assert server.objects("pods") == []
+    assert denied.value.status == 403
+    assert failure(denied.value) == {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": 'admission webhook "deny.test" denied the request: no slice for you',
+        "reason": "Forbidden",
+        "code": 403,
+    }
+    assert without_code.value.status == 400  # the real API server's code for a denial without one
+    body = failure(without_code.value)
+    assert body["message"] == 'admission webhook "bare.test" denied the request: no slice'
+    assert "reason" not in body and body["code"] == 400
+
+
+FAILED_CALLS = {
+    "down": "failed to call webhook: Post ",
+    "/slow": "failed to call webhook: Post ",
+    "/garbage": "failed to call webhook: ",
+    "/without-kind": "received invalid webhook response: expected webhook response of "
+    "admission.k8s.io/v1, Kind=AdmissionReview, got /, Kind=",
+    "/wrong-uid": 'received invalid webhook response: expected response.uid="',
+}
+
+
+@pytest.mark.parametrize("path", sorted(FAILED_CALLS))
+async def test_failed_webhook_call_refuses_with_fail_and_is_skipped_with_ignore(
+    webhooks: Webhooks, path: str
+) -> None:
+    url = unused_port_url() if path == "down" else f"{webhooks.url}{path}"
+    hooks = (
+        AdmissionWebhook(
+            "fail.test", url, timeout_seconds=0.2, matches=lambda p: p["metadata"]["name"] == "a"
+        ),
+        AdmissionWebhook("ignore.test", url, "Ignore", timeout_seconds=0.2),
+        AdmissionWebhook("gate.test", f"{webhooks.url}/gate"),  # later webhooks still run
+    )
+    async with emulator(*hooks) as (server, core):
+        with pytest.raises(ApiException) as refused:
+            await core.create_namespaced_pod(NAMESPACE, slice_pod("a"))
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("b"))
+        [stored] = server.objects("pods")
+    assert refused.value.status == 500
+    body = failure(refused.value)
+    assert body["reason"] == "InternalError"
+    prefix = f'Internal error occurred: failed calling webhook "fail.test": {FAILED_CALLS[path]}'
+    assert body["message"].startswith(prefix), body["message"]
+    if path == "/slow":
+        assert body["message"].endswith(": context deadline exceeded")
+    assert stored["metadata"]["name"] == "b" and stored["spec"]["schedulingGates"] == [{"name": GATE}]
+
+
+async def test_a_patch_that_cannot_be_applied_refuses_even_when_ignored(webhooks: Webhooks) -> None:
+    hook = AdmissionWebhook("bad.test", f"{webhooks.url}/unappliable-patch", "Ignore")
+    async with emulator(hook) as (server, core):
+        with pytest.raises(ApiException) as refused:
+            await core.create_namespaced_pod(NAMESPACE, slice_pod("job"))
+        assert server.objects("pods") == []
+    assert refused.value.status == 500
+    assert failure(refused.value)["message"].startswith(
+        "Internal error occurred: the JSON patch cannot be applied"
+    )
+
+
+async def test_matches_decides_whether_the_webhook_is_called(webhooks: Webhooks) -> None:
+    async with emulator(AdmissionWebhook("gate.test", f"{webhooks.url}/gate", matches=asks_for_a_slice)) as (
+        server,
+        core,
+    ):
+        await core.create_namespaced_pod(NAMESPACE, pod("plain"))
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("sliced"))
+        stored = {p["metadata"]["name"]: p for p in server.objects("pods")}
+    assert [call.review["request"]["name"] for call in webhooks.received] == ["sliced"]
+    assert "schedulingGates" not in stored["plain"]["spec"] and "conditions" not in stored["plain"]["status"]
+    assert stored["sliced"]["spec"]["schedulingGates"] == [{"name": GATE}]
+
+
+# --- scheduling gates and pod updates ------------------------------------------------------------
+
+NODE_AFFINITY = {
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["gpu-1"]}]}
+            ]
+        }
+    }
+}
+
+
+async def invalid(call: Awaitable[Any]) -> dict[str, Any]:
+    """The Status of a request that must be refused as 422 Invalid."""
+    with pytest.raises(ApiException) as refused:
+        await call
+    assert refused.value.status == 422
+    body = failure(refused.value)
+    assert body["reason"] == "Invalid" and body["code"] == 422
+    return body
+
+
+async def test_gates_with_node_name_on_create_are_invalid(api: ApiServer, core: Any) -> None:
+    body = await invalid(
+        core.create_namespaced_pod(NAMESPACE, slice_pod("job", gates=(GATE,), node_name="n"))
+    )
+    detail = "cannot be set until all schedulingGates have been cleared"
+    assert body["message"] == f'Pod "job" is invalid: spec.nodeName: Forbidden: {detail}'
+    assert body["details"] == {
+        "name": "job",
+        "kind": "Pod",
+        "causes": [
+            {"reason": "FieldValueForbidden", "message": f"Forbidden: {detail}", "field": "spec.nodeName"}
+        ],
+    }
+    assert api.objects("pods") == []
+
+
+async def test_scheduling_gated_condition_stays_until_the_scheduler_writes_pod_scheduled(
+    api: ApiServer, core: Any
+) -> None:
+    await core.create_namespaced_pod(NAMESPACE, slice_pod("job", gates=("a.test/one", "b.test/two")))
+    [gated] = api.objects("pods")[0]["status"]["conditions"]
+    assert without_times(gated) == SCHEDULING_GATED
+    other = {"type": "mpsflow.dev/Sliced", "status": "True"}
+    await core.patch_namespaced_pod_status("job", NAMESPACE, {"status": {"conditions": [gated, other]}})
+
+    await core.patch_namespaced_pod("job", NAMESPACE, [{"op": "remove", "path": "/spec/schedulingGates/0"}])
+    assert api.objects("pods")[0]["status"]["conditions"] == [gated, other]  # one gate is left
+    await core.patch_namespaced_pod("job", NAMESPACE, [{"op": "remove", "path": "/spec/schedulingGates"}])
+    assert api.objects("pods")[0]["status"]["conditions"] == [gated, other]
+
+
+async def test_gated_pod_is_pinned_and_released_in_one_json_patch(api: ApiServer, core: Any) -> None:
+    await core.create_namespaced_pod(NAMESPACE, slice_pod("job", gates=(GATE,)))
+    status, answer_body = await bind(core, "job", "gpu-1")
+    assert status == 409 and answer_body["reason"] == "Conflict"
+    assert answer_body["message"] == (
+        'Operation cannot be fulfilled on pods/binding "job": pod job has non-empty .spec.schedulingGates'
+    )
+    assert answer_body["details"] == {"name": "job", "kind": "pods/binding"}
+    assert "nodeName" not in api.objects("pods")[0]["spec"]
+
+    await core.patch_namespaced_pod("job", NAMESPACE, {"spec": {"nodeSelector": {"zone": "a"}}})
+    await core.patch_namespaced_pod(
+        "job", NAMESPACE, {"spec": {"nodeSelector": {"zone": "a", "gpu": "h200"}}}
+    )
+    release = [
+        {"op": "remove", "path": "/spec/schedulingGates"},
+        {"op": "add", "path": "/spec/affinity", "value": NODE_AFFINITY},
+    ]
+    await core.patch_namespaced_pod("job", NAMESPACE, release)
+    [stored] = api.objects("pods")
+    assert "schedulingGates" not in stored["spec"] and stored["spec"]["affinity"] == NODE_AFFINITY
+    assert stored["spec"]["nodeSelector"] == {"zone": "a", "gpu": "h200"}
+    assert (await bind(core, "job", "gpu-1"))[0] == 201
+    [scheduled] = api.objects("pods")[0]["status"]["conditions"]
+    assert (scheduled["type"], scheduled["status"]) == ("PodScheduled", "True")
+
+    toleration = {"key": "mps", "operator": "Exists", "effect": "NoSchedule"}
+    allowed = [
+        {"op": "replace", "path": "/spec/containers/0/image", "value": "busybox:1.37"},
+        {"op": "add", "path": "/spec/tolerations", "value": [toleration]},
+        {"op": "add", "path": "/spec/activeDeadlineSeconds", "value": 600},
+    ]
+    patched = await core.patch_namespaced_pod("job", NAMESPACE, allowed)
+    assert patched.spec.containers[0].image == "busybox:1.37" and patched.spec.active_deadline_seconds == 600
+
+
+ONLY_OTHER_FIELDS = (
+    "spec: Forbidden: pod updates may not change fields other than `spec.containers[*].image`,"
+)
+TERMS = "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms"
+TERMS_POINTER = "/" + TERMS.replace(".", "/")
+
+
+async def test_scheduling_gates_may_only_be_removed(core: Any) -> None:
+    await core.create_namespaced_pod(NAMESPACE, slice_pod("free"))
+    await core.create_namespaced_pod(NAMESPACE, slice_pod("gated", gates=(GATE,)))
+
+    late_gate = [{"op": "add", "path": "/spec/schedulingGates", "value": [{"name": "late.test/gate"}]}]
+    body = await invalid(core.patch_namespaced_pod("free", NAMESPACE, late_gate))
+    assert body["message"] == (
+        'Pod "free" is invalid: spec.schedulingGates[0].name: Forbidden: '
+        "only deletion is allowed, but found new scheduling gate 'late.test/gate'"
+    )
+    renamed = [{"op": "replace", "path": "/spec/schedulingGates/0/name", "value": "other.test/gate"}]
+    body = await invalid(core.patch_namespaced_pod("gated", NAMESPACE, renamed))
+    assert body["message"].endswith(
+        "only deletion is allowed, but found new scheduling gate 'other.test/gate'"
+    )
+    assert body["details"]["causes"] == [
+        {
+            "reason": "FieldValueForbidden",
+            "message": "Forbidden: only deletion is allowed, but found new scheduling gate 'other.test/gate'",
+            "field": "spec.schedulingGates[0].name",
+        }
+    ]
+
+
+async def test_placement_may_only_narrow_while_gated(core: Any) -> None:
+    gated = slice_pod("gated", gates=(GATE,))
+    gated["spec"] |= {"nodeSelector": {"zone": "a"}, "affinity": NODE_AFFINITY}
+    await core.create_namespaced_pod(NAMESPACE, gated)
+    await core.create_namespaced_pod(NAMESPACE, slice_pod("free"))
+    await core.create_namespaced_pod(NAMESPACE, slice_pod("released", gates=(GATE,)))
+    await core.patch_namespaced_pod(
+        "released", NAMESPACE, [{"op": "remove", "path": "/spec/schedulingGates"}]
+    )
+    requirement = {"key": "gpu", "operator": "In", "values": ["h200"]}
+
+    moved = {"spec": {"nodeSelector": {"zone": "b"}}}
+    body = await invalid(core.patch_namespaced_pod("gated", NAMESPACE, moved))
+    assert body["message"] == (
+        'Pod "gated" is invalid: spec.nodeSelector: Invalid value: {"zone": "b"}: '
+        "only additions to spec.nodeSelector are allowed (no mutations or deletions)"
+    )
+    body = await invalid(core.patch_namespaced_pod("free", NAMESPACE, moved))
+    assert body["message"].startswith(f'Pod "free" is invalid: {ONLY_OTHER_FIELDS}')
+    assert body["message"].endswith('\n  spec.nodeSelector: null -> {"zone": "b"}')
+
+    changed = [{"op": "replace", "path": f"{TERMS_POINTER}/0/matchFields/0/values/0", "value": "gpu-2"}]
+    body = await invalid(core.patch_namespaced_pod("gated", NAMESPACE, changed))
+    assert body["message"].startswith(f'Pod "gated" is invalid: {TERMS}[0]: Invalid value: ')
+    assert body["message"].endswith(": only additions are allowed (no mutations or deletions)")
+    added_term = [{"op": "add", "path": f"{TERMS_POINTER}/-", "value": {"matchExpressions": [requirement]}}]
+    body = await invalid(core.patch_namespaced_pod("gated", NAMESPACE, added_term))
+    assert body["message"].endswith(
+        ": no additions/deletions to non-empty NodeSelectorTerms list are allowed"
+    )
+    narrowed = [{"op": "add", "path": f"{TERMS_POINTER}/0/matchExpressions", "value": [requirement]}]
+    await core.patch_namespaced_pod("gated", NAMESPACE, narrowed)  # a term may gain requirements
+
+    late_affinity = [{"op": "add", "path": "/spec/affinity", "value": NODE_AFFINITY}]
+    body = await invalid(core.patch_namespaced_pod("released", NAMESPACE, late_affinity))
+    assert body["message"].startswith(f'Pod "released" is invalid: {ONLY_OTHER_FIELDS}')
+
+
+async def test_other_pod_spec_changes_are_refused(core: Any) -> None:
+    await core.create_namespaced_pod(NAMESPACE, slice_pod("gated", gates=(GATE,)))
+    resized = await core.read_namespaced_pod("gated", NAMESPACE)
+    resized.spec.containers[0].resources.limits = {"nvidia.com/gpu-20gb": "1"}
+    body = await invalid(core.replace_namespaced_pod("gated", NAMESPACE, resized))
+    assert body["message"].startswith(f'Pod "gated" is invalid: {ONLY_OTHER_FIELDS}')
+    assert '\n  spec.containers[0].resources.limits.nvidia.com/gpu-20gb: null -> "1"' in body["message"]
+    assert [cause["field"] for cause in body["details"]["causes"]] == ["spec"]
+
+    added = [{"op": "add", "path": "/spec/containers/-", "value": {"name": "side", "image": "busybox"}}]
+    body = await invalid(core.patch_namespaced_pod("gated", NAMESPACE, added))
+    assert (
+        body["message"]
+        == 'Pod "gated" is invalid: spec.containers: Forbidden: pod updates may not add or remove containers'
+    )
+
+
+# --- watch delay -------------------------------------------------------------------------------
+
+DELAY = 0.3
+TimedEvent = tuple[str, str, int, float]  # type, pod name ("" for a bookmark), resourceVersion, arrival
+
+
+async def timed_events(
+    core: Any, until: Callable[[list[TimedEvent]], bool], **kwargs: Any
+) -> list[TimedEvent]:
+    """Every pod event with the loop time it arrived at, up to the first one after which `until` holds."""
+    loop = asyncio.get_running_loop()
+    seen: list[TimedEvent] = []
+    async with watch.Watch() as pods:
+        async for event in pods.stream(core.list_namespaced_pod, NAMESPACE, timeout_seconds=10, **kwargs):
+            metadata = event["raw_object"]["metadata"]
+            seen.append(
+                (event["type"], metadata.get("name", ""), int(metadata["resourceVersion"]), loop.time())
+            )
+            if until(seen):
+                break
+    return seen
+
+
+def reached(name: str) -> Callable[[list[TimedEvent]], bool]:
+    return lambda seen: seen[-1][1] == name
+
+
+async def test_watch_delay_holds_every_event_back_in_order() -> None:
+    loop = asyncio.get_running_loop()
+    async with (
+        ApiServer(watch_delay=DELAY) as server,
+        client.ApiClient(client.Configuration(host=server.url)) as api_client,
+    ):
+        core = client.CoreV1Api(api_client)
+        await core.create_namespaced_pod(NAMESPACE, pod("existing"))
+        listed = await core.list_namespaced_pod(NAMESPACE)
+        watching = asyncio.create_task(
+            timed_events(core, reached("marker"), resource_version=listed.metadata.resource_version)
+        )
+        caused_at = [loop.time()]
+        await core.create_namespaced_pod(NAMESPACE, pod("b"))
+        caused_at.append(loop.time())
+        await core.patch_namespaced_pod("existing", NAMESPACE, {"metadata": {"labels": {"seen": "yes"}}})
+        caused_at.append(loop.time())
+        await core.delete_namespaced_pod("b", NAMESPACE)
+        caused_at.append(loop.time())
+        await core.create_namespaced_pod(NAMESPACE, pod("marker"))
+        events = await watching
+
+        opened_at = loop.time()
+        initial = await timed_events(core, reached("marker"))
+
+    expected = [("ADDED", "b"), ("MODIFIED", "existing"), ("DELETED", "b"), ("ADDED", "marker")]
+    assert [(kind, name) for kind, name, _, _ in events] == expected
+    assert [version for _, _, version, _ in events] == [2, 3, 4, 5]
+    for (_, _, _, arrived), caused in zip(events, caused_at, strict=True):
+        assert arrived - caused >= DELAY
+    assert [(kind, name) for kind, name, _, _ in initial] == [("ADDED", "existing"), ("ADDED", "marker")]
+    assert all(arrived - opened_at >= DELAY for _, _, _, arrived in initial)
+
+
+async def test_bookmarks_never_run_ahead_of_held_back_events(api: ApiServer, core: Any) -> None:
+    api.watch_delay = DELAY
+    await core.create_namespaced_pod(NAMESPACE, pod("a"))
+    listed = await core.list_namespaced_pod(NAMESPACE)
+
+    def bookmark_after_d(events: list[TimedEvent]) -> bool:
+        return events[-1][0] == "BOOKMARK" and any(name == "d" for _, name, _, _ in events)
+
+    watching = asyncio.create_task(
+        timed_events(
+            core,
+            bookmark_after_d,
+            allow_watch_bookmarks=True,
+            resource_version=listed.metadata.resource_version,
+        )
+    )
+    for name in ("b", "c", "d"):
+        last = await core.create_namespaced_pod(NAMESPACE, pod(name))
+    seen = await watching
+
+    assert [name for kind, name, _, _ in seen if kind != "BOOKMARK"] == ["b", "c", "d"]
+    for index, (kind, _, version, _) in enumerate(seen):
+        if kind == "BOOKMARK":
+            held_back = [later for k, _, later, _ in seen[index + 1 :] if k != "BOOKMARK"]
+            assert all(later > version for later in held_back), seen
+    assert seen[-1][2] == int(last.metadata.resource_version)
