@@ -1,202 +1,263 @@
-"""A simulated kube-scheduler: binds pending pods to nodes whose allocatable resources fit.
+"""A simulated kube-scheduler, racing like the real one. Part of the simulated cluster only.
 
-It watches pods and nodes through the real kubernetes-asyncio client, like any controller, and
-binds in priority order (then age, then name). A pod that fits nowhere gets the condition
-`PodScheduled=False, reason=Unschedulable` with a kube-scheduler style message. It models
-extended resources (the MPS slices) and node readiness/cordoning, nothing else: no CPU or memory
-fit, affinity, taints or preemption. It is part of the simulated cluster only.
+What it models, after kube-scheduler:
+- Informers: it decides only from its own caches of nodes and of non-terminal pods (list + watch
+  through the real kubernetes-asyncio client, pods with the field selector kube-scheduler uses),
+  so its view is as stale as the watch. It waits for both first lists before scheduling.
+- Assumed pods: once it picks node N for pod P, P's requests count on N at once, before the
+  binding returns and before the watch shows it. The binding runs in its own task (the binding
+  cycle) while the next pod is scheduled. When it fails, the assumption is forgotten, the
+  unschedulable pods are retried (resources were freed) and P is retried after a backoff (1 s).
+  An assumption ends when the informer shows P bound, deleted or terminal.
+- The scheduling queue, the filters and the failure message of `simulation.scheduling`: gated
+  pods wait for an update that removes their gates; a pod that fits nowhere gets
+  `PodScheduled=False, reason=Unschedulable` with kube-scheduler's message (patched only when it
+  changes) and waits for a node added or updated, a bound pod deleted or terminal, an update to
+  its spec, or the flush interval (60 s).
+- The choice among feasible nodes is uniform, with `random.Random(seed)`: what kube-scheduler's
+  reservoir sampling among equal scores gives when every node scores alike.
+
+What it does not model: cpu, memory and the pod count of nodes; scoring; preemption and
+nominated nodes; permit, reserve and pre-bind plugins; the assume cache's expiry; several
+profiles; events (`FailedScheduling`, `Scheduled`).
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections import Counter
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
+import aiohttp
 import anyio
+import anyio.lowlevel
+from anyio.abc import TaskGroup
 from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from services.kit.signal import Wakeup
 from services.pod_watcher.watching import list_and_watch
+from simulation.scheduling import (
+    JsonObject,
+    SchedulingQueue,
+    feasible_nodes,
+    is_terminal,
+    pod_key,
+    pod_requests,
+    requested_by_node,
+    wants_scheduling,
+)
 
 log = logging.getLogger(__name__)
 
-EXTENDED_PREFIX = "nvidia.com/"
+__all__ = ["Scheduler", "extended_requests", "is_terminal"]
+
+NON_TERMINAL_PODS = "status.phase!=Succeeded,status.phase!=Failed"
+BINDING_BACKOFF = 1.0
+FLUSH_INTERVAL = 60.0
 
 
-def extended_requests(pod: dict[str, Any]) -> Counter[str]:
-    """Units of `nvidia.com/*` resources the pod's containers ask for (limits win over requests)."""
-    total: Counter[str] = Counter()
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        resources = container.get("resources") or {}
-        asked = {**(resources.get("requests") or {}), **(resources.get("limits") or {})}
-        for name, quantity in asked.items():
-            if name.startswith(EXTENDED_PREFIX):
-                try:
-                    total[name] += int(str(quantity))
-                except ValueError:
-                    total[name] += 1
-    return total
-
-
-def is_terminal(pod: dict[str, Any]) -> bool:
-    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
-
-
-def _is_ready(node: dict[str, Any]) -> bool:
-    conditions = (node.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-
-
-def _order(pod: dict[str, Any]) -> tuple[int, str, str, str]:
-    metadata = pod["metadata"]
-    return (
-        -int((pod.get("spec") or {}).get("priority") or 0),
-        str(metadata.get("creationTimestamp") or ""),
-        metadata.get("namespace", ""),
-        metadata["name"],
-    )
+def extended_requests(pod: JsonObject) -> Counter[str]:
+    """What the pod asks of a node besides cpu, memory and ephemeral-storage (see `pod_requests`)."""
+    return pod_requests(pod)
 
 
 class Scheduler:
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        *,
+        seed: int | None = None,
+        flush_interval: float = FLUSH_INTERVAL,
+        backoff: float = BINDING_BACKOFF,
+    ) -> None:
         self.api = api
         self.core = client.CoreV1Api(api)
-        self.pods: dict[str, dict[str, Any]] = {}
-        self.nodes: dict[str, dict[str, Any]] = {}
+        self.pods: dict[str, JsonObject] = {}
+        """The informer's view of the non-terminal pods, by namespace/name."""
+        self.nodes: dict[str, JsonObject] = {}
+        self.assumed: dict[str, str] = {}
+        """Pods (namespace/name) this scheduler sent to a node that its informer does not show bound."""
+        self.queue = SchedulingQueue(flush_after=flush_interval, backoff=backoff)
+        self._random = random.Random(seed)
         self._wakeup = Wakeup()
+        self._pods_synced = anyio.Event()
+        self._nodes_synced = anyio.Event()
+        self._bindings = 0
+        self._binding_failures = 0
+
+    @property
+    def bindings(self) -> int:
+        """Bindings the API accepted."""
+        return self._bindings
+
+    @property
+    def binding_failures(self) -> int:
+        """Bindings the API refused or that failed on the way."""
+        return self._binding_failures
 
     async def run(self) -> None:
         async with anyio.create_task_group() as group:
             group.start_soon(
-                lambda: list_and_watch(self.api, self.core.list_node, self._relist_nodes, self._node_changed)
+                partial(list_and_watch, self.api, self.core.list_node, self._nodes_listed, self._node_changed)
             )
             group.start_soon(
-                lambda: list_and_watch(
-                    self.api, self.core.list_pod_for_all_namespaces, self._relist_pods, self._pod_changed
+                partial(
+                    list_and_watch,
+                    self.api,
+                    self.core.list_pod_for_all_namespaces,
+                    self._pods_listed,
+                    self._pod_changed,
+                    field_selector=NON_TERMINAL_PODS,
                 )
             )
+            await self._pods_synced.wait()
+            await self._nodes_synced.wait()
             while True:
-                await self._wakeup.wait(1.0)
-                await self.schedule_pending()
-
-    async def _relist_nodes(self, items: list[dict[str, Any]]) -> None:
-        self.nodes = {item["metadata"]["name"]: item for item in items}
-        self._wakeup.set()
-
-    async def _node_changed(self, change: str, node: dict[str, Any]) -> None:
-        if change == "DELETED":
-            self.nodes.pop(node["metadata"]["name"], None)
-        else:
-            self.nodes[node["metadata"]["name"]] = node
-        self._wakeup.set()
-
-    async def _relist_pods(self, items: list[dict[str, Any]]) -> None:
-        self.pods = {f"{i['metadata']['namespace']}/{i['metadata']['name']}": i for i in items}
-        self._wakeup.set()
-
-    async def _pod_changed(self, change: str, pod: dict[str, Any]) -> None:
-        key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
-        if change == "DELETED":
-            self.pods.pop(key, None)
-        else:
-            self.pods[key] = pod
-        self._wakeup.set()
-
-    def _usage(self) -> dict[str, Counter[str]]:
-        usage: dict[str, Counter[str]] = {}
-        for pod in self.pods.values():
-            node = (pod.get("spec") or {}).get("nodeName")
-            if node and not is_terminal(pod):
-                usage.setdefault(node, Counter()).update(extended_requests(pod))
-        return usage
-
-    def _fits(self, node: dict[str, Any], used: Counter[str], wanted: Counter[str]) -> list[str]:
-        """The resources this node lacks for the pod (empty when it fits)."""
-        allocatable = (node.get("status") or {}).get("allocatable") or {}
-        return [
-            name
-            for name, count in wanted.items()
-            if int(str(allocatable.get(name, "0"))) - used[name] < count
-        ]
-
-    async def schedule_pending(self) -> None:
-        usage = self._usage()
-        pending = [
-            p
-            for p in self.pods.values()
-            if not (p.get("spec") or {}).get("nodeName") and (p.get("status") or {}).get("phase") == "Pending"
-        ]
-        for pod in sorted(pending, key=_order):
-            wanted = extended_requests(pod)
-            lacking: Counter[str] = Counter()
-            unavailable = 0
-            chosen = None
-            for name, node in sorted(self.nodes.items()):
-                if not _is_ready(node) or (node.get("spec") or {}).get("unschedulable"):
-                    unavailable += 1
+                popped = self.queue.pop(time.monotonic())
+                if popped is None:
+                    await self._wakeup.wait(self.queue.next_due(time.monotonic()))
                     continue
-                missing = self._fits(node, usage.get(name, Counter()), wanted)
-                if not missing:
-                    chosen = name
-                    break
-                lacking.update(missing)
-            if chosen is not None:
-                if await self._bind(pod, chosen):
-                    usage.setdefault(chosen, Counter()).update(wanted)
-            else:
-                reasons = [f"{count} Insufficient {name}" for name, count in sorted(lacking.items())]
-                if unavailable:
-                    reasons.append(f"{unavailable} node(s) were unschedulable or not ready")
-                await self._mark_unschedulable(
-                    pod, f"0/{len(self.nodes)} nodes are available: " + ", ".join(reasons) + "."
-                )
+                await self._schedule_one(*popped, group)
+                await anyio.lowlevel.checkpoint()  # informer events and bindings run between cycles
 
-    async def _bind(self, pod: dict[str, Any], node: str) -> bool:
+    # --- the scheduling cycle ---
+
+    async def _schedule_one(self, key: str, pod: JsonObject, group: TaskGroup) -> None:
+        found = feasible_nodes(pod, self.nodes, requested_by_node(self.pods, self.assumed))
+        if found.nodes:
+            node = self._random.choice(found.nodes)
+            self.assumed[key] = node
+            group.start_soon(self._bind, key, pod, node)
+            return
+        self.queue.park(key, pod, time.monotonic())
+        await self._report_unschedulable(key, found.message)
+
+    async def _bind(self, key: str, pod: JsonObject, node: str) -> None:
         metadata = pod["metadata"]
         body = client.V1Binding(
-            metadata=client.V1ObjectMeta(name=metadata["name"]),
+            metadata=client.V1ObjectMeta(
+                name=metadata["name"], namespace=metadata["namespace"], uid=metadata.get("uid")
+            ),
             target=client.V1ObjectReference(api_version="v1", kind="Node", name=node),
         )
-        # The API answers a binding with a Status that the client cannot decode into a model.
-        response: Any = await self.core.create_namespaced_pod_binding(
-            metadata["name"], metadata["namespace"], body, _preload_content=False, _request_timeout=10
-        )
-        bound: bool = response.status in (200, 201)
-        response.release()
-        if bound:
-            pod.setdefault("spec", {})["nodeName"] = node
-        else:
-            log.info(
-                "binding %s/%s to %s refused (%s)",
-                metadata["namespace"],
-                metadata["name"],
-                node,
-                response.status,
+        try:
+            # The API answers a binding with a Status that the client cannot decode into a model.
+            response: Any = await self.core.create_namespaced_pod_binding(
+                metadata["name"], metadata["namespace"], body, _preload_content=False, _request_timeout=10
             )
-        return bound
+            bound, why = response.status in (200, 201), f"HTTP {response.status}"
+            response.release()
+        except (ApiException, aiohttp.ClientError, TimeoutError) as error:
+            bound, why = False, str(error) or type(error).__name__
+        if bound:
+            self._bindings += 1
+            return
+        log.info("binding %s to %s failed (%s)", key, node, why)
+        self._binding_failures += 1
+        if self.assumed.get(key) == node:
+            del self.assumed[key]
+            self.queue.move_all_to_active()
+        current = self.pods.get(key)
+        if current is not None and key not in self.assumed and wants_scheduling(current):
+            self.queue.back_off(key, current, time.monotonic())
+        self._wakeup.set()
 
-    async def _mark_unschedulable(self, pod: dict[str, Any], message: str) -> None:
+    async def _report_unschedulable(self, key: str, message: str) -> None:
+        pod = self.pods.get(key)
+        if pod is None:
+            return
         conditions = (pod.get("status") or {}).get("conditions") or []
         current = next((c for c in conditions if c.get("type") == "PodScheduled"), None)
-        if (
-            current is not None
-            and current.get("reason") == "Unschedulable"
-            and current.get("message") == message
+        if current is not None and (current.get("status"), current.get("reason"), current.get("message")) == (
+            "False",
+            "Unschedulable",
+            message,
         ):
             return
+        since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if current is not None and current.get("status") == "False":
+            since = current.get("lastTransitionTime") or since
         condition = {
             "type": "PodScheduled",
             "status": "False",
             "reason": "Unschedulable",
             "message": message,
-            "lastTransitionTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "lastTransitionTime": since,
         }
-        await self.core.patch_namespaced_pod_status(
-            pod["metadata"]["name"],
-            pod["metadata"]["namespace"],
-            {"status": {"conditions": [condition]}},
-            _content_type="application/merge-patch+json",
-            _request_timeout=10,  # type: ignore[call-arg]
-        )
+        others = [c for c in conditions if c.get("type") != "PodScheduled"]
+        try:
+            await self.core.patch_namespaced_pod_status(
+                pod["metadata"]["name"],
+                pod["metadata"]["namespace"],
+                {"status": {"conditions": [*others, condition]}},
+                _content_type="application/merge-patch+json",
+                _request_timeout=10,  # type: ignore[call-arg]
+            )
+        except (ApiException, aiohttp.ClientError, TimeoutError) as error:
+            log.info("%s: could not report it unschedulable: %s", key, error)
+
+    # --- informers ---
+
+    async def _nodes_listed(self, items: list[JsonObject]) -> None:
+        self.nodes = {node["metadata"]["name"]: node for node in items}
+        self.queue.move_all_to_active()
+        self._nodes_synced.set()
+        self._wakeup.set()
+
+    async def _node_changed(self, change: str, node: JsonObject) -> None:
+        if change == "DELETED":
+            self.nodes.pop(node["metadata"]["name"], None)
+        else:
+            self.nodes[node["metadata"]["name"]] = node
+            self.queue.move_all_to_active()
+        self._wakeup.set()
+
+    async def _pods_listed(self, items: list[JsonObject]) -> None:
+        listed = {pod_key(pod): pod for pod in items}
+        for key in self.pods.keys() - listed.keys():
+            self._pod_gone(key)
+        for key, pod in listed.items():
+            self._pod_seen(key, pod)
+        self._pods_synced.set()
+        self._wakeup.set()
+
+    async def _pod_changed(self, change: str, pod: JsonObject) -> None:
+        if change == "DELETED":
+            self._pod_gone(pod_key(pod))
+        else:
+            self._pod_seen(pod_key(pod), pod)
+        self._wakeup.set()
+
+    def _pod_seen(self, key: str, pod: JsonObject) -> None:
+        if is_terminal(pod):
+            self._pod_gone(key)
+            return
+        try:
+            pod_requests(pod)
+        except ValueError as error:
+            log.warning("%s: ignored, as the API would have refused it: %s", key, error)
+            self._pod_gone(key)
+            return
+        old = self.pods.get(key)
+        self.pods[key] = pod
+        if (pod.get("spec") or {}).get("nodeName"):
+            self.assumed.pop(key, None)  # the binding is confirmed (or another scheduler bound it)
+            self.queue.delete(key)
+        elif key in self.assumed:
+            pass  # its binding is in flight: this is an older view of it
+        elif wants_scheduling(pod):
+            self.queue.update(key, old, pod)
+        else:
+            self.queue.delete(key)
+
+    def _pod_gone(self, key: str) -> None:
+        old = self.pods.pop(key, None) or {}
+        held = self.assumed.pop(key, None) is not None or bool((old.get("spec") or {}).get("nodeName"))
+        self.queue.delete(key)
+        if held:
+            self.queue.move_all_to_active()
