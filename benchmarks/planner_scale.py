@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _breakdown(state: ClusterState, now: datetime, settings: PlannerSettings) -> None:
     """Where one compute_plan's time goes: building the nodes, planning, and the rest."""
     started = time.perf_counter()
-    nodes, _ = planning_nodes(state, now, settings)
+    nodes, _, _ = planning_nodes(state, now, settings)
     built = time.perf_counter()
     pending = [
         PendingPod(p.namespace, p.name, p.size_gb, p.priority, p.created)

@@ -15,13 +15,14 @@ from pydantic import Field, ValidationError
 from events.base import AwareDatetime, Model
 from events.nodes import NodeGpusReported, NodeObserved, NodeOptedOut
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeConfigPublished, NodePlanned, PlanComputed
-from events.pods import PodDeleted, PodObserved, PodRejected, PodUnplaced
+from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
 
 Event = Annotated[
     PodObserved
     | PodRejected
     | PodDeleted
     | PodUnplaced
+    | PodReleased
     | NodeObserved
     | NodeOptedOut
     | NodeGpusReported

@@ -39,11 +39,19 @@ class NodeOptedOut(Model):
 
 
 class SliceState(Model):
-    """One MPS slice as the node agent advertises it to the kubelet."""
+    """One MPS slice as the node agent offers it to the kubelet.
+
+    `used`: a container holds it (or was just given it). `holder`: the pod (namespace/name) the
+    kubelet says holds it, once the kubelet lists the allocation; None while free or too recent.
+    `listed_by_kubelet`: the kubelet lists the slice among the node's devices, so a pod bound to the
+    node can be given it; a slice just offered is not listed yet.
+    """
 
     id: str
     size_gb: int = Field(gt=0)
     used: bool
+    holder: str | None = None
+    listed_by_kubelet: bool = True
 
 
 class GpuProcessReport(Model):

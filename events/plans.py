@@ -85,15 +85,20 @@ class NodeConfigPublished(Model):
 
 
 class NodeConfigApplied(Model):
+    """A node agent made a config's slices real; `gpus` is the config's layout (sizes per GPU)."""
+
     kind: Literal["NodeConfigApplied"] = "NodeConfigApplied"
     node: str
     plan_id: str
+    gpus: dict[int, tuple[int, ...]] = {}
 
 
 class NodeConfigFailed(Model):
-    """A node agent refused or could not apply a config; the GPU keeps its last good config."""
+    """A node agent refused or could not apply a config (`gpus`, sizes per GPU); the node keeps its
+    last good slices, and the planner never asks it for that layout again until its state changes."""
 
     kind: Literal["NodeConfigFailed"] = "NodeConfigFailed"
     node: str
     plan_id: str
     reason: str
+    gpus: dict[int, tuple[int, ...]] = {}

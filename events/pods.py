@@ -14,7 +14,12 @@ PodPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Unknown"]
 
 
 class PodObserved(Model):
-    """A valid pod that asks for one slice of `size_gb` GiB, as the API server last showed it."""
+    """A valid pod that asks for one slice of `size_gb` GiB, as the API server last showed it.
+
+    `gated`: the pod still carries mpsflow's scheduling gate, so no scheduler will bind it until
+    mpsflow releases it. `released_to`: mpsflow released it to that node (gate removed, pinned there
+    by node affinity) and it is not bound yet. A pod that bypassed the gate has neither.
+    """
 
     kind: Literal["PodObserved"] = "PodObserved"
     namespace: str
@@ -26,6 +31,8 @@ class PodObserved(Model):
     created: AwareDatetime
     phase: PodPhase
     node: str | None = None
+    gated: bool = False
+    released_to: str | None = None
 
     @property
     def key(self) -> str:
@@ -33,12 +40,21 @@ class PodObserved(Model):
 
     @property
     def holds_slice(self) -> bool:
-        """Bound to a node and not finished: its slice is taken (or about to be)."""
-        return self.node is not None and self.phase in ("Pending", "Running", "Unknown")
+        """Bound to a node and not finished, or released to a node and not yet bound there: a slice
+        of that node is taken (or about to be)."""
+        return self.holder_node is not None
+
+    @property
+    def holder_node(self) -> str | None:
+        """The node one of whose slices this pod holds or is about to hold, if any."""
+        if self.node is not None:
+            return self.node if self.phase in ("Pending", "Running", "Unknown") else None
+        return self.released_to if self.phase == "Pending" else None
 
     @property
     def waits_for_slice(self) -> bool:
-        return self.node is None and self.phase == "Pending"
+        """Pending, not bound and not released to a node: the planner has yet to provide for it."""
+        return self.node is None and self.released_to is None and self.phase == "Pending"
 
 
 class PodRejected(Model):
@@ -78,6 +94,26 @@ class PodUnplaced(Model):
     name: str
     uid: str
     reason: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class PodReleased(Model):
+    """The planner's word that a gated pod may go: a free slice of its size is ready on `node`.
+
+    The pod watcher turns it into the Kubernetes change: the scheduling gate goes and the pod is
+    pinned to `node` by a required node affinity, in one patch guarded by `uid`.
+    """
+
+    kind: Literal["PodReleased"] = "PodReleased"
+    namespace: str
+    name: str
+    uid: str
+    node: str
+    size_gb: int
+    plan_id: str
 
     @property
     def key(self) -> str:

@@ -92,6 +92,11 @@ def unplaced_subject(namespace: str, name: str) -> str:
     return f"{PREFIX}.unplaced.{encode_token(namespace)}.{encode_token(name)}"
 
 
+def release_subject(namespace: str, name: str) -> str:
+    """The planner releasing one gated pod to a node (the pod watcher lifts the gate)."""
+    return f"{PREFIX}.release.{encode_token(namespace)}.{encode_token(name)}"
+
+
 def config_subject(node: str) -> str:
     """Published, applied and failed configs of one node."""
     return f"{PREFIX}.config.{encode_token(node)}"
@@ -113,3 +118,5 @@ NODE_EVENTS = f"{PREFIX}.node.>"
 GPU_EVENTS = f"{PREFIX}.gpus.>"
 UNPLACED_EVENTS = f"{PREFIX}.unplaced.>"
 PLANNED_EVENTS = f"{PREFIX}.planned.>"
+RELEASE_EVENTS = f"{PREFIX}.release.>"
+CONFIG_EVENTS = f"{PREFIX}.config.>"

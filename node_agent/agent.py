@@ -36,8 +36,8 @@ from node_agent.mps import (
     parse_server_list,
 )
 from node_agent.nvml import GpuInventory, GpuReading
-from node_agent.pod_resources import slices_in_use
-from node_agent.reconcile import MIB_PER_GIB, Refused, gpu_report, reconcile
+from node_agent.pod_resources import kubelet_view
+from node_agent.reconcile import MIB_PER_GIB, Refused, SliceUsage, gpu_report, reconcile
 from node_agent.slices import SliceDevice
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class AgentSettings:
     heartbeat_seconds: float = 10.0
     usage_poll_seconds: float = 0.2
     allocation_grace_seconds: float = 30.0
+    listing_grace_seconds: float = 2.0
 
 
 class NodeAgent:
@@ -71,7 +72,8 @@ class NodeAgent:
         self.plugin = plugin
         self.gpus: list[GpuReading] = []
         self.devices: tuple[SliceDevice, ...] = ()
-        self.in_use: frozenset[str] = frozenset()
+        self.usage = SliceUsage()
+        self._offered_at: dict[str, float] = {}
         self.daemon_health: dict[int, bool] = {}
         self.applied_plan_id: str | None = None
         # Applied/failed events name this run of the agent: a restarted agent applying the same
@@ -138,14 +140,21 @@ class NodeAgent:
             attributes={"mpsflow.node": self.settings.node, "mpsflow.plan_id": desired.plan_id},
         ):
             # Usage right now, not as of the last poll: a slice allocated since must not be dropped.
-            self.in_use = await self.current_usage()
-            outcome = reconcile(self.gpus, self.devices, self.in_use, desired)
+            self.usage = await self.current_usage()
+            outcome = reconcile(self.gpus, self.devices, self.usage.in_use, desired)
             subject = subjects.config_subject(self.settings.node)
             if isinstance(outcome, Refused):
                 log.warning("config of plan %s refused: %s", desired.plan_id, outcome.reason)
+                # The report first: the planner then plans from what made the node refuse.
+                await self.report()
                 await self.bus.publish(
                     subject,
-                    NodeConfigFailed(node=self.settings.node, plan_id=desired.plan_id, reason=outcome.reason),
+                    NodeConfigFailed(
+                        node=self.settings.node,
+                        plan_id=desired.plan_id,
+                        reason=outcome.reason,
+                        gpus=desired.gpus,
+                    ),
                     message_id=content_id(
                         "failed", self.settings.node, desired.plan_id, str(revision), self._incarnation
                     ),
@@ -153,35 +162,54 @@ class NodeAgent:
                 return
             await self.plugin.set_devices(outcome.devices)
             self.devices = outcome.devices
+            offered = time.monotonic()
+            self._offered_at = {d.id: self._offered_at.get(d.id, offered) for d in self.devices}
             self.applied_plan_id = desired.plan_id
             await self.apply_daemon_limits()
+            self.usage = await self.current_usage()
+            await self.report()
             await self.bus.publish(
                 subject,
-                NodeConfigApplied(node=self.settings.node, plan_id=desired.plan_id),
+                NodeConfigApplied(node=self.settings.node, plan_id=desired.plan_id, gpus=desired.gpus),
                 message_id=content_id(
                     "applied", self.settings.node, desired.plan_id, str(revision), self._incarnation
                 ),
             )
-            await self.report()
 
-    async def current_usage(self) -> frozenset[str]:
-        """Slices containers hold: the kubelet's word, plus allocations too recent for it to list."""
+    async def current_usage(self) -> SliceUsage:
+        """Slices containers hold (the kubelet's word, with the pod it names, plus allocations too
+        recent for it to list), and the slices the kubelet lists as its devices.
+
+        Without a kubelet to ask, every allocation counts and every slice counts as listed; when the
+        kubelet cannot list its devices (older than 1.23), a slice counts as listed once it has been
+        offered for `listing_grace_seconds`.
+        """
         allocations = self.plugin.allocations()
+        offered = frozenset(device.id for device in self.devices)
         if self.settings.pod_resources_socket is None:
-            return frozenset(allocations)
+            return SliceUsage(frozenset(allocations), {}, offered)
         try:
-            held = await slices_in_use(self.settings.pod_resources_socket)
+            view = await kubelet_view(self.settings.pod_resources_socket)
         except grpc.aio.AioRpcError as error:
             log.debug("pod-resources unavailable (%s); keeping the last known usage", error.code())
-            return self.in_use | frozenset(allocations)
-        recent = time.monotonic() - self.settings.allocation_grace_seconds
-        return frozenset(held | {device for device, at in allocations.items() if at >= recent})
+            return SliceUsage(
+                self.usage.in_use | frozenset(allocations), self.usage.holders, self.usage.listed & offered
+            )
+        now = time.monotonic()
+        recent = now - self.settings.allocation_grace_seconds
+        in_use = frozenset(view.held) | {device for device, at in allocations.items() if at >= recent}
+        if view.listed is not None:
+            listed = view.listed & offered
+        else:
+            settled = now - self.settings.listing_grace_seconds
+            listed = frozenset(d for d in offered if self._offered_at.get(d, now) <= settled)
+        return SliceUsage(in_use, dict(view.held), listed)
 
     async def watch_usage(self) -> None:
         while True:
             usage = await self.current_usage()
-            if usage != self.in_use:
-                self.in_use = usage
+            if usage != self.usage:
+                self.usage = usage
                 await self.report()
             await anyio.sleep(self.settings.usage_poll_seconds)
 
@@ -255,7 +283,7 @@ class NodeAgent:
 
     async def report(self, *, force: bool = False) -> None:
         report = gpu_report(
-            self.settings.node, self.gpus, self.devices, self.in_use, self.daemon_health, self.applied_plan_id
+            self.settings.node, self.gpus, self.devices, self.usage, self.daemon_health, self.applied_plan_id
         )
         body = report.model_dump_json()
         if body == self._last_report and not force:

@@ -4,14 +4,16 @@
 the new list of slice devices, or refuses the whole config with a reason, in which case every
 GPU keeps its last good slices. It keeps a slice's device ID whenever the slice survives, never
 drops a slice that a container holds, and never offers more memory or more MPS clients than a
-GPU has. `gpu_report` builds what the agent tells the planner. Nothing here performs I/O.
+GPU has. `gpu_report` builds what the agent tells the planner: every slice, whether a container
+holds it and which pod, and whether the kubelet lists it yet (the planner releases a pod only to
+a slice the kubelet lists). Nothing here performs I/O.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from events.nodes import GpuProcessReport, GpuReport, NodeGpusReported, SliceState
 from events.plans import NodeMpsConfig
@@ -19,6 +21,17 @@ from node_agent.nvml import GpuReading
 from node_agent.slices import SliceDevice, parse_slice_device_id, slice_device_id
 
 MIB_PER_GIB = 1024
+
+
+@dataclass(frozen=True)
+class SliceUsage:
+    """What the kubelet does with the node's slices: `in_use`, the device IDs containers hold (or
+    were just given); `holders`, device ID -> the pod ("namespace/name") the kubelet says holds it;
+    `listed`, the device IDs the kubelet can hand out."""
+
+    in_use: frozenset[str] = frozenset()
+    holders: dict[str, str] = field(default_factory=dict)
+    listed: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -142,14 +155,20 @@ def gpu_report(
     node: str,
     gpus: Sequence[GpuReading],
     devices: Sequence[SliceDevice],
-    in_use: Collection[str],
+    usage: SliceUsage,
     daemon_health: dict[int, bool],
     applied_plan_id: str | None,
 ) -> NodeGpusReported:
     reports = []
     for gpu in sorted(gpus, key=lambda g: g.index):
         slices = tuple(
-            SliceState(id=d.id, size_gb=d.size_gb, used=d.id in in_use)
+            SliceState(
+                id=d.id,
+                size_gb=d.size_gb,
+                used=d.id in usage.in_use,
+                holder=usage.holders.get(d.id),
+                listed_by_kubelet=d.id in usage.listed,
+            )
             for d in devices
             if d.gpu_index == gpu.index
         )

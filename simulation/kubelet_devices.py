@@ -1,12 +1,13 @@
 """The simulated kubelet's device manager: the kubelet side of the device-plugin API.
 
 Used by the simulated kubelet (demo and e2e) in place of a real one. It serves
-``Registration`` on ``<plugin_dir>/kubelet.sock`` and ``PodResourcesLister`` on its own socket,
-dials back every plugin that registers, follows its ListAndWatch stream to know the node's
-devices, reports per-resource capacity through a callback, and at pod admission picks free
-devices (asking the plugin's GetPreferredAllocation) and calls Allocate, like the real
-kubelet's devicemanager does. Everything goes over real gRPC on unix sockets, so the node
-agent's plugin is exercised exactly as in a cluster.
+``Registration`` on ``<plugin_dir>/kubelet.sock`` and ``PodResourcesLister`` (List and
+GetAllocatableResources) on its own socket, dials back every plugin that registers, follows its
+ListAndWatch stream to know the node's devices at once, reports per-resource capacity through a
+callback (the kubelet copies it into the node's status only on its node-status period), and at
+pod admission picks free devices (asking the plugin's GetPreferredAllocation) and calls
+Allocate, like the real kubelet's devicemanager does. Everything goes over real gRPC on unix
+sockets, so the node agent's plugin is exercised exactly as in a cluster.
 
 It must never reach into the plugin other than through the gRPC API, and it is a test double:
 no checkpointing, no topology alignment, no init-container reuse.
@@ -97,6 +98,7 @@ class DeviceManager:
         self._servers: list[grpc.aio.Server] = []
         self._plugins: dict[str, _Plugin] = {}
         self._devices: dict[str, dict[str, str]] = {}
+        self._first_listed: dict[str, float] = {}
         self._pods: dict[str, _PodAssignment] = {}
         self._capacity_lock = asyncio.Lock()
         self._admission_lock = asyncio.Lock()
@@ -157,6 +159,10 @@ class DeviceManager:
     def devices(self) -> dict[str, dict[str, str]]:
         """resource -> device ID -> health, as last listed by each plugin."""
         return {resource: dict(devices) for resource, devices in self._devices.items()}
+
+    def first_listed(self, device_id: str) -> float | None:
+        """When (loop time) a plugin first listed `device_id`, or None if none ever did."""
+        return self._first_listed.get(device_id)
 
     async def restart(self) -> None:
         """Behave like a kubelet restart: every plugin must register again; pods keep devices."""
@@ -292,6 +298,9 @@ class DeviceManager:
         try:
             async for response in plugin.stub.ListAndWatch(api.Empty()):
                 self._devices[plugin.resource] = {device.ID: device.health for device in response.devices}
+                now = asyncio.get_running_loop().time()
+                for device in response.devices:
+                    self._first_listed.setdefault(device.ID, now)
                 await self._report_capacity()
             logger.warning("ListAndWatch for %s ended", plugin.resource)
         except grpc.aio.AioRpcError as error:
@@ -320,6 +329,18 @@ class DeviceManager:
                 await self._on_capacity(capacity)
             except Exception:
                 logger.exception("capacity callback failed for %s", capacity)
+
+    def _allocatable_resources(self) -> podresources.AllocatableResourcesResponse:
+        return podresources.AllocatableResourcesResponse(
+            devices=[
+                podresources.ContainerDevices(
+                    resource_name=resource,
+                    device_ids=sorted(d for d, health in devices.items() if health == HEALTHY),
+                )
+                for resource, devices in sorted(self._devices.items())
+                if devices
+            ]
+        )
 
     def _list_pod_resources(self) -> podresources.ListPodResourcesResponse:
         return podresources.ListPodResourcesResponse(
@@ -364,3 +385,12 @@ class _PodResourcesService(podresources_grpc.PodResourcesListerServicer):
         context: _Context[podresources.ListPodResourcesRequest, podresources.ListPodResourcesResponse],
     ) -> podresources.ListPodResourcesResponse:
         return self._manager._list_pod_resources()
+
+    async def GetAllocatableResources(  # noqa: N802 (gRPC method name)
+        self,
+        request: podresources.AllocatableResourcesRequest,
+        context: _Context[
+            podresources.AllocatableResourcesRequest, podresources.AllocatableResourcesResponse
+        ],
+    ) -> podresources.AllocatableResourcesResponse:
+        return self._manager._allocatable_resources()

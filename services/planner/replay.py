@@ -14,6 +14,7 @@ from datetime import datetime
 
 from events.envelope import Envelope
 from events.plans import PlanComputed
+from events.pods import PodReleased
 from services.planner.core.state import (
     ClusterState,
     IncrementalPlanner,
@@ -24,15 +25,29 @@ from services.planner.core.state import (
     decide,
 )
 
+# What the planner reads from others. Its own words (node layouts, releases) are not read back:
+# the replay's own decisions stand for them.
 PLANNER_KINDS = frozenset(
-    {"PodObserved", "PodRejected", "PodDeleted", "NodeObserved", "NodeOptedOut", "NodeGpusReported"}
+    {
+        "PodObserved",
+        "PodRejected",
+        "PodDeleted",
+        "NodeObserved",
+        "NodeOptedOut",
+        "NodeGpusReported",
+        "NodeConfigApplied",
+        "NodeConfigFailed",
+    }
 )
 
 
 @dataclass(frozen=True)
 class ReplayedPlan:
+    """One decision that published something: the plan in force then, and the pods it released."""
+
     at: datetime
     plan: PlanComputed
+    released: tuple[PodReleased, ...] = ()
 
     def summary(self) -> dict[str, object]:
         """A compact, stable line for people and golden files."""
@@ -49,6 +64,7 @@ class ReplayedPlan:
             "placed": {key: f"{p.node}/{p.gpu}" for key, p in sorted(self.plan.placed.items())},
             "unplaced": dict(sorted(self.plan.unplaced.items())),
             "excluded_nodes": dict(sorted(self.plan.excluded_nodes.items())),
+            "released": {r.key: r.node for r in sorted(self.released, key=lambda r: r.key)},
         }
 
 
@@ -63,8 +79,9 @@ def replay(envelopes: Iterable[Envelope], settings: PlannerSettings | None = Non
         decision = decide(state, now, settings, planner)
         wake = None
         if isinstance(decision, PublishPlan):
-            state.mark_planned(decision.plan.plan_id, decision.at_revision)
-            yield ReplayedPlan(now, decision.plan)
+            state.commit(decision)
+            if decision.plan_is_new or decision.releases:
+                yield ReplayedPlan(now, decision.plan, decision.releases)
         elif isinstance(decision, WaitUntil):
             wake = decision.when
         elif isinstance(decision, NothingToDo) and decision.planned is not None:

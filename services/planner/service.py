@@ -1,11 +1,13 @@
 """The planner service: folds pod, node and GPU events into state and publishes plans.
 
-On start it rebuilds its state from the last message of every subject (its durable consumer
-is recreated at "last per subject"), so a restart loses nothing. Deciding is `decide` from the
-functional core; this shell only moves events in and plans out: each node's layout that changed
-as a `NodePlanned`, then the plan as a `PlanComputed` (summarized when large), and why each pod
-that could not be placed waits as a `PodUnplaced`, so that no message grows with the cluster. It
-never talks to Kubernetes or to a GPU.
+On start it rebuilds its state from the last message of every subject it reads (its durable
+consumer is recreated at "last per subject"): pods, nodes, GPU reports, what node agents applied
+or refused, and its own node layouts and pod releases, so a restart loses nothing. Deciding is
+`decide` from the functional core, which also says what to publish: each node's layout that must
+change as a `NodePlanned`, the plan as a `PlanComputed` (summarized when large), each gated pod
+whose slice is ready as a `PodReleased`, and why a pod waits as a `PodUnplaced`, so that no
+message grows with the cluster. This shell only moves events in and decisions out, and never
+talks to Kubernetes or to a GPU.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from opentelemetry.trace import Link
 from events import subjects
 from events.envelope import content_id
 from events.jetstream import Delivery, EventBus
-from events.plans import NodeLayout, NodePlanned, PlanComputed
-from events.pods import PodUnplaced
+from events.plans import PlanComputed
 from events.tracing import link_to, tracer
 from services.kit.signal import Wakeup
 from services.planner.core.state import (
@@ -65,8 +66,6 @@ class PlannerService:
         self._wakeup = Wakeup()
         self._caught_up = False
         self._links: list[Link] = []
-        self._unplaced_published: dict[str, str] = {}
-        self._published_layouts: dict[str, NodeLayout] = {}
 
     async def handle(self, delivery: Delivery) -> None:
         self.state.apply(delivery.envelope)
@@ -88,7 +87,14 @@ class PlannerService:
     async def consume(self) -> None:
         await self.bus.consume(
             durable=DURABLE,
-            filter_subjects=[subjects.POD_EVENTS, subjects.NODE_EVENTS, subjects.GPU_EVENTS],
+            filter_subjects=[
+                subjects.POD_EVENTS,
+                subjects.NODE_EVENTS,
+                subjects.GPU_EVENTS,
+                subjects.CONFIG_EVENTS,
+                subjects.PLANNED_EVENTS,
+                subjects.RELEASE_EVENTS,
+            ],
             handle=self.handle,
             deliver_from="last_per_subject",
             reset=True,
@@ -108,25 +114,24 @@ class PlannerService:
                     self.state.report_went_stale(stale)
                 checked_staleness = now
                 decision = decide(self.state, now, self.settings, self.planner)
-                try:
-                    if isinstance(decision, PublishPlan):
+                if isinstance(decision, PublishPlan):
+                    try:
                         await self._publish(decision)
-                        retry = RETRY_FIRST
+                    except (nats.errors.Error, TimeoutError) as error:
+                        # Nothing is committed, so the next try publishes what is due then.
+                        log.error(
+                            "publishing failed (%s: %s); trying again in %.1fs",
+                            type(error).__name__,
+                            error,
+                            retry,
+                        )
+                        await anyio.sleep(retry)
+                        retry = min(retry * 2, RETRY_LONGEST)
                         continue
-                    if isinstance(decision, NothingToDo) and decision.planned is not None:
-                        await self._publish_unplaced(decision.planned)
-                        self.state.mark_planned(decision.planned.plan_id, decision.at_revision)
-                except (nats.errors.Error, TimeoutError) as error:
-                    # The state stays unplanned, so the next try publishes the plan then in force.
-                    log.error(
-                        "publishing failed (%s: %s); trying again in %.1fs",
-                        type(error).__name__,
-                        error,
-                        retry,
-                    )
-                    await anyio.sleep(retry)
-                    retry = min(retry * 2, RETRY_LONGEST)
+                    retry = RETRY_FIRST
                     continue
+                if isinstance(decision, NothingToDo) and decision.planned is not None:
+                    self.state.mark_planned(decision.planned.plan_id, decision.at_revision)
                 if isinstance(decision, WaitUntil):
                     timeout = max(0.0, (decision.when - now).total_seconds())
                 stale = self.state.next_staleness(now, self.settings.report_stale_after)
@@ -136,6 +141,10 @@ class PlannerService:
             await self._wakeup.wait(timeout)
 
     async def _publish(self, decision: PublishPlan) -> None:
+        """Publish what the decision says, in its order, then commit it to the state.
+
+        Every message has an id derived from its content, so a publish retried after a failure
+        half-way is stored once."""
         plan = decision.plan
         links, self._links = self._links, []
         with tracer().start_as_current_span(
@@ -145,40 +154,35 @@ class PlannerService:
                 "mpsflow.plan_id": plan.plan_id,
                 "mpsflow.placed": len(plan.placed),
                 "mpsflow.unplaced": len(plan.unplaced),
+                "mpsflow.released": len(decision.releases),
             },
         ):
-            for node, layout in sorted(plan.nodes.items()):
-                if self._published_layouts.get(node) != layout:
-                    await self.bus.publish(
-                        subjects.planned_subject(node),
-                        NodePlanned(node=node, plan_id=plan.plan_id, layout=layout),
-                        message_id=content_id("planned", node, plan.plan_id),
-                    )
-                    self._published_layouts[node] = layout
-            await self.bus.publish(subjects.plan_subject(), published_plan(plan), message_id=plan.plan_id)
-            await self._publish_unplaced(plan)
-        self.state.mark_planned(plan.plan_id, decision.at_revision)
+            for planned in decision.node_plans:
+                await self.bus.publish(
+                    subjects.planned_subject(planned.node),
+                    planned,
+                    message_id=content_id("planned", planned.node, plan.plan_id),
+                )
+            if decision.plan_is_new:
+                await self.bus.publish(subjects.plan_subject(), published_plan(plan), message_id=plan.plan_id)
+            for release in decision.releases:
+                await self.bus.publish(
+                    subjects.release_subject(release.namespace, release.name),
+                    release,
+                    message_id=content_id("released", release.uid),
+                )
+            for unplaced in decision.unplaced:
+                await self.bus.publish(
+                    subjects.unplaced_subject(unplaced.namespace, unplaced.name),
+                    unplaced,
+                    message_id=content_id("unplaced", unplaced.uid, unplaced.reason),
+                )
+        self.state.commit(decision)
         log.info(
-            "plan %s: %d placed, %d unplaced, %d nodes",
+            "plan %s: %d placed, %d unplaced, %d node layouts, %d pods released",
             plan.plan_id,
             len(plan.placed),
             len(plan.unplaced),
-            len(plan.nodes),
+            len(decision.node_plans),
+            len(decision.releases),
         )
-
-    async def _publish_unplaced(self, plan: PlanComputed) -> None:
-        """One PodUnplaced per pod (by uid, so a re-created pod gets its own) and reason."""
-        still_unplaced: dict[str, str] = {}
-        for key, reason in sorted(plan.unplaced.items()):
-            pod = self.state.pods.get(key)
-            if pod is None:
-                continue
-            still_unplaced[pod.uid] = reason
-            if self._unplaced_published.get(pod.uid) == reason:
-                continue
-            await self.bus.publish(
-                subjects.unplaced_subject(pod.namespace, pod.name),
-                PodUnplaced(namespace=pod.namespace, name=pod.name, uid=pod.uid, reason=reason),
-                message_id=content_id("unplaced", pod.uid, reason),
-            )
-        self._unplaced_published = still_unplaced

@@ -42,7 +42,7 @@ def test_replay_is_deterministic_and_ignores_non_planner_events() -> None:
     planner_only = [
         e
         for e in envelopes
-        if e.kind not in ("PlanComputed", "NodeConfigPublished", "NodeConfigApplied", "PodUnplaced")
+        if e.kind not in ("PlanComputed", "NodePlanned", "PodReleased", "NodeConfigPublished", "PodUnplaced")
     ]
     first = [json.dumps(r.summary()) for r in replay(envelopes)]
     assert first == [json.dumps(r.summary()) for r in replay(envelopes)]

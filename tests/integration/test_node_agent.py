@@ -174,7 +174,9 @@ class Node:
         """Put a config, expect it applied and return the first report that shows the plan."""
         mark = self.events.mark()
         await self.put_config(plan_id, gpus)
-        assert await self.events.outcome(plan_id, mark) == NodeConfigApplied(node=NODE, plan_id=plan_id)
+        assert await self.events.outcome(plan_id, mark) == NodeConfigApplied(
+            node=NODE, plan_id=plan_id, gpus=gpus
+        )
         return await self.events.report(
             lambda report: report.applied_plan_id == plan_id, f"a report of plan {plan_id}", mark
         )
@@ -410,6 +412,7 @@ async def test_a_config_that_overflows_a_gpu_is_refused_and_the_kubelet_keeps_it
             node=NODE,
             plan_id="plan-bad",
             reason="GPU 0: slices would add up to 50 GiB but the GPU has 40 GiB",
+            gpus={0: (30, 20), 1: (10, 10)},
         )
         assert node.manager.devices() == devices_before
         assert node.capacity[-1] == {GB10: 1, GB20: 2}
@@ -449,6 +452,7 @@ async def test_a_config_that_drops_an_in_use_slice_keeps_it(bus: EventBus) -> No
             plan_id="plan-3",
             reason="GPU 0: slices would add up to 50 GiB (10 GiB of them held by running containers) "
             "but the GPU has 40 GiB",
+            gpus={0: (40,)},
         )
 
 
@@ -521,7 +525,7 @@ async def test_an_unreadable_config_is_skipped_and_the_agent_keeps_working(bus: 
         report = await node.apply("plan-1", {0: (10,)})
 
         assert slices(report) == {0: [("mps-g0-10gb-0", False)]}
-        assert node.events.outcomes(mark) == [NodeConfigApplied(node=NODE, plan_id="plan-1")]
+        assert node.events.outcomes(mark) == [NodeConfigApplied(node=NODE, plan_id="plan-1", gpus={0: (10,)})]
         await node.kubelet_sees({GB10: 1})
 
 
@@ -531,7 +535,7 @@ async def test_a_config_already_in_the_bucket_is_applied_on_start(bus: EventBus)
 
         async with running_agent(node):
             assert await node.events.outcome("plan-early") == NodeConfigApplied(
-                node=NODE, plan_id="plan-early"
+                node=NODE, plan_id="plan-early", gpus={0: (20,)}
             )
             await node.kubelet_sees({GB20: 1})
 
@@ -542,7 +546,9 @@ async def test_a_restarted_agent_says_again_that_it_applied_the_config(bus: Even
             await node.apply("plan-1", {0: (20,)})
         mark = node.events.mark()
         async with running_agent(node):
-            assert await node.events.outcome("plan-1", mark) == NodeConfigApplied(node=NODE, plan_id="plan-1")
+            assert await node.events.outcome("plan-1", mark) == NodeConfigApplied(
+                node=NODE, plan_id="plan-1", gpus={0: (20,)}
+            )
 
 
 async def test_a_slice_allocated_since_the_last_usage_poll_is_kept(bus: EventBus) -> None:

@@ -28,7 +28,7 @@ def gpu(gib: int, *slices: str, index: int = 0, max_slices: int = 48) -> Gpu:
 
 
 def node(name: str, *gpus: Gpu, can_carve: bool = True) -> Node:
-    return Node(name=name, gpus=gpus, can_carve=can_carve)
+    return Node(name=name, gpus=gpus, can_carve=can_carve, can_host=can_carve)
 
 
 def pods(*sizes: int, priority: int = 0, prefix: str = "p") -> list[PendingPod]:

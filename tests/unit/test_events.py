@@ -21,7 +21,7 @@ from events.plans import (
     PlanComputed,
     SliceSpec,
 )
-from events.pods import PodDeleted, PodObserved, PodRejected, PodUnplaced
+from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 
@@ -37,6 +37,16 @@ EVERY_KIND: list[Event] = [
         phase="Running",
         node="a100-1.example.com",
     ),
+    PodObserved(
+        namespace="ml",
+        name="tune-1",
+        uid="u4",
+        resource_version="44",
+        size_gb=20,
+        created=T0,
+        phase="Pending",
+        released_to="a100-1.example.com",
+    ),
     PodRejected(
         namespace="ml",
         name="bad",
@@ -46,6 +56,7 @@ EVERY_KIND: list[Event] = [
         message="nvidia.com/gpu-0gb asks for 0 GiB",
     ),
     PodDeleted(namespace="ml", name="train-1", uid="u1"),
+    PodReleased(namespace="ml", name="tune-1", uid="u4", node="a100-1.example.com", size_gb=20, plan_id="p1"),
     PodUnplaced(
         namespace="ml", name="huge", uid="u3", reason="needs 200 GiB; the largest opted-in GPU has 80 GiB"
     ),
@@ -62,7 +73,10 @@ EVERY_KIND: list[Event] = [
                 model="A100",
                 memory_mib=81920,
                 compute_capability=(8, 0),
-                slices=(SliceState(id="mps-g0-10gb-0", size_gb=10, used=True),),
+                slices=(
+                    SliceState(id="mps-g0-10gb-0", size_gb=10, used=True, holder="ml/train-1"),
+                    SliceState(id="mps-g0-20gb-0", size_gb=20, used=False, listed_by_kubelet=False),
+                ),
             ),
         ),
     ),
@@ -77,8 +91,8 @@ EVERY_KIND: list[Event] = [
         node="a100-1", plan_id="p1", layout=NodeLayout(gpus={0: (SliceSpec(size_gb=10, used=True),)})
     ),
     NodeConfigPublished(node="a100-1", plan_id="p1", revision=3),
-    NodeConfigApplied(node="a100-1", plan_id="p1"),
-    NodeConfigFailed(node="a100-1", plan_id="p1", reason="GPU 3 does not exist"),
+    NodeConfigApplied(node="a100-1", plan_id="p1", gpus={0: (10, 20)}),
+    NodeConfigFailed(node="a100-1", plan_id="p1", reason="GPU 3 does not exist", gpus={3: (10,)}),
 ]
 
 

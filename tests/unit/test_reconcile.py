@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from events.nodes import GpuReport, NodeGpusReported, SliceState
 from events.plans import NodeMpsConfig
 from node_agent.nvml import GpuReading
-from node_agent.reconcile import Reconciled, Refused, capacity_gb, gpu_report, reconcile
+from node_agent.reconcile import Reconciled, Refused, SliceUsage, capacity_gb, gpu_report, reconcile
 from node_agent.slices import SliceDevice, parse_slice_device_id, slice_device_id
 
 A100_40GB_MIB = 40960  # 40 GiB
@@ -315,18 +315,16 @@ def test_a_refusal_on_a_later_gpu_leaves_nothing_half_applied() -> None:
 # gpu_report.
 
 
-def test_gpu_report_marks_exactly_the_in_use_slices_and_daemon_health() -> None:
+def test_gpu_report_marks_exactly_the_in_use_slices_their_holders_listing_and_daemon_health() -> None:
     mig_gpu = gpu(2, mig_enabled=True)
     devices = [dev(GPU0, 10, 0), dev(GPU0, 10, 1), dev(GPU1, 20, 0)]
-
-    report = gpu_report(
-        "node-a",
-        [mig_gpu, GPU1, GPU0],
-        devices,
-        {"mps-g0-10gb-1", "mps-g1-20gb-0", "mps-g5-10gb-0"},
-        {0: True, 1: False},
-        "plan-7",
+    usage = SliceUsage(
+        in_use=frozenset({"mps-g0-10gb-1", "mps-g1-20gb-0", "mps-g5-10gb-0"}),
+        holders={"mps-g0-10gb-1": "ml/train", "mps-g5-10gb-0": "ml/gone"},
+        listed=frozenset({"mps-g0-10gb-1", "mps-g1-20gb-0"}),
     )
+
+    report = gpu_report("node-a", [mig_gpu, GPU1, GPU0], devices, usage, {0: True, 1: False}, "plan-7")
 
     assert report == NodeGpusReported(
         node="node-a",
@@ -341,8 +339,8 @@ def test_gpu_report_marks_exactly_the_in_use_slices_and_daemon_health() -> None:
                 mig_enabled=False,
                 daemon_healthy=True,
                 slices=(
-                    SliceState(id="mps-g0-10gb-0", size_gb=10, used=False),
-                    SliceState(id="mps-g0-10gb-1", size_gb=10, used=True),
+                    SliceState(id="mps-g0-10gb-0", size_gb=10, used=False, listed_by_kubelet=False),
+                    SliceState(id="mps-g0-10gb-1", size_gb=10, used=True, holder="ml/train"),
                 ),
             ),
             GpuReport(
@@ -370,7 +368,7 @@ def test_gpu_report_marks_exactly_the_in_use_slices_and_daemon_health() -> None:
 
 
 def test_gpu_report_before_any_config() -> None:
-    report = gpu_report("node-a", [GPU0], [], set(), {0: True}, None)
+    report = gpu_report("node-a", [GPU0], [], SliceUsage(), {0: True}, None)
 
     assert report.applied_plan_id is None
     assert report.gpus[0].slices == ()

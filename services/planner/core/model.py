@@ -47,20 +47,38 @@ class Gpu:
 
 @dataclass(frozen=True)
 class Node:
-    """An opted-in node; `can_carve` is False when it is cordoned or its report went stale."""
+    """An opted-in node as the planner may use it.
+
+    `can_host`: pods may be given its free slices (False when it is cordoned or its report went
+    stale). `can_carve`: its layout may change now (also False while it applies a layout asked
+    earlier, or when the layout it would get is one it refused). `protected`: slice sizes whose free
+    slices must stay, because a pod that the planner does not place may be bound to one of them at
+    any moment (a pod that bypassed the scheduling gate, or one bound here whose slice the node has
+    not reported yet).
+    """
 
     name: str
     gpus: tuple[Gpu, ...]
     can_carve: bool = True
+    can_host: bool = True
+    protected: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.can_carve and not self.can_host:
+            raise ValueError(f"node {self.name}: a node that cannot host pods cannot carve either")
 
 
 @dataclass(frozen=True)
 class PendingPod:
+    """A pod the planner must provide a slice for; `pinned` names the only node it may run on (it
+    was released there and must be given a slice there)."""
+
     namespace: str
     name: str
     size_gb: int
     priority: int = 0
     created: datetime | None = None
+    pinned: str | None = None
 
     @property
     def key(self) -> str:

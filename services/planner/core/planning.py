@@ -90,13 +90,14 @@ class _BestFit:
 @dataclass
 class _GpuPlan:
     """One GPU while planning. `owners[i]` is the pod a free slice is promised to (None: nobody);
-    `fresh[i]` marks a slice this plan carved."""
+    `fresh[i]` marks a slice this plan carved. `bindable`: sizes whose free slices must stay."""
 
     order: int
     node: str
     gpu: Gpu
     capacity: int
     can_carve: bool
+    can_host: bool
     slices: list[Slice]
     owners: list[str | None]
     fresh: list[bool]
@@ -106,9 +107,7 @@ class _GpuPlan:
     bindable: frozenset[int] = frozenset()
 
     @classmethod
-    def of(
-        cls, order: int, node: Node, gpu: Gpu, settings: PlanSettings, bindable: frozenset[int]
-    ) -> _GpuPlan:
+    def of(cls, order: int, node: Node, gpu: Gpu, settings: PlanSettings) -> _GpuPlan:
         count = len(gpu.slices)
         plan = cls(
             order,
@@ -116,10 +115,11 @@ class _GpuPlan:
             gpu,
             gpu.capacity_gb(settings.reserve_mib),
             node.can_carve,
+            node.can_host,
             list(gpu.slices),
             [None] * count,
             [False] * count,
-            bindable=bindable,
+            bindable=node.protected,
         )
         unclaimed: Counter[int] = Counter()
         for piece in plan.slices:
@@ -137,6 +137,7 @@ class _GpuPlan:
             self.gpu,
             self.capacity,
             self.can_carve,
+            self.can_host,
             list(self.slices),
             list(self.owners),
             list(self.fresh),
@@ -241,10 +242,12 @@ class _GpuPlan:
 
 
 class _Cluster:
-    """Every plannable GPU with the indexes that make each placement fast."""
+    """Every plannable GPU with the indexes that make each placement fast. `pinned` holds the pods
+    whose promised slice must not move to another node."""
 
-    def __init__(self, gpus: list[_GpuPlan]) -> None:
+    def __init__(self, gpus: list[_GpuPlan], pinned: frozenset[str] = frozenset()) -> None:
         self.gpus = gpus
+        self.pinned = pinned
         self.exact: dict[int, list[int]] = {}
         self.carve_changed = _BestFit()
         self.carve_unchanged = _BestFit()
@@ -252,7 +255,7 @@ class _Cluster:
         self.journal: dict[int, _GpuPlan] | None = None
         self.reclaimed = False
         for gpu in gpus:
-            if gpu.can_carve:
+            if gpu.can_host:
                 for size, count in gpu.unclaimed.items():
                     if count > 0:
                         self.exact.setdefault(size, []).append(gpu.order)
@@ -261,11 +264,11 @@ class _Cluster:
             heapq.heapify(heap)
 
     def copy(self) -> _Cluster:
-        return _Cluster([gpu.copy() for gpu in self.gpus])
+        return _Cluster([gpu.copy() for gpu in self.gpus], self.pinned)
 
     def as_it_was(self, journal: dict[int, _GpuPlan]) -> _Cluster:
         """An independent copy of the cluster as it was when `journal` started recording."""
-        return _Cluster([journal.get(gpu.order, gpu).copy() for gpu in self.gpus])
+        return _Cluster([journal.get(gpu.order, gpu).copy() for gpu in self.gpus], self.pinned)
 
     def _before_change(self, gpu: _GpuPlan) -> None:
         if self.journal is not None and gpu.order not in self.journal:
@@ -286,7 +289,7 @@ class _Cluster:
         found = None
         while heap:
             gpu = self.gpus[heap[0]]
-            if gpu.unclaimed[size_gb] <= 0 or not gpu.can_carve:
+            if gpu.unclaimed[size_gb] <= 0 or not gpu.can_host:
                 heapq.heappop(heap)
             elif gpu.order == exclude:
                 heapq.heappop(heap)
@@ -299,7 +302,7 @@ class _Cluster:
 
     def _offer_exact(self, gpu: _GpuPlan) -> None:
         """Index a GPU's free slices again (after they were given back or restored)."""
-        if gpu.can_carve:
+        if gpu.can_host:
             for size, count in gpu.unclaimed.items():
                 if count > 0:
                     heapq.heappush(self.exact.setdefault(size, []), gpu.order)
@@ -336,6 +339,26 @@ class _Cluster:
                     return None
         self._reindex(gpu)
         return gpu
+
+    def place_on(self, node: str, size_gb: int, needed: Counter[int], owner: str) -> _GpuPlan | None:
+        """Place a pod that may only run on `node` (it was released there): a free slice of its
+        size first, then the GPU where it fits best. Rare, so a plain scan of the node's GPUs."""
+        candidates = [gpu for gpu in self.gpus if gpu.node == node and gpu.can_host]
+        free = [gpu for gpu in candidates if gpu.unclaimed[size_gb] > 0]
+        carvable = [
+            gpu
+            for gpu in candidates
+            if gpu.can_carve and gpu.room >= size_gb and len(gpu.slices) < gpu.gpu.max_slices
+        ]
+        reclaimable = [gpu for gpu in candidates if gpu.can_carve and gpu.potential >= size_gb]
+        for choice in (free, carvable, reclaimable):
+            for gpu in sorted(choice, key=lambda g: (g.room, g.order)):
+                self._before_change(gpu)
+                if gpu.take(size_gb, needed, owner):
+                    self.reclaimed = self.reclaimed or choice is reclaimable
+                    self._reindex(gpu)
+                    return gpu
+        return None
 
     def move_and_take(
         self, gpu: _GpuPlan, movers: Sequence[tuple[int, str]], needed: Counter[int], pod: PendingPod
@@ -471,7 +494,7 @@ def _mover_sets(cluster: _Cluster, pod: PendingPod) -> Iterable[tuple[_GpuPlan, 
     """
     spare = max((g.potential for g in cluster.gpus if g.can_carve), default=0)
     free_sizes = {
-        size for g in cluster.gpus if g.can_carve for size, count in g.unclaimed.items() if count > 0
+        size for g in cluster.gpus if g.can_host for size, count in g.unclaimed.items() if count > 0
     }
 
     def movable(size: int) -> bool:
@@ -481,7 +504,8 @@ def _mover_sets(cluster: _Cluster, pod: PendingPod) -> Iterable[tuple[_GpuPlan, 
         for gpu in cluster.gpus:
             if not gpu.can_carve:
                 continue
-            promised, base = [p for p in gpu.promised() if movable(p[0])], gpu.potential
+            promised = [p for p in gpu.promised() if movable(p[0]) and p[1] not in cluster.pinned]
+            base = gpu.potential
             if not pairs:
                 for size, mover in promised:
                     if base + size >= pod.size_gb:
@@ -529,9 +553,6 @@ def _trivial_reason(pod: PendingPod, largest: int, any_gpu: bool) -> str | None:
 def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: PlanSettings) -> PlanRun:
     """`plan_cluster`, keeping what `extend_run` needs."""
     pending = list(pending)
-    # A free slice of a size some pending pod asks for is offered to the scheduler, which may bind
-    # that pod to it at any moment, whatever this plan intends: such a slice is never reclaimed.
-    bindable = frozenset(pod.size_gb for pod in pending)
     excluded: dict[str, str] = {}
     gpus: list[_GpuPlan] = []
     for node in sorted(nodes, key=lambda n: n.name):
@@ -540,8 +561,8 @@ def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: Pla
             excluded[node.name] = reason
             continue
         for gpu in sorted(node.gpus, key=lambda g: g.index):
-            gpus.append(_GpuPlan.of(len(gpus), node, gpu, settings, bindable))
-    cluster = _Cluster(gpus)
+            gpus.append(_GpuPlan.of(len(gpus), node, gpu, settings))
+    cluster = _Cluster(gpus, frozenset(pod.key for pod in pending if pod.pinned is not None))
 
     unplaced: dict[str, str] = {}
     placed: dict[str, Placement] = {}
@@ -555,7 +576,15 @@ def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: Pla
             unplaced[pod.key] = reason
 
     needed = Counter(pod.size_gb for pod in servable)
-    for _, members in groupby(servable, key=lambda pod: pod.priority):
+    # Pods released to a node are committed to it: they are served first, there.
+    for pod in servable:
+        if pod.pinned is not None:
+            there = cluster.place_on(pod.pinned, pod.size_gb, needed, pod.key)
+            if there is not None:
+                needed[pod.size_gb] -= 1
+                placed[pod.key] = Placement(there.node, there.gpu.index, pod.size_gb)
+    free_to_place = [pod for pod in servable if pod.pinned is None]
+    for _, members in groupby(free_to_place, key=lambda pod: pod.priority):
         attempt = _serve_class(cluster, list(members), needed)
         cluster, needed = attempt.cluster, attempt.needed
         placed.update(attempt.served)
@@ -565,12 +594,20 @@ def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: Pla
         carvable = [g for g in cluster.gpus if g.can_carve]
         most = max((g.potential for g in carvable), default=0)
         for pod in waiting:
-            unplaced[pod.key] = (
-                f"capacity exhausted: needs {pod.size_gb} GiB on one GPU; the most any GPU could offer now "
-                f"is {most} GiB"
-                if carvable
-                else "no opted-in node can take new slices now (cordoned, or its GPU reports are stale)"
-            )
+            if pod.pinned is not None:
+                unplaced[pod.key] = (
+                    f"released to node {pod.pinned}, which has no room for a {pod.size_gb} GiB slice now"
+                )
+            elif carvable:
+                unplaced[pod.key] = (
+                    f"capacity exhausted: needs {pod.size_gb} GiB on one GPU; the most any GPU could offer "
+                    f"now is {most} GiB"
+                )
+            else:
+                unplaced[pod.key] = (
+                    "no opted-in node can take new slices now (cordoned, its GPU reports are stale, or it "
+                    "is applying its last layout)"
+                )
 
     result = PlanResult(
         layouts=_layouts(cluster.gpus), placed=placed, unplaced=unplaced, excluded_nodes=excluded
@@ -602,7 +639,7 @@ def extend_run(run: PlanRun, pods: Sequence[PendingPod]) -> Extension | None:
     every pod of the run, or one would need reclaiming or would not fit); the run must then not
     be used again, as its cluster may have changed.
     """
-    if not run.extendable:
+    if not run.extendable or any(pod.pinned is not None for pod in pods):
         return None
     ordered = sorted(pods, key=pod_order)
     if ordered and run.last_pod is not None and pod_order(ordered[0]) <= run.last_pod:

@@ -2,9 +2,17 @@
 
 `ClusterState.apply(envelope)` folds one event in; the state is a set of levels keyed by pod and
 node, so duplicates, redeliveries and interleavings that keep each key's own order give the
-same state. `decide(state, now)` returns what to do: nothing, wait for the batch window to
-close, or publish a plan. Time comes in as an argument and from event times, never from a
-clock, so replaying a recorded stream reproduces every decision. Nothing here performs I/O.
+same state. Besides what the pod watcher and the node agents report, the state holds what the
+planner itself asked (each node's layout, the pods it released) and what each node answered
+(the layout it applied or refused). `decide(state, now)` returns what to do: nothing, wait for the
+batch window to close, or publish what changed (node layouts, the plan, pod releases, reasons).
+
+How it never fails a pod: a gated pod is released only to a node whose agent reports a free slice
+of its size that the kubelet lists; a node gets one layout change at a time; a free slice that a
+pod outside the planner's control may be bound to is never reclaimed (`planning_nodes`); a layout
+a node refused is not asked again while its report stays the same. Time comes in as an argument
+and from event times, never from a clock, so replaying a recorded stream reproduces every
+decision. Nothing here performs I/O.
 """
 
 from __future__ import annotations
@@ -12,16 +20,17 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from events.envelope import Envelope
 from events.nodes import NodeGpusReported, NodeObserved, NodeOptedOut
-from events.plans import NodeLayout, PlanComputed, SliceSpec
+from events.plans import NodeConfigApplied, NodeConfigFailed, NodeLayout, NodePlanned, PlanComputed, SliceSpec
 from events.plans import Placement as PlacementEvent
-from events.pods import PodDeleted, PodObserved, PodRejected
+from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
 from services.planner.core.model import Gpu, Node, PendingPod, Placement, PlanSettings, Slice
-from services.planner.core.planning import PlanRun, extend_run, plan_run
+from services.planner.core.planning import PlanRun, extend_run, plan_run, pod_order
 
 
 @dataclass(frozen=True)
@@ -39,38 +48,103 @@ class PlannerSettings:
     report_stale_after: timedelta = timedelta(seconds=45)
 
 
+Layout = dict[int, tuple[int, ...]]
+"""Slice sizes per GPU index, each GPU's sizes sorted: what a node config asks, compared as a value."""
+
+
+def layout_of(gpus: Mapping[int, Iterable[int]]) -> Layout:
+    return {index: tuple(sorted(sizes)) for index, sizes in gpus.items()}
+
+
+def _asks_for(desired: Layout, actual: Layout) -> bool:
+    """Whether `actual` has exactly the slices `desired` asks for on every GPU it names."""
+    return all(actual.get(index, ()) == sizes for index, sizes in desired.items())
+
+
+def _reported_layout(report: NodeGpusReported) -> Layout:
+    return layout_of({gpu.index: (s.size_gb for s in gpu.slices) for gpu in report.gpus})
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A layout the node's agent refused, and the report it refused it against."""
+
+    layout: Layout
+    reason: str
+    report_revision: int
+
+
 @dataclass
 class _NodeLevel:
     observed: NodeObserved | None = None
     report: NodeGpusReported | None = None
     reported_at: datetime | None = None
+    report_revision: int = 0
+    desired: Layout | None = None  # the last layout the planner asked of the node
+    outcome: Layout | None = None  # the layout of the last config the agent applied or refused
+    refusal: Refusal | None = None
+
+    @property
+    def applying(self) -> bool:
+        """A layout asked of the node is neither applied nor refused yet: one change at a time."""
+        if self.desired is None or self.outcome == self.desired:
+            return False
+        return self.report is None or not _asks_for(self.desired, _reported_layout(self.report))
+
+    def refused(self, layout: Layout) -> bool:
+        """The agent refused exactly this layout, and nothing it reported has changed since."""
+        return (
+            self.refusal is not None
+            and self.refusal.report_revision == self.report_revision
+            and self.refusal.layout == layout
+        )
 
 
 @dataclass
 class ClusterState:
-    """Levels of pods and nodes, plus the times that drive the batch window."""
+    """Levels of pods and nodes, what the planner asked of nodes and pods, and the times that drive
+    the batch window."""
 
     pods: dict[str, PodObserved] = field(default_factory=dict)
     nodes: dict[str, _NodeLevel] = field(default_factory=dict)
+    releases: dict[str, PodReleased] = field(default_factory=dict)  # decided, not yet seen on the pod
+    unplaced_published: dict[str, str] = field(default_factory=dict)  # pod uid -> reason
     first_unplanned_change: datetime | None = None
     last_change: datetime | None = None
     last_plan_id: str | None = None
-    # Bookkeeping for IncrementalPlanner: which levels changed when (not part of the state's value).
+    # Bookkeeping for IncrementalPlanner: when pods arrived, and the last change of anything else.
     revision: int = field(default=0, compare=False)
     pod_revisions: dict[str, int] = field(default_factory=dict, compare=False)
-    node_revisions: dict[str, int] = field(default_factory=dict, compare=False)
-    last_removal: int = field(default=0, compare=False)
+    structure_revision: int = field(default=0, compare=False)
 
     def apply(self, envelope: Envelope) -> None:
         """Fold one event in; events that change nothing the planner uses leave the window alone."""
         event = envelope.event
-        changed = True
+        arrival = False
         if isinstance(event, PodObserved):
             previous = self.pods.get(event.key)
             changed = previous is None or _planned_fields(previous) != _planned_fields(event)
+            arrival = previous is None and event.waits_for_slice
             self.pods[event.key] = event
+            release = self.releases.get(event.key)
+            if release is not None and (release.uid != event.uid or not event.waits_for_slice):
+                del self.releases[event.key]  # the pod shows the release (or is another pod now)
         elif isinstance(event, PodDeleted | PodRejected):
-            changed = self.pods.pop(event.key, None) is not None
+            gone = self.pods.pop(event.key, None)
+            self.releases.pop(event.key, None)
+            if gone is not None:
+                self.unplaced_published.pop(gone.uid, None)
+            changed = gone is not None
+        elif isinstance(event, PodReleased):
+            pod = self.pods.get(event.key)
+            changed = (
+                pod is not None
+                and pod.uid == event.uid
+                and pod.waits_for_slice
+                and self.releases.get(event.key) != event
+            )
+            if changed:
+                self.releases[event.key] = event
         elif isinstance(event, NodeObserved):
             level = self.nodes.setdefault(event.name, _NodeLevel())
             changed = level.observed != event
@@ -88,21 +162,36 @@ class ClusterState:
                 g.planned_fields() for g in event.gpus
             ]
             level.report = event
+            if changed:
+                level.report_revision += 1
             if level.reported_at is None or envelope.time > level.reported_at:
                 level.reported_at = envelope.time
+        elif isinstance(event, NodePlanned):
+            # The planner's own word, read back when it rebuilds its state after a restart.
+            level = self.nodes.setdefault(event.node, _NodeLevel())
+            changed = level.desired is None
+            if changed:
+                level.desired = layout_of(event.layout.sizes())
+        elif isinstance(event, NodeConfigApplied | NodeConfigFailed):
+            level = self.nodes.setdefault(event.node, _NodeLevel())
+            outcome = layout_of(event.gpus)
+            refusal = (
+                Refusal(outcome, event.reason, level.report_revision)
+                if isinstance(event, NodeConfigFailed)
+                else level.refusal
+            )
+            changed = level.outcome != outcome or level.refusal != refusal
+            level.outcome, level.refusal = outcome, refusal
         else:
             changed = False
         if changed:
             self.revision += 1
-            if isinstance(event, PodObserved):
+            if arrival and isinstance(event, PodObserved):
                 self.pod_revisions[event.key] = self.revision
-            elif isinstance(event, PodDeleted | PodRejected):
-                self.pod_revisions.pop(event.key, None)
-                self.last_removal = self.revision
-            elif isinstance(event, NodeGpusReported):
-                self.node_revisions[event.node] = self.revision
-            elif isinstance(event, NodeObserved | NodeOptedOut):
-                self.node_revisions[event.name] = self.revision
+            else:
+                self.structure_revision = self.revision
+                if isinstance(event, PodObserved | PodDeleted | PodRejected):
+                    self.pod_revisions.pop(event.key, None)
             self._touch(envelope.time)
 
     def _touch(self, when: datetime) -> None:
@@ -127,6 +216,7 @@ class ClusterState:
     def report_went_stale(self, when: datetime) -> None:
         """A node's report went stale at `when`: that changes where slices may be carved."""
         self.revision += 1
+        self.structure_revision = self.revision
         self._touch(when)
 
     def mark_planned(self, plan_id: str, at_revision: int) -> None:
@@ -138,10 +228,43 @@ class ClusterState:
         if self.revision == at_revision:
             self.first_unplanned_change = None
 
+    def commit(self, decision: PublishPlan) -> None:
+        """Everything `decision` said was published: remember what was asked of nodes and pods."""
+        for planned in decision.node_plans:
+            self.nodes.setdefault(planned.node, _NodeLevel()).desired = layout_of(planned.layout.sizes())
+        for release in decision.releases:
+            self.releases[release.key] = release
+        if decision.unplaced_settled:
+            self.unplaced_published = {
+                self.pods[key].uid: reason
+                for key, reason in decision.plan.unplaced.items()
+                if key in self.pods
+            }
+        if decision.node_plans or decision.releases:
+            self.structure_revision = self.revision
+        self.mark_planned(decision.plan.plan_id, decision.at_revision)
+
+    def holders(self) -> dict[str, list[PodObserved]]:
+        """Per node, the pods that hold one of its slices or are about to: bound and not finished, or
+        released there (by the pod's own word, or by a release not yet seen on the pod)."""
+        found: dict[str, list[PodObserved]] = {}
+        for key, pod in sorted(self.pods.items()):
+            release = self.releases.get(key)
+            node = pod.holder_node or (release.node if release is not None else None)
+            if node is not None:
+                found.setdefault(node, []).append(pod)
+        return found
+
+    def waiting(self) -> list[PodObserved]:
+        """Pods the planner has yet to provide for."""
+        return [
+            pod for key, pod in sorted(self.pods.items()) if pod.waits_for_slice and key not in self.releases
+        ]
+
 
 def _planned_fields(pod: PodObserved) -> tuple[object, ...]:
     """What of a pod the planner uses: a new resourceVersion alone changes nothing."""
-    return (pod.size_gb, pod.priority, pod.created, pod.phase, pod.node)
+    return (pod.size_gb, pod.priority, pod.created, pod.phase, pod.node, pod.gated, pod.released_to)
 
 
 @dataclass(frozen=True)
@@ -160,10 +283,21 @@ class WaitUntil:
 
 @dataclass(frozen=True)
 class PublishPlan:
-    """Publish `plan`, then mark it planned as of `at_revision`."""
+    """Publish what changed, then `ClusterState.commit` the decision.
+
+    In this order: `node_plans` (each node whose layout must change, on its own subject; never a
+    node still applying its last one), `plan` itself when `plan_is_new`, `releases` (gated pods
+    whose slice is ready and listed by their node's kubelet), and `unplaced` (reasons not yet told;
+    only while no node is applying a layout, so that a pod is told a settled reason).
+    """
 
     plan: PlanComputed
     at_revision: int
+    plan_is_new: bool = True
+    node_plans: tuple[NodePlanned, ...] = ()
+    releases: tuple[PodReleased, ...] = ()
+    unplaced: tuple[PodUnplaced, ...] = ()
+    unplaced_settled: bool = False
 
 
 Decision = NothingToDo | WaitUntil | PublishPlan
@@ -181,9 +315,95 @@ def decide(
     if now < window_closes:
         return WaitUntil(window_closes)
     plan = (planner or IncrementalPlanner(settings)).compute(state, now)
-    if plan.plan_id == state.last_plan_id:
+    node_plans = tuple(_node_plans(state, plan))
+    releases = tuple(_releases(state, plan, now, settings))
+    settled = not any(level.applying for level in state.nodes.values() if level.observed is not None)
+    unplaced = tuple(_unplaced(state, plan)) if settled else ()
+    plan_is_new = plan.plan_id != state.last_plan_id
+    if not (plan_is_new or node_plans or releases or unplaced):
         return NothingToDo(planned=plan, at_revision=state.revision)
-    return PublishPlan(plan, state.revision)
+    return PublishPlan(plan, state.revision, plan_is_new, node_plans, releases, unplaced, settled)
+
+
+def _node_plans(state: ClusterState, plan: PlanComputed) -> Iterator[NodePlanned]:
+    """Each node whose planned slices differ from what was last asked of it (or, never asked, from
+    what it has), unless it is still applying what was last asked."""
+    for name, layout in plan.nodes.items():
+        level = state.nodes[name]
+        if level.applying or level.report is None:
+            continue
+        wanted = layout_of(layout.sizes())
+        asked = level.desired if level.desired is not None else _reported_layout(level.report)
+        if wanted != asked:
+            yield NodePlanned(node=name, plan_id=plan.plan_id, layout=layout)
+
+
+def _releases(
+    state: ClusterState, plan: PlanComputed, now: datetime, settings: PlannerSettings
+) -> Iterator[PodReleased]:
+    """Gated pods the plan places on a node that has a free slice of their size for them now.
+
+    A slice counts when the node's report shows it free and listed by the kubelet, less one for each
+    pod holding or about to hold a slice of that size there that the report does not name yet (the
+    kubelet may give it any free slice of the size). Nodes applying a layout release nothing.
+    """
+    holders = state.holders()
+    available: dict[tuple[str, int], int] = {}
+    ordered = sorted(
+        (state.pods[key] for key in plan.placed if key in state.pods),
+        key=lambda p: pod_order(PendingPod(p.namespace, p.name, p.size_gb, p.priority, p.created)),
+    )
+    for pod in ordered:
+        if not pod.gated or not pod.waits_for_slice or pod.key in state.releases:
+            continue
+        node = plan.placed[pod.key].node
+        level = state.nodes.get(node)
+        if level is None or not _can_host(level, now, settings) or level.applying or level.report is None:
+            continue
+        slot = (node, pod.size_gb)
+        if slot not in available:
+            available[slot] = _ready_slices(level.report, holders.get(node, []), pod.size_gb)
+        if available[slot] > 0:
+            available[slot] -= 1
+            yield PodReleased(
+                namespace=pod.namespace,
+                name=pod.name,
+                uid=pod.uid,
+                node=node,
+                size_gb=pod.size_gb,
+                plan_id=plan.plan_id,
+            )
+
+
+def _ready_slices(report: NodeGpusReported, holders: Iterable[PodObserved], size_gb: int) -> int:
+    """Free slices of `size_gb` that the kubelet lists, less those that unnamed holders may take."""
+    free = sum(
+        1
+        for gpu in report.gpus
+        for s in gpu.slices
+        if s.size_gb == size_gb and not s.used and s.listed_by_kubelet
+    )
+    named = {s.holder for gpu in report.gpus for s in gpu.slices if s.holder is not None}
+    unnamed = sum(1 for pod in holders if pod.size_gb == size_gb and pod.key not in named)
+    return free - unnamed
+
+
+def _unplaced(state: ClusterState, plan: PlanComputed) -> Iterator[PodUnplaced]:
+    """Why each pod waits, once per pod (by uid, so a re-created pod is told again) and reason."""
+    for key, reason in plan.unplaced.items():
+        pod = state.pods.get(key)
+        if pod is not None and state.unplaced_published.get(pod.uid) != reason:
+            yield PodUnplaced(namespace=pod.namespace, name=pod.name, uid=pod.uid, reason=reason)
+
+
+def _can_host(level: _NodeLevel, now: datetime, settings: PlannerSettings) -> bool:
+    """The node is opted in, schedulable and its report is fresh."""
+    return (
+        level.observed is not None
+        and not level.observed.unschedulable
+        and level.reported_at is not None
+        and now - level.reported_at <= settings.report_stale_after
+    )
 
 
 def compute_plan(state: ClusterState, now: datetime, settings: PlannerSettings) -> PlanComputed:
@@ -243,7 +463,7 @@ class _Basis:
 
     run: PlanRun
     revision: int
-    can_carve: dict[str, bool]
+    can_host: dict[str, bool]
     pending: set[str]
     digest: _PlanDigest
     node_items: dict[str, int]
@@ -277,13 +497,23 @@ class IncrementalPlanner:
         return self._extended(state, now) or self._full(state, now)
 
     def _full(self, state: ClusterState, now: datetime) -> PlanComputed:
-        nodes, waiting_for_report = planning_nodes(state, now, self.settings)
+        nodes, waiting_for_report, pinned = planning_nodes(state, now, self.settings)
         pending = [
-            PendingPod(p.namespace, p.name, p.size_gb, p.priority, p.created)
-            for p in state.pods.values()
-            if p.waits_for_slice
+            *(PendingPod(p.namespace, p.name, p.size_gb, p.priority, p.created) for p in state.waiting()),
+            *pinned,
         ]
         run = plan_run(nodes, pending, self.settings.plan)
+        # A layout a node refused is never asked of it again while its report stays as it was: that
+        # node keeps what it has in this plan.
+        refused = {
+            name
+            for name, gpus in run.result.layouts.items()
+            if state.nodes[name].refused(layout_of({i: (s.size_gb for s in g) for i, g in gpus.items()}))
+        }
+        if refused:
+            nodes = [replace(n, can_carve=False) if n.name in refused else n for n in nodes]
+            run = plan_run(nodes, pending, self.settings.plan)
+            run.extendable = False
         result = run.result
         excluded = dict(result.excluded_nodes)
         for name in waiting_for_report:
@@ -316,24 +546,19 @@ class IncrementalPlanner:
             excluded_nodes=dict(sorted(excluded.items())),
         )
         run.extendable = run.extendable and not waiting_for_report
-        can_carve = {node.name: node.can_carve for node in nodes}
+        can_host = {node.name: node.can_host for node in nodes}
         self._basis = _Basis(
-            run, state.revision, can_carve, {p.key for p in pending}, digest, node_items, plan
+            run, state.revision, can_host, {p.key for p in pending}, digest, node_items, plan
         )
         return plan
 
     def _extended(self, state: ClusterState, now: datetime) -> PlanComputed | None:
         basis, self._basis = self._basis, None
-        if basis is None or state.last_removal > basis.revision:
+        if basis is None or state.structure_revision > basis.revision:
             return None
-        if any(revision > basis.revision for revision in state.node_revisions.values()):
-            return None
-        for name, can_carve in basis.can_carve.items():
+        for name, can_host in basis.can_host.items():
             level = state.nodes[name]
-            if level.reported_at is None or level.observed is None:
-                return None
-            fresh = now - level.reported_at <= self.settings.report_stale_after
-            if (fresh and not level.observed.unschedulable) != can_carve:
+            if (level.report is not None and _can_host(level, now, self.settings)) != can_host:
                 return None
         arrived = [key for key, revision in state.pod_revisions.items() if revision > basis.revision]
         if any(key in basis.pending or not state.pods[key].waits_for_slice for key in arrived):
@@ -372,46 +597,83 @@ class IncrementalPlanner:
 
 def planning_nodes(
     state: ClusterState, now: datetime, settings: PlannerSettings
-) -> tuple[list[Node], list[str]]:
-    """Opted-in nodes with their reported GPUs, and the names of those that never reported.
+) -> tuple[list[Node], list[str], list[PendingPod]]:
+    """Opted-in nodes as the planner may use them, the names of those that never reported, and the
+    pods released to a node that has no slice left for them (they are planned there again).
 
-    A slice counts as used when the agent says so, and also when a pod bound to the node holds
-    it but the agent has not seen its allocation yet: the scheduler already promised it.
+    A node is seen as its agent reports it, or, while it applies a layout asked earlier, as that
+    layout with the slices its agent reports used. A pod bound (or released) to the node holds one of
+    its slices; until the report names the pod, one more free slice of its size counts as used and no
+    free slice of its size may be reclaimed there, since the kubelet may give the pod any of them.
+    No free slice of a size that a pod outside the scheduling gate waits for may be reclaimed
+    anywhere: the scheduler may bind that pod to it at any moment.
     """
-    holders: dict[str, Counter[int]] = {}
-    for pod in state.pods.values():
-        if pod.holds_slice and pod.node is not None:
-            holders.setdefault(pod.node, Counter())[pod.size_gb] += 1
+    holders = state.holders()
+    ungated = frozenset(pod.size_gb for pod in state.waiting() if not pod.gated)
     nodes: list[Node] = []
     never_reported: list[str] = []
+    pinned: list[PendingPod] = []
     for name, level in sorted(state.nodes.items()):
         if level.observed is None:
             continue
         if level.report is None or level.reported_at is None:
             never_reported.append(name)
             continue
-        fresh = now - level.reported_at <= settings.report_stale_after
-        gpus = _with_bound_pods(level.report, holders.get(name, Counter()))
-        nodes.append(Node(name=name, gpus=gpus, can_carve=fresh and not level.observed.unschedulable))
-    return nodes, never_reported
+        named = {s.holder for g in level.report.gpus for s in g.slices if s.holder is not None}
+        unnamed = [pod for pod in holders.get(name, []) if pod.key not in named]
+        desired = level.desired if level.applying else None
+        gpus, without_slice = _expected_gpus(level.report, desired, Counter(p.size_gb for p in unnamed))
+        for pod in unnamed:
+            if without_slice[pod.size_gb] > 0 and pod.node is None:
+                without_slice[pod.size_gb] -= 1
+                pinned.append(
+                    PendingPod(pod.namespace, pod.name, pod.size_gb, pod.priority, pod.created, name)
+                )
+        can_host = _can_host(level, now, settings)
+        nodes.append(
+            Node(
+                name=name,
+                gpus=gpus,
+                can_carve=can_host and not level.applying,
+                can_host=can_host,
+                protected=ungated | {pod.size_gb for pod in unnamed},
+            )
+        )
+    return nodes, never_reported, pinned
 
 
-def _with_bound_pods(report: NodeGpusReported, bound: Counter[int]) -> tuple[Gpu, ...]:
-    reported_used = Counter(s.size_gb for g in report.gpus for s in g.slices if s.used)
-    to_mark = Counter(
-        {size: count - reported_used[size] for size, count in bound.items() if count > reported_used[size]}
-    )
+def _expected_gpus(
+    report: NodeGpusReported, desired: Layout | None, unnamed: Counter[int]
+) -> tuple[tuple[Gpu, ...], Counter[int]]:
+    """The node's GPUs as the planner counts them, and per size the unnamed holders left without a
+    free slice to count as theirs.
+
+    Slices are the reported ones, or those of `desired` (a layout being applied) with the reported
+    used ones kept. Used slices the report does not tie to a pod may be the unnamed holders' own;
+    beyond those, one free slice per unnamed holder counts as used, GPU by GPU.
+    """
+    untied_used = Counter(s.size_gb for g in report.gpus for s in g.slices if s.used and s.holder is None)
+    to_mark = Counter({size: count - untied_used[size] for size, count in unnamed.items()})
     gpus: list[Gpu] = []
     for gpu in sorted(report.gpus, key=lambda g: g.index):
         if gpu.mig_enabled:
             continue
+        used = Counter(s.size_gb for s in gpu.slices if s.used)
+        if desired is not None and gpu.index in desired:
+            wanted = Counter(desired[gpu.index])
+            sizes = sorted((wanted | used).elements())
+        else:
+            sizes = sorted(s.size_gb for s in gpu.slices)
         slices: list[Slice] = []
-        for s in gpu.slices:
-            used = s.used
-            if not used and to_mark[s.size_gb] > 0:
-                to_mark[s.size_gb] -= 1
-                used = True
-            slices.append(Slice(size_gb=s.size_gb, used=used))
+        for size in sizes:
+            if used[size] > 0:
+                used[size] -= 1
+                slices.append(Slice(size_gb=size, used=True))
+            elif to_mark[size] > 0:
+                to_mark[size] -= 1
+                slices.append(Slice(size_gb=size, used=True))
+            else:
+                slices.append(Slice(size_gb=size, used=False))
         gpus.append(
             Gpu(
                 index=gpu.index,
@@ -421,4 +683,4 @@ def _with_bound_pods(report: NodeGpusReported, bound: Counter[int]) -> tuple[Gpu
                 max_slices=gpu.max_slices,
             )
         )
-    return tuple(gpus)
+    return tuple(gpus), +to_mark

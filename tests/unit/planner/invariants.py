@@ -79,7 +79,9 @@ def assert_plan_invariants(
                     and len(gpu.slices) <= gpu.max_slices
                 )
                 if within:
-                    assert slices == gpu.slices, f"{where}: cannot carve, yet its slices changed to {slices}"
+                    assert Counter(slices) == Counter(gpu.slices), (
+                        f"{where}: cannot carve, yet its slices changed to {slices}"
+                    )
                 else:
                     assert not Counter(slices) - Counter(gpu.slices), (
                         f"{where}: cannot carve, yet gained {slices}"

@@ -61,8 +61,11 @@ def gpu(index: int, gib: int, spec: str = "", *, model: str = A100_80, memory_mi
     )
 
 
-def node(name: str, *gpus: Gpu, can_carve: bool = True) -> Node:
-    return Node(name=name, gpus=gpus, can_carve=can_carve)
+def node(name: str, *gpus: Gpu, can_carve: bool = True, can_host: bool | None = None) -> Node:
+    """A node; `can_carve=False` alone is a cordoned or stale node, which hosts nothing either."""
+    return Node(
+        name=name, gpus=gpus, can_carve=can_carve, can_host=can_carve if can_host is None else can_host
+    )
 
 
 def pod(
@@ -322,7 +325,8 @@ def test_compute_capability_decides_the_limit_when_known() -> None:
         (
             [node("n", gpu(0, 40), can_carve=False)],
             10,
-            "no opted-in node can take new slices now (cordoned, or its GPU reports are stale)",
+            "no opted-in node can take new slices now "
+            "(cordoned, its GPU reports are stale, or it is applying its last layout)",
         ),
         ([], 10, "no opted-in node can be planned on (label nos.nebuly.com/gpu-partitioning=mps)"),
     ],
@@ -396,14 +400,46 @@ def test_a_higher_priority_pod_gets_reclaimed_memory_nobody_can_bind_to() -> Non
     assert layout_specs(result) == {"n": {0: "20f"}}
 
 
-def test_a_free_slice_a_pending_pod_can_be_bound_to_is_never_reclaimed() -> None:
-    # The scheduler sees the free 10 GiB slice and may bind "low" to it at any moment: reclaiming it
-    # for "high" would fail that pod at admission. "high" waits for memory that no one can take.
+def test_a_free_slice_only_gated_pods_want_is_reclaimed_for_a_higher_priority_pod() -> None:
+    # Gated pods go nowhere until the planner releases them, so the free 10 GiB slice is the
+    # planner's to reclaim: "high" takes the GPU and "low" waits.
     nodes = [node("n", gpu(0, 20, "10f"))]
+    result = plan(nodes, [pod("high", 20, priority=10), pod("low", 10, priority=0)])
+    assert where(result) == {"default/high": ("n", 0)}
+    assert layout_specs(result) == {"n": {0: "20f"}}
+    assert "capacity exhausted" in result.unplaced["default/low"]
+
+
+def test_a_protected_free_slice_is_never_reclaimed() -> None:
+    # A pod outside the gate asks for 10 GiB: the scheduler may bind it to the free 10 GiB slice at
+    # any moment, and reclaiming it would fail that pod at admission. "high" waits.
+    nodes = [Node("n", (gpu(0, 20, "10f"),), protected=frozenset({10}))]
     result = plan(nodes, [pod("high", 20, priority=10), pod("low", 10, priority=0)])
     assert where(result) == {"default/low": ("n", 0)}
     assert layout_specs(result) == {"n": {0: "10f"}}
     assert "capacity exhausted" in result.unplaced["default/high"]
+
+
+def test_a_settling_node_hosts_pods_on_its_free_slices_but_gets_no_new_slice() -> None:
+    nodes = [node("n", gpu(0, 40, "10f"), can_carve=False, can_host=True), node("m", gpu(0, 40))]
+    result = plan(nodes, [pod("a", 10), pod("b", 10)])
+    assert where(result) == {"default/a": ("n", 0), "default/b": ("m", 0)}
+    assert layout_specs(result) == {"n": {0: "10f"}, "m": {0: "10f"}}
+
+
+def test_a_pinned_pod_is_served_first_and_only_on_its_node() -> None:
+    nodes = [node("a", gpu(0, 20)), node("b", gpu(0, 20, "10u"))]
+    pinned = replace(pod("late", 10, minute=9), pinned="a")
+    result = plan(nodes, [pod("early", 20, minute=0), pinned])
+    assert where(result) == {"default/late": ("a", 0)}
+    assert "capacity exhausted" in result.unplaced["default/early"]
+
+
+def test_a_pinned_pod_whose_node_is_full_waits_with_its_node_named() -> None:
+    nodes = [node("a", gpu(0, 20, "20u")), node("b", gpu(0, 20))]
+    result = plan(nodes, [replace(pod("p", 10), pinned="a")])
+    assert result.placed == {}
+    assert result.unplaced == {"default/p": "released to node a, which has no room for a 10 GiB slice now"}
 
 
 # --- nos regressions (reference/nos.md §3.12) ------------------------------------------------------------
@@ -484,9 +520,11 @@ def gpus_of_node(draw: st.DrawFn) -> tuple[Gpu, ...]:
 @st.composite
 def clusters(draw: st.DrawFn) -> tuple[list[Node], list[PendingPod], PlanSettings]:
     names = draw(st.lists(st.sampled_from(NODE_NAMES), max_size=6, unique=True))
+    modes = [(True, True), (True, True), (True, True), (False, False), (True, False)]  # (host, carve)
     nodes = [
-        Node(name, draw(gpus_of_node()), can_carve=draw(st.sampled_from([True, True, True, False])))
+        Node(name, draw(gpus_of_node()), can_carve=carve, can_host=host)
         for name in names
+        for host, carve in [draw(st.sampled_from(modes))]
     ]
     count = draw(st.integers(0, 40))
     pods = [
@@ -575,7 +613,7 @@ def test_used_slices_never_change(cluster: Cluster) -> None:
             continue
         for g in n.gpus:
             planned = result.layouts[n.name][g.index]
-            assert [s for s in planned if s.used] == [s for s in g.slices if s.used]
+            assert Counter(s for s in planned if s.used) == Counter(s for s in g.slices if s.used)
             if not n.can_carve:  # never gains a slice (it may shed free ones it could not hold)
                 assert not Counter(planned) - Counter(g.slices)
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from events.envelope import Envelope, Event
 from events.nodes import GpuProcessReport, GpuReport, NodeGpusReported, NodeObserved, NodeOptedOut, SliceState
-from events.plans import PlanComputed
-from events.pods import PodDeleted, PodObserved, PodPhase, PodRejected, PodUnplaced
+from events.plans import NodeConfigApplied, NodeConfigFailed, NodeLayout, NodePlanned, PlanComputed, SliceSpec
+from events.pods import PodDeleted, PodObserved, PodPhase, PodRejected, PodReleased, PodUnplaced
 from services.planner.core.model import PendingPod, PlanSettings
 from services.planner.core.planning import plan_cluster
 from services.planner.core.state import (
@@ -25,6 +25,7 @@ from services.planner.core.state import (
     WaitUntil,
     compute_plan,
     decide,
+    layout_of,
     planning_nodes,
 )
 from services.planner.replay import replay
@@ -52,7 +53,10 @@ def observed(
     node: str | None = None,
     priority: int = 0,
     namespace: str = "default",
+    gated: bool = False,
+    released_to: str | None = None,
 ) -> PodObserved:
+    """A pod as the pod watcher reports it; by default one that bypassed the scheduling gate."""
     return PodObserved(
         namespace=namespace,
         name=name,
@@ -63,7 +67,13 @@ def observed(
         created=T0,
         phase=phase,
         node=node,
+        gated=gated,
+        released_to=released_to,
     )
+
+
+def gated(name: str, size_gb: int = 10, *, priority: int = 0) -> PodObserved:
+    return observed(name, size_gb, priority=priority, gated=True)
 
 
 def deleted(name: str, namespace: str = "default") -> PodDeleted:
@@ -84,11 +94,20 @@ def rejected(name: str, namespace: str = "default") -> PodRejected:
 def gpu_report(
     index: int, gib: int, spec: str = "", *, cc: tuple[int, int] = (8, 0), mig: bool = False
 ) -> GpuReport:
-    """`spec` as `"10u 20f"`: a used 10 GiB slice and a free 20 GiB slice."""
-    slices = tuple(
-        SliceState(id=f"mps-g{index}-{item[:-1]}gb-{n}", size_gb=int(item[:-1]), used=item[-1] == "u")
-        for n, item in enumerate(spec.split())
-    )
+    """`spec` as `"10u 20f"`: a used 10 GiB slice and a free 20 GiB slice. `10u@a`: used by the pod
+    default/a as the kubelet says; `10n`: free but not listed by the kubelet yet."""
+    slices = []
+    for n, item in enumerate(spec.split()):
+        body, _, holder = item.partition("@")
+        slices.append(
+            SliceState(
+                id=f"mps-g{index}-{body[:-1]}gb-{n}",
+                size_gb=int(body[:-1]),
+                used=body[-1] == "u",
+                holder=f"default/{holder}" if holder else None,
+                listed_by_kubelet=body[-1] != "n",
+            )
+        )
     return GpuReport(
         index=index,
         uuid=f"GPU-{index}",
@@ -96,12 +115,20 @@ def gpu_report(
         memory_mib=gib * 1024,
         compute_capability=cc,
         mig_enabled=mig,
-        slices=slices,
+        slices=tuple(slices),
     )
 
 
 def report(node: str, *gpus: GpuReport) -> NodeGpusReported:
     return NodeGpusReported(node=node, gpus=gpus)
+
+
+def applied(node: str, gpus: dict[int, tuple[int, ...]], plan_id: str = "p") -> NodeConfigApplied:
+    return NodeConfigApplied(node=node, plan_id=plan_id, gpus=gpus)
+
+
+def refused(node: str, gpus: dict[int, tuple[int, ...]], plan_id: str = "p") -> NodeConfigFailed:
+    return NodeConfigFailed(node=node, plan_id=plan_id, reason="GPU 0: no room", gpus=gpus)
 
 
 def state_of(*envelopes: Envelope) -> ClusterState:
@@ -333,7 +360,7 @@ def test_after_publishing_nothing_to_do_until_the_next_change() -> None:
     state = state_of(*ready_node("n"), env(observed("a")))
     decision = decide(state, T0 + timedelta(seconds=1), SETTINGS)
     assert isinstance(decision, PublishPlan)
-    state.mark_planned(decision.plan.plan_id, decision.at_revision)
+    state.commit(decision)
     assert decide(state, T0 + timedelta(seconds=2), SETTINGS) == NothingToDo()
     state.apply(env(observed("b"), T0 + timedelta(seconds=3)))
     assert decide(state, T0 + timedelta(seconds=3), SETTINGS) == WaitUntil(
@@ -345,7 +372,7 @@ def test_a_change_that_leaves_the_plan_as_published_publishes_nothing() -> None:
     state = state_of(*ready_node("n"), env(observed("a", rv="1")))
     decision = decide(state, T0 + timedelta(seconds=1), SETTINGS)
     assert isinstance(decision, PublishPlan)
-    state.mark_planned(decision.plan.plan_id, decision.at_revision)
+    state.commit(decision)
     state.apply(env(observed("a", rv="2"), T0 + timedelta(seconds=2)))  # e.g. a label changed
     assert decide(state, T0 + timedelta(seconds=3), SETTINGS) == NothingToDo()
 
@@ -355,16 +382,23 @@ def test_a_change_folded_in_while_a_plan_is_published_keeps_its_window_open() ->
     decision = decide(state, T0 + timedelta(seconds=1), SETTINGS)
     assert isinstance(decision, PublishPlan)
     state.apply(env(observed("b"), T0 + timedelta(seconds=1)))  # arrives during the publish
-    state.mark_planned(decision.plan.plan_id, decision.at_revision)
+    state.commit(decision)
     later = decide(state, T0 + timedelta(seconds=2), SETTINGS)
-    assert isinstance(later, PublishPlan) and "default/b" in later.plan.placed
+    # b is planned at once; n is applying the layout asked for a, so b waits for that first.
+    assert isinstance(later, PublishPlan) and "default/b" in later.plan.unplaced
+    assert later.node_plans == () and later.unplaced == ()
+    state.commit(later)
+    state.apply(env(applied("n", {0: (10,)}), T0 + timedelta(seconds=3)))
+    settled = decide(state, T0 + timedelta(seconds=4), SETTINGS)
+    assert isinstance(settled, PublishPlan) and "default/b" in settled.plan.placed
+    assert [planned.layout.sizes() for planned in settled.node_plans] == [{0: (10, 10)}]
 
 
 def test_batch_window_starts_afresh_after_a_change_that_left_the_plan_as_it_was() -> None:
     state = state_of(*ready_node("n"), env(observed("a", rv="1")))
     decision = decide(state, T0 + timedelta(seconds=1), SETTINGS)
     assert isinstance(decision, PublishPlan)
-    state.mark_planned(decision.plan.plan_id, decision.at_revision)
+    state.commit(decision)
     state.apply(env(observed("a", priority=1), T0 + timedelta(seconds=2)))  # alone, it changes nothing
     unchanged = decide(state, T0 + timedelta(seconds=3), SETTINGS)
     assert isinstance(unchanged, NothingToDo) and unchanged.planned is not None
@@ -423,7 +457,7 @@ def test_report_of_a_node_not_opted_in_is_ignored() -> None:
 )
 def test_stale_report_means_the_node_cannot_carve(age: timedelta, can_carve: bool) -> None:
     state = state_of(*ready_node("n", gpu_report(0, 40, "10f")), env(observed("a", 20)))
-    nodes, _ = planning_nodes(state, T0 + age, SETTINGS)
+    nodes, _, _ = planning_nodes(state, T0 + age, SETTINGS)
     assert [n.can_carve for n in nodes] == [can_carve]
     plan = compute_plan(state, T0 + age, SETTINGS)
     if can_carve:
@@ -432,19 +466,20 @@ def test_stale_report_means_the_node_cannot_carve(age: timedelta, can_carve: boo
     else:
         assert sizes(plan) == {"n": {0: "10f"}}
         assert plan.unplaced == {
-            "default/a": "no opted-in node can take new slices now (cordoned, or its GPU reports are stale)"
+            "default/a": "no opted-in node can take new slices now "
+            "(cordoned, its GPU reports are stale, or it is applying its last layout)"
         }
 
 
 def test_a_newer_heartbeat_keeps_the_report_fresh() -> None:
     state = state_of(*ready_node("n"), env(report("n", gpu_report(0, 40)), T0 + timedelta(seconds=40)))
-    nodes, _ = planning_nodes(state, T0 + timedelta(seconds=60), SETTINGS)
+    nodes, _, _ = planning_nodes(state, T0 + timedelta(seconds=60), SETTINGS)
     assert [n.can_carve for n in nodes] == [True]
 
 
 def test_cordoned_node_cannot_carve() -> None:
     state = state_of(env(NodeObserved(name="n", unschedulable=True)), env(report("n", gpu_report(0, 40))))
-    nodes, _ = planning_nodes(state, T0, SETTINGS)
+    nodes, _, _ = planning_nodes(state, T0, SETTINGS)
     assert [n.can_carve for n in nodes] == [False]
 
 
@@ -511,7 +546,7 @@ def test_compute_plan_matches_plan_cluster_and_keeps_the_invariants() -> None:
         env(observed("p4", 90)),
     )
     now = T0 + timedelta(seconds=1)
-    nodes, never = planning_nodes(state, now, plan_settings)
+    nodes, never, _ = planning_nodes(state, now, plan_settings)
     pending = [
         PendingPod("default", name, size, 1 if name == "p2" else 0, T0)
         for name, size in (("p1", 10), ("p2", 30), ("p3", 60), ("p4", 90))
@@ -535,13 +570,13 @@ def test_a_report_going_stale_is_a_change_that_stops_carving_there() -> None:
     state = state_of(*ready_node("n"), env(observed("a"), T0 + MS))
     first = decide(state, T0 + timedelta(seconds=1), SETTINGS)
     assert isinstance(first, PublishPlan) and "default/a" in first.plan.placed
-    state.mark_planned(first.plan.plan_id, first.at_revision)
+    state.commit(first)
     stale_at = state.next_staleness(T0 + timedelta(seconds=1), SETTINGS.report_stale_after)
     assert stale_at == T0 + SETTINGS.report_stale_after
     state.report_went_stale(stale_at)
     later = decide(state, stale_at + timedelta(seconds=1), SETTINGS)
     assert isinstance(later, PublishPlan)
-    assert "cordoned, or its GPU reports are stale" in later.plan.unplaced["default/a"]
+    assert "its GPU reports are stale" in later.plan.unplaced["default/a"]
     assert state.next_staleness(stale_at, SETTINGS.report_stale_after) is None
 
 
@@ -550,3 +585,210 @@ def test_replay_wakes_up_when_a_report_goes_stale() -> None:
     plans = list(replay(stream, SETTINGS))
     assert [p.at for p in plans][:2] == [T0 + MS + 40 * MS, T0 + SETTINGS.report_stale_after + 40 * MS]
     assert "default/a" in plans[0].plan.placed and "default/a" in plans[1].plan.unplaced
+
+
+# --- coordination with the scheduler and the kubelet --------------------------------------------------------
+
+LATER = T0 + timedelta(seconds=1)
+
+
+def decided(state: ClusterState, at: datetime = LATER) -> PublishPlan:
+    decision = decide(state, at, SETTINGS)
+    assert isinstance(decision, PublishPlan), decision
+    return decision
+
+
+def released(decision: PublishPlan) -> dict[str, str]:
+    return {release.key: release.node for release in decision.releases}
+
+
+def test_a_gated_pod_is_released_once_its_slice_is_free_and_listed_by_the_kubelet() -> None:
+    state = state_of(*ready_node("n", gpu_report(0, 40, "10n")), env(gated("a")))
+    first = decided(state)
+    assert first.plan.placed["default/a"].node == "n" and released(first) == {}
+    state.commit(first)
+    state.apply(env(report("n", gpu_report(0, 40, "10f")), LATER))
+    second = decided(state, LATER + timedelta(seconds=1))
+    assert released(second) == {"default/a": "n"}
+    assert second.releases[0].size_gb == 10 and second.releases[0].uid == "uid-default-a"
+    state.commit(second)
+    assert decide(state, LATER + timedelta(seconds=2), SETTINGS) == NothingToDo()
+    # The pod watcher shows the release: the pod holds the slice; nothing is released twice.
+    state.apply(env(observed("a", released_to="n"), LATER + timedelta(seconds=2)))
+    third = decide(state, LATER + timedelta(seconds=3), SETTINGS)
+    assert isinstance(third, PublishPlan) and third.releases == ()
+    assert "default/a" not in third.plan.placed and sizes(third.plan) == {"n": {0: "10u"}}
+    assert state.releases == {}
+
+
+def test_pods_that_bypassed_the_gate_are_never_released() -> None:
+    state = state_of(*ready_node("n", gpu_report(0, 40, "10f")), env(observed("a")))
+    decision = decided(state)
+    assert decision.plan.placed["default/a"].node == "n" and decision.releases == ()
+
+
+def test_holders_the_report_does_not_name_yet_take_free_slices_before_any_release() -> None:
+    # b is bound to n and the kubelet may give it either free slice: one gated pod may go, not two.
+    state = state_of(
+        *ready_node("n", gpu_report(0, 40, "10f 10f")),
+        env(observed("b", node="n")),
+        env(gated("a")),
+        env(gated("c")),
+    )
+    assert released(decided(state)) == {"default/a": "n"}
+    # Once the report names b as the holder of one slice, the other is a's and c waits for more.
+    state.apply(env(report("n", gpu_report(0, 40, "10u@b 10f")), LATER))
+    assert released(decided(state, LATER + timedelta(seconds=1))) == {"default/a": "n"}
+
+
+def test_a_pod_released_earlier_counts_as_a_holder_until_the_report_names_it() -> None:
+    state = state_of(*ready_node("n", gpu_report(0, 40, "10f")), env(gated("a")), env(gated("c")))
+    first = decided(state)
+    assert released(first) == {"default/a": "n"}
+    state.commit(first)
+    state.apply(env(report("n", gpu_report(0, 40, "10f 10f")), LATER))
+    second = decided(state, LATER + timedelta(seconds=1))
+    assert released(second) == {"default/c": "n"}
+
+
+def test_no_release_while_the_node_applies_a_layout() -> None:
+    state = state_of(*ready_node("n", gpu_report(0, 40, "10f")), env(gated("a", 20)))
+    first = decided(state)
+    assert [p.layout.sizes() for p in first.node_plans] == [{0: (10, 20)}]
+    state.commit(first)
+    state.apply(env(gated("b"), LATER))
+    second = decided(state, LATER + timedelta(seconds=1))
+    assert second.releases == () and second.node_plans == ()
+    assert second.plan.placed["default/b"].node == "n"  # on the free slice, once n has settled
+    state.commit(second)
+    state.apply(env(report("n", gpu_report(0, 40, "10f 20f")), LATER + timedelta(seconds=2)))
+    third = decided(state, LATER + timedelta(seconds=3))
+    assert released(third) == {"default/a": "n", "default/b": "n"}
+
+
+def test_a_node_gets_one_layout_change_at_a_time_and_settles_on_its_agents_word() -> None:
+    state = state_of(*ready_node("n", gpu_report(0, 40)), env(gated("a")))
+    first = decided(state)
+    assert [p.layout.sizes() for p in first.node_plans] == [{0: (10,)}]
+    state.commit(first)
+    state.apply(env(gated("b", 20), LATER))
+    second = decided(state, LATER + timedelta(seconds=1))
+    assert second.node_plans == () and "default/b" in second.plan.unplaced
+    state.commit(second)
+    state.apply(env(applied("n", {0: (10,)}), LATER + timedelta(seconds=2)))
+    third = decided(state, LATER + timedelta(seconds=3))
+    assert [p.layout.sizes() for p in third.node_plans] == [{0: (10, 20)}]
+
+
+def test_a_report_that_shows_the_asked_layout_settles_the_node_too() -> None:
+    state = state_of(*ready_node("n", gpu_report(0, 40)), env(gated("a")))
+    state.commit(decided(state))
+    state.apply(env(gated("b", 20), LATER))
+    state.apply(env(report("n", gpu_report(0, 40, "10f")), LATER))
+    assert [p.layout.sizes() for p in decided(state, LATER + timedelta(seconds=1)).node_plans] == [
+        {0: (10, 20)}
+    ]
+
+
+def test_a_refused_layout_is_not_asked_again_while_the_nodes_report_stays_the_same() -> None:
+    state = state_of(*ready_node("n", gpu_report(0, 40, "10f")), env(gated("a", 20)))
+    first = decided(state)
+    assert [p.layout.sizes() for p in first.node_plans] == [{0: (10, 20)}]
+    state.commit(first)
+    state.apply(env(refused("n", {0: (10, 20)}), LATER))
+    second = decided(state, LATER + timedelta(seconds=1))
+    # The node keeps what it has, and the key in the bucket says so instead of the refused layout.
+    assert [p.layout.sizes() for p in second.node_plans] == [{0: (10,)}]
+    assert "default/a" in second.plan.unplaced
+    state.commit(second)
+    state.apply(env(applied("n", {0: (10,)}), LATER + timedelta(seconds=2)))
+    assert isinstance(decide(state, LATER + timedelta(seconds=3), SETTINGS), NothingToDo | PublishPlan)
+    assert all(
+        p.layout.sizes() != {0: (10, 20)} for p in decided_or_none(state, LATER + timedelta(seconds=3))
+    )
+    # A new report is a new situation: the layout may be asked again.
+    state.apply(env(report("n", gpu_report(0, 40, "10f 5f")), LATER + timedelta(seconds=4)))
+    again = decided(state, LATER + timedelta(seconds=5))
+    assert "default/a" in again.plan.placed
+
+
+def decided_or_none(state: ClusterState, at: datetime) -> tuple[NodePlanned, ...]:
+    decision = decide(state, at, SETTINGS)
+    return decision.node_plans if isinstance(decision, PublishPlan) else ()
+
+
+def test_reasons_are_told_only_while_no_node_is_applying_a_layout() -> None:
+    exhausted = "capacity exhausted: needs 20 GiB on one GPU; the most any GPU could offer now is 0 GiB"
+    state = state_of(*ready_node("n", gpu_report(0, 20)), env(gated("a", 20)), env(gated("b", 20)))
+    first = decided(state)
+    assert [(u.name, u.reason) for u in first.unplaced] == [("b", exhausted)]
+    state.commit(first)
+    state.apply(env(gated("c", 20), LATER))
+    second = decided(state, LATER + timedelta(seconds=1))
+    assert "applying its last layout" in second.plan.unplaced["default/c"] and second.unplaced == ()
+    state.commit(second)
+    state.apply(env(applied("n", {0: (20,)}), LATER + timedelta(seconds=2)))
+    third = decided(state, LATER + timedelta(seconds=3))
+    assert [(u.name, u.reason) for u in third.unplaced] == [("c", exhausted)]
+    state.commit(third)
+    state.apply(env(report("n", gpu_report(0, 20, "20f")), LATER + timedelta(seconds=4)))
+    fourth = decided(state, LATER + timedelta(seconds=5))
+    assert fourth.unplaced == () and released(fourth) == {"default/a": "n"}
+
+
+def test_a_size_a_pod_outside_the_gate_waits_for_is_protected_everywhere() -> None:
+    state = state_of(
+        *ready_node("n", gpu_report(0, 20, "10f")),
+        env(observed("outside", 10)),
+        env(gated("high", 20, priority=10)),
+    )
+    nodes, _, _ = planning_nodes(state, LATER, SETTINGS)
+    assert [n.protected for n in nodes] == [frozenset({10})]
+    decision = decided(state)
+    assert "default/high" in decision.plan.unplaced and decision.plan.placed["default/outside"].node == "n"
+
+
+def test_a_holder_the_report_does_not_name_protects_its_size_on_its_node_only() -> None:
+    state = state_of(
+        *ready_node("m", gpu_report(0, 20, "10f")),
+        *ready_node("n", gpu_report(0, 20, "10f 10f")),
+        env(observed("bound", node="n")),
+        env(gated("high", 20, priority=10)),
+    )
+    nodes, _, _ = planning_nodes(state, LATER, SETTINGS)
+    assert {n.name: n.protected for n in nodes} == {"m": frozenset(), "n": frozenset({10})}
+    decision = decided(state)
+    assert decision.plan.placed["default/high"].node == "m"  # m's free slice is reclaimed, n's stay
+    assert sizes(decision.plan) == {"m": {0: "20f"}, "n": {0: "10u 10f"}}
+
+
+def test_a_pod_released_to_a_node_that_has_no_slice_left_for_it_is_planned_there() -> None:
+    state = state_of(
+        *ready_node("m", gpu_report(0, 40)),
+        *ready_node("n", gpu_report(0, 40, "30u@x")),
+        env(observed("x", 30, node="n", phase="Running")),
+        env(observed("r", 10, released_to="n")),
+    )
+    _, _, pinned = planning_nodes(state, LATER, SETTINGS)
+    assert [(p.key, p.pinned) for p in pinned] == [("default/r", "n")]
+    decision = decided(state)
+    assert decision.plan.placed["default/r"].node == "n"
+    assert [layout_of(p.layout.sizes()) for p in decision.node_plans] == [{0: (10, 30)}]
+
+
+def test_a_restarted_planner_reads_back_the_layouts_and_releases_it_published() -> None:
+    layout = NodeLayout(gpus={0: (SliceSpec(size_gb=10),)})
+    state = state_of(
+        *ready_node("n", gpu_report(0, 40)),
+        env(gated("a")),
+        env(NodePlanned(node="n", plan_id="p", layout=layout)),
+        env(
+            PodReleased(namespace="default", name="a", uid="uid-default-a", node="n", size_gb=10, plan_id="p")
+        ),
+    )
+    assert state.nodes["n"].applying and set(state.releases) == {"default/a"}
+    decision = decided(state)
+    assert decision.node_plans == () and decision.releases == () and "default/a" not in decision.plan.placed
+    # Its own layout read back later (an echo) never replaces a newer one it decided since.
+    state.apply(env(NodePlanned(node="n", plan_id="old", layout=NodeLayout(gpus={0: ()}))))
+    assert state.nodes["n"].desired == {0: (10,)}
