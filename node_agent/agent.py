@@ -74,6 +74,9 @@ class NodeAgent:
         self.devices: tuple[SliceDevice, ...] = ()
         self.usage = SliceUsage()
         self._offered_at: dict[str, float] = {}
+        self._seen_held_at: dict[
+            str, float
+        ] = {}  # device -> when a kubelet answer that listed it held was asked
         self.daemon_health: dict[int, bool] = {}
         self.applied_plan_id: str | None = None
         # Applied/failed events name this run of the agent: a restarted agent applying the same
@@ -177,8 +180,9 @@ class NodeAgent:
             )
 
     async def current_usage(self) -> SliceUsage:
-        """Slices containers hold (the kubelet's word, with the pod it names, plus allocations too
-        recent for it to list), and the slices the kubelet lists as its devices.
+        """Slices containers hold (the kubelet's word, with the pod it names, plus allocations the
+        kubelet has not listed since they were made, for `allocation_grace_seconds` at most), and
+        the slices the kubelet lists as its devices.
 
         Without a kubelet to ask, every allocation counts and every slice counts as listed; when the
         kubelet cannot list its devices (older than 1.23), a slice counts as listed once it has been
@@ -188,6 +192,7 @@ class NodeAgent:
         offered = frozenset(device.id for device in self.devices)
         if self.settings.pod_resources_socket is None:
             return SliceUsage(frozenset(allocations), {}, offered)
+        asked = time.monotonic()
         try:
             view = await kubelet_view(self.settings.pod_resources_socket)
         except grpc.aio.AioRpcError as error:
@@ -195,9 +200,16 @@ class NodeAgent:
             return SliceUsage(
                 self.usage.in_use | frozenset(allocations), self.usage.holders, self.usage.listed & offered
             )
+        for device in view.held:
+            self._seen_held_at[device] = asked
         now = time.monotonic()
         recent = now - self.settings.allocation_grace_seconds
-        in_use = frozenset(view.held) | {device for device, at in allocations.items() if at >= recent}
+        unlisted = {
+            device
+            for device, at in allocations.items()
+            if at >= recent and self._seen_held_at.get(device, float("-inf")) < at
+        }
+        in_use = frozenset(view.held) | unlisted
         if view.listed is not None:
             listed = view.listed & offered
         else:

@@ -50,6 +50,13 @@ def _uid(text: str) -> int:
     return int(text)
 
 
+def _address(text: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host or "0.0.0.0", int(port)
+
+
 def _configmap(text: str) -> tuple[str, str]:
     from services.config_publisher.kube_writer import parse_configmap
 
@@ -92,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="reject slice pods whose effective runAsUser is not this UID, the MPS servers' user "
         "(default: not checked)",
     )
+    webhook = services.add_parser(
+        "admission-webhook",
+        help="serve the admission webhook that puts mpsflow's scheduling gate on slice pods",
+    )
+    webhook.add_argument(
+        "--listen",
+        type=_address,
+        default=("0.0.0.0", 8443),
+        metavar="HOST:PORT",
+        help="(default 0.0.0.0:8443)",
+    )
+    webhook.add_argument("--tls-cert-file", type=Path, help="serve https with this certificate (PEM)")
+    webhook.add_argument("--tls-key-file", type=Path, help="the certificate's private key (PEM)")
     _common(services.add_parser("planner", help="fold events into state and publish plans"))
     publisher = services.add_parser("config-publisher", help="write each node's desired MPS config")
     _common(publisher)
@@ -253,6 +273,14 @@ def run_command(args: argparse.Namespace) -> int:
     service: str = args.service
     if service == "pod-watcher":
         run_service("mpsflow-pod-watcher", lambda: _pod_watcher(args))
+    elif service == "admission-webhook":
+        if (args.tls_cert_file is None) != (args.tls_key_file is None):
+            print(
+                "mpsflow run admission-webhook: give both --tls-cert-file and --tls-key-file, or neither",
+                file=sys.stderr,
+            )
+            return 2
+        run_service("mpsflow-admission-webhook", lambda: _admission_webhook(args))
     elif service == "planner":
         run_service("mpsflow-planner", lambda: _planner(args.nats_url))
     elif service == "config-publisher":
@@ -277,6 +305,21 @@ async def _pod_watcher(args: argparse.Namespace) -> None:
     finally:
         await api.close()
         await bus.close()
+
+
+async def _admission_webhook(args: argparse.Namespace) -> None:
+    import anyio
+
+    from services.pod_watcher.gate import serve_webhook, tls_context
+
+    host, port = args.listen
+    tls = tls_context(args.tls_cert_file, args.tls_key_file) if args.tls_cert_file is not None else None
+    runner = await serve_webhook(host, port, tls)
+    try:
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await runner.cleanup()
 
 
 async def _planner(nats_url: str) -> None:

@@ -27,30 +27,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import aiohttp
 import anyio
+import anyio.to_thread
 import nats.errors
 from kubernetes_asyncio import client
 
 from events import subjects
 from events.envelope import UndecodableMessageError, decode
 from events.jetstream import EventBus
-from events.nodes import NodeGpusReported, NodeObserved
-from events.plans import PlanComputed
+from events.nodes import NodeGpusReported, NodeObserved, NodeOptedOut
+from events.plans import NodeConfigFailed, PlanComputed
 from events.pods import PodRejected
 from node_agent.slices import parse_resource_name
 from services.config_publisher.render import DEVICE_PLUGIN_CONFIG_LABEL
 from services.kit.kube import api_client
-from simulation.apiserver import ApiServer
+from services.pod_watcher.gate import HEALTH_PATH, WEBHOOK_PATH
+from services.pod_watcher.translate import asks_for_a_slice, is_opted_in
+from services.pod_watcher.watching import list_and_watch
+from simulation.apiserver import AdmissionWebhook, ApiServer
 from simulation.kubelet import RUNS_FOR_ANNOTATION, Kubelet
-from simulation.nats_server import LocalNatsServer
-from simulation.scenario import Scenario, ScenarioError, load_scenario, simulated_gpus_file
+from simulation.nats_server import LocalNatsServer, free_port
+from simulation.scenario import (
+    NodeChange,
+    Scenario,
+    ScenarioError,
+    ScenarioNode,
+    WorkloadItem,
+    load_scenario,
+    simulated_gpus_file,
+)
 from simulation.scheduler import Scheduler
 
-SERVICES = ("pod-watcher", "planner", "config-publisher")
+SERVICES = ("pod-watcher", "planner", "config-publisher", "admission-webhook")
 READY_TIMEOUT = 30.0
 FAKE_MPS_CONTROL = f"{sys.executable} -m simulation.fake_mps_control"
 COMPAT_CONFIGMAP = ("mpsflow", "nos-device-plugin-configs")
 COMPAT_SETTLE_TIMEOUT = 5.0
+AGENT_STOP_GRACE = 5.0
+GATE_WEBHOOK = "gate.mpsflow.dev"
 
 
 @dataclass
@@ -58,10 +73,11 @@ class Observed:
     """What the demo learned from the bus."""
 
     reports: dict[str, NodeGpusReported] = field(default_factory=dict)
-    watched: set[str] = field(default_factory=set)
+    watched: set[str] = field(default_factory=set)  # opted-in nodes, as the pod watcher says
     rejected: dict[str, str] = field(default_factory=dict)
     plans: int = 0
-    ready: anyio.Event = field(default_factory=anyio.Event)
+    last_plan: PlanComputed | None = None
+    configs_refused: int = 0
 
 
 @dataclass
@@ -75,22 +91,81 @@ class Cluster:
     bus: EventBus
     admin: client.ApiClient
     kubelets: dict[str, Kubelet]
+    webhook_url: str
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     observed: Observed = field(default_factory=Observed)
     created_at: dict[str, float] = field(default_factory=dict)
+    played: int = 0  # workload items and node changes played so far
 
     def pods(self) -> dict[str, dict[str, Any]]:
         return {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p for p in self.api.objects("pods")}
 
-    def settled(self) -> bool:
+    def opted_in(self) -> set[str]:
+        """Nodes whose labels opt them in, as the API holds them now."""
+        return {
+            node["metadata"]["name"]
+            for node in self.api.objects("nodes")
+            if is_opted_in(node["metadata"].get("labels") or {})
+        }
+
+    def ready(self) -> bool:
+        """Every opted-in node has an agent that reported and is watched by the pod watcher."""
+        opted_in = self.opted_in()
+        return opted_in <= set(self.observed.reports) and opted_in <= self.observed.watched
+
+    def valid_pods(self) -> dict[str, WorkloadItem]:
+        """The workload's pods the pod watcher has not rejected."""
+        return {item.key: item for item in self.scenario.workload if item.key not in self.observed.rejected}
+
+    def finished(self) -> bool:
+        """Nothing is left to happen: everything was played, every valid pod runs or has ended (a pod
+        with a run time only once it ended), and every other pod was rejected."""
+        if self.played < len(self.scenario.workload) + len(self.scenario.node_changes):
+            return False
         pods = self.pods()
-        for item in self.scenario.workload:
-            if item.key in self.observed.rejected:
+        for key, item in self.valid_pods().items():
+            phase = (pods.get(key, {}).get("status") or {}).get("phase")
+            if phase in ("Succeeded", "Failed") or (phase == "Running" and item.runs_for is None):
                 continue
-            phase = (pods.get(item.key, {}).get("status") or {}).get("phase")
-            if phase not in ("Running", "Succeeded"):
+            return False
+        return True
+
+    def at_rest(self) -> bool:
+        """Nothing is left to happen and its effects have gone round: every opted-in node reports
+        as many used slices as it runs pods, and the last plan describes exactly those reports.
+        From here on, nothing mpsflow does is a response to something that happened."""
+        if not self.finished() or self.observed.last_plan is None:
+            return False
+        running: dict[str, int] = {}
+        pods = self.pods()
+        for key in self.valid_pods():
+            pod = pods.get(key, {})
+            node = (pod.get("spec") or {}).get("nodeName")
+            if node and (pod.get("status") or {}).get("phase") == "Running":
+                running[node] = running.get(node, 0) + 1
+        planned = self.observed.last_plan.nodes
+        for name in self.opted_in():
+            report = self.observed.reports.get(name)
+            layout = planned.get(name)
+            if report is None or layout is None:
                 return False
-        return len(self.created_at) == len(self.scenario.workload)
+            if sum(s.used for g in report.gpus for s in g.slices) != running.get(name, 0):
+                return False
+            reported = {g.index: sorted((s.size_gb, s.used) for s in g.slices) for g in report.gpus}
+            wanted = {i: sorted((s.size_gb, s.used) for s in slices) for i, slices in layout.gpus.items()}
+            if any(reported.get(index) != slices for index, slices in wanted.items()):
+                return False
+        return True
+
+    def failed(self) -> dict[str, str]:
+        """Valid pods that ended Failed, with the reason the kubelet gave."""
+        pods = self.pods()
+        failed = {}
+        for key in self.valid_pods():
+            status = pods.get(key, {}).get("status") or {}
+            if status.get("phase") == "Failed":
+                failed[key] = f"{status.get('reason', 'Failed')}: {status.get('message', '')}".rstrip(": ")
+        return failed
 
 
 def _service_command(service: str, *extra: str) -> list[str]:
@@ -107,13 +182,15 @@ def _start_process(cluster: Cluster, name: str, command: list[str], token: str) 
         "MPSFLOW_KUBE_TOKEN": token,
         "PYTHONUNBUFFERED": "1",
     }
-    with (logs / f"{name}.log").open("wb") as log_file:
+    with (logs / f"{name}.log").open("ab") as log_file:
         cluster.processes[name] = subprocess.Popen(
             command, stdout=log_file, stderr=subprocess.STDOUT, env=environment, start_new_session=True
         )
 
 
 def _stop_processes(cluster: Cluster) -> None:
+    """Stop every process the demo started, and every fake MPS daemon they started (the daemons
+    detach from their agent, as real MPS control daemons do)."""
     for process in cluster.processes.values():
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -127,6 +204,67 @@ def _stop_processes(cluster: Cluster) -> None:
     for pid_file in cluster.base.glob("nodes/*/mps/*/pipe/nvidia-cuda-mps-control.pid"):
         with contextlib.suppress(ValueError, OSError):
             os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+
+
+def _agent_name(node: str) -> str:
+    return f"node-agent-{node}"
+
+
+def _start_agent(cluster: Cluster, node: ScenarioNode) -> None:
+    node_dir = cluster.base / "nodes" / node.name
+    gpus_file = node_dir / "gpus.json"
+    gpus_file.write_text(simulated_gpus_file(node))
+    kubelet = cluster.kubelets[node.name]
+    _start_process(
+        cluster,
+        _agent_name(node.name),
+        _service_command(
+            "node-agent",
+            "--node",
+            node.name,
+            "--plugin-dir",
+            str(kubelet.plugin_dir),
+            "--pod-resources-socket",
+            str(kubelet.pod_resources_socket),
+            "--mps-root",
+            str(node_dir / "mps"),
+            "--mps-control",
+            FAKE_MPS_CONTROL,
+            "--simulated-gpus",
+            str(gpus_file),
+            "--heartbeat",
+            "5",
+        ),
+        f"mpsflow-node-agent-{node.name}",
+    )
+
+
+async def run_agents_where_opted_in(cluster: Cluster, api: client.ApiClient) -> None:
+    """The node agent's DaemonSet: an agent runs on every node whose labels opt it in, and only
+    there; a node opted out loses its agent (its running pods keep their slices), one opted in
+    gets one. It decides from its own watch of the nodes, as the DaemonSet controller does."""
+    nodes = {node.name: node for node in cluster.scenario.nodes}
+
+    async def sync(change: str, node: dict[str, Any]) -> None:
+        name = node["metadata"]["name"]
+        wanted = change != "DELETED" and is_opted_in(node["metadata"].get("labels") or {})
+        process = cluster.processes.get(_agent_name(name))
+        running = process is not None and process.poll() is None
+        if wanted and not running and name in nodes:
+            _start_agent(cluster, nodes[name])
+        elif not wanted and process is not None and running:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await anyio.to_thread.run_sync(process.wait, AGENT_STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            cluster.observed.reports.pop(name, None)
+
+    async def relist(items: list[dict[str, Any]]) -> None:
+        for item in items:
+            await sync("MODIFIED", item)
+
+    await list_and_watch(api, client.CoreV1Api(api).list_node, relist, sync)
 
 
 async def _observe(cluster: Cluster) -> None:
@@ -145,36 +283,63 @@ async def _observe(cluster: Cluster) -> None:
                 cluster.observed.reports[event.node] = event
             elif isinstance(event, NodeObserved):
                 cluster.observed.watched.add(event.name)
+            elif isinstance(event, NodeOptedOut):
+                cluster.observed.watched.discard(event.name)
             elif isinstance(event, PodRejected):
                 cluster.observed.rejected[event.key] = f"{event.reason}: {event.message}"
             elif isinstance(event, PlanComputed):
                 cluster.observed.plans += 1
-            nodes = {node.name for node in cluster.scenario.nodes}
-            if set(cluster.observed.reports) >= nodes and cluster.observed.watched >= nodes:
-                cluster.observed.ready.set()  # every node agent reported and the pod watcher is watching
+                cluster.observed.last_plan = event
+            elif isinstance(event, NodeConfigFailed):
+                cluster.observed.configs_refused += 1
     finally:
         with anyio.CancelScope(shield=True):
             await subscription.unsubscribe()
 
 
 async def _play(cluster: Cluster, core: client.CoreV1Api) -> None:
+    """Create the workload's pods and make its node changes, each at its time."""
     start = time.monotonic()
-    for item in sorted(cluster.scenario.workload, key=lambda w: w.at):
-        await anyio.sleep(max(0.0, start + item.at - time.monotonic()))
-        manifest = json.loads(json.dumps(item.pod))
-        manifest.setdefault("apiVersion", "v1")
-        manifest.setdefault("kind", "Pod")
-        manifest["metadata"].setdefault("namespace", item.namespace)
-        if item.runs_for is not None:
-            manifest["metadata"].setdefault("annotations", {})[RUNS_FOR_ANNOTATION] = str(item.runs_for)
-        cluster.created_at[item.key] = time.monotonic()
-        await core.create_namespaced_pod(item.namespace, manifest, _request_timeout=10)
+    steps: list[tuple[float, WorkloadItem | NodeChange]] = [
+        *((item.at, item) for item in cluster.scenario.workload),
+        *((change.at, change) for change in cluster.scenario.node_changes),
+    ]
+    for at, step in sorted(steps, key=lambda s: s[0]):
+        await anyio.sleep(max(0.0, start + at - time.monotonic()))
+        if isinstance(step, NodeChange):
+            await core.patch_node(
+                step.node,
+                {"metadata": {"labels": step.labels}},
+                _content_type="application/merge-patch+json",  # type: ignore[call-arg]
+                _request_timeout=10,
+            )
+        else:
+            manifest = json.loads(json.dumps(step.pod))
+            manifest.setdefault("apiVersion", "v1")
+            manifest.setdefault("kind", "Pod")
+            manifest["metadata"].setdefault("namespace", step.namespace)
+            if step.runs_for is not None:
+                manifest["metadata"].setdefault("annotations", {})[RUNS_FOR_ANNOTATION] = str(step.runs_for)
+            cluster.created_at[step.key] = time.monotonic()
+            await core.create_namespaced_pod(step.namespace, manifest, _request_timeout=10)
+        cluster.played += 1
+
+
+async def _webhook_answers(url: str) -> bool:
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, timeout=aiohttp.ClientTimeout(1)) as r,
+        ):
+            return r.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
 
 
 async def start_cluster(
     scenario: Scenario, stack: AsyncExitStack, say: Callable[[str], None], *, compat: bool = False
 ) -> Cluster:
-    """Start everything but the workload; returns once every node agent has reported.
+    """Start the cluster and every service; the agents start with `run_agents_where_opted_in`.
 
     `compat` makes the config publisher also write nebuly's device-plugin ConfigMap
     (`COMPAT_CONFIGMAP`) and point each node's `nvidia.com/device-plugin.config` label at it."""
@@ -182,7 +347,13 @@ async def start_cluster(
     stack.callback(shutil.rmtree, base, True)
     nats_server = LocalNatsServer(base / "nats").start()
     stack.callback(nats_server.stop)
-    api = ApiServer()
+    webhook_url = f"http://127.0.0.1:{free_port()}"
+    api = ApiServer(
+        watch_delay=scenario.timing.watch_delay_s,
+        admission_webhooks=[
+            AdmissionWebhook(GATE_WEBHOOK, webhook_url + WEBHOOK_PATH, "Fail", 10.0, matches=asks_for_a_slice)
+        ],
+    )
     await api.start()
     stack.push_async_callback(api.stop)
     bus = await EventBus.connect(nats_server.url, source="demo")
@@ -193,55 +364,40 @@ async def start_cluster(
     for node in scenario.nodes:
         kubelet_api = await api_client(api.url, f"kubelet-{node.name}")
         stack.push_async_callback(kubelet_api.close)
-        kubelets[node.name] = Kubelet(kubelet_api, node, base / "nodes" / node.name)
+        kubelets[node.name] = Kubelet(
+            kubelet_api, node, base / "nodes" / node.name, scenario.timing.node_status_period_s
+        )
         await kubelets[node.name].register_node()
-    cluster = Cluster(scenario, base, nats_server, api, bus, admin, kubelets)
+    cluster = Cluster(scenario, base, nats_server, api, bus, admin, kubelets, webhook_url)
     stack.callback(_stop_processes, cluster)
     say(f"started nats-server on {nats_server.url} and the API emulator on {api.url}")
     for service in SERVICES:
-        extra = ("--compat-configmap", "/".join(COMPAT_CONFIGMAP)) if compat else ()
-        command = _service_command(service, *(extra if service == "config-publisher" else ()))
-        _start_process(cluster, service, command, f"mpsflow-{service}")
-    for node in scenario.nodes:
-        node_dir = base / "nodes" / node.name
-        gpus_file = node_dir / "gpus.json"
-        gpus_file.write_text(simulated_gpus_file(node))
-        kubelet = kubelets[node.name]
-        _start_process(
-            cluster,
-            f"node-agent-{node.name}",
-            _service_command(
-                "node-agent",
-                "--node",
-                node.name,
-                "--plugin-dir",
-                str(kubelet.plugin_dir),
-                "--pod-resources-socket",
-                str(kubelet.pod_resources_socket),
-                "--mps-root",
-                str(node_dir / "mps"),
-                "--mps-control",
-                FAKE_MPS_CONTROL,
-                "--simulated-gpus",
-                str(gpus_file),
-                "--heartbeat",
-                "5",
-            ),
-            f"mpsflow-node-agent-{node.name}",
-        )
-    say(f"started {len(SERVICES)} services and {len(scenario.nodes)} node agents (logs in {base / 'logs'})")
+        extra: tuple[str, ...] = ()
+        if service == "config-publisher" and compat:
+            extra = ("--compat-configmap", "/".join(COMPAT_CONFIGMAP))
+        elif service == "admission-webhook":
+            extra = ("--listen", webhook_url.removeprefix("http://"))
+        _start_process(cluster, service, _service_command(service, *extra), f"mpsflow-{service}")
+    say(f"started {len(SERVICES)} services (logs in {base / 'logs'})")
     return cluster
 
 
-def summary(cluster: Cluster) -> dict[str, Any]:
+def _quantiles(values: list[float]) -> tuple[float, float]:
+    """p50 and p99 of `values` (0, 0 when empty)."""
+    if not values:
+        return 0.0, 0.0
+    p99 = statistics.quantiles(values, n=100, method="inclusive")[98] if len(values) > 1 else values[0]
+    return round(statistics.median(values), 3), round(p99, 3)
+
+
+def summary(cluster: Cluster, plans_while_idle: int) -> dict[str, Any]:
     pods_out: dict[str, Any] = {}
     api_pods = cluster.pods()
-    for item in cluster.scenario.workload:
-        if item.key in cluster.observed.rejected:
-            continue
-        pod = api_pods.get(item.key, {})
+    failed = cluster.failed()
+    for key, item in cluster.valid_pods().items():
+        pod = api_pods.get(key, {})
         node = (pod.get("spec") or {}).get("nodeName")
-        started = cluster.kubelets[node].started.get(item.key) if node in cluster.kubelets else None
+        started = cluster.kubelets[node].started.get(key) if node in cluster.kubelets else None
         size = next(
             (
                 parse_resource_name(r)
@@ -252,16 +408,24 @@ def summary(cluster: Cluster) -> dict[str, Any]:
             ),
             None,
         )
-        pods_out[item.key] = {
+        created = cluster.created_at.get(key)
+        entry: dict[str, Any] = {
             "phase": (pod.get("status") or {}).get("phase", "Pending"),
             "node": node,
             "gpu": started.gpu if started else None,
             "size_gb": size,
             "env": dict(sorted(started.envs.items())) if started else {},
-            "pending_seconds": round(started.started_at - cluster.created_at[item.key], 3)
-            if started
-            else None,
+            "pending_seconds": round(started.started_at - created, 3) if started and created else None,
+            "mpsflow_seconds": (
+                round(max(0.0, started.slice_listed_at - created), 3)
+                if started and created and started.slice_listed_at is not None
+                else None
+            ),
         }
+        if key in failed:
+            entry["reason"] = failed[key]
+        pods_out[key] = entry
+    opted_in = cluster.opted_in()
     nodes_out = {
         name: {
             "gpus": {
@@ -269,23 +433,45 @@ def summary(cluster: Cluster) -> dict[str, Any]:
             }
         }
         for name, report in sorted(cluster.observed.reports.items())
+        if name in opted_in
     }
+    pending = [p["pending_seconds"] for p in pods_out.values() if p["pending_seconds"] is not None]
+    mpsflow = [p["mpsflow_seconds"] for p in pods_out.values() if p["mpsflow_seconds"] is not None]
+    pending_p50, pending_p99 = _quantiles(pending)
+    mpsflow_p50, mpsflow_p99 = _quantiles(mpsflow)
     return {
         "pods": pods_out,
         "rejected": dict(sorted(cluster.observed.rejected.items())),
         "nodes": nodes_out,
         "events_published": 0,
+        "counters": {
+            "plans": cluster.observed.plans,
+            "configs_refused": cluster.observed.configs_refused,
+            "admission_failures": sum(len(kubelet.failed) for kubelet in cluster.kubelets.values()),
+            "plans_while_idle": plans_while_idle,
+        },
+        "latency": {
+            "pending_p50": pending_p50,
+            "pending_p99": pending_p99,
+            "mpsflow_p50": mpsflow_p50,
+            "mpsflow_p99": mpsflow_p99,
+        },
     }
 
 
 def _table(result: dict[str, Any], out: TextIO) -> None:
-    print(f"\n{'POD':32} {'PHASE':10} {'NODE':10} {'GPU':>3} {'SIZE':>5} {'PENDING':>8}", file=out)
+    print(
+        f"\n{'POD':32} {'PHASE':10} {'NODE':10} {'GPU':>3} {'SIZE':>5} {'PENDING':>8} {'MPSFLOW':>8}",
+        file=out,
+    )
     for key, pod in sorted(result["pods"].items()):
         pending = f"{pod['pending_seconds']:.2f}s" if pod["pending_seconds"] is not None else "-"
+        mpsflow = f"{pod['mpsflow_seconds']:.2f}s" if pod["mpsflow_seconds"] is not None else "-"
         gpu = "-" if pod["gpu"] is None else str(pod["gpu"])
         print(
             f"{key:32} {pod['phase']:10} {pod['node'] or '-':10} {gpu:>3} "
-            f"{pod['size_gb'] or '-':>4}G {pending:>8}",
+            f"{pod['size_gb'] or '-':>4}G {pending:>8} {mpsflow:>8}"
+            + (f"  {pod['reason']}" if "reason" in pod else ""),
             file=out,
         )
     for key, reason in result["rejected"].items():
@@ -295,14 +481,19 @@ def _table(result: dict[str, Any], out: TextIO) -> None:
         for index, slices in layout["gpus"].items():
             shown = " ".join(f"{s['size_gb']}{'*' if s['used'] else ''}" for s in slices) or "(no slices)"
             print(f"  {node:10} GPU {index}: {shown}", file=out)
-    waits = [p["pending_seconds"] for p in result["pods"].values() if p["pending_seconds"] is not None]
-    if waits:
-        p99 = statistics.quantiles(waits, n=100)[98] if len(waits) > 1 else waits[0]
-        print(
-            f"\npending-to-running: p50 {statistics.median(waits):.2f}s, p99 {p99:.2f}s "
-            f"over {len(waits)} pods",
-            file=out,
-        )
+    latency, counters = result["latency"], result["counters"]
+    print(
+        f"\npending-to-running: p50 {latency['pending_p50']:.2f}s, p99 {latency['pending_p99']:.2f}s; "
+        f"of which mpsflow (until the slice was listed to the kubelet): p50 {latency['mpsflow_p50']:.2f}s, "
+        f"p99 {latency['mpsflow_p99']:.2f}s",
+        file=out,
+    )
+    print(
+        f"{counters['plans']} plans, {counters['configs_refused']} configs refused, "
+        f"{counters['admission_failures']} admission failures, "
+        f"{counters['plans_while_idle']} plans while idle",
+        file=out,
+    )
 
 
 def _write_request_log(api: ApiServer, path: Path) -> None:
@@ -355,44 +546,53 @@ async def run_demo(
         cluster = await start_cluster(scenario, stack, say, compat=compat)
         if audit_log is not None:
             stack.callback(_write_request_log, cluster.api, audit_log)
-        settled = False
         async with anyio.create_task_group() as group:
             for kubelet in cluster.kubelets.values():
                 group.start_soon(kubelet.run)
-            scheduler_api = await api_client(cluster.api.url, "scheduler")
-            stack.push_async_callback(scheduler_api.close)
-            group.start_soon(Scheduler(scheduler_api).run)
+            for identity, role in (("scheduler", Scheduler), ("daemonset-controller", None)):
+                role_api = await api_client(cluster.api.url, identity)
+                stack.push_async_callback(role_api.close)
+                if role is not None:
+                    group.start_soon(role(role_api).run)
+                else:
+                    group.start_soon(run_agents_where_opted_in, cluster, role_api)
             group.start_soon(_observe, cluster)
+            webhook_ready = False
             with anyio.move_on_after(READY_TIMEOUT):
-                await cluster.observed.ready.wait()
-            names = {n.name for n in scenario.nodes}
-            missing = sorted((names - set(cluster.observed.reports)) | (names - cluster.observed.watched))
-            if missing:
-                say(f"no GPU report or pod-watcher view within {READY_TIMEOUT:.0f}s of: {', '.join(missing)}")
+                while not (webhook_ready and cluster.ready()):
+                    webhook_ready = webhook_ready or await _webhook_answers(cluster.webhook_url + HEALTH_PATH)
+                    await anyio.sleep(0.1)
+            if not (webhook_ready and cluster.ready()):
+                opted_in = cluster.opted_in()
+                missing = sorted(
+                    (opted_in - set(cluster.observed.reports)) | (opted_in - cluster.observed.watched)
+                )
+                say(
+                    f"not ready within {READY_TIMEOUT:.0f}s: no GPU report or pod-watcher view of "
+                    f"{', '.join(missing) or '-'}; admission webhook {'up' if webhook_ready else 'down'}"
+                )
                 for name, process in cluster.processes.items():
                     if process.poll() is not None:
                         say(f"  {name} exited with status {process.returncode}")
                 group.cancel_scope.cancel()
                 return 1
             say(
-                f"cluster ready: {len(scenario.nodes)} nodes, "
-                f"{sum(len(n.gpus) for n in scenario.nodes)} GPUs; "
+                f"cluster ready: {len(scenario.nodes)} nodes ({len(cluster.opted_in())} opted in), "
+                f"{sum(len(n.gpus) for n in scenario.nodes)} GPUs, node status every "
+                f"{scenario.timing.node_status_period_s:g}s, watch delay {scenario.timing.watch_delay_s:g}s; "
                 f"playing {len(scenario.workload)} pods"
             )
             group.start_soon(_play, cluster, client.CoreV1Api(cluster.admin))
             started = time.monotonic()
-            last_line = ""
-            with anyio.move_on_after(scenario.timeout):
-                while True:
-                    line = _progress(cluster)
-                    if line != last_line:
-                        say(f"  {time.monotonic() - started:5.1f}s  {line}")
-                        last_line = line
-                    if cluster.settled():
-                        settled = True
-                        break
-                    await anyio.sleep(0.1)
-            result = summary(cluster)
+            finished = await _follow(cluster, say, started)
+            plans_while_idle = 0
+            quiet = 2 * scenario.timing.node_status_period_s
+            if finished:
+                say(f"  the workload settled; watching {quiet:g}s of quiet for plans")
+                plans_before = cluster.observed.plans
+                await anyio.sleep(quiet)
+                plans_while_idle = cluster.observed.plans - plans_before
+            result = summary(cluster, plans_while_idle)
             info = await cluster.bus.js.stream_info(subjects.STREAM)
             result["events_published"] = info.state.last_seq
             if record is not None:
@@ -405,13 +605,36 @@ async def run_demo(
         if json_out is not None:
             await anyio.Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
             say(f"\nsummary written to {json_out}")
-        if not settled:
-            say(f"\nthe workload did not settle within {scenario.timeout:.0f}s")
+        problems = []
+        if not finished:
+            problems.append(f"the workload did not settle within {scenario.timeout:g}s")
+        if cluster.failed():
+            problems.append(f"{len(cluster.failed())} valid pod(s) ended Failed")
+        if plans_while_idle:
+            problems.append(f"{plans_while_idle} plan(s) were published while nothing changed")
+        for problem in problems:
+            say(f"\n{problem}")
+        if not finished:
             for log in sorted((cluster.base / "logs").glob("*.log")):
                 tail = log.read_text(errors="replace").splitlines()[-5:]
                 say(f"--- {log.name}\n" + "\n".join(tail))
-        return 0 if settled else 1
+        return 1 if problems else 0
     return 1
+
+
+async def _follow(cluster: Cluster, say: Callable[[str], None], started: float) -> bool:
+    """Show progress until nothing is left to happen (True) or the scenario's timeout (False)."""
+    last_line = ""
+    with anyio.move_on_after(cluster.scenario.timeout):
+        while True:
+            line = _progress(cluster)
+            if line != last_line:
+                say(f"  {time.monotonic() - started:5.1f}s  {line}")
+                last_line = line
+            if cluster.at_rest():
+                return True
+            await anyio.sleep(0.1)
+    return False
 
 
 def _progress(cluster: Cluster) -> str:
@@ -420,6 +643,8 @@ def _progress(cluster: Cluster) -> str:
         if key in cluster.observed.rejected:
             continue
         phase = (pod.get("status") or {}).get("phase", "Pending")
+        if phase == "Pending" and "schedulingGates" in (pod.get("spec") or {}):
+            phase = "Gated"
         phases[phase] = phases.get(phase, 0) + 1
     counts = ", ".join(f"{count} {phase.lower()}" for phase, count in sorted(phases.items()))
     return (
@@ -441,9 +666,32 @@ def demo_command(
         print(f"mpsflow demo: {error}", file=sys.stderr)
         return 2
     try:
-        return anyio.run(
-            run_demo, scenario, sys.stdout, json_out, record, audit_log, compat, backend="asyncio"
-        )
+        return anyio.run(_until_signalled, scenario, json_out, record, audit_log, compat, backend="asyncio")
     except KeyboardInterrupt:
         print("\ninterrupted; everything the demo started has been stopped", file=sys.stderr)
         return 130
+
+
+async def _until_signalled(
+    scenario: Scenario, json_out: Path | None, record: Path | None, audit_log: Path | None, compat: bool
+) -> int:
+    """`run_demo`, stopped cleanly by SIGTERM too (exit status 143): a demo never leaves a process,
+    a daemon or a file behind, however it ends."""
+    result = 143
+    async with anyio.create_task_group() as group:
+
+        async def stop_on_sigterm() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    print("\nterminated; stopping everything the demo started", file=sys.stderr)
+                    group.cancel_scope.cancel()
+                    return
+
+        async def demo() -> None:
+            nonlocal result
+            result = await run_demo(scenario, sys.stdout, json_out, record, audit_log, compat)
+            group.cancel_scope.cancel()
+
+        group.start_soon(stop_on_sigterm)
+        group.start_soon(demo)
+    return result

@@ -1,11 +1,15 @@
 """A simulated kubelet for one node: registers the node, hosts the device-plugin API, runs pods.
 
 Its device manager (simulation.kubelet_devices) talks to the node agent's device plugin over
-real gRPC on unix sockets, exactly as a kubelet does: slice counts become the node's capacity
-and allocatable, and a pod bound here gets its devices and environment from the plugin's
-Allocate before it is marked Running. A pod with a run time succeeds when it is over and gives
-its slice back. No containers run: "running" is a phase and a record of what the plugin gave.
-It is part of the simulated cluster only.
+real gRPC on unix sockets, exactly as a kubelet does. As in a real kubelet, the device list it
+allocates from changes as soon as a plugin sends one, but the node's capacity and allocatable in
+the API, which is all a scheduler sees, change only on the node-status sync, every
+`status_period_s` (kubernetes/kubernetes#55088): a scheduler may bind a pod here for a slice the
+plugin withdrew seconds ago, and then admission fails, as it would in a real cluster. A pod bound
+here gets its devices and environment from the plugin's Allocate before it is marked Running; one
+that cannot is marked Failed with the kubelet's reason, `UnexpectedAdmissionError`. A pod with a
+run time succeeds when it is over and gives its slice back. No containers run: "running" is a
+phase and a record of what the plugin gave. It is part of the simulated cluster only.
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ BASE_CAPACITY = {"cpu": "64", "memory": "512Gi", "pods": "110"}
 
 @dataclass
 class StartedPod:
-    """What the kubelet did for one pod: when, on which GPU, with which environment."""
+    """What the kubelet did for one pod: when, on which GPU, with which environment, and when the
+    slice it got was first listed to the kubelet (None for a pod without a slice)."""
 
     started_at: float
     device_ids: list[str]
     envs: dict[str, str]
+    slice_listed_at: float | None = None
 
     @property
     def gpu(self) -> int | None:
@@ -51,8 +57,9 @@ class Kubelet:
     api: client.ApiClient
     node: ScenarioNode
     root: Path
+    status_period_s: float = 10.0
     started: dict[str, StartedPod] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # pod key -> why admission failed
 
     def __post_init__(self) -> None:
         self.core = client.CoreV1Api(self.api)
@@ -65,6 +72,8 @@ class Kubelet:
             on_capacity=self._capacity_changed,
         )
         self._group: TaskGroup | None = None
+        self._device_counts: dict[str, int] = {}
+        self._reported_counts: dict[str, int] = {}
 
     async def register_node(self) -> None:
         body = {
@@ -94,14 +103,38 @@ class Kubelet:
         )
 
     async def _capacity_changed(self, counts: dict[str, int]) -> None:
-        resources = {**BASE_CAPACITY, **{name: str(count) for name, count in counts.items()}}
-        await self._patch_status({"status": {"capacity": resources, "allocatable": resources}})
+        """The device manager's counts changed; the API hears of it at the next status sync."""
+        self._device_counts = dict(counts)
+
+    async def sync_status_forever(self) -> None:
+        """The node-status loop: every `status_period_s`, copy the device counts into the node's
+        capacity and allocatable when they changed since the last sync."""
+        while True:
+            await anyio.sleep(self.status_period_s)
+            counts = dict(self._device_counts)
+            if counts == self._reported_counts:
+                continue
+            # A resource that is gone is reported at 0, as a kubelet does for a plugin that left.
+            reported = {name: "0" for name in self._reported_counts} | {k: str(v) for k, v in counts.items()}
+            resources = {**BASE_CAPACITY, **reported}
+            try:
+                await self._patch_status({"status": {"capacity": resources, "allocatable": resources}})
+            except (ApiException, OSError, TimeoutError) as error:
+                log.warning(
+                    "%s: node status not updated (%s); next sync in %.0fs",
+                    self.node.name,
+                    error,
+                    self.status_period_s,
+                )
+                continue
+            self._reported_counts = counts
 
     async def run(self) -> None:
         await self.devices.start()
         try:
             async with anyio.create_task_group() as group:
                 self._group = group
+                group.start_soon(self.sync_status_forever)
                 await list_and_watch(
                     self.api,
                     self.core.list_pod_for_all_namespaces,
@@ -153,7 +186,12 @@ class Kubelet:
             return
         device_ids = [d for container in allocated.values() for d in container.device_ids]
         envs = {k: v for container in allocated.values() for k, v in container.envs.items()}
-        self.started[key] = StartedPod(started_at=time.monotonic(), device_ids=device_ids, envs=envs)
+        self.started[key] = StartedPod(
+            started_at=time.monotonic(),
+            device_ids=device_ids,
+            envs=envs,
+            slice_listed_at=self.devices.first_listed(device_ids[0]) if device_ids else None,
+        )
         await self._set_phase(pod, "Running")
         runs_for = (metadata.get("annotations") or {}).get(RUNS_FOR_ANNOTATION)
         if runs_for is not None and self._group is not None:

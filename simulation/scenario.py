@@ -1,4 +1,5 @@
-"""The demo's scenario format (contracts/scenario.md): nodes with simulated GPUs, and a workload.
+"""The demo's scenario format (contracts/scenario.md): nodes with simulated GPUs, a workload, the
+cluster's timing, and node label changes.
 
 `load_scenario` refuses an invalid file with one message naming the offending field, e.g.
 `nodes[0].gpus[1].memory_mib: Input should be greater than 0`. Nothing here starts anything.
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 GFD_PRODUCT = "nvidia.com/gpu.product"
 GFD_COUNT = "nvidia.com/gpu.count"
@@ -46,6 +47,28 @@ class ScenarioNode(_Strict):
             labels.setdefault(GFD_COUNT, str(len(self.gpus)))
             labels.setdefault(GFD_MEMORY, str(self.gpus[0].memory_mib))
         return labels
+
+
+class Timing(_Strict):
+    """How fast the simulated cluster moves, with a real cluster's defaults.
+
+    `node_status_period_s`: the kubelet's node-status sync (its `nodeStatusUpdateFrequency`, 10 s
+    by default): a change of the device plugins' lists reaches `node.status.allocatable` in the API,
+    which is all the scheduler sees, only at the next tick. `watch_delay_s`: added to every watch
+    event the API delivers, as a watch cache lagging behind etcd does (tens of milliseconds in a
+    healthy cluster)."""
+
+    node_status_period_s: float = Field(default=10.0, gt=0)
+    watch_delay_s: float = Field(default=0.05, ge=0)
+
+
+class NodeChange(_Strict):
+    """At `at` seconds into the workload, set (a string) or remove (null) labels of `node`: how a
+    scenario opts a node in or out while pods come and go."""
+
+    at: float = Field(ge=0)
+    node: str
+    labels: dict[str, str | None] = Field(min_length=1)
 
 
 class WorkloadItem(_Strict):
@@ -94,6 +117,8 @@ def _refuse_duplicates(what: str, names: list[str]) -> None:
 class Scenario(_Strict):
     nodes: list[ScenarioNode] = Field(min_length=1)
     workload: list[WorkloadItem] = []
+    node_changes: list[NodeChange] = []
+    timing: Timing = Timing()
     timeout: float = Field(default=60, gt=0)
 
     @field_validator("nodes")
@@ -107,6 +132,14 @@ class Scenario(_Strict):
     def _unique_pods(cls, workload: list[WorkloadItem]) -> list[WorkloadItem]:
         _refuse_duplicates("pod", [item.key for item in workload])
         return workload
+
+    @model_validator(mode="after")
+    def _changes_name_known_nodes(self) -> Scenario:
+        names = {node.name for node in self.nodes}
+        for index, change in enumerate(self.node_changes):
+            if change.node not in names:
+                raise ValueError(f"node_changes[{index}].node: {change.node!r} is not one of the nodes")
+        return self
 
 
 def _field_path(location: tuple[int | str, ...]) -> str:
@@ -128,6 +161,8 @@ def parse_scenario(text: str, source: str = "scenario") -> Scenario:
     except ValidationError as error:
         first = error.errors()[0]
         message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a rule over several fields names its field itself
+            raise ScenarioError(message) from None
         raise ScenarioError(f"{_field_path(tuple(first['loc']))}: {message}") from None
 
 

@@ -4,10 +4,12 @@ It lists and watches nodes and pods, publishes the level of every opted-in node 
 pod that asks for a slice, and after a relist publishes the deletion of what vanished
 meanwhile. A pod that breaks a rule gets one Warning Event naming the rule; a pod the planner
 cannot place yet gets one Event with the planner's reason. Events have names derived from the
-pod and the reason, so a restart or a redelivery never posts the same Event twice. What opts a
-node in and what an MPS client pod needs come from `WatcherSettings` (`mpsflow run pod-watcher`
-flags). Its Kubernetes API use is exactly what `k8s/pod-watcher.yaml` grants: list and watch of
-pods and nodes, create of events (audited by tests/e2e/test_rbac.py).
+pod and the reason, so a restart or a redelivery never posts the same Event twice. A gated pod
+the planner released gets its gate lifted and is pinned to its node in one patch (`gate.py`), and
+an Event that says so. What opts a node in and what an MPS client pod needs come from
+`WatcherSettings` (`mpsflow run pod-watcher` flags). Its Kubernetes API use is exactly what
+`k8s/pod-watcher.yaml` grants: list and watch of pods and nodes, get and patch of pods, create
+of events (audited by tests/e2e/test_rbac.py).
 """
 
 from __future__ import annotations
@@ -25,23 +27,29 @@ from events import subjects
 from events.envelope import content_id
 from events.jetstream import Delivery, EventBus, TransientError
 from events.nodes import NodeObserved, NodeOptedOut
-from events.pods import PodDeleted, PodObserved, PodRejected, PodUnplaced
+from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
+from services.pod_watcher.gate import release_patch
 from services.pod_watcher.translate import (
     DEFAULT_CLIENT_RULES,
     DEFAULT_OPT_IN,
+    SLICE_GATE,
     MpsClientRules,
     OptInLabel,
     Rule,
+    is_gated,
     translate_node,
     translate_pod,
 )
-from services.pod_watcher.watching import list_and_watch
+from services.pod_watcher.watching import as_json, list_and_watch
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "mpsflow-pod-watcher"
 UNPLACED_DURABLE = "pod-watcher-unplaced"
 UNPLACED_REASON = "MpsSliceNotPlaced"
+RELEASE_DURABLE = "pod-watcher-release"
+RELEASED_REASON = "MpsSliceReady"
+RELEASE_ATTEMPTS = 5  # conflicts in a row (the pod kept changing) before the release is retried later
 REJECTION_EVENT_RETRIES = (0.2, 0.5, 1.0, 2.0)
 
 
@@ -111,6 +119,14 @@ class PodWatcherService:
                     durable=UNPLACED_DURABLE,
                     filter_subjects=[subjects.UNPLACED_EVENTS],
                     handle=self.unplaced,
+                    deliver_from="last_per_subject",
+                )
+            )
+            group.start_soon(
+                lambda: self.bus.consume(
+                    durable=RELEASE_DURABLE,
+                    filter_subjects=[subjects.RELEASE_EVENTS],
+                    handle=self.released,
                     deliver_from="last_per_subject",
                 )
             )
@@ -201,6 +217,58 @@ class PodWatcherService:
             await self.post_event(
                 event.namespace, event.name, event.uid, UNPLACED_REASON, event.reason, kind="Normal"
             )
+
+    async def released(self, delivery: Delivery) -> None:
+        """Lift the gate of a pod the planner released and pin it to the node its slice is on.
+
+        Idempotent: a pod that is gone, replaced (another uid), bound, or already released is left
+        alone. The patch carries the pod's resourceVersion, so a pod that changed meanwhile is read
+        and patched again.
+        """
+        event = delivery.envelope.event
+        if not isinstance(event, PodReleased):
+            return
+        for _ in range(RELEASE_ATTEMPTS):
+            try:
+                pod = as_json(
+                    self.api,
+                    await self.core.read_namespaced_pod(event.name, event.namespace, _request_timeout=10),
+                )
+            except ApiException as error:
+                if error.status == 404:
+                    return
+                raise TransientError(f"reading {event.key}: API answered {error.status}") from error
+            metadata, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+            if metadata.get("uid") != event.uid or spec.get("nodeName") or not is_gated(pod):
+                return
+            try:
+                await self.core.patch_namespaced_pod(
+                    event.name,
+                    event.namespace,
+                    release_patch(pod, event.node),
+                    _content_type="application/merge-patch+json",
+                    _request_timeout=10,
+                )  # type: ignore[call-arg]
+            except ApiException as error:
+                if error.status == 409:
+                    continue
+                if error.status == 404:
+                    return
+                raise TransientError(f"releasing {event.key}: API answered {error.status}") from error
+            log.info("%s released to node %s", event.key, event.node)
+            await self.post_event(
+                event.namespace,
+                event.name,
+                event.uid,
+                RELEASED_REASON,
+                f"a {event.size_gb} GiB MPS slice is ready on node {event.node}: the pod is pinned there "
+                f"and its scheduling gate {SLICE_GATE} is lifted",
+                kind="Normal",
+            )
+            return
+        raise TransientError(
+            f"releasing {event.key}: the pod kept changing under {RELEASE_ATTEMPTS} attempts"
+        )
 
     async def post_event(
         self, namespace: str, name: str, uid: str, reason: str, message: str, kind: str = "Warning"

@@ -32,6 +32,10 @@ NOS_LEGACY_DOMAIN = "nos.nebuly.ai/"
 GFD_PRODUCT = "nvidia.com/gpu.product"
 GFD_COUNT = "nvidia.com/gpu.count"
 GFD_MEMORY = "nvidia.com/gpu.memory"
+SLICE_GATE = "mpsflow.dev/slice"
+"""The scheduling gate mpsflow's admission webhook puts on every pod that asks for a slice."""
+RELEASED_TO_ANNOTATION = "mpsflow.dev/released-to"
+"""Set, with the node's name, in the patch that lifts the gate and pins the pod to that node."""
 
 
 class Rule:
@@ -236,7 +240,26 @@ def translate_pod(
         created=_parse_time(metadata.get("creationTimestamp")),
         phase=phase,
         node=spec.get("nodeName") or None,
+        gated=is_gated(pod),
+        released_to=(metadata.get("annotations") or {}).get(RELEASED_TO_ANNOTATION) or None,
         **common,
+    )
+
+
+def is_gated(pod: Mapping[str, Any]) -> bool:
+    """The pod still carries mpsflow's scheduling gate."""
+    gates = (pod.get("spec") or {}).get("schedulingGates") or []
+    return any(gate.get("name") == SLICE_GATE for gate in gates)
+
+
+def asks_for_a_slice(pod: Mapping[str, Any]) -> bool:
+    """Any container asks for an `nvidia.com/gpu-...` resource: the pod is mpsflow's to hold and
+    validate (a malformed request is rejected with its reason, never left to the scheduler)."""
+    spec = pod.get("spec") or {}
+    return any(
+        resource.startswith(SLICE_PREFIX)
+        for container in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+        for resource in _container_requests(container)
     )
 
 

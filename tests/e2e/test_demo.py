@@ -67,6 +67,23 @@ def test_every_valid_pod_runs_on_a_slice_of_its_size(summary: dict[str, Any]) ->
         assert pod["pending_seconds"] is not None and pod["pending_seconds"] >= 0, key
 
 
+def test_no_pod_fails_no_config_is_refused_and_nothing_is_planned_while_idle(summary: dict[str, Any]) -> None:
+    counters = summary["counters"]
+    assert counters["admission_failures"] == 0
+    assert counters["plans_while_idle"] == 0
+    assert counters["configs_refused"] == 0
+    assert 0 < counters["plans"] <= 3 * len(summary["pods"])
+    assert all("reason" not in pod for pod in summary["pods"].values())
+
+
+def test_latency_is_reported_whole_and_what_mpsflow_adds_apart(summary: dict[str, Any]) -> None:
+    latency = summary["latency"]
+    assert 0 < latency["pending_p50"] <= latency["pending_p99"]
+    assert 0 <= latency["mpsflow_p50"] <= latency["mpsflow_p99"] <= latency["pending_p99"]
+    for key, pod in summary["pods"].items():
+        assert pod["mpsflow_seconds"] is not None and pod["mpsflow_seconds"] <= pod["pending_seconds"], key
+
+
 def test_invalid_pods_are_rejected_with_the_rule_they_broke(summary: dict[str, Any]) -> None:
     reasons = {key: reason.split(":")[0] for key, reason in summary["rejected"].items()}
     assert reasons == {

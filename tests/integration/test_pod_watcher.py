@@ -21,17 +21,25 @@ from events.base import Model
 from events.envelope import Event
 from events.jetstream import EventBus
 from events.nodes import GfdFacts, NodeObserved, NodeOptedOut
-from events.pods import PodDeleted, PodObserved, PodRejected, PodUnplaced
+from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
 from services.cli import build_parser
 from services.kit.kube import api_client
 from services.pod_watcher.service import (
     DEFAULT_SETTINGS,
+    RELEASE_DURABLE,
+    RELEASED_REASON,
     UNPLACED_DURABLE,
     UNPLACED_REASON,
     PodWatcherService,
     WatcherSettings,
 )
-from services.pod_watcher.translate import MpsClientRules, OptInLabel, Rule
+from services.pod_watcher.translate import (
+    RELEASED_TO_ANNOTATION,
+    SLICE_GATE,
+    MpsClientRules,
+    OptInLabel,
+    Rule,
+)
 from services.pod_watcher.watching import list_and_watch
 from simulation.apiserver import ApiServer
 from tests.buslog import BusLog as SharedBusLog
@@ -94,11 +102,15 @@ def slice_pod(
     *,
     host_ipc: bool = True,
     user: int | None = None,
+    gated: bool = False,
 ) -> Any:
     resources = client.V1ResourceRequirements(limits={resource: quantity})
     container = client.V1Container(name="main", image="busybox", resources=resources)
     security = client.V1PodSecurityContext(run_as_user=user) if user is not None else None
-    spec = client.V1PodSpec(containers=[container], host_ipc=host_ipc, security_context=security)
+    gates = [client.V1PodSchedulingGate(name=SLICE_GATE)] if gated else None
+    spec = client.V1PodSpec(
+        containers=[container], host_ipc=host_ipc, security_context=security, scheduling_gates=gates
+    )
     return client.V1Pod(metadata=client.V1ObjectMeta(name=name), spec=spec)
 
 
@@ -154,11 +166,11 @@ async def wait_for_events(core: Any, pod_name: str) -> list[Any]:
             await anyio.sleep(0.05)
 
 
-async def acked(bus: EventBus, sequence: int) -> None:
-    """Until the unplaced consumer has acked every message up to stream `sequence`."""
+async def acked(bus: EventBus, sequence: int, durable: str = UNPLACED_DURABLE) -> None:
+    """Until the consumer `durable` has acked every message up to stream `sequence`."""
     with anyio.fail_after(WAIT):
         while True:
-            info = await bus.js.consumer_info(subjects.STREAM, UNPLACED_DURABLE)
+            info = await bus.js.consumer_info(subjects.STREAM, durable)
             if info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= sequence:
                 return
             await anyio.sleep(0.05)
@@ -520,6 +532,84 @@ async def test_a_failed_unplaced_event_post_is_retried(
     assert [(e.reason, e.message) for e in events] == [(UNPLACED_REASON, "no room")]
     assert verbs_on(apiserver, "create", "events") == 2
     assert await bus.dead_letters(UNPLACED_DURABLE) == []
+
+
+# --- releasing gated pods -----------------------------------------------------------------------
+
+
+def released(pod: Any, node: str = "a100-1") -> PodReleased:
+    return PodReleased(
+        namespace=NAMESPACE, name=pod.metadata.name, uid=pod.metadata.uid, node=node, size_gb=10, plan_id="p"
+    )
+
+
+async def test_a_released_pod_loses_the_gate_is_pinned_to_its_node_and_told_why(
+    bus: EventBus, api: client.ApiClient, core: Any, apiserver: ApiServer
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    created = await core.create_namespaced_pod(NAMESPACE, slice_pod("job", gated=True))
+
+    async with BusLog(bus) as log, watching(bus, api):
+        held = await log.pod(PodObserved, "job")
+        await bus.publish(subjects.release_subject(NAMESPACE, "job"), released(created))
+        free = await log.wait_for(PodObserved, lambda e: e.name == "job" and e.released_to == "a100-1")
+        events = await wait_for_events(core, "job")
+
+    assert (held.gated, held.released_to) == (True, None)
+    assert (free.gated, free.released_to, free.waits_for_slice, free.holds_slice) == (
+        False,
+        "a100-1",
+        False,
+        True,
+    )
+    [pod] = apiserver.objects("pods")
+    assert "schedulingGates" not in pod["spec"]
+    assert pod["metadata"]["annotations"] == {RELEASED_TO_ANNOTATION: "a100-1"}
+    terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert terms == {
+        "nodeSelectorTerms": [
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["a100-1"]}]}
+        ]
+    }
+    assert [(e.reason, e.type) for e in events] == [(RELEASED_REASON, "Normal")]
+    assert "a 10 GiB MPS slice is ready on node a100-1" in events[0].message
+
+
+async def test_a_release_meant_for_another_pod_or_said_twice_changes_nothing_more(
+    bus: EventBus, api: client.ApiClient, core: Any, apiserver: ApiServer
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    created = await core.create_namespaced_pod(NAMESPACE, slice_pod("job", gated=True))
+    subject = subjects.release_subject(NAMESPACE, "job")
+    stale = released(created).model_copy(update={"uid": "an-older-pod-of-that-name"})
+
+    async with watching(bus, api):
+        await wait_watching(apiserver, "pods")
+        await acked(bus, await bus.publish(subject, stale), RELEASE_DURABLE)
+        assert apiserver.objects("pods")[0]["spec"]["schedulingGates"] == [{"name": SLICE_GATE}]
+        await acked(bus, await bus.publish(subject, released(created), message_id="first"), RELEASE_DURABLE)
+        await acked(bus, await bus.publish(subject, released(created), message_id="again"), RELEASE_DURABLE)
+
+    assert verbs_on(apiserver, "patch", "pods") == 1
+    assert "schedulingGates" not in apiserver.objects("pods")[0]["spec"]
+    assert await bus.dead_letters(RELEASE_DURABLE) == []
+
+
+async def test_a_release_that_races_a_change_to_the_pod_is_made_on_its_new_version(
+    bus: EventBus, api: client.ApiClient, core: Any, apiserver: ApiServer
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    created = await core.create_namespaced_pod(NAMESPACE, slice_pod("job", gated=True))
+
+    async with watching(bus, api):
+        await wait_watching(apiserver, "pods")
+        apiserver.fail_next("patch", "pods", 409)
+        sequence = await bus.publish(subjects.release_subject(NAMESPACE, "job"), released(created))
+        await acked(bus, sequence, RELEASE_DURABLE)
+
+    assert verbs_on(apiserver, "patch", "pods") == 2
+    assert verbs_on(apiserver, "get", "pods") == 2
+    assert "schedulingGates" not in apiserver.objects("pods")[0]["spec"]
 
 
 # --- list_and_watch on its own ------------------------------------------------------------------

@@ -9,7 +9,15 @@ import pytest
 
 from events.nodes import GfdFacts, NodeObserved
 from events.pods import PodObserved, PodRejected
-from services.pod_watcher.translate import MpsClientRules, OptInLabel, Rule, translate_node, translate_pod
+from services.pod_watcher.translate import (
+    RELEASED_TO_ANNOTATION,
+    SLICE_GATE,
+    MpsClientRules,
+    OptInLabel,
+    Rule,
+    translate_node,
+    translate_pod,
+)
 
 CREATED = "2026-11-22T10:00:00Z"
 
@@ -483,6 +491,28 @@ def test_a_pending_unbound_pod_has_defaults() -> None:
 
     assert (result.namespace, result.phase, result.node, result.priority) == ("default", "Pending", None, 0)
     assert result.waits_for_slice
+
+
+def test_a_gated_pod_is_observed_held_and_a_released_one_with_its_node() -> None:
+    gated = pod(container(limits={"nvidia.com/gpu-10gb": "1"}))
+    gated["spec"]["schedulingGates"] = [{"name": "other.example/gate"}, {"name": SLICE_GATE}]
+    held = observed(translate_pod(gated, None))
+    assert (held.gated, held.released_to, held.waits_for_slice) == (True, None, True)
+
+    released = pod(container(limits={"nvidia.com/gpu-10gb": "1"}))
+    released["spec"]["schedulingGates"] = [{"name": "other.example/gate"}]
+    released["metadata"]["annotations"] = {RELEASED_TO_ANNOTATION: "a100-1"}
+    free = observed(translate_pod(released, None))
+    assert (free.gated, free.released_to, free.waits_for_slice, free.holder_node) == (
+        False,
+        "a100-1",
+        False,
+        "a100-1",
+    )
+
+    bound = pod(container(limits={"nvidia.com/gpu-10gb": "1"}), node="a100-2", phase="Running")
+    bound["metadata"]["annotations"] = {RELEASED_TO_ANNOTATION: "a100-1"}
+    assert observed(translate_pod(bound, None)).holder_node == "a100-2"
 
 
 @pytest.mark.parametrize(
