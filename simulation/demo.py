@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -174,7 +175,6 @@ def _service_command(service: str, *extra: str) -> list[str]:
 
 def _start_process(cluster: Cluster, name: str, command: list[str], token: str) -> None:
     logs = cluster.base / "logs"
-    logs.mkdir(exist_ok=True)
     environment = {
         **os.environ,
         "MPSFLOW_NATS_URL": cluster.nats.url,
@@ -345,6 +345,14 @@ async def start_cluster(
     (`COMPAT_CONFIGMAP`) and point each node's `nvidia.com/device-plugin.config` label at it."""
     base = Path(tempfile.mkdtemp(prefix="mpsflow-", dir="/tmp"))
     stack.callback(shutil.rmtree, base, True)
+    (base / "logs").mkdir()
+    # The simulated cluster's own log (API emulator, kubelets, scheduler) goes beside the services'.
+    cluster_log = logging.FileHandler(base / "logs" / "cluster.log")
+    cluster_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(cluster_log)
+    logging.getLogger().setLevel(logging.INFO)
+    stack.callback(logging.getLogger().removeHandler, cluster_log)
+    stack.callback(cluster_log.close)
     nats_server = LocalNatsServer(base / "nats").start()
     stack.callback(nats_server.stop)
     webhook_url = f"http://127.0.0.1:{free_port()}"

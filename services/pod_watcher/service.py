@@ -146,7 +146,11 @@ class PodWatcherService:
             await self.bus.publish(
                 subjects.node_subject(name),
                 observed,
-                message_id=content_id("node", observed.model_dump_json()),
+                # The node's resourceVersion too: a node that opts out and in again says the same
+                # thing twice, and the second must not be dropped as a duplicate of the first.
+                message_id=content_id(
+                    "node", node["metadata"].get("resourceVersion", ""), observed.model_dump_json()
+                ),
             )
             if self.largest_gpu_gb != largest:
                 for pod in list(self.too_large.values()):

@@ -322,6 +322,22 @@ async def test_removing_the_opt_in_label_publishes_node_opted_out(
     assert [type(e) for e in log.of_node("a100-1")] == [NodeObserved, NodeOptedOut]
 
 
+async def test_a_node_that_opts_out_and_in_again_is_observed_again(
+    bus: EventBus, api: client.ApiClient, core: Any
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    async with BusLog(bus) as log, watching(bus, api):
+        first = await log.wait_for(NodeObserved, lambda e: e.name == "a100-1")
+        await core.patch_node("a100-1", {"metadata": {"labels": {OPT_IN: None}}})
+        await log.wait_for(NodeOptedOut, lambda e: e.name == "a100-1")
+        await core.patch_node("a100-1", {"metadata": {"labels": {OPT_IN: "mps"}}})
+        again = await log.wait_for(NodeObserved, lambda e: e.name == "a100-1" and e is not first)
+
+    # Said in the same words as the first time, and still stored: not dropped as a duplicate.
+    assert again == first
+    assert [type(e) for e in log.of_node("a100-1")] == [NodeObserved, NodeOptedOut, NodeObserved]
+
+
 async def test_the_watcher_uses_its_configured_opt_in_label(
     bus: EventBus, api: client.ApiClient, core: Any
 ) -> None:

@@ -594,7 +594,12 @@ def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: Pla
         carvable = [g for g in cluster.gpus if g.can_carve]
         most = max((g.potential for g in carvable), default=0)
         for pod in waiting:
-            if pod.pinned is not None:
+            if pod.pinned is not None and not any(g.node == pod.pinned for g in cluster.gpus):
+                unplaced[pod.key] = (
+                    f"released to node {pod.pinned}, which mpsflow does not plan on now (opted out, gone, "
+                    "or without GPU reports): the pod waits for that node"
+                )
+            elif pod.pinned is not None:
                 unplaced[pod.key] = (
                     f"released to node {pod.pinned}, which has no room for a {pod.size_gb} GiB slice now"
                 )

@@ -613,6 +613,11 @@ def planning_nodes(
     nodes: list[Node] = []
     never_reported: list[str] = []
     pinned: list[PendingPod] = []
+    for name, pods in sorted(holders.items()):
+        level = state.nodes.get(name)
+        if level is None or level.observed is None or level.report is None:
+            # Released to a node mpsflow does not plan on now: they wait for it, and say so.
+            pinned.extend(_pinned(pod, name) for pod in pods if pod.node is None)
     for name, level in sorted(state.nodes.items()):
         if level.observed is None:
             continue
@@ -626,9 +631,7 @@ def planning_nodes(
         for pod in unnamed:
             if without_slice[pod.size_gb] > 0 and pod.node is None:
                 without_slice[pod.size_gb] -= 1
-                pinned.append(
-                    PendingPod(pod.namespace, pod.name, pod.size_gb, pod.priority, pod.created, name)
-                )
+                pinned.append(_pinned(pod, name))
         can_host = _can_host(level, now, settings)
         nodes.append(
             Node(
@@ -640,6 +643,10 @@ def planning_nodes(
             )
         )
     return nodes, never_reported, pinned
+
+
+def _pinned(pod: PodObserved, node: str) -> PendingPod:
+    return PendingPod(pod.namespace, pod.name, pod.size_gb, pod.priority, pod.created, node)
 
 
 def _expected_gpus(

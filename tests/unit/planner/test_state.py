@@ -792,3 +792,18 @@ def test_a_restarted_planner_reads_back_the_layouts_and_releases_it_published() 
     # Its own layout read back later (an echo) never replaces a newer one it decided since.
     state.apply(env(NodePlanned(node="n", plan_id="old", layout=NodeLayout(gpus={0: ()}))))
     assert state.nodes["n"].desired == {0: (10,)}
+
+
+def test_a_pod_released_to_a_node_that_opted_out_waits_for_it_and_says_so() -> None:
+    state = state_of(
+        *ready_node("m", gpu_report(0, 40)),
+        *ready_node("n", gpu_report(0, 40, "10f")),
+        env(observed("r", 10, released_to="n")),
+        env(NodeOptedOut(name="n", reason="opt-in label removed")),
+    )
+    decision = decided(state)
+    assert decision.plan.unplaced == {
+        "default/r": "released to node n, which mpsflow does not plan on now (opted out, gone, or "
+        "without GPU reports): the pod waits for that node"
+    }
+    assert "n" not in decision.plan.nodes and sizes(decision.plan) == {"m": {0: ""}}
