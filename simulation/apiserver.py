@@ -81,9 +81,9 @@ What it does NOT emulate:
   waits, then answers 504 "Too large resource version");
 - any controller: no scheduler, kubelet, node heartbeats, event aggregation or TTL.
 
-Test hooks on `ApiServer`: `request_log` (webhook calls are not in it), `fail_next`, `drop_watches`
-(aborts the TCP connections: the client sees `aiohttp.ClientPayloadError`), `expire_history`,
-`objects` and the settable `watch_delay`.
+Test hooks on `ApiServer`: `request_log` (webhook calls are not in it), `bookmarks_sent`,
+`fail_next`, `drop_watches` (aborts the TCP connections: the client sees
+`aiohttp.ClientPayloadError`), `expire_history`, `objects` and the settable `watch_delay`.
 
 Concurrency: everything runs on one asyncio loop; every store operation is synchronous, hence atomic,
 and each open watch gets its changes through its own asyncio.Queue, in resourceVersion order. A pod
@@ -1027,6 +1027,7 @@ class ApiServer:
         admission_webhooks: Sequence[AdmissionWebhook] = (),
     ) -> None:
         self.request_log: list[RequestRecord] = []
+        self.bookmarks_sent = 0
         self.watch_delay = watch_delay
         self._store = _Store(history_limit)
         self._bookmark_interval = bookmark_interval
@@ -1417,6 +1418,7 @@ class ApiServer:
                     # Nothing is queued or held back, so every change up to the current
                     # resourceVersion was sent.
                     await _send(response, "BOOKMARK", _bookmark(kind, self._store.resource_version))
+                    self.bookmarks_sent += 1
                     next_bookmark = loop.time() + self._bookmark_interval
                 continue
             if queued is None:

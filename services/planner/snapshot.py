@@ -1,15 +1,19 @@
 """The `mpsflow plan` contract: snapshot in, plan out (see contracts/plan.md).
 
 Parsing refuses a malformed snapshot with one message naming the offending field, e.g.
-`nodes[3].gpus[0].memory_mib: must be a positive integer`. Rendering is canonical (sorted keys,
-fixed separators) so the same snapshot always gives byte-identical output. No I/O here: the
-CLI reads and writes.
+`nodes[3].gpus[0].memory_mib: must be a positive integer`. Beyond the contract, a pending pod may
+say `"gated": false`: it was created outside mpsflow's scheduling gate, so the scheduler may bind
+it to a free slice of its size at any moment and no such slice is reclaimed (pods are gated by
+default, as mpsflow's admission webhook makes them). Rendering is canonical (sorted keys, fixed
+separators) so the same snapshot always gives byte-identical output. No I/O here: the CLI reads
+and writes.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -91,6 +95,7 @@ def parse_snapshot(text: str) -> tuple[list[Node], list[PendingPod]]:
             nodes.append(Node(name=name, gpus=tuple(gpus)))
     pods: list[PendingPod] = []
     seen_pods: set[str] = set()
+    outside_gate: set[int] = set()
     for p, raw_pod in enumerate(_list(root.get("pending_pods", []), "pending_pods")):
         path = f"pending_pods[{p}]"
         pod = _object(raw_pod, path)
@@ -112,6 +117,12 @@ def parse_snapshot(text: str) -> tuple[list[Node], list[PendingPod]]:
             raise _fail(path, f"pod {parsed.key} appears twice")
         seen_pods.add(parsed.key)
         pods.append(parsed)
+        if not _boolean(pod.get("gated", True), f"{path}.gated"):
+            outside_gate.add(parsed.size_gb)
+    # A pod outside mpsflow's scheduling gate may be bound to any free slice of its size at any
+    # moment: no such slice may be reclaimed.
+    if outside_gate:
+        nodes = [replace(node, protected=frozenset(outside_gate)) for node in nodes]
     return nodes, pods
 
 

@@ -25,14 +25,15 @@ def test_replay_gives_the_golden_plans(events_file: Path) -> None:
     assert expected_plans(events_file) == golden.read_text()
 
 
-def test_replay_makes_every_plan_the_live_planner_published_and_ends_on_the_same_one() -> None:
-    """The live planner decides at wall-clock moments, so it may fold a few more events before a
-    decision and skip a plan that the replay, deciding exactly when each batch window closes, makes;
-    every plan it did publish is one the replay makes, and both end on the same plan."""
+def test_replay_ends_on_the_plan_the_live_planner_ended_on() -> None:
+    """The live planner decides at wall-clock moments, so it may fold a few more or fewer events
+    before a decision than the replay, which decides exactly when each batch window closes; with
+    node agents answering each layout, the plans on the way may differ, but once every event is
+    folded in both end on the same plan."""
     envelopes = [decode(line.encode()) for line in (GOLDEN / "demo.events.jsonl").read_text().splitlines()]
     live = [e.event.plan_id for e in envelopes if isinstance(e.event, PlanComputed)]
     replayed = [r.plan.plan_id for r in replay(envelopes)]
-    assert live and set(live) <= set(replayed)
+    assert live and replayed
     assert live[-1] == replayed[-1]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import shutil
 import tempfile
@@ -12,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import anyio
 import grpc
 import grpc.aio
 import pytest
@@ -327,13 +329,23 @@ async def test_reregisters_after_kubelet_restart() -> None:
         assert after["main"].device_ids == ["mps-g0-10gb-1"]
 
 
+async def logged(caplog: pytest.LogCaptureFixture, text: str, times: int = 1, timeout_s: float = 3.0) -> None:
+    """Until the device plugin has logged `text` at least `times` times: the proof that it noticed."""
+    with anyio.fail_after(timeout_s):
+        while sum(text in record.getMessage() for record in caplog.records) < times:  # noqa: ASYNC110
+            await anyio.sleep(0.02)  # log records come with no event to wait on
+
+
 @pytest.mark.anyio
-async def test_reregisters_when_only_the_kubelet_socket_is_recreated() -> None:
+async def test_reregisters_when_only_the_kubelet_socket_is_recreated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="node_agent.device_plugin")
     async with node() as n, supervised(n.plugin):
         await n.serve([_slice(0, 10, 0)], {GB10: 1})
         plugin_socket = n.plugin_socket(10).stat()
         await n.manager.stop()
-        await asyncio.sleep(0.25)  # long enough for the plugin to see kubelet.sock missing
+        await logged(caplog, "does not exist yet")  # the plugin saw kubelet.sock missing
         reports_before_start = len(n.capacity.reports)
 
         await n.manager.start()
@@ -348,11 +360,12 @@ async def test_reregisters_when_only_the_kubelet_socket_is_recreated() -> None:
 
 
 @pytest.mark.anyio
-async def test_run_registers_once_the_kubelet_appears() -> None:
+async def test_run_registers_once_the_kubelet_appears(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="node_agent.device_plugin")
     async with node(start_kubelet=False) as n:
         await n.plugin.set_devices([_slice(0, 10, 0)])  # no kubelet yet: must not raise
         async with supervised(n.plugin) as run:
-            await asyncio.sleep(0.35)  # a few failed attempts, backing off
+            await logged(caplog, "does not exist yet", times=3)  # a few failed attempts, backing off
             assert not run.done()
             assert n.capacity.reports == []
             await n.manager.start()

@@ -649,7 +649,8 @@ async def test_list_and_watch_resumes_after_the_last_change_it_delivered(
         await eventually(lambda: bool(relists))
         await core.create_namespaced_pod(NAMESPACE, plain_pod("a"))
         await eventually(lambda: ("ADDED", "a") in changes)
-        await anyio.sleep(0.15)  # a bookmark or two
+        bookmarks = apiserver.bookmarks_sent
+        await eventually(lambda: apiserver.bookmarks_sent >= bookmarks + 2)  # the watch went past two
         apiserver.drop_watches()
         await core.create_namespaced_pod(NAMESPACE, plain_pod("b"))
         await eventually(lambda: ("ADDED", "b") in changes)

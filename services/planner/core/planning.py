@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from itertools import groupby
 
 from services.planner.core.model import Gpu, Node, PendingPod, Placement, PlanResult, PlanSettings, Slice
+from services.planner.core.packing import Bin, lexicographic_selection
 
 
 def pod_order(pod: PendingPod) -> tuple[int, float, str, str]:
@@ -554,14 +555,14 @@ def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: Pla
     """`plan_cluster`, keeping what `extend_run` needs."""
     pending = list(pending)
     excluded: dict[str, str] = {}
-    gpus: list[_GpuPlan] = []
+    plannable: list[Node] = []
     for node in sorted(nodes, key=lambda n: n.name):
         reason = excluded_reason(node, settings)
-        if reason is not None:
+        if reason is None:
+            plannable.append(node)
+        else:
             excluded[node.name] = reason
-            continue
-        for gpu in sorted(node.gpus, key=lambda g: g.index):
-            gpus.append(_GpuPlan.of(len(gpus), node, gpu, settings))
+    gpus = _gpu_plans(plannable, settings)
     cluster = _Cluster(gpus, frozenset(pod.key for pod in pending if pod.pinned is not None))
 
     unplaced: dict[str, str] = {}
@@ -590,6 +591,11 @@ def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: Pla
         placed.update(attempt.served)
 
     waiting = [pod for pod in servable if pod.key not in placed]
+    packed = _packed(plannable, servable, settings) if waiting else None
+    if packed is not None and _score(packed[1], packed[0], servable) > _score(placed, cluster, servable):
+        cluster, placed = packed
+        waiting = [pod for pod in servable if pod.key not in placed]
+        cluster.reclaimed = True  # not the greedy's own result: never extended
     if waiting:
         carvable = [g for g in cluster.gpus if g.can_carve]
         most = max((g.potential for g in carvable), default=0)
@@ -619,6 +625,59 @@ def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: Pla
     )
     last_pod = pod_order(servable[-1]) if servable else None
     return PlanRun(result, cluster, largest, last_pod, extendable=not waiting and not cluster.reclaimed)
+
+
+def _gpu_plans(nodes: Iterable[Node], settings: PlanSettings) -> list[_GpuPlan]:
+    gpus: list[_GpuPlan] = []
+    for node in nodes:
+        for gpu in sorted(node.gpus, key=lambda g: g.index):
+            gpus.append(_GpuPlan.of(len(gpus), node, gpu, settings))
+    return gpus
+
+
+PACKING_LIMIT = 5_000  # pods and GPUs beyond which contended clusters keep the placement rules alone
+
+
+def _packed(
+    nodes: list[Node], servable: list[PendingPod], settings: PlanSettings
+) -> tuple[_Cluster, dict[str, Placement]] | None:
+    """The plan that packs the most pods by priority into the GPUs' memory, reclaiming any free slice
+    that is not protected (`packing`); None where it does not apply: pods pinned to a node, a node
+    that may host but not carve, or a cluster beyond `PACKING_LIMIT`."""
+    gpus = _gpu_plans(nodes, settings)
+    hostable = [gpu for gpu in gpus if gpu.can_host]
+    if (
+        any(pod.pinned is not None for pod in servable)
+        or any(not gpu.can_carve for gpu in hostable)
+        or len(servable) > PACKING_LIMIT
+        or len(hostable) > PACKING_LIMIT
+    ):
+        return None
+    bins = []
+    for gpu in hostable:
+        kept = [s for s in gpu.slices if s.used or s.size_gb in gpu.bindable]
+        bins.append(Bin(gpu.capacity - sum(s.size_gb for s in kept), gpu.gpu.max_slices - len(kept)))
+    classes = [list(members) for _, members in groupby(servable, key=lambda pod: pod.priority)]
+    chosen, assignment = lexicographic_selection(bins, [[pod.size_gb for pod in c] for c in classes])
+    pods = [classes[c][i] for c, indexes in enumerate(chosen) for i in indexes]
+    needed = Counter(pod.size_gb for pod in pods)
+    placed: dict[str, Placement] = {}
+    for pod, index in sorted(zip(pods, assignment, strict=True), key=lambda pair: -pair[0].size_gb):
+        gpu = hostable[index]
+        if not gpu.take(pod.size_gb, needed, pod.key):
+            return None  # the packing and the slices disagree: keep the placement rules' plan
+        needed[pod.size_gb] -= 1
+        placed[pod.key] = Placement(gpu.node, gpu.gpu.index, pod.size_gb)
+    return _Cluster(gpus), placed
+
+
+def _score(placed: dict[str, Placement], cluster: _Cluster, pods: list[PendingPod]) -> tuple[int, ...]:
+    """Pods served per priority, highest first, then the fewest GPUs changed: larger is better."""
+    served = Counter(pod.priority for pod in pods if pod.key in placed)
+    return (
+        *(served[p] for p in sorted({pod.priority for pod in pods}, reverse=True)),
+        -cluster.changed_count(),
+    )
 
 
 def _layouts(gpus: Iterable[_GpuPlan]) -> dict[str, dict[int, tuple[Slice, ...]]]:

@@ -316,7 +316,7 @@ def decide(
         return WaitUntil(window_closes)
     plan = (planner or IncrementalPlanner(settings)).compute(state, now)
     node_plans = tuple(_node_plans(state, plan))
-    releases = tuple(_releases(state, plan, now, settings))
+    releases = tuple(_releases(state, plan, now, settings, {planned.node for planned in node_plans}))
     settled = not any(level.applying for level in state.nodes.values() if level.observed is not None)
     unplaced = tuple(_unplaced(state, plan)) if settled else ()
     plan_is_new = plan.plan_id != state.last_plan_id
@@ -339,13 +339,14 @@ def _node_plans(state: ClusterState, plan: PlanComputed) -> Iterator[NodePlanned
 
 
 def _releases(
-    state: ClusterState, plan: PlanComputed, now: datetime, settings: PlannerSettings
+    state: ClusterState, plan: PlanComputed, now: datetime, settings: PlannerSettings, changing: set[str]
 ) -> Iterator[PodReleased]:
     """Gated pods the plan places on a node that has a free slice of their size for them now.
 
     A slice counts when the node's report shows it free and listed by the kubelet, less one for each
     pod holding or about to hold a slice of that size there that the report does not name yet (the
-    kubelet may give it any free slice of the size). Nodes applying a layout release nothing.
+    kubelet may give it any free slice of the size). Nodes applying a layout release nothing, nor do
+    those `changing` now: the kubelet may give a pod released there the very slice the change takes.
     """
     holders = state.holders()
     available: dict[tuple[str, int], int] = {}
@@ -358,7 +359,13 @@ def _releases(
             continue
         node = plan.placed[pod.key].node
         level = state.nodes.get(node)
-        if level is None or not _can_host(level, now, settings) or level.applying or level.report is None:
+        if (
+            level is None
+            or node in changing
+            or not _can_host(level, now, settings)
+            or level.applying
+            or level.report is None
+        ):
             continue
         slot = (node, pod.size_gb)
         if slot not in available:

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.snapshots import dumps, generate
 from services.planner.core.model import (
     Gpu,
     Node,
@@ -23,7 +24,7 @@ from services.planner.core.model import (
     max_slices_for,
 )
 from services.planner.core.planning import plan_cluster
-from services.planner.snapshot import render_plan
+from services.planner.snapshot import parse_snapshot, render_plan
 from tests.unit.planner.invariants import assert_plan_invariants
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
@@ -665,3 +666,12 @@ def test_planning_again_after_the_plan_took_effect_changes_nothing(cluster: Clus
     assert second.placed == {}
     assert set(second.unplaced) == set(first.unplaced)
     assert second.excluded_nodes == first.excluded_nodes
+
+
+def test_a_contended_cluster_gets_the_most_pods_by_priority_where_the_placement_rules_fall_short() -> None:
+    # A benchmark instance whose optimum (by an exact ILP: 4, 6 and 17 pods at priorities 100, 10
+    # and 0) needs every GiB of the cluster: best fit and the placement rules miss it by one pod.
+    nodes, pods = parse_snapshot(dumps(generate(78, 4, 2, 40, load=0.7)))
+    result = plan(nodes, pods)
+    served = Counter(pod.priority for pod in pods if pod.key in result.placed)
+    assert served == Counter({100: 4, 10: 6, 0: 17})

@@ -342,6 +342,10 @@ ERRORS: dict[str, tuple[str, str]] = {
         mutated((CREATED, "2026-11-22T10:00:00")),
         "pending_pods[0].created: must carry a time zone (e.g. a trailing Z)",
     ),
+    "gated not boolean": (
+        mutated((("pending_pods", 0, "gated"), "no")),
+        "pending_pods[0].gated: must be true or false",
+    ),
     "pod twice": (
         mutated((("pending_pods", 1), {"namespace": "default", "name": "p", "size_gb": 1})),
         "pending_pods[1]: pod default/p appears twice",
@@ -355,6 +359,36 @@ def test_malformed_snapshot_names_the_offending_field(text: str, message: str) -
         parse_snapshot(text)
     assert str(raised.value) == message
     assert "\n" not in str(raised.value)
+
+
+def test_a_pod_outside_the_gate_protects_free_slices_of_its_size() -> None:
+    snapshot: dict[str, Any] = {
+        "nodes": [
+            {
+                "name": "n",
+                "labels": {"nos.nebuly.com/gpu-partitioning": "mps"},
+                "gpus": [
+                    {
+                        "index": 0,
+                        "model": "NVIDIA-A100-SXM4-80GB",
+                        "memory_mib": 20480,
+                        "slices": [{"size_gb": 10, "used": False}],
+                    }
+                ],
+            }
+        ],
+        "pending_pods": [
+            {"namespace": "default", "name": "high", "size_gb": 20, "priority": 10},
+            {"namespace": "default", "name": "outside", "size_gb": 10, "gated": False},
+        ],
+    }
+    nodes, pods = parse_snapshot(json.dumps(snapshot))
+    assert [node.protected for node in nodes] == [frozenset({10})]
+    assert set(plan_cluster(nodes, pods, PlanSettings()).placed) == {"default/outside"}
+    del snapshot["pending_pods"][1]["gated"]  # gated, as pods are by default: the slice may go
+    nodes, pods = parse_snapshot(json.dumps(snapshot))
+    assert [node.protected for node in nodes] == [frozenset()]
+    assert set(plan_cluster(nodes, pods, PlanSettings()).placed) == {"default/high"}
 
 
 def test_snapshot_error_is_a_value_error() -> None:

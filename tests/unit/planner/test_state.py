@@ -630,25 +630,45 @@ def test_pods_that_bypassed_the_gate_are_never_released() -> None:
 def test_holders_the_report_does_not_name_yet_take_free_slices_before_any_release() -> None:
     # b is bound to n and the kubelet may give it either free slice: one gated pod may go, not two.
     state = state_of(
-        *ready_node("n", gpu_report(0, 40, "10f 10f")),
+        *ready_node("n", gpu_report(0, 20, "10f 10f")),
         env(observed("b", node="n")),
         env(gated("a")),
         env(gated("c")),
     )
     assert released(decided(state)) == {"default/a": "n"}
     # Once the report names b as the holder of one slice, the other is a's and c waits for more.
-    state.apply(env(report("n", gpu_report(0, 40, "10u@b 10f")), LATER))
+    state.apply(env(report("n", gpu_report(0, 20, "10u@b 10f")), LATER))
     assert released(decided(state, LATER + timedelta(seconds=1))) == {"default/a": "n"}
 
 
 def test_a_pod_released_earlier_counts_as_a_holder_until_the_report_names_it() -> None:
-    state = state_of(*ready_node("n", gpu_report(0, 40, "10f")), env(gated("a")), env(gated("c")))
+    state = state_of(*ready_node("n", gpu_report(0, 40, "10f")), env(gated("a")))
     first = decided(state)
-    assert released(first) == {"default/a": "n"}
+    assert released(first) == {"default/a": "n"} and first.node_plans == ()
     state.commit(first)
-    state.apply(env(report("n", gpu_report(0, 40, "10f 10f")), LATER))
+    state.apply(env(gated("c"), LATER))
     second = decided(state, LATER + timedelta(seconds=1))
-    assert released(second) == {"default/c": "n"}
+    # A slice is carved for c; nothing is released to a node in the decision that changes it.
+    assert [p.layout.sizes() for p in second.node_plans] == [{0: (10, 10)}] and second.releases == ()
+    state.commit(second)
+    state.apply(env(report("n", gpu_report(0, 40, "10f 10f")), LATER + timedelta(seconds=2)))
+    third = decided(state, LATER + timedelta(seconds=3))
+    assert released(third) == {"default/c": "n"}  # a is about to hold one of the two
+
+
+def test_nothing_is_released_to_a_node_in_the_decision_that_changes_its_slices() -> None:
+    # The plan puts a and b on two of the three free 1 GiB slices and reclaims the third for c. The
+    # kubelet may give a released pod any free slice, the reclaimed one too: a and b wait.
+    state = state_of(
+        *ready_node("n", gpu_report(0, 8, "1f 1f 1f 4u@x")),
+        env(observed("x", 4, node="n", phase="Running")),
+        env(gated("a", 1)),
+        env(gated("b", 1)),
+        env(gated("c", 2)),
+    )
+    decision = decided(state)
+    assert [layout_of(p.layout.sizes()) for p in decision.node_plans] == [{0: (1, 1, 2, 4)}]
+    assert set(decision.plan.placed) == {"default/a", "default/b", "default/c"} and decision.releases == ()
 
 
 def test_no_release_while_the_node_applies_a_layout() -> None:
