@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint env clean golden
+.PHONY: demo test lint env clean golden demo-runs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+RUNS ?= 10
+demo-runs: $(STAMP) ## the demo RUNS times, built-in then hostile, each also with one core busy (long)
+	$(BIN)/python -m benchmarks.demo_runs --runs $(RUNS)
+	$(BIN)/python -m benchmarks.demo_runs --runs $(RUNS) --hog
+	$(BIN)/python -m benchmarks.demo_runs --runs $(RUNS) --scenario simulation/scenarios/hostile.yaml
+	$(BIN)/python -m benchmarks.demo_runs --runs $(RUNS) --scenario simulation/scenarios/hostile.yaml --hog
 
 golden: $(STAMP) ## re-derive tests/golden/*.plans.jsonl from the recorded streams (review the diff!)
 	$(BIN)/python -m tests.golden.regenerate
