@@ -1,4 +1,5 @@
-"""Ctrl-C during `mpsflow demo` stops everything the demo started and removes its files."""
+"""Ctrl-C or SIGTERM during `mpsflow demo` stops everything the demo started (fake MPS daemons too,
+which detach from their agents as real ones do) and removes its files."""
 
 from __future__ import annotations
 
@@ -30,7 +31,14 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def test_ctrl_c_stops_every_process_and_removes_the_work_directory() -> None:
+@pytest.mark.parametrize(
+    ("stop", "status", "said"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_stopped_demo_stops_every_process_and_removes_the_work_directory(
+    stop: signal.Signals, status: int, said: str
+) -> None:
     demo = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "demo"],
         stdout=subprocess.PIPE,
@@ -49,9 +57,11 @@ def test_ctrl_c_stops_every_process_and_removes_the_work_directory() -> None:
             break
     assert base is not None
     assert processes_mentioning(base), "the services should be running now"
-    demo.send_signal(signal.SIGINT)
+    daemons = list(Path(base).glob("nodes/*/mps/*/pipe/nvidia-cuda-mps-control.pid"))
+    assert daemons, "the node agents should have started their MPS daemons"
+    demo.send_signal(stop)
     _, errors = demo.communicate(timeout=30)
-    assert demo.returncode == 130
-    assert "interrupted" in errors
+    assert demo.returncode == status
+    assert said in errors
     assert processes_mentioning(base) == []
     assert not Path(base).exists()
