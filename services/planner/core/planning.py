@@ -2,16 +2,23 @@
 
 The rules it always keeps: a used slice is never removed, resized or moved; the slices of a GPU
 never add up to more than its capacity; no GPU gets more slices than MPS allows clients; a node
-that cannot take new slices (cordoned, stale) gets none. Within those, the objective is, in this
-order: serve as many pending pods as possible, higher priority first (then older, then
-namespace/name); change as few GPUs as possible; keep free memory in large whole regions.
+that cannot host pods (cordoned, stale) gets none, and one that cannot carve now (it is applying
+its last layout) keeps its slices, though pods may be placed on its free ones; a free slice of a
+size the node protects (`Node.protected`: a pod the planner does not place may be bound to it) is
+never reclaimed; a pod released to a node (`PendingPod.pinned`) is served there first. Within
+those, the objective is, in this order: serve as many pending pods as possible, higher priority
+first (then older, then namespace/name); change as few GPUs as possible; keep free memory in
+large whole regions.
 
 How: pods are served one priority class at a time. Each pod takes a free slice of its size if
 one exists; otherwise a slice is carved where it fits best, on a GPU this plan already changes
 if possible; otherwise free slices are reclaimed on the GPU that fits best, those that no
 pending pod needs first. When a class does not fit whole in age order, size-descending and
-size-ascending orders are tried too and the one that serves the most pods wins. Indexes keep
-every step logarithmic in the number of GPUs. The result depends only on the input.
+size-ascending orders are tried too and the one that serves the most pods wins, and a repair step
+moves promised slices to make room. When pods still wait, a packing pass (`packing`) computes
+the most pods each priority can get from the GPUs' memory, and its plan wins if it serves more.
+Indexes keep every placement step logarithmic in the number of GPUs. The result depends only on
+the input.
 """
 
 from __future__ import annotations
