@@ -651,8 +651,13 @@ def _progress(cluster: Cluster) -> str:
         if key in cluster.observed.rejected:
             continue
         phase = (pod.get("status") or {}).get("phase", "Pending")
-        if phase == "Pending" and "schedulingGates" in (pod.get("spec") or {}):
-            phase = "Gated"
+        spec = pod.get("spec") or {}
+        if phase == "Pending":
+            # gated: waiting for a slice; released: waiting for the scheduler to see the slice in
+            # the node's allocatable; bound: waiting for the kubelet to admit it
+            phase = (
+                "gated" if spec.get("schedulingGates") else "bound" if spec.get("nodeName") else "released"
+            )
         phases[phase] = phases.get(phase, 0) + 1
     counts = ", ".join(f"{count} {phase.lower()}" for phase, count in sorted(phases.items()))
     return (
