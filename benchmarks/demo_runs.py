@@ -74,7 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.scenario.name if args.scenario else "built-in scenario"
     print(f"== {args.runs} runs of mpsflow demo, {name}{', one core kept busy' if args.hog else ''} ==")
     failed_runs = 0
-    counters = {"failed pods": 0, "configs refused": 0, "admission failures": 0, "plans while idle": 0}
+    counters = {
+        "failed pods": 0,
+        "configs refused": 0,
+        "admission failures": 0,
+        "plans while idle": 0,
+        "errors in service logs": 0,
+    }
     plans = pods = 0
     pending: list[float] = []
     mpsflow: list[float] = []
@@ -93,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             counters["configs refused"] += count["configs_refused"]
             counters["admission failures"] += count["admission_failures"]
             counters["plans while idle"] += count["plans_while_idle"]
+            counters["errors in service logs"] += count["service_errors"]
             plans += count["plans"]
             pods += len(summary["pods"])
             pending += [pod["pending_seconds"] for pod in ran if pod["pending_seconds"] is not None]

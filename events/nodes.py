@@ -20,14 +20,27 @@ class GfdFacts(Model):
     memory_mib: int = Field(gt=0)
 
 
+class Taint(Model):
+    key: str
+    value: str = ""
+    effect: str
+
+
 class NodeObserved(Model):
-    """A node that opted in to MPS partitioning, as the API server last showed it."""
+    """A node that opted in to MPS partitioning, as the API server last showed it.
+
+    `allocatable`: slices per size (GiB) in the node's `status.allocatable`, which is all a scheduler
+    sees of them; the kubelet copies it from the device plugins on its node-status sync. `labels`
+    and `taints` say which pods may run there."""
 
     kind: Literal["NodeObserved"] = "NodeObserved"
     name: str
     unschedulable: bool = False
     gfd: GfdFacts | None = None
     gfd_problem: str | None = None
+    allocatable: dict[int, int] = {}
+    labels: dict[str, str] = {}
+    taints: tuple[Taint, ...] = ()
 
 
 class NodeOptedOut(Model):
@@ -83,6 +96,7 @@ class GpuReport(Model):
             self.memory_mib,
             self.compute_capability,
             self.mig_enabled,
+            self.daemon_healthy,
             self.slices,
         )
 

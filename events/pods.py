@@ -13,12 +13,47 @@ from events.base import AwareDatetime, Model
 PodPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Unknown"]
 
 
+class Requirement(Model):
+    """One requirement of a node selector term: `key` (a label, or a field such as metadata.name)
+    with `operator` In, NotIn, Exists, DoesNotExist, Gt or Lt and its `values`."""
+
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    values: tuple[str, ...] = ()
+
+
+class NodeSelectorTerm(Model):
+    """Requirements that all hold: on the node's labels (`expressions`) and fields (`fields`)."""
+
+    expressions: tuple[Requirement, ...] = ()
+    fields: tuple[Requirement, ...] = ()
+
+
+class Toleration(Model):
+    """A pod's toleration; `key` None with Exists tolerates every taint, `effect` None every effect."""
+
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str = ""
+    effect: str | None = None
+
+
+class NodeRules(Model):
+    """What a pod asks of the node it runs on: its `nodeSelector`, the terms of its required node
+    affinity (any one of them must hold; none means any node), and its tolerations."""
+
+    node_selector: dict[str, str] = {}
+    required_terms: tuple[NodeSelectorTerm, ...] = ()
+    tolerations: tuple[Toleration, ...] = ()
+
+
 class PodObserved(Model):
     """A valid pod that asks for one slice of `size_gb` GiB, as the API server last showed it.
 
     `gated`: the pod still carries mpsflow's scheduling gate, so no scheduler will bind it until
     mpsflow releases it. `released_to`: mpsflow released it to that node (gate removed, pinned there
-    by node affinity) and it is not bound yet. A pod that bypassed the gate has neither.
+    by node affinity) and it is not bound yet. A pod that bypassed the gate has neither. `rules`: the
+    nodes it may run on, which the planner keeps to.
     """
 
     kind: Literal["PodObserved"] = "PodObserved"
@@ -33,6 +68,7 @@ class PodObserved(Model):
     node: str | None = None
     gated: bool = False
     released_to: str | None = None
+    rules: NodeRules = NodeRules()
 
     @property
     def key(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
@@ -37,12 +37,13 @@ from node_agent.mps import (
 )
 from node_agent.nvml import GpuInventory, GpuReading
 from node_agent.pod_resources import kubelet_view
-from node_agent.reconcile import MIB_PER_GIB, Refused, SliceUsage, gpu_report, reconcile
+from node_agent.reconcile import MIB_PER_GIB, Refused, SliceUsage, adopted_devices, gpu_report, reconcile
 from node_agent.slices import SliceDevice
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF = (1.0, 60.0)  # first delay after a failed daemon restart, and the longest
+WITHDRAW_TIMEOUT = 3.0  # seconds a stopping agent spends telling the planner its slices are going
 
 
 @dataclass(frozen=True)
@@ -87,14 +88,27 @@ class NodeAgent:
         self._last_report: str | None = None
 
     async def run(self) -> None:
+        """Start the daemons, offer the slices containers still hold (after a restart), report, and
+        serve until cancelled; on the way out, say that the kubelet lists none of this node's slices
+        any more, so that no pod is released here while the agent is gone."""
         self.gpus = await self.inventory.read()
         await self.start_daemons()
+        self.usage = await self.current_usage()
+        adopted = adopted_devices(self.gpus, self.devices, self.usage.in_use)
+        if adopted:
+            await self.plugin.set_devices([*self.devices, *adopted])
+            self.devices = (*self.devices, *adopted)
         await self.report(force=True)
-        async with anyio.create_task_group() as group:
-            group.start_soon(self.plugin.run)
-            group.start_soon(self.watch_config)
-            group.start_soon(self.watch_usage)
-            group.start_soon(self.heartbeat)
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self.plugin.run)
+                group.start_soon(self.watch_config)
+                group.start_soon(self.watch_usage)
+                group.start_soon(self.heartbeat)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(WITHDRAW_TIMEOUT):
+                self.usage = replace(self.usage, listed=frozenset())
+                await self.report(force=True)
 
     def daemon(self, gpu: GpuReading) -> DaemonSpec:
         return DaemonSpec.under(self.settings.mps_root, gpu.index, gpu.uuid)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from services.kit.lifecycle import close_all
+
 if TYPE_CHECKING:
     from services.pod_watcher.translate import OptInLabel
 
@@ -234,7 +236,7 @@ async def record_command(nats_url: str, out: Path) -> int:
     try:
         envelopes = await bus.everything(ALL_EVENTS)
     finally:
-        await bus.close()
+        await close_all(bus.close)
     with out.open("w") as sink:
         for envelope in envelopes:
             sink.write(envelope.model_dump_json() + "\n")
@@ -303,23 +305,24 @@ async def _pod_watcher(args: argparse.Namespace) -> None:
     try:
         await PodWatcherService(bus, api, settings).run()
     finally:
-        await api.close()
-        await bus.close()
+        await close_all(api.close, bus.close)
 
 
 async def _admission_webhook(args: argparse.Namespace) -> None:
     import anyio
 
-    from services.pod_watcher.gate import serve_webhook, tls_context
+    from services.pod_watcher.gate import keep_certificate_fresh, serve_webhook, tls_context
 
     host, port = args.listen
     tls = tls_context(args.tls_cert_file, args.tls_key_file) if args.tls_cert_file is not None else None
     runner = await serve_webhook(host, port, tls)
     try:
-        await anyio.sleep_forever()
+        if tls is None:
+            await anyio.sleep_forever()
+        else:
+            await keep_certificate_fresh(tls, args.tls_cert_file, args.tls_key_file)
     finally:
-        with anyio.CancelScope(shield=True):
-            await runner.cleanup()
+        await close_all(runner.cleanup)
 
 
 async def _planner(nats_url: str) -> None:
@@ -335,7 +338,7 @@ async def _planner(nats_url: str) -> None:
             group.start_soon(planner.consume)
             group.start_soon(planner.decide_forever)
     finally:
-        await bus.close()
+        await close_all(bus.close)
 
 
 async def _config_publisher(args: argparse.Namespace) -> None:
@@ -365,9 +368,7 @@ async def _config_publisher(args: argparse.Namespace) -> None:
     try:
         await ConfigPublisherService(bus, writer).consume()
     finally:
-        await bus.close()
-        if api is not None:
-            await api.close()
+        await close_all(bus.close, *([api.close] if api is not None else []))
 
 
 async def _node_agent(args: argparse.Namespace) -> None:
@@ -399,8 +400,7 @@ async def _node_agent(args: argparse.Namespace) -> None:
     try:
         await agent.run()
     finally:
-        await plugin.close()
-        await bus.close()
+        await close_all(plugin.close, bus.close)
 
 
 if __name__ == "__main__":

@@ -457,6 +457,7 @@ def summary(cluster: Cluster, plans_while_idle: int) -> dict[str, Any]:
             "configs_refused": cluster.observed.configs_refused,
             "admission_failures": sum(len(kubelet.failed) for kubelet in cluster.kubelets.values()),
             "plans_while_idle": plans_while_idle,
+            "service_errors": service_errors(cluster.base / "logs"),
         },
         "latency": {
             "pending_p50": pending_p50,
@@ -465,6 +466,22 @@ def summary(cluster: Cluster, plans_while_idle: int) -> dict[str, Any]:
             "mpsflow_p99": mpsflow_p99,
         },
     }
+
+
+_ERROR_MARKS = (" ERROR ", " CRITICAL ", "Traceback (most recent call last)", "was never awaited")
+
+
+def service_errors(logs: Path) -> int:
+    """Errors the services logged so far, and tracebacks or warnings Python printed for them (an
+    exception in a destructor, a coroutine never awaited): a healthy run has none. The cluster's
+    own log is not counted: the simulation logs what a real kubelet would."""
+    return sum(
+        1
+        for log in logs.glob("*.log")
+        if log.name != "cluster.log"
+        for line in log.read_text(errors="replace").splitlines()
+        if any(mark in line for mark in _ERROR_MARKS)
+    )
 
 
 def _table(result: dict[str, Any], out: TextIO) -> None:
@@ -499,7 +516,8 @@ def _table(result: dict[str, Any], out: TextIO) -> None:
     print(
         f"{counters['plans']} plans, {counters['configs_refused']} configs refused, "
         f"{counters['admission_failures']} admission failures, "
-        f"{counters['plans_while_idle']} plans while idle",
+        f"{counters['plans_while_idle']} plans while idle, {counters['service_errors']} errors in the "
+        "services' logs",
         file=out,
     )
 

@@ -80,6 +80,7 @@ class Kubelet:
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {"name": self.node.name, "labels": self.node.all_labels()},
+            "spec": {"taints": self.node.taints} if self.node.taints else {},
         }
         await self.core.create_node(body, _request_timeout=10)  # type: ignore[arg-type]
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -37,6 +37,7 @@ class ScenarioGpu(_Strict):
 class ScenarioNode(_Strict):
     name: str = Field(min_length=1, max_length=40, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     labels: dict[str, str] = {}
+    taints: list[dict[str, str]] = []  # as in a Node's spec.taints: key, value, effect
     gpus: list[ScenarioGpu] = []
 
     def all_labels(self) -> dict[str, str]:

@@ -123,7 +123,10 @@ class ConfigPublisherService:
         for node in sorted(layouts):
             try:
                 if await self.publish_node(
-                    desired_config(plan_id, layouts[node], delivery.stream_sequence, node)
+                    desired_config(plan_id, layouts[node], delivery.stream_sequence, node),
+                    # A node's own layout is written even when unchanged: the planner asks it again
+                    # after a refusal, and the agent must answer that ask.
+                    asked=isinstance(event, NodePlanned),
                 ):
                     current[node] = layouts[node]
             except Exception as error:
@@ -136,8 +139,9 @@ class ConfigPublisherService:
         if failures:
             raise TransientError("; ".join(failures))
 
-    async def publish_node(self, desired: NodeMpsConfig) -> bool:
-        """Writes the node's config unless its key holds the same layout or a newer plan's config.
+    async def publish_node(self, desired: NodeMpsConfig, *, asked: bool = False) -> bool:
+        """Writes the node's config unless its key holds a newer plan's config, or the same layout
+        (for a layout `asked` of the node by name: the same layout from the same plan).
 
         True when the key now holds the desired layout; False when it holds a newer plan's config.
         """
@@ -161,7 +165,11 @@ class ConfigPublisherService:
                     )
             if current is not None and current.plan_sequence > desired.plan_sequence:
                 return False
-            if current is not None and current.same_layout(desired):
+            if (
+                current is not None
+                and current.same_layout(desired)
+                and (not asked or current.plan_id == desired.plan_id)
+            ):
                 return True
             try:
                 if entry is None:

@@ -30,6 +30,18 @@ async def _stop_on_signal(scope: CancelScope) -> None:
             return
 
 
+CLEANUP_TIMEOUT_S = 5.0  # how long a stopping service may spend closing what it opened
+
+
+async def close_all(*closers: Callable[[], Awaitable[object]]) -> None:
+    """Close what a service opened, in order, even while it is being cancelled (anyio's
+    cancellation would otherwise cancel each close at its first await, leaving sockets bound and
+    publishes unflushed), but within `CLEANUP_TIMEOUT_S` all together."""
+    with CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+        for close in closers:
+            await close()
+
+
 def run_service(service: str, main: Callable[[], Awaitable[None]], **resource: str) -> None:
     from services.kit.telemetry import setup_tracing
 

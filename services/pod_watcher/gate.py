@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import anyio
 from aiohttp import web
 
 from services.pod_watcher.translate import RELEASED_TO_ANNOTATION, SLICE_GATE, asks_for_a_slice, is_gated
@@ -44,15 +45,24 @@ def gate_patch(pod: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The JSON patch that puts mpsflow's gate on a new pod, or [] when it needs none.
 
     A pod that asks for no slice, already carries the gate, or is created bound to a node (which
-    the API forbids together with gates) is left as it is.
+    the API forbids together with gates) is left as it is. A release annotation the new pod carries
+    goes: only the release of this pod may set it.
     """
     spec = pod.get("spec") or {}
     if not asks_for_a_slice(pod) or is_gated(pod) or spec.get("nodeName"):
         return []
     gate = {"name": SLICE_GATE}
-    if spec.get("schedulingGates"):
-        return [{"op": "add", "path": "/spec/schedulingGates/-", "value": gate}]
-    return [{"op": "add", "path": "/spec/schedulingGates", "value": [gate]}]
+    patch: list[dict[str, Any]] = (
+        [{"op": "add", "path": "/spec/schedulingGates/-", "value": gate}]
+        if spec.get("schedulingGates")
+        else [{"op": "add", "path": "/spec/schedulingGates", "value": [gate]}]
+    )
+    if RELEASED_TO_ANNOTATION in ((pod.get("metadata") or {}).get("annotations") or {}):
+        # Copied from a released pod's manifest: it belongs to that pod's release, not this one.
+        patch.append(
+            {"op": "remove", "path": "/metadata/annotations/" + RELEASED_TO_ANNOTATION.replace("/", "~1")}
+        )
+    return patch
 
 
 def admission_review(review: Mapping[str, Any]) -> dict[str, Any]:
@@ -136,11 +146,38 @@ def webhook_app() -> web.Application:
     return app
 
 
+CERTIFICATE_CHECK_SECONDS = 60.0
+
+
 def tls_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     """The server side of the TLS the API server requires of webhooks."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_file, key_file)
     return context
+
+
+async def keep_certificate_fresh(context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+    """Load the certificate again whenever its files change (cert-manager renews it in the Secret,
+    which the kubelet updates in the volume): new connections get the new one. Without this, the
+    webhook would serve an expired certificate, and with failurePolicy Fail no slice pod could be
+    created."""
+    seen = _modified(cert_file, key_file)
+    while True:
+        await anyio.sleep(CERTIFICATE_CHECK_SECONDS)
+        current = _modified(cert_file, key_file)
+        if current == seen:
+            continue
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError) as error:  # caught half-written: the next check takes it
+            log.warning("certificate not reloaded yet: %s", error)
+            continue
+        seen = current
+        log.info("certificate reloaded from %s", cert_file)
+
+
+def _modified(*files: Path) -> tuple[int, ...]:
+    return tuple(path.stat().st_mtime_ns if path.exists() else 0 for path in files)
 
 
 async def serve_webhook(host: str, port: int, tls: ssl.SSLContext | None) -> web.AppRunner:

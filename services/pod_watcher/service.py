@@ -49,6 +49,7 @@ UNPLACED_DURABLE = "pod-watcher-unplaced"
 UNPLACED_REASON = "MpsSliceNotPlaced"
 RELEASE_DURABLE = "pod-watcher-release"
 RELEASED_REASON = "MpsSliceReady"
+RELEASE_REFUSED_REASON = "MpsSliceReleaseRefused"
 RELEASE_ATTEMPTS = 5  # conflicts in a row (the pod kept changing) before the release is retried later
 REJECTION_EVENT_RETRIES = (0.2, 0.5, 1.0, 2.0)
 
@@ -257,6 +258,17 @@ class PodWatcherService:
                 if error.status == 409:
                     continue
                 if error.status == 404:
+                    return
+                if error.status == 422:  # the API refuses this pin for this pod: retrying changes nothing
+                    log.error("%s: release to %s refused by the API: %s", event.key, event.node, error.body)
+                    await self.post_event(
+                        event.namespace,
+                        event.name,
+                        event.uid,
+                        RELEASE_REFUSED_REASON,
+                        f"the API refused to pin the pod to node {event.node} and lift its scheduling gate "
+                        f"{SLICE_GATE}; delete the gate by hand to let any scheduler place it",
+                    )
                     return
                 raise TransientError(f"releasing {event.key}: API answered {error.status}") from error
             log.info("%s released to node %s", event.key, event.node)

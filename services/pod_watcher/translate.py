@@ -20,8 +20,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from events.nodes import GfdFacts, NodeObserved
-from events.pods import PodObserved, PodPhase, PodRejected
+from events.nodes import GfdFacts, NodeObserved, Taint
+from events.pods import (
+    NodeRules,
+    NodeSelectorTerm,
+    PodObserved,
+    PodPhase,
+    PodRejected,
+    Requirement,
+    Toleration,
+)
 
 SLICE_PREFIX = "nvidia.com/gpu-"
 SLICE_PATTERN = re.compile(r"^nvidia\.com/gpu-([1-9][0-9]*)gb$")
@@ -136,7 +144,23 @@ def translate_node(node: Mapping[str, Any], opt_in: OptInLabel = DEFAULT_OPT_IN)
         unschedulable=bool(node.get("spec", {}).get("unschedulable")),
         gfd=gfd,
         gfd_problem=problem,
+        allocatable=_slice_counts((node.get("status") or {}).get("allocatable") or {}),
+        labels=dict(labels),
+        taints=tuple(
+            Taint(key=t.get("key", ""), value=t.get("value") or "", effect=t.get("effect", ""))
+            for t in (node.get("spec") or {}).get("taints") or []
+        ),
     )
+
+
+def _slice_counts(resources: Mapping[str, object]) -> dict[int, int]:
+    """Slices per size among a node's resources (`nvidia.com/gpu-<N>gb: count`); others are ignored."""
+    counts: dict[int, int] = {}
+    for name, quantity in resources.items():
+        match = SLICE_PATTERN.match(name)
+        if match is not None and str(quantity).isdigit():
+            counts[int(match.group(1))] = int(str(quantity))
+    return dict(sorted(counts.items()))
 
 
 def _quantity_is_one(value: object) -> bool:
@@ -240,9 +264,59 @@ def translate_pod(
         created=_parse_time(metadata.get("creationTimestamp")),
         phase=phase,
         node=spec.get("nodeName") or None,
+        rules=_node_rules(spec),
         gated=is_gated(pod),
-        released_to=(metadata.get("annotations") or {}).get(RELEASED_TO_ANNOTATION) or None,
+        # Only the release lifts the gate: an annotation on a gated pod (copied from another pod's
+        # manifest, say) says nothing.
+        released_to=None
+        if is_gated(pod)
+        else (metadata.get("annotations") or {}).get(RELEASED_TO_ANNOTATION),
         **common,
+    )
+
+
+def _node_rules(spec: Mapping[str, Any]) -> NodeRules:
+    """The pod's nodeSelector, required node affinity terms and tolerations, as the API holds them
+    (the API validated them; an entry this cannot read makes its term hold for no node)."""
+    affinity = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or {}
+    terms = []
+    for term in affinity.get("nodeSelectorTerms") or []:
+        try:
+            terms.append(
+                NodeSelectorTerm(
+                    expressions=tuple(_requirement(r) for r in term.get("matchExpressions") or []),
+                    fields=tuple(_requirement(r) for r in term.get("matchFields") or []),
+                )
+            )
+        except ValueError:
+            terms.append(NodeSelectorTerm())  # holds for no node
+    tolerations = []
+    for toleration in spec.get("tolerations") or []:
+        try:
+            tolerations.append(
+                Toleration(
+                    key=toleration.get("key") or None,
+                    operator=toleration.get("operator") or "Equal",
+                    value=toleration.get("value") or "",
+                    effect=toleration.get("effect") or None,
+                )
+            )
+        except ValueError:
+            continue  # tolerates nothing
+    return NodeRules(
+        node_selector={str(k): str(v) for k, v in (spec.get("nodeSelector") or {}).items()},
+        required_terms=tuple(terms),
+        tolerations=tuple(tolerations),
+    )
+
+
+def _requirement(requirement: Mapping[str, Any]) -> Requirement:
+    return Requirement(
+        key=requirement.get("key", ""),
+        operator=requirement.get("operator", ""),
+        values=tuple(str(v) for v in requirement.get("values") or []),
     )
 
 

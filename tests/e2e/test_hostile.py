@@ -1,6 +1,7 @@
 """End to end under hostile timing: a real kubelet's 10 s node-status sync, 0.3 s on every watch
 event, bursts of competing sizes, pods finishing mid-run, a node opting out while its pods run and
-back in, a GPU node joining, and nodes that never opt in (simulation/scenarios/hostile.yaml).
+back in, a GPU node joining, a tainted GPU node, pods bound for one node, and nodes that never opt
+in (simulation/scenarios/hostile.yaml).
 
 No pod may fail, every valid pod must end Running or Succeeded, no node may refuse what it was
 asked more than rarely, and nothing may be planned once the cluster is at rest."""
@@ -55,11 +56,20 @@ def test_no_pod_fails_and_every_pod_runs_or_succeeds(hostile: dict[str, Any]) ->
 def test_refusals_are_rare_and_the_plans_converge(hostile: dict[str, Any]) -> None:
     counters = hostile["counters"]
     assert counters["plans_while_idle"] == 0
+    assert counters["service_errors"] == 0
     assert counters["configs_refused"] <= 2
     assert counters["plans"] <= 3 * len(hostile["pods"])
 
 
 def test_only_opted_in_nodes_are_planned_and_a_node_that_came_back_is_again(hostile: dict[str, Any]) -> None:
-    assert set(hostile["nodes"]) == {"a100-1", "a100-2", "l4-1", "h100-1"}
+    assert set(hostile["nodes"]) == {"a100-1", "a100-2", "l4-1", "h100-1", "l40s-1"}
     on = {pod["node"] for pod in hostile["pods"].values()}
     assert "cpu-1" not in on and "h100-1" in on
+
+
+def test_pods_run_only_where_their_selector_affinity_and_tolerations_allow(hostile: dict[str, Any]) -> None:
+    pods = hostile["pods"]
+    assert pods["research/h100-only"]["node"] == "h100-1"  # waited for the node to opt in
+    assert pods["serving/a100-1-only"]["node"] == "a100-1"
+    # The tainted node keeps its GPU for the one pod that tolerates the taint.
+    assert {key for key, pod in pods.items() if pod["node"] == "l40s-1"} == {"serving/l40s-only"}

@@ -415,3 +415,24 @@ async def test_a_node_planned_event_is_written_like_a_plan_of_that_node(bus: Eve
         await handled(bus, sequence)
     config, _ = await config_of(kv, NODE_A)
     assert (config.plan_id, config.plan_sequence, config.gpus) == ("plan-9", sequence, {0: (10, 20)})
+
+
+async def test_a_layout_asked_again_of_a_node_is_written_again_for_its_agent_to_answer(bus: EventBus) -> None:
+    kv = await bus.node_configs()
+    layout = make_plan("plan-9", {NODE_A: {0: (10, 20)}}).nodes[NODE_A]
+    subject = subjects.planned_subject(NODE_A)
+    async with publishing(bus):
+        await handled(
+            bus, await bus.publish(subject, NodePlanned(node=NODE_A, plan_id="plan-9", layout=layout))
+        )
+        _, first = await config_of(kv, NODE_A)
+        # The agent refused it; the planner asks the same layout again under a new id.
+        again = await bus.publish(subject, NodePlanned(node=NODE_A, plan_id="plan-9-again", layout=layout))
+        await handled(bus, again)
+        # The same layout from the same ask, redelivered, writes nothing.
+        await handled(
+            bus, await bus.publish(subject, NodePlanned(node=NODE_A, plan_id="plan-9-again", layout=layout))
+        )
+    config, revision = await config_of(kv, NODE_A)
+    assert (config.plan_id, config.plan_sequence) == ("plan-9-again", again)
+    assert revision == first + 1

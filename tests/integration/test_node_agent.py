@@ -596,3 +596,28 @@ async def test_a_restarted_agent_keeps_the_slice_a_container_holds(bus: EventBus
             )
             await node.kubelet_sees({GB10: 1})
             assert node.kubelet_device_ids() == {GB10: {"mps-g0-10gb-1"}}
+
+
+async def test_a_stopping_agent_withdraws_its_slices_and_a_restarted_one_offers_held_ones_first(
+    bus: EventBus,
+) -> None:
+    async with simulated_node(bus, [A100]) as node:
+        async with running_agent(node):
+            await started(node)
+            await node.apply("plan-1", {0: (10, 20)})
+            await node.kubelet_sees({GB10: 1, GB20: 1})
+            await node.manager.allocate(_pod("a"), [("main", GB10)])
+            mark = node.events.mark()
+            await node.events.report(lambda r: r.gpus[0].slices[0].holder == "team-a/a", "a named", mark)
+        last = node.events.reports()[-1]
+        assert [(s.id, s.listed_by_kubelet) for s in last.gpus[0].slices] == [
+            ("mps-g0-10gb-0", False),
+            ("mps-g0-20gb-0", False),
+        ]
+        # Started again, the agent's first report already shows the slice pod a holds, used.
+        mark = node.events.mark()
+        async with running_agent(node):
+            first = await node.events.report(lambda r: True, "the first report", mark)
+        assert [(s.id, s.used, s.holder) for s in first.gpus[0].slices][:1] == [
+            ("mps-g0-10gb-0", True, "team-a/a")
+        ]

@@ -357,7 +357,7 @@ async def test_a_change_that_does_not_alter_the_plan_does_not_shorten_the_next_b
 
     async with BusLog(bus) as log, planning(bus, settings) as planner:
         await log.wait_for(PlanComputed, lambda p: key("a") in p.placed)
-        await eventually(lambda: planner.state.nodes[NODE].outcome is not None)
+        await eventually(lambda: planner.state.nodes[NODE].answered)
         await eventually(lambda: planner.state.first_unplanned_change is None)
         await log.settle()
         known = {plan.plan_id for plan in log.of(PlanComputed)}

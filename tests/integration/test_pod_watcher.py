@@ -211,6 +211,12 @@ async def test_nodes_and_pods_become_events_on_the_bus(
         NodeObserved(
             name="a100-1.example.com",
             gfd=GfdFacts(product="NVIDIA-A100-SXM4-80GB", count=2, memory_mib=81920),
+            labels={
+                "nos.nebuly.com/gpu-partitioning": "mps",
+                "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB",
+                "nvidia.com/gpu.count": "2",
+                "nvidia.com/gpu.memory": "81920",
+            },
         )
     ]
     assert [type(e) for e in log.of_node("legacy")] == [NodeObserved]

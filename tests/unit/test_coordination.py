@@ -174,7 +174,8 @@ class Cluster:
 
     def agent_report(self, node: Node) -> bool:
         """Report the node's slices when they changed since the last report (True then)."""
-        report = gpu_report(node.name, node.gpus, node.offered, self.usage(node), {}, None)
+        healthy = {gpu.index: True for gpu in node.gpus}
+        report = gpu_report(node.name, node.gpus, node.offered, self.usage(node), healthy, None)
         if report == node.last_report:
             return False
         node.last_report = report
@@ -185,7 +186,10 @@ class Cluster:
         node.listed = {device.id: device.size_gb for device in node.offered}
 
     def kubelet_syncs_status(self, node: Node) -> None:
+        """The node-status sync: the API's allocatable follows the kubelet's list, and the pod
+        watcher tells the planner."""
         node.allocatable = Counter(node.listed.values())
+        self.publish(NodeObserved(name=node.name, allocatable=dict(node.allocatable)))
 
     def lift_gate(self) -> None:
         release = self.releases.pop(0)

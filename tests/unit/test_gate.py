@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
+from services.pod_watcher import gate
 from services.pod_watcher.gate import (
     REVIEW_VERSION,
     UnreadableReviewError,
@@ -138,3 +142,50 @@ def test_release_adds_the_pin_to_every_term_the_pod_already_has() -> None:
     ]
     # A merge patch: the preferred terms, which it leaves out, stay as they are.
     assert "preferredDuringSchedulingIgnoredDuringExecution" not in patch["spec"]["affinity"]["nodeAffinity"]
+
+
+def test_a_release_annotation_copied_into_a_new_pod_goes_with_the_gate() -> None:
+    copied = pod(SLICE)
+    copied["metadata"]["annotations"] = {RELEASED_TO_ANNOTATION: "gpu-1", "team": "ml"}
+    assert gate_patch(copied) == [
+        {"op": "add", "path": "/spec/schedulingGates", "value": [{"name": SLICE_GATE}]},
+        {"op": "remove", "path": "/metadata/annotations/mpsflow.dev~1released-to"},
+    ]
+
+
+@pytest.mark.anyio
+async def test_the_webhook_loads_its_certificate_again_when_its_files_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_text("one")
+    key.write_text("one")
+    loaded: list[str] = []
+    reloaded = anyio.Event()
+
+    class Context:
+        def load_cert_chain(self, cert_file: Path, key_file: Path) -> None:
+            loaded.append(Path(cert_file).read_text())
+            reloaded.set()
+
+    checks = 0
+    modified = gate._modified
+
+    def counted(*files: Path) -> tuple[int, ...]:
+        nonlocal checks
+        checks += 1
+        return modified(*files)
+
+    monkeypatch.setattr(gate, "CERTIFICATE_CHECK_SECONDS", 0.01)
+    monkeypatch.setattr(gate, "_modified", counted)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(gate.keep_certificate_fresh, Context(), cert, key)  # type: ignore[arg-type]
+            while checks < 3:  # noqa: ASYNC110 - the checks are the thing observed
+                await anyio.sleep(0.01)
+            assert loaded == []  # unchanged files, checked twice: nothing loaded
+            cert.write_text("two")
+            os.utime(cert, ns=(cert.stat().st_atime_ns, cert.stat().st_mtime_ns + 1_000_000))
+            await reloaded.wait()
+            group.cancel_scope.cancel()
+    assert loaded == ["two"]

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from events.nodes import GfdFacts, NodeObserved
-from events.pods import PodObserved, PodRejected
+from events.nodes import GfdFacts, NodeObserved, Taint
+from events.pods import NodeRules, NodeSelectorTerm, PodObserved, PodRejected, Requirement, Toleration
 from services.pod_watcher.translate import (
     RELEASED_TO_ANNOTATION,
     SLICE_GATE,
@@ -510,6 +510,12 @@ def test_a_gated_pod_is_observed_held_and_a_released_one_with_its_node() -> None
         "a100-1",
     )
 
+    copied = pod(container(limits={"nvidia.com/gpu-10gb": "1"}))
+    copied["spec"]["schedulingGates"] = [{"name": SLICE_GATE}]
+    copied["metadata"]["annotations"] = {RELEASED_TO_ANNOTATION: "a100-1"}
+    still_held = observed(translate_pod(copied, None))
+    assert (still_held.gated, still_held.released_to, still_held.waits_for_slice) == (True, None, True)
+
     bound = pod(container(limits={"nvidia.com/gpu-10gb": "1"}), node="a100-2", phase="Running")
     bound["metadata"]["annotations"] = {RELEASED_TO_ANNOTATION: "a100-1"}
     assert observed(translate_pod(bound, None)).holder_node == "a100-2"
@@ -549,6 +555,7 @@ def test_a_node_opts_in_with_either_label(key: str) -> None:
         name="a100-1.example.com",
         unschedulable=False,
         gfd=GfdFacts(product="NVIDIA-A100-SXM4-80GB", count=4, memory_mib=81920),
+        labels={key: "mps", **GFD},
     )
 
 
@@ -725,3 +732,56 @@ def test_the_unschedulable_flag_is_read(flag: bool | None, expected: bool) -> No
 
     assert result is not None
     assert result.unschedulable is expected
+
+
+def test_a_nodes_allocatable_slices_are_read_by_size() -> None:
+    manifest = node({"nos.nebuly.com/gpu-partitioning": "mps"})
+    manifest["status"] = {
+        "allocatable": {
+            "cpu": "64",
+            "nvidia.com/gpu-10gb": "2",
+            "nvidia.com/gpu-5gb": "0",
+            "nvidia.com/gpu": "1",
+        }
+    }
+    observed_node = translate_node(manifest)
+    assert observed_node is not None and observed_node.allocatable == {5: 0, 10: 2}
+
+
+def test_a_pods_node_rules_and_a_nodes_labels_and_taints_are_read() -> None:
+    manifest = pod(container(limits={"nvidia.com/gpu-10gb": "1"}))
+    manifest["spec"]["nodeSelector"] = {"gpu": "a100"}
+    manifest["spec"]["affinity"] = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a", "b"]}]},
+                    {"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["x"]}]},
+                    {"matchExpressions": [{"key": "k", "operator": "Sometimes"}]},
+                ]
+            }
+        }
+    }
+    manifest["spec"]["tolerations"] = [
+        {"operator": "Exists"},
+        {"key": "mps", "value": "yes", "effect": "NoSchedule"},
+    ]
+    rules = observed(translate_pod(manifest, None)).rules
+    assert rules == NodeRules(
+        node_selector={"gpu": "a100"},
+        required_terms=(
+            NodeSelectorTerm(expressions=(Requirement(key="zone", operator="In", values=("a", "b")),)),
+            NodeSelectorTerm(fields=(Requirement(key="metadata.name", operator="NotIn", values=("x",)),)),
+            NodeSelectorTerm(),  # an operator it cannot read: a term that holds for no node
+        ),
+        tolerations=(
+            Toleration(operator="Exists"),
+            Toleration(key="mps", value="yes", effect="NoSchedule"),
+        ),
+    )
+    tainted = node({"nos.nebuly.com/gpu-partitioning": "mps", **GFD})
+    tainted["spec"]["taints"] = [{"key": "dedicated", "value": "ml", "effect": "NoSchedule"}]
+    observed_node = translate_node(tainted)
+    assert observed_node is not None and observed_node.taints == (
+        Taint(key="dedicated", value="ml", effect="NoSchedule"),
+    )

@@ -70,8 +70,9 @@ class Node:
 
 @dataclass(frozen=True)
 class PendingPod:
-    """A pod the planner must provide a slice for; `pinned` names the only node it may run on (it
-    was released there and must be given a slice there)."""
+    """A pod the planner must provide a slice for. `pinned` names the only node it may run on (it
+    was released there and must be given a slice there); `eligible`, when not None, the nodes its
+    node selector, node affinity and tolerations let it run on."""
 
     namespace: str
     name: str
@@ -79,6 +80,12 @@ class PendingPod:
     priority: int = 0
     created: datetime | None = None
     pinned: str | None = None
+    eligible: frozenset[str] | None = None
+
+    @property
+    def restricted_to(self) -> frozenset[str] | None:
+        """The nodes it may go to, when not every node."""
+        return frozenset({self.pinned}) if self.pinned is not None else self.eligible
 
     @property
     def key(self) -> str:

@@ -24,6 +24,7 @@ the input.
 from __future__ import annotations
 
 import heapq
+import sys
 from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -348,10 +349,13 @@ class _Cluster:
         self._reindex(gpu)
         return gpu
 
-    def place_on(self, node: str, size_gb: int, needed: Counter[int], owner: str) -> _GpuPlan | None:
-        """Place a pod that may only run on `node` (it was released there): a free slice of its
-        size first, then the GPU where it fits best. Rare, so a plain scan of the node's GPUs."""
-        candidates = [gpu for gpu in self.gpus if gpu.node == node and gpu.can_host]
+    def place_among(
+        self, nodes: frozenset[str], size_gb: int, needed: Counter[int], owner: str
+    ) -> _GpuPlan | None:
+        """Place a pod that may only run on `nodes` (it was released to one, or its rules allow only
+        those): a free slice of its size first, then the GPU where it fits best, then where reclaiming
+        makes room. A plain scan of those nodes' GPUs."""
+        candidates = [gpu for gpu in self.gpus if gpu.node in nodes and gpu.can_host]
         free = [gpu for gpu in candidates if gpu.unclaimed[size_gb] > 0]
         carvable = [
             gpu
@@ -406,9 +410,17 @@ class _Cluster:
 
 
 def _serve(cluster: _Cluster, pods: Sequence[PendingPod], needed: Counter[int]) -> dict[str, Placement]:
+    """Place `pods` in their order, except that pods whose rules allow only some nodes go first, the
+    fewest nodes first: the others can go anywhere, so they must not take the room the few need."""
     placed: dict[str, Placement] = {}
     smallest_failure = None
-    for pod in pods:
+    for pod in sorted(pods, key=_constraint):
+        if pod.eligible is not None:
+            there = cluster.place_among(pod.eligible, pod.size_gb, needed, pod.key)
+            if there is not None:
+                needed[pod.size_gb] -= 1
+                placed[pod.key] = Placement(there.node, there.gpu.index, pod.size_gb)
+            continue
         if smallest_failure is not None and pod.size_gb >= smallest_failure:
             continue
         gpu = cluster.place(pod.size_gb, needed, pod.key)
@@ -418,6 +430,10 @@ def _serve(cluster: _Cluster, pods: Sequence[PendingPod], needed: Counter[int]) 
         needed[pod.size_gb] -= 1
         placed[pod.key] = Placement(gpu.node, gpu.gpu.index, pod.size_gb)
     return placed
+
+
+def _constraint(pod: PendingPod) -> int:
+    return len(pod.eligible) if pod.eligible is not None else sys.maxsize
 
 
 _ALTERNATIVE_ORDERS: tuple[Callable[[PendingPod], tuple[int, float, str, str]], ...] = (
@@ -457,7 +473,7 @@ def _serve_class(cluster: _Cluster, pods: list[PendingPod], needed: Counter[int]
             trial.served = _serve(trial.cluster, sorted(pods, key=key), trial.needed)
             if trial.score > best.score:
                 best = trial
-    _repair(best, [pod for pod in pods if pod.key not in best.served])
+    _repair(best, [pod for pod in pods if pod.key not in best.served and pod.eligible is None])
     return best
 
 
@@ -570,7 +586,7 @@ def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: Pla
         else:
             excluded[node.name] = reason
     gpus = _gpu_plans(plannable, settings)
-    cluster = _Cluster(gpus, frozenset(pod.key for pod in pending if pod.pinned is not None))
+    cluster = _Cluster(gpus, frozenset(pod.key for pod in pending if pod.restricted_to is not None))
 
     unplaced: dict[str, str] = {}
     placed: dict[str, Placement] = {}
@@ -587,7 +603,7 @@ def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: Pla
     # Pods released to a node are committed to it: they are served first, there.
     for pod in servable:
         if pod.pinned is not None:
-            there = cluster.place_on(pod.pinned, pod.size_gb, needed, pod.key)
+            there = cluster.place_among(frozenset({pod.pinned}), pod.size_gb, needed, pod.key)
             if there is not None:
                 needed[pod.size_gb] -= 1
                 placed[pod.key] = Placement(there.node, there.gpu.index, pod.size_gb)
@@ -615,6 +631,18 @@ def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: Pla
             elif pod.pinned is not None:
                 unplaced[pod.key] = (
                     f"released to node {pod.pinned}, which has no room for a {pod.size_gb} GiB slice now"
+                )
+            elif pod.eligible is not None and not any(g.node in pod.eligible for g in cluster.gpus):
+                unplaced[pod.key] = (
+                    "no opted-in node that mpsflow plans on matches the pod's node selector, node "
+                    "affinity and tolerations"
+                )
+            elif pod.eligible is not None:
+                most_there = max((g.potential for g in carvable if g.node in pod.eligible), default=0)
+                unplaced[pod.key] = (
+                    f"capacity exhausted on the {len(pod.eligible)} node(s) its node selector, node "
+                    f"affinity and tolerations allow: needs {pod.size_gb} GiB on one GPU; the most any "
+                    f"of their GPUs could offer now is {most_there} GiB"
                 )
             elif carvable:
                 unplaced[pod.key] = (
@@ -649,12 +677,12 @@ def _packed(
     nodes: list[Node], servable: list[PendingPod], settings: PlanSettings
 ) -> tuple[_Cluster, dict[str, Placement]] | None:
     """The plan that packs the most pods by priority into the GPUs' memory, reclaiming any free slice
-    that is not protected (`packing`); None where it does not apply: pods pinned to a node, a node
-    that may host but not carve, or a cluster beyond `PACKING_LIMIT`."""
+    that is not protected (`packing`); None where it does not apply: pods restricted to some nodes, a
+    node that may host but not carve, or a cluster beyond `PACKING_LIMIT`."""
     gpus = _gpu_plans(nodes, settings)
     hostable = [gpu for gpu in gpus if gpu.can_host]
     if (
-        any(pod.pinned is not None for pod in servable)
+        any(pod.restricted_to is not None for pod in servable)
         or any(not gpu.can_carve for gpu in hostable)
         or len(servable) > PACKING_LIMIT
         or len(hostable) > PACKING_LIMIT
@@ -710,7 +738,7 @@ def extend_run(run: PlanRun, pods: Sequence[PendingPod]) -> Extension | None:
     every pod of the run, or one would need reclaiming or would not fit); the run must then not
     be used again, as its cluster may have changed.
     """
-    if not run.extendable or any(pod.pinned is not None for pod in pods):
+    if not run.extendable or any(pod.restricted_to is not None for pod in pods):
         return None
     ordered = sorted(pods, key=pod_order)
     if ordered and run.last_pod is not None and pod_order(ordered[0]) <= run.last_pod:

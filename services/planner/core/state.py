@@ -24,11 +24,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from events.envelope import Envelope
+from events.envelope import Envelope, content_id
 from events.nodes import NodeGpusReported, NodeObserved, NodeOptedOut
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeLayout, NodePlanned, PlanComputed, SliceSpec
 from events.plans import Placement as PlacementEvent
-from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
+from events.pods import NodeRules, PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
+from services.planner.core.eligibility import admits, has_effect
 from services.planner.core.model import Gpu, Node, PendingPod, Placement, PlanSettings, Slice
 from services.planner.core.planning import PlanRun, extend_run, plan_run, pod_order
 
@@ -46,6 +47,11 @@ class PlannerSettings:
     plan: PlanSettings = field(default_factory=PlanSettings)
     window: BatchWindow = field(default_factory=BatchWindow)
     report_stale_after: timedelta = timedelta(seconds=45)
+    # Pods are released only to a node whose agent reported this recently (a few heartbeats): an
+    # agent that stopped may have taken its slices away from the kubelet with it.
+    release_report_age: timedelta = timedelta(seconds=25)
+    # While some node applies a layout, a pod is told why it waits only once it has waited this long.
+    reason_patience: timedelta = timedelta(seconds=30)
 
 
 Layout = dict[int, tuple[int, ...]]
@@ -66,11 +72,21 @@ def _reported_layout(report: NodeGpusReported) -> Layout:
 
 
 @dataclass(frozen=True)
-class Refusal:
-    """A layout the node's agent refused, and the report it refused it against."""
+class Asked:
+    """A layout the planner asked of a node, and the plan it asked it in."""
 
     layout: Layout
-    reason: str
+    plan_id: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a node's agent said of the config of a plan: applied, or refused against the report it
+    had then (`report_revision`)."""
+
+    plan_id: str
+    layout: Layout
+    refused: bool
     report_revision: int
 
 
@@ -80,16 +96,25 @@ class _NodeLevel:
     report: NodeGpusReported | None = None
     reported_at: datetime | None = None
     report_revision: int = 0
-    desired: Layout | None = None  # the last layout the planner asked of the node
-    outcome: Layout | None = None  # the layout of the last config the agent applied or refused
-    refusal: Refusal | None = None
+    desired: Asked | None = None  # the last layout the planner asked of the node
+    answer: Answer | None = None  # the agent's last word on a config
+    refusal: Answer | None = None  # the last config it refused
+
+    @property
+    def answered(self) -> bool:
+        """The agent has applied or refused the last layout asked of it."""
+        return (
+            self.desired is not None
+            and self.answer is not None
+            and self.answer.plan_id == self.desired.plan_id
+        )
 
     @property
     def applying(self) -> bool:
-        """A layout asked of the node is neither applied nor refused yet: one change at a time."""
-        if self.desired is None or self.outcome == self.desired:
+        """A layout asked of the node is neither answered nor shown by its report: one change at a time."""
+        if self.desired is None or self.answered:
             return False
-        return self.report is None or not _asks_for(self.desired, _reported_layout(self.report))
+        return self.report is None or not _asks_for(self.desired.layout, _reported_layout(self.report))
 
     def refused(self, layout: Layout) -> bool:
         """The agent refused exactly this layout, and nothing it reported has changed since."""
@@ -127,8 +152,11 @@ class ClusterState:
             arrival = previous is None and event.waits_for_slice
             self.pods[event.key] = event
             release = self.releases.get(event.key)
-            if release is not None and (release.uid != event.uid or not event.waits_for_slice):
-                del self.releases[event.key]  # the pod shows the release (or is another pod now)
+            if release is not None and (
+                release.uid != event.uid or not (event.gated and event.waits_for_slice)
+            ):
+                # The pod shows the release, or someone else lifted the gate, or it is another pod.
+                del self.releases[event.key]
         elif isinstance(event, PodDeleted | PodRejected):
             gone = self.pods.pop(event.key, None)
             self.releases.pop(event.key, None)
@@ -136,13 +164,11 @@ class ClusterState:
                 self.unplaced_published.pop(gone.uid, None)
             changed = gone is not None
         elif isinstance(event, PodReleased):
+            # Folded whether or not the pod is known yet: on a rebuild, its latest level (still
+            # gated if the pod changed before the pod watcher lifted the gate) may come after.
             pod = self.pods.get(event.key)
-            changed = (
-                pod is not None
-                and pod.uid == event.uid
-                and pod.waits_for_slice
-                and self.releases.get(event.key) != event
-            )
+            superseded = pod is not None and (pod.uid != event.uid or not (pod.gated and pod.waits_for_slice))
+            changed = not superseded and self.releases.get(event.key) != event
             if changed:
                 self.releases[event.key] = event
         elif isinstance(event, NodeObserved):
@@ -171,17 +197,19 @@ class ClusterState:
             level = self.nodes.setdefault(event.node, _NodeLevel())
             changed = level.desired is None
             if changed:
-                level.desired = layout_of(event.layout.sizes())
+                level.desired = Asked(layout_of(event.layout.sizes()), event.plan_id)
         elif isinstance(event, NodeConfigApplied | NodeConfigFailed):
             level = self.nodes.setdefault(event.node, _NodeLevel())
-            outcome = layout_of(event.gpus)
-            refusal = (
-                Refusal(outcome, event.reason, level.report_revision)
-                if isinstance(event, NodeConfigFailed)
-                else level.refusal
+            answer = Answer(
+                event.plan_id,
+                layout_of(event.gpus),
+                isinstance(event, NodeConfigFailed),
+                level.report_revision,
             )
-            changed = level.outcome != outcome or level.refusal != refusal
-            level.outcome, level.refusal = outcome, refusal
+            changed = level.answer != answer
+            level.answer = answer
+            if answer.refused:
+                level.refusal = answer
         else:
             changed = False
         if changed:
@@ -231,14 +259,16 @@ class ClusterState:
     def commit(self, decision: PublishPlan) -> None:
         """Everything `decision` said was published: remember what was asked of nodes and pods."""
         for planned in decision.node_plans:
-            self.nodes.setdefault(planned.node, _NodeLevel()).desired = layout_of(planned.layout.sizes())
+            asked = Asked(layout_of(planned.layout.sizes()), planned.plan_id)
+            self.nodes.setdefault(planned.node, _NodeLevel()).desired = asked
         for release in decision.releases:
             self.releases[release.key] = release
-        if decision.unplaced_settled:
+        for told in decision.unplaced:
+            self.unplaced_published[told.uid] = told.reason
+        if decision.unplaced_settled:  # forget pods no longer waiting: told again if they wait again
+            waiting = {self.pods[key].uid for key in decision.plan.unplaced if key in self.pods}
             self.unplaced_published = {
-                self.pods[key].uid: reason
-                for key, reason in decision.plan.unplaced.items()
-                if key in self.pods
+                uid: reason for uid, reason in self.unplaced_published.items() if uid in waiting
             }
         if decision.node_plans or decision.releases:
             self.structure_revision = self.revision
@@ -287,8 +317,9 @@ class PublishPlan:
 
     In this order: `node_plans` (each node whose layout must change, on its own subject; never a
     node still applying its last one), `plan` itself when `plan_is_new`, `releases` (gated pods
-    whose slice is ready and listed by their node's kubelet), and `unplaced` (reasons not yet told;
-    only while no node is applying a layout, so that a pod is told a settled reason).
+    whose slice is ready and listed by their node's kubelet), and `unplaced` (reasons not yet told:
+    while no node is applying a layout, so that a pod is told a settled reason, or once the pod has
+    waited `PlannerSettings.reason_patience`, so that a busy cluster tells its reasons too).
     """
 
     plan: PlanComputed
@@ -318,7 +349,7 @@ def decide(
     node_plans = tuple(_node_plans(state, plan))
     releases = tuple(_releases(state, plan, now, settings, {planned.node for planned in node_plans}))
     settled = not any(level.applying for level in state.nodes.values() if level.observed is not None)
-    unplaced = tuple(_unplaced(state, plan)) if settled else ()
+    unplaced = tuple(_unplaced(state, plan, now - settings.reason_patience, settled))
     plan_is_new = plan.plan_id != state.last_plan_id
     if not (plan_is_new or node_plans or releases or unplaced):
         return NothingToDo(planned=plan, at_revision=state.revision)
@@ -327,15 +358,21 @@ def decide(
 
 def _node_plans(state: ClusterState, plan: PlanComputed) -> Iterator[NodePlanned]:
     """Each node whose planned slices differ from what was last asked of it (or, never asked, from
-    what it has), unless it is still applying what was last asked."""
+    what it has), unless it is still applying what was last asked; and a node that refused what was
+    last asked, when that is wanted again now that its report changed (asked again, in a new plan)."""
     for name, layout in plan.nodes.items():
         level = state.nodes[name]
         if level.applying or level.report is None:
             continue
         wanted = layout_of(layout.sizes())
-        asked = level.desired if level.desired is not None else _reported_layout(level.report)
+        asked = level.desired.layout if level.desired is not None else _reported_layout(level.report)
+        refused_last = level.answered and level.answer is not None and level.answer.refused
         if wanted != asked:
             yield NodePlanned(node=name, plan_id=plan.plan_id, layout=layout)
+        elif refused_last and level.answer is not None and not level.refused(wanted):
+            # The same layout asked again gets an id of its own, so that its answer tells.
+            again = content_id("asked again", plan.plan_id, level.answer.plan_id)
+            yield NodePlanned(node=name, plan_id=again, layout=layout)
 
 
 def _releases(
@@ -347,6 +384,9 @@ def _releases(
     pod holding or about to hold a slice of that size there that the report does not name yet (the
     kubelet may give it any free slice of the size). Nodes applying a layout release nothing, nor do
     those `changing` now: the kubelet may give a pod released there the very slice the change takes.
+    And the node's allocatable in the API must have room for the pod beside every pod bound or
+    released there: the scheduler binds it at once then, and never finds it unschedulable, which
+    would make kube-scheduler look for pods to preempt on that node.
     """
     holders = state.holders()
     available: dict[tuple[str, int], int] = {}
@@ -361,6 +401,9 @@ def _releases(
         level = state.nodes.get(node)
         if (
             level is None
+            or level.observed is None
+            or level.reported_at is None
+            or now - level.reported_at > settings.release_report_age
             or node in changing
             or not _can_host(level, now, settings)
             or level.applying
@@ -369,7 +412,11 @@ def _releases(
             continue
         slot = (node, pod.size_gb)
         if slot not in available:
-            available[slot] = _ready_slices(level.report, holders.get(node, []), pod.size_gb)
+            there = holders.get(node, [])
+            scheduler_room = level.observed.allocatable.get(pod.size_gb, 0) - sum(
+                1 for holder in there if holder.size_gb == pod.size_gb
+            )
+            available[slot] = min(_ready_slices(level.report, there, pod.size_gb), scheduler_room)
         if available[slot] > 0:
             available[slot] -= 1
             yield PodReleased(
@@ -387,6 +434,7 @@ def _ready_slices(report: NodeGpusReported, holders: Iterable[PodObserved], size
     free = sum(
         1
         for gpu in report.gpus
+        if gpu.daemon_healthy
         for s in gpu.slices
         if s.size_gb == size_gb and not s.used and s.listed_by_kubelet
     )
@@ -395,11 +443,16 @@ def _ready_slices(report: NodeGpusReported, holders: Iterable[PodObserved], size
     return free - unnamed
 
 
-def _unplaced(state: ClusterState, plan: PlanComputed) -> Iterator[PodUnplaced]:
-    """Why each pod waits, once per pod (by uid, so a re-created pod is told again) and reason."""
+def _unplaced(
+    state: ClusterState, plan: PlanComputed, created_before: datetime, settled: bool
+) -> Iterator[PodUnplaced]:
+    """Why each pod waits, once per pod (by uid, so a re-created pod is told again) and reason; while
+    a node applies a layout, only for pods created before `created_before`."""
     for key, reason in plan.unplaced.items():
         pod = state.pods.get(key)
-        if pod is not None and state.unplaced_published.get(pod.uid) != reason:
+        if pod is None or not (settled or pod.created < created_before):
+            continue
+        if state.unplaced_published.get(pod.uid) != reason:
             yield PodUnplaced(namespace=pod.namespace, name=pod.name, uid=pod.uid, reason=reason)
 
 
@@ -505,10 +558,7 @@ class IncrementalPlanner:
 
     def _full(self, state: ClusterState, now: datetime) -> PlanComputed:
         nodes, waiting_for_report, pinned = planning_nodes(state, now, self.settings)
-        pending = [
-            *(PendingPod(p.namespace, p.name, p.size_gb, p.priority, p.created) for p in state.waiting()),
-            *pinned,
-        ]
+        pending = [*_pending_pods(state, state.waiting()), *pinned]
         run = plan_run(nodes, pending, self.settings.plan)
         # A layout a node refused is never asked of it again while its report stays as it was: that
         # node keeps what it has in this plan.
@@ -570,10 +620,7 @@ class IncrementalPlanner:
         arrived = [key for key, revision in state.pod_revisions.items() if revision > basis.revision]
         if any(key in basis.pending or not state.pods[key].waits_for_slice for key in arrived):
             return None
-        pods = [state.pods[key] for key in arrived]
-        extension = extend_run(
-            basis.run, [PendingPod(p.namespace, p.name, p.size_gb, p.priority, p.created) for p in pods]
-        )
+        extension = extend_run(basis.run, _pending_pods(state, (state.pods[key] for key in arrived)))
         if extension is None:
             return None
         digest = basis.digest
@@ -600,6 +647,32 @@ class IncrementalPlanner:
         basis.plan = plan
         self._basis = basis
         return plan
+
+
+NO_RULES = NodeRules()
+
+
+def _pending_pods(state: ClusterState, pods: Iterable[PodObserved]) -> list[PendingPod]:
+    """`pods` as pods waiting for a slice, each with the nodes its rules let it run on when not all
+    (a pod that tolerates the taint every GPU node carries is as free as one without rules)."""
+    observed = {name: level.observed for name, level in state.nodes.items() if level.observed is not None}
+    eligible: dict[str, frozenset[str] | None] = {}  # by the rules' JSON: most pods share theirs
+    pending = []
+    for pod in pods:
+        rules = pod.rules.model_dump_json() if pod.rules != NO_RULES else ""
+        if rules not in eligible:
+            allowed = (
+                frozenset(name for name, node in observed.items() if admits(pod.rules, node))
+                if has_effect(pod.rules, observed)
+                else None
+            )
+            eligible[rules] = None if allowed is not None and len(allowed) == len(observed) else allowed
+        pending.append(
+            PendingPod(
+                pod.namespace, pod.name, pod.size_gb, pod.priority, pod.created, eligible=eligible[rules]
+            )
+        )
+    return pending
 
 
 def planning_nodes(
@@ -633,7 +706,7 @@ def planning_nodes(
             continue
         named = {s.holder for g in level.report.gpus for s in g.slices if s.holder is not None}
         unnamed = [pod for pod in holders.get(name, []) if pod.key not in named]
-        desired = level.desired if level.applying else None
+        desired = level.desired.layout if level.applying and level.desired is not None else None
         gpus, without_slice = _expected_gpus(level.report, desired, Counter(p.size_gb for p in unnamed))
         for pod in unnamed:
             if without_slice[pod.size_gb] > 0 and pod.node is None:
@@ -670,7 +743,7 @@ def _expected_gpus(
     to_mark = Counter({size: count - untied_used[size] for size, count in unnamed.items()})
     gpus: list[Gpu] = []
     for gpu in sorted(report.gpus, key=lambda g: g.index):
-        if gpu.mig_enabled:
+        if gpu.mig_enabled or not gpu.daemon_healthy:  # left alone: no MPS to serve slices on it now
             continue
         used = Counter(s.size_gb for s in gpu.slices if s.used)
         if desired is not None and gpu.index in desired:

@@ -10,18 +10,34 @@ from hypothesis import strategies as st
 from benchmarks.folding import T0, fold_state
 from benchmarks.snapshots import generate
 from events.envelope import Envelope
-from events.pods import PodDeleted, PodObserved
+from events.pods import NodeRules, NodeSelectorTerm, PodDeleted, PodObserved, Requirement
 from services.planner.core.state import IncrementalPlanner, PlannerSettings, compute_plan
 
 SETTINGS = PlannerSettings()
 
-# One step after the initial state: a new pending pod (size, priority), or the deletion or binding
-# of an earlier pod (index into the pods so far).
+# One step after the initial state: a new pending pod (size, priority, the nodes its rules allow),
+# or the deletion or binding of an earlier pod (index into the pods so far).
+RULES = {
+    "any": NodeRules(),
+    "first node": NodeRules(
+        required_terms=(
+            NodeSelectorTerm(
+                fields=(Requirement(key="metadata.name", operator="In", values=("gpu-node-0000",)),)
+            ),
+        )
+    ),
+    "no node": NodeRules(node_selector={"gpu": "none-has-this"}),
+}
 steps = st.lists(
     st.one_of(
-        st.tuples(st.just("new"), st.sampled_from([0, 1, 2, 5, 10, 20, 40, 90]), st.sampled_from([0, 0, 10])),
-        st.tuples(st.just("delete"), st.integers(0, 40), st.just(0)),
-        st.tuples(st.just("bind"), st.integers(0, 40), st.just(0)),
+        st.tuples(
+            st.just("new"),
+            st.sampled_from([0, 1, 2, 5, 10, 20, 40, 90]),
+            st.sampled_from([0, 0, 10]),
+            st.sampled_from(["any", "any", "first node", "no node"]),
+        ),
+        st.tuples(st.just("delete"), st.integers(0, 40), st.just(0), st.just("any")),
+        st.tuples(st.just("bind"), st.integers(0, 40), st.just(0), st.just("any")),
     ),
     max_size=12,
 )
@@ -30,14 +46,14 @@ steps = st.lists(
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10_000), load=st.sampled_from([0.2, 0.45, 0.8]), script=steps)
 def test_incremental_plans_equal_plans_from_scratch(
-    seed: int, load: float, script: list[tuple[str, int, int]]
+    seed: int, load: float, script: list[tuple[str, int, int, str]]
 ) -> None:
     snapshot = generate(seed, nodes=4, gpus_per_node=2, pods=15, load=load)
     state = fold_state(snapshot)
     planner = IncrementalPlanner(SETTINGS)
     now = T0 + timedelta(seconds=1)
     assert planner.compute(state, now) == compute_plan(state, now, SETTINGS)
-    for step, (action, value, priority) in enumerate(script):
+    for step, (action, value, priority, rules) in enumerate(script):
         now += timedelta(milliseconds=100)
         keys = sorted(state.pods)
         if action == "new":
@@ -50,6 +66,7 @@ def test_incremental_plans_equal_plans_from_scratch(
                 priority=priority,
                 created=now,
                 phase="Pending",
+                rules=RULES[rules],
             )
         elif not keys:
             continue
@@ -78,3 +95,27 @@ def test_only_new_pending_pods_take_the_fast_path() -> None:
     assert "late/one" in second.placed
     assert set(second.placed) == set(first.placed) | {"late/one"}
     assert second == compute_plan(state, now, SETTINGS)
+
+
+def test_new_pending_pods_with_node_rules_go_only_where_their_rules_allow() -> None:
+    snapshot = generate(7, nodes=3, gpus_per_node=2, pods=10, load=0.2)
+    state = fold_state(snapshot)
+    planner = IncrementalPlanner(SETTINGS)
+    now = T0 + timedelta(seconds=1)
+    planner.compute(state, now)
+    for serial, (name, rules) in enumerate((("first", "first node"), ("none", "no node"))):
+        pod = PodObserved(
+            namespace="late",
+            name=name,
+            uid=f"u{serial}",
+            resource_version="1",
+            size_gb=1,
+            created=now,
+            phase="Pending",
+            rules=RULES[rules],
+        )
+        state.apply(Envelope(id=f"e{serial}", time=now, source="test", event=pod))
+    plan = planner.compute(state, now)
+    assert plan.placed["late/first"].node == "gpu-node-0000"
+    assert plan.unplaced["late/none"].startswith("no opted-in node that mpsflow plans on matches")
+    assert plan == compute_plan(state, now, SETTINGS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from itertools import count
 
@@ -11,9 +12,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from events.envelope import Envelope, Event
-from events.nodes import GpuProcessReport, GpuReport, NodeGpusReported, NodeObserved, NodeOptedOut, SliceState
+from events.nodes import (
+    GpuProcessReport,
+    GpuReport,
+    NodeGpusReported,
+    NodeObserved,
+    NodeOptedOut,
+    SliceState,
+    Taint,
+)
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeLayout, NodePlanned, PlanComputed, SliceSpec
-from events.pods import PodDeleted, PodObserved, PodPhase, PodRejected, PodReleased, PodUnplaced
+from events.pods import NodeRules, PodDeleted, PodObserved, PodPhase, PodRejected, PodReleased, PodUnplaced
 from services.planner.core.model import PendingPod, PlanSettings
 from services.planner.core.planning import plan_cluster
 from services.planner.core.state import (
@@ -123,11 +132,11 @@ def report(node: str, *gpus: GpuReport) -> NodeGpusReported:
     return NodeGpusReported(node=node, gpus=gpus)
 
 
-def applied(node: str, gpus: dict[int, tuple[int, ...]], plan_id: str = "p") -> NodeConfigApplied:
+def applied(node: str, gpus: dict[int, tuple[int, ...]], plan_id: str) -> NodeConfigApplied:
     return NodeConfigApplied(node=node, plan_id=plan_id, gpus=gpus)
 
 
-def refused(node: str, gpus: dict[int, tuple[int, ...]], plan_id: str = "p") -> NodeConfigFailed:
+def refused(node: str, gpus: dict[int, tuple[int, ...]], plan_id: str) -> NodeConfigFailed:
     return NodeConfigFailed(node=node, plan_id=plan_id, reason="GPU 0: no room", gpus=gpus)
 
 
@@ -149,7 +158,16 @@ def sizes(plan: PlanComputed) -> dict[str, dict[int, str]]:
 
 
 def ready_node(name: str = "n", *gpus: GpuReport, at: datetime = T0) -> list[Envelope]:
-    return [env(NodeObserved(name=name), at), env(report(name, *(gpus or (gpu_report(0, 40),))), at)]
+    """An opted-in node whose agent reported `gpus` and whose kubelet has synced their slices into
+    the node's allocatable."""
+    return synced(name, *(gpus or (gpu_report(0, 40),)), at=at)
+
+
+def synced(name: str, *gpus: GpuReport, at: datetime = T0) -> list[Envelope]:
+    """The agent's report of `gpus`, and the node's allocatable once the kubelet synced their listed
+    slices (all a scheduler sees)."""
+    listed = Counter(s.size_gb for gpu in gpus for s in gpu.slices if s.listed_by_kubelet)
+    return [env(NodeObserved(name=name, allocatable=dict(listed)), at), env(report(name, *gpus), at)]
 
 
 # --- apply ------------------------------------------------------------------------------------------------
@@ -388,7 +406,7 @@ def test_a_change_folded_in_while_a_plan_is_published_keeps_its_window_open() ->
     assert isinstance(later, PublishPlan) and "default/b" in later.plan.unplaced
     assert later.node_plans == () and later.unplaced == ()
     state.commit(later)
-    state.apply(env(applied("n", {0: (10,)}), T0 + timedelta(seconds=3)))
+    state.apply(env(applied("n", {0: (10,)}, decision.node_plans[0].plan_id), T0 + timedelta(seconds=3)))
     settled = decide(state, T0 + timedelta(seconds=4), SETTINGS)
     assert isinstance(settled, PublishPlan) and "default/b" in settled.plan.placed
     assert [planned.layout.sizes() for planned in settled.node_plans] == [{0: (10, 10)}]
@@ -607,7 +625,8 @@ def test_a_gated_pod_is_released_once_its_slice_is_free_and_listed_by_the_kubele
     first = decided(state)
     assert first.plan.placed["default/a"].node == "n" and released(first) == {}
     state.commit(first)
-    state.apply(env(report("n", gpu_report(0, 40, "10f")), LATER))
+    for envelope in synced("n", gpu_report(0, 40, "10f"), at=LATER):
+        state.apply(envelope)
     second = decided(state, LATER + timedelta(seconds=1))
     assert released(second) == {"default/a": "n"}
     assert second.releases[0].size_gb == 10 and second.releases[0].uid == "uid-default-a"
@@ -637,7 +656,8 @@ def test_holders_the_report_does_not_name_yet_take_free_slices_before_any_releas
     )
     assert released(decided(state)) == {"default/a": "n"}
     # Once the report names b as the holder of one slice, the other is a's and c waits for more.
-    state.apply(env(report("n", gpu_report(0, 20, "10u@b 10f")), LATER))
+    for envelope in synced("n", gpu_report(0, 20, "10u@b 10f"), at=LATER):
+        state.apply(envelope)
     assert released(decided(state, LATER + timedelta(seconds=1))) == {"default/a": "n"}
 
 
@@ -651,7 +671,8 @@ def test_a_pod_released_earlier_counts_as_a_holder_until_the_report_names_it() -
     # A slice is carved for c; nothing is released to a node in the decision that changes it.
     assert [p.layout.sizes() for p in second.node_plans] == [{0: (10, 10)}] and second.releases == ()
     state.commit(second)
-    state.apply(env(report("n", gpu_report(0, 40, "10f 10f")), LATER + timedelta(seconds=2)))
+    for envelope in synced("n", gpu_report(0, 40, "10f 10f"), at=LATER + timedelta(seconds=2)):
+        state.apply(envelope)
     third = decided(state, LATER + timedelta(seconds=3))
     assert released(third) == {"default/c": "n"}  # a is about to hold one of the two
 
@@ -681,7 +702,8 @@ def test_no_release_while_the_node_applies_a_layout() -> None:
     assert second.releases == () and second.node_plans == ()
     assert second.plan.placed["default/b"].node == "n"  # on the free slice, once n has settled
     state.commit(second)
-    state.apply(env(report("n", gpu_report(0, 40, "10f 20f")), LATER + timedelta(seconds=2)))
+    for envelope in synced("n", gpu_report(0, 40, "10f 20f"), at=LATER + timedelta(seconds=2)):
+        state.apply(envelope)
     third = decided(state, LATER + timedelta(seconds=3))
     assert released(third) == {"default/a": "n", "default/b": "n"}
 
@@ -695,8 +717,10 @@ def test_a_node_gets_one_layout_change_at_a_time_and_settles_on_its_agents_word(
     second = decided(state, LATER + timedelta(seconds=1))
     assert second.node_plans == () and "default/b" in second.plan.unplaced
     state.commit(second)
-    state.apply(env(applied("n", {0: (10,)}), LATER + timedelta(seconds=2)))
-    third = decided(state, LATER + timedelta(seconds=3))
+    state.apply(env(applied("n", {0: (10,)}, "another plan"), LATER + timedelta(seconds=2)))
+    assert decided_or_none(state, LATER + timedelta(seconds=3)) == ()  # not its answer to this ask
+    state.apply(env(applied("n", {0: (10,)}, first.node_plans[0].plan_id), LATER + timedelta(seconds=4)))
+    third = decided(state, LATER + timedelta(seconds=5))
     assert [p.layout.sizes() for p in third.node_plans] == [{0: (10, 20)}]
 
 
@@ -715,13 +739,13 @@ def test_a_refused_layout_is_not_asked_again_while_the_nodes_report_stays_the_sa
     first = decided(state)
     assert [p.layout.sizes() for p in first.node_plans] == [{0: (10, 20)}]
     state.commit(first)
-    state.apply(env(refused("n", {0: (10, 20)}), LATER))
+    state.apply(env(refused("n", {0: (10, 20)}, first.node_plans[0].plan_id), LATER))
     second = decided(state, LATER + timedelta(seconds=1))
     # The node keeps what it has, and the key in the bucket says so instead of the refused layout.
     assert [p.layout.sizes() for p in second.node_plans] == [{0: (10,)}]
     assert "default/a" in second.plan.unplaced
     state.commit(second)
-    state.apply(env(applied("n", {0: (10,)}), LATER + timedelta(seconds=2)))
+    state.apply(env(applied("n", {0: (10,)}, second.node_plans[0].plan_id), LATER + timedelta(seconds=2)))
     assert isinstance(decide(state, LATER + timedelta(seconds=3), SETTINGS), NothingToDo | PublishPlan)
     assert all(
         p.layout.sizes() != {0: (10, 20)} for p in decided_or_none(state, LATER + timedelta(seconds=3))
@@ -747,11 +771,12 @@ def test_reasons_are_told_only_while_no_node_is_applying_a_layout() -> None:
     second = decided(state, LATER + timedelta(seconds=1))
     assert "applying its last layout" in second.plan.unplaced["default/c"] and second.unplaced == ()
     state.commit(second)
-    state.apply(env(applied("n", {0: (20,)}), LATER + timedelta(seconds=2)))
+    state.apply(env(applied("n", {0: (20,)}, first.node_plans[0].plan_id), LATER + timedelta(seconds=2)))
     third = decided(state, LATER + timedelta(seconds=3))
     assert [(u.name, u.reason) for u in third.unplaced] == [("c", exhausted)]
     state.commit(third)
-    state.apply(env(report("n", gpu_report(0, 20, "20f")), LATER + timedelta(seconds=4)))
+    for envelope in synced("n", gpu_report(0, 20, "20f"), at=LATER + timedelta(seconds=4)):
+        state.apply(envelope)
     fourth = decided(state, LATER + timedelta(seconds=5))
     assert fourth.unplaced == () and released(fourth) == {"default/a": "n"}
 
@@ -811,7 +836,8 @@ def test_a_restarted_planner_reads_back_the_layouts_and_releases_it_published() 
     assert decision.node_plans == () and decision.releases == () and "default/a" not in decision.plan.placed
     # Its own layout read back later (an echo) never replaces a newer one it decided since.
     state.apply(env(NodePlanned(node="n", plan_id="old", layout=NodeLayout(gpus={0: ()}))))
-    assert state.nodes["n"].desired == {0: (10,)}
+    desired = state.nodes["n"].desired
+    assert desired is not None and (desired.layout, desired.plan_id) == ({0: (10,)}, "p")
 
 
 def test_a_pod_released_to_a_node_that_opted_out_waits_for_it_and_says_so() -> None:
@@ -827,3 +853,127 @@ def test_a_pod_released_to_a_node_that_opted_out_waits_for_it_and_says_so() -> N
         "without GPU reports): the pod waits for that node"
     }
     assert "n" not in decision.plan.nodes and sizes(decision.plan) == {"m": {0: ""}}
+
+
+def test_a_refused_layout_wanted_again_once_the_report_changed_is_asked_again_under_an_id_of_its_own() -> (
+    None
+):
+    state = state_of(*ready_node("n", gpu_report(0, 40, "10f")), env(gated("a", 20)))
+    first = decided(state)
+    state.commit(first)
+    # A short pod takes the free slice, so the agent refuses; the pod is gone again at once.
+    state.apply(env(report("n", gpu_report(0, 40, "10u")), LATER))
+    state.apply(env(refused("n", {0: (10, 20)}, first.node_plans[0].plan_id), LATER))
+    state.apply(env(report("n", gpu_report(0, 40, "10f")), LATER + 10 * MS))
+    again = decided(state, LATER + timedelta(seconds=1))
+    [asked] = again.node_plans
+    assert asked.layout.sizes() == {0: (10, 20)} and asked.plan_id != first.node_plans[0].plan_id
+    state.commit(again)
+    assert state.nodes["n"].applying  # until the agent answers this ask
+    state.apply(env(applied("n", {0: (10, 20)}, asked.plan_id), LATER + timedelta(seconds=2)))
+    assert not state.nodes["n"].applying
+
+
+def test_a_release_read_back_before_the_pods_latest_level_still_holds_its_slice() -> None:
+    # A restarted planner reads the last message of every subject in stream order: the release
+    # can come before the pod's latest level, which is still gated when the pod changed meanwhile.
+    release = PodReleased(
+        namespace="default", name="a", uid="uid-default-a", node="n", size_gb=10, plan_id="p"
+    )
+    for stream in ([env(gated("a")), env(release)], [env(release), env(gated("a"))]):
+        state = state_of(*ready_node("n", gpu_report(0, 20, "10f")), *stream)
+        assert set(state.releases) == {"default/a"}
+        assert [n.protected for n in planning_nodes(state, LATER, SETTINGS)[0]] == [frozenset({10})]
+    # A release for another pod of that name, or for a pod that shows it, is not kept.
+    for pod in (
+        observed("a", gated=True).model_copy(update={"uid": "other"}),
+        observed("a", released_to="n"),
+    ):
+        state = state_of(*ready_node("n", gpu_report(0, 20, "10f")), env(pod), env(release))
+        assert state.releases == {}
+
+
+def test_a_pod_whose_gate_someone_else_lifted_is_outside_the_gate_again() -> None:
+    release = PodReleased(
+        namespace="default", name="a", uid="uid-default-a", node="m", size_gb=10, plan_id="p"
+    )
+    state = state_of(
+        *ready_node("m", gpu_report(0, 20)),
+        *ready_node("n", gpu_report(0, 20, "10f")),
+        env(gated("a")),
+        env(release),
+        env(observed("a")),  # ungated, not released: its gate went some other way
+    )
+    assert state.releases == {}
+    assert {n.name: n.protected for n in planning_nodes(state, LATER, SETTINGS)[0]} == {
+        "m": frozenset({10}),
+        "n": frozenset({10}),
+    }
+
+
+def test_a_pod_is_released_only_once_the_nodes_allocatable_has_room_for_it() -> None:
+    # The kubelet lists the new slice, but the API's allocatable (all the scheduler sees) does not
+    # show it until the node-status sync: a pod released now would be unschedulable there, and
+    # kube-scheduler would look for pods to preempt on that node.
+    state = state_of(
+        env(NodeObserved(name="n", allocatable={10: 1})),
+        env(report("n", gpu_report(0, 40, "10u@b 10f"))),
+        env(observed("b", node="n", phase="Running")),
+        env(gated("a")),
+    )
+    held_back = decided(state)
+    assert held_back.plan.placed["default/a"].node == "n" and held_back.releases == ()
+    state.commit(held_back)
+    state.apply(env(NodeObserved(name="n", allocatable={10: 2}), LATER))
+    assert released(decided(state, LATER + timedelta(seconds=1))) == {"default/a": "n"}
+
+
+def test_a_pod_that_waited_long_is_told_why_even_while_some_node_applies_a_layout() -> None:
+    exhausted = "capacity exhausted: needs 20 GiB on one GPU; the most any GPU could offer now is 0 GiB"
+    state = state_of(*ready_node("n", gpu_report(0, 20)), env(gated("a", 20)))
+    state.commit(decided(state))  # n applies a 20 GiB slice for a, and keeps applying
+    state.apply(env(gated("b", 20), LATER))
+    soon = decided(state, LATER + timedelta(seconds=1))
+    assert "default/b" in soon.plan.unplaced and soon.unplaced == ()
+    state.commit(soon)
+    # b was created at T0; once it has waited the patience, a decision (here, on a new event) tells it.
+    state.apply(env(gated("c", 1), T0 + SETTINGS.reason_patience + MS))
+    late = decided(state, T0 + SETTINGS.reason_patience + timedelta(seconds=1))
+    assert {u.name for u in late.unplaced} >= {"b"}
+    assert state.nodes["n"].applying and late.plan.unplaced["default/b"] != exhausted
+
+
+def test_a_gpu_whose_mps_daemon_is_down_is_left_alone_and_its_slices_are_not_released_onto() -> None:
+    down = gpu_report(0, 40, "10f").model_copy(update={"daemon_healthy": False})
+    state = state_of(*ready_node("n", down, gpu_report(1, 40)), env(gated("a")))
+    decision = decided(state)
+    assert sizes(decision.plan) == {"n": {1: "10f"}} and decision.plan.placed["default/a"].gpu == 1
+    assert decision.releases == ()  # the only free 10 GiB slice is on the GPU whose daemon is down
+
+
+def test_a_pod_goes_only_to_a_node_its_selector_and_tolerations_allow() -> None:
+    a100 = NodeObserved(name="a100", labels={"gpu": "a100"}, allocatable={10: 1})
+    tainted = NodeObserved(
+        name="tainted",
+        labels={"gpu": "a100"},
+        allocatable={10: 1},
+        taints=(Taint(key="x", effect="NoSchedule"),),
+    )
+    h100 = NodeObserved(name="h100", labels={"gpu": "h100"}, allocatable={10: 1})
+    picky = gated("picky").model_copy(update={"rules": NodeRules(node_selector={"gpu": "a100"})})
+    nowhere = gated("nowhere").model_copy(update={"rules": NodeRules(node_selector={"gpu": "b200"})})
+    state = state_of(
+        *(env(node) for node in (a100, tainted, h100)),
+        *(env(report(name, gpu_report(0, 40, "10f"))) for name in ("h100", "tainted", "a100")),
+        env(picky),
+        env(nowhere),
+        env(gated("anyone")),
+    )
+    decision = decided(state)
+    assert decision.plan.placed["default/picky"].node == "a100"
+    assert decision.plan.placed["default/anyone"].node == "h100"  # not the tainted node either
+    assert decision.plan.unplaced["default/nowhere"] == (
+        "no opted-in node that mpsflow plans on matches the pod's node selector, node affinity and "
+        "tolerations"
+    )
+    assert released(decision) == {"default/picky": "a100", "default/anyone": "h100"}
