@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint env clean golden demo-runs
+.PHONY: demo test lint env clean golden demo-runs docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,16 +17,18 @@ env: $(STAMP) ## create the local environment with everything installed
 demo: $(STAMP) ## run the embedded demo: local NATS, simulated cluster, every service
 	$(BIN)/mpsflow demo
 
-test: $(STAMP) ## run linters, type checks and the whole test suite
+test: $(STAMP) ## run linters, type checks, the import contract and the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
@@ -40,3 +42,7 @@ demo-runs: $(STAMP) ## the demo RUNS times, built-in then hostile, each also wit
 
 golden: $(STAMP) ## re-derive tests/golden/*.plans.jsonl from the recorded streams (review the diff!)
 	$(BIN)/python -m tests.golden.regenerate
+
+docs: $(STAMP) ## regenerate docs/events.md from the event models (tests/unit/test_docs.py checks it is current)
+	$(BIN)/python -m events.catalogue > docs/events.md.tmp
+	mv docs/events.md.tmp docs/events.md

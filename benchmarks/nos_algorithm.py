@@ -1,8 +1,8 @@
 """nos's MPS planning algorithm, re-implemented to compare mpsflow's planner against it.
 
-This follows nebuly-ai/nos as /work/shared/reference/nos.md §3 describes it
-(`internal/partitioning/core/{planner,snapshot,tracker,util}.go`, `pkg/gpu/slicing/{gpu,node}.go`),
-weaknesses included:
+This follows nebuly-ai/nos as docs/nos-compatibility.md §3 describes it (each § below is a section
+of that page; Go sources `internal/partitioning/core/{planner,snapshot,tracker,util}.go` and
+`pkg/gpu/slicing/{gpu,node}.go`), weaknesses included:
 
 * Lacking slices (§3.3) are computed per pod against the free slices of the whole cluster, so a
   pod lacks nothing while any free slice of its size exists anywhere, whoever else wants it.

@@ -1,4 +1,4 @@
-"""Seeded `mpsflow plan` snapshots (contracts/plan.md) with realistic GPU mixes, for the benchmarks.
+"""Seeded `mpsflow plan` snapshots (docs/formats.md §1) with realistic GPU mixes, for the benchmarks.
 
 `generate(seed, nodes, gpus_per_node, pods)` returns a snapshot dict; the same arguments always
 give the same snapshot. What it contains:

@@ -1,4 +1,5 @@
-"""The versioned envelope every event travels in, and the codec between envelopes and bytes.
+"""The versioned envelope every event travels in, the codec between envelopes and bytes, and the
+dead letter a consumer records for a message it gave up on.
 
 `encode` and `decode` are the only way events become bytes and back. A message that does not
 decode raises `UndecodableMessageError`, which consumers treat as poison: terminated and recorded,
@@ -7,7 +8,9 @@ never retried. This module never performs I/O.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError
@@ -70,3 +73,18 @@ def content_id(*parts: str) -> str:
     """A short, stable id derived from content, for de-duplication (`Nats-Msg-Id`) and plan ids."""
     digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
     return digest[:24]
+
+
+class DeadLetter(Model):
+    """A message a consumer terminated: what it was, where it came from, and why."""
+
+    consumer: str
+    subject: str
+    stream_sequence: int
+    deliveries: int
+    error: str
+    data_base64: str
+    recorded_at: datetime
+
+    def data(self) -> bytes:
+        return base64.b64decode(self.data_base64)

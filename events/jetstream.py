@@ -1,24 +1,20 @@
-"""The JetStream adapter: streams, KV, publishing with de-duplication, durable pull consumers.
+"""The JetStream adapter of the bus port (`events.bus.Bus`): streams, KV, publishing, consumers.
 
-Every service talks to NATS through `EventBus`. Publishing sets `Nats-Msg-Id` so a retried
-publish is stored once, and `traceparent` so the trace crosses the bus. Consuming follows one
-rule set: a message is acked only after its handler returned (the effect happened); a handler
-that raises is nak'ed with a growing delay; a message that cannot be decoded, or that keeps
-failing until `max_deliver`, is terminated and recorded in the dead-letter stream. A consumer
-never dies because of one message.
+Publishing sets `Nats-Msg-Id` so a retried publish is stored once, and `traceparent` so the trace
+crosses the bus. Consumers are durable pull consumers; how a message is settled (ack after the
+effect, retry, dead letter) is `events.bus.deliver`, shared with the in-memory adapter. The
+node-config bucket is a JetStream KV bucket behind `events.bus.ConfigStore`.
 
 This module never decides anything about GPUs; it moves envelopes.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
 
 import anyio
 import nats
@@ -30,48 +26,22 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from events import subjects
-from events.base import Model
-from events.envelope import Envelope, Event, UndecodableMessageError, content_id, decode, encode
-from events.tracing import handling, inject, publishing
+from events.bus import (
+    BusUnavailableError,
+    ConfigStore,
+    DeliverFrom,
+    Handler,
+    RevisionConflictError,
+    StoredValue,
+    deliver,
+)
+from events.envelope import DeadLetter, Envelope, Event, UndecodableMessageError, content_id, decode, encode
+from events.tracing import inject, publishing
 
 log = logging.getLogger(__name__)
 
-NAK_DELAYS = (0.2, 1.0, 5.0, 15.0)
-
-
-class TransientError(Exception):
-    """The effect could not happen now (an API or network error); the message will come again."""
-
-
-class DeadLetter(Model):
-    """A message a consumer terminated: what it was, where it came from, and why."""
-
-    consumer: str
-    subject: str
-    stream_sequence: int
-    deliveries: int
-    error: str
-    data_base64: str
-    recorded_at: datetime
-
-    def data(self) -> bytes:
-        return base64.b64decode(self.data_base64)
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One decoded message handed to a handler."""
-
-    envelope: Envelope
-    subject: str
-    headers: dict[str, str]
-    stream_sequence: int
-    deliveries: int
-    pending: int
-
-
-Handler = Callable[[Delivery], Awaitable[None]]
-DeliverFrom = Literal["all", "last_per_subject", "new"]
+STREAM_LIMITS = {"max_msgs_per_subject": 64, "max_age": 7 * 24 * 3600, "duplicate_window": 120}
+"""The event stream keeps a subject's last 64 messages for a week; ids de-duplicate for 2 minutes."""
 
 _DELIVER_POLICIES = {
     "all": api.DeliverPolicy.ALL,
@@ -114,9 +84,9 @@ class EventBus:
                 subjects=[subjects.ALL_EVENTS],
                 storage=api.StorageType.FILE,
                 retention=api.RetentionPolicy.LIMITS,
-                max_msgs_per_subject=64,
-                max_age=7 * 24 * 3600,
-                duplicate_window=120,
+                max_msgs_per_subject=STREAM_LIMITS["max_msgs_per_subject"],
+                max_age=STREAM_LIMITS["max_age"],
+                duplicate_window=STREAM_LIMITS["duplicate_window"],
             )
         )
         await self._add_or_update_stream(
@@ -142,8 +112,8 @@ class EventBus:
                 raise
             await self.js.update_stream(config)
 
-    async def node_configs(self) -> KeyValue:
-        return await self.js.key_value(subjects.NODE_CONFIG_BUCKET)
+    async def node_configs(self) -> ConfigStore:
+        return JetStreamConfigStore(await self.js.key_value(subjects.NODE_CONFIG_BUCKET))
 
     async def publish(
         self, subject: str, event: Event, *, message_id: str | None = None, time: datetime | None = None
@@ -154,9 +124,21 @@ class EventBus:
         envelope = Envelope(id=envelope_id, time=when, source=self.source, event=event)
         with publishing(subject, event.kind, envelope_id):
             headers = inject({"Nats-Msg-Id": envelope_id})
-            ack = await self.js.publish(subject, encode(envelope), headers=headers, timeout=5)
+            try:
+                ack = await self.js.publish(subject, encode(envelope), headers=headers, timeout=5)
+            except (nats.errors.Error, TimeoutError) as error:
+                raise BusUnavailableError(f"{type(error).__name__}: {error}") from error
         self.published += 1
         return ack.seq
+
+    async def publish_bytes(self, subject: str, data: bytes, *, message_id: str | None = None) -> int:
+        headers = {"Nats-Msg-Id": message_id} if message_id is not None else None
+        ack = await self.js.publish(subject, data, headers=headers, timeout=5)
+        return ack.seq
+
+    async def pending(self, durable: str) -> int:
+        info = await self.js.consumer_info(subjects.STREAM, durable)
+        return info.num_pending or 0
 
     async def consume(
         self,
@@ -219,64 +201,21 @@ class EventBus:
     async def _deliver(
         self, consumer: str, message: Msg, handle: Handler, max_deliver: int, ack_wait: float
     ) -> None:
-        metadata = message.metadata
-        deliveries = metadata.num_delivered or 1
-        try:
-            envelope = decode(message.data)
-        except UndecodableMessageError as error:
-            await self.record_dead_letter(consumer, message, f"undecodable: {error}")
-            await message.term()
-            return
-        headers = dict(message.headers or {})
-        delivery = Delivery(
-            envelope,
-            message.subject,
-            headers,
-            metadata.sequence.stream,
-            deliveries,
-            metadata.num_pending or 0,
+        await deliver(
+            consumer,
+            _Received(message),
+            handle,
+            max_deliver=max_deliver,
+            ack_wait=ack_wait,
+            record=self._record_dead_letter,
+            now=lambda: datetime.now(UTC),
         )
-        with handling(message.subject, envelope.kind, headers, consumer) as span:
-            try:
-                with anyio.fail_after(ack_wait):
-                    await handle(delivery)
-            except Exception as error:
-                span.record_exception(error)
-                if deliveries >= max_deliver:
-                    log.error(
-                        "%s: giving up on %s after %d deliveries: %s",
-                        consumer,
-                        message.subject,
-                        deliveries,
-                        error,
-                    )
-                    await self.record_dead_letter(consumer, message, f"failed {deliveries} times: {error!r}")
-                    await message.term()
-                else:
-                    delay = NAK_DELAYS[min(deliveries, len(NAK_DELAYS)) - 1]
-                    log.warning(
-                        "%s: %s failed (%s), retrying in %.1fs", consumer, message.subject, error, delay
-                    )
-                    await message.nak(delay=delay)
-                return
-        await message.ack()
 
-    async def record_dead_letter(self, consumer: str, message: Msg, error: str) -> None:
-        metadata = message.metadata
-        letter = DeadLetter(
-            consumer=consumer,
-            subject=message.subject,
-            stream_sequence=metadata.sequence.stream,
-            deliveries=metadata.num_delivered or 1,
-            error=error,
-            data_base64=base64.b64encode(message.data).decode(),
-            recorded_at=datetime.now(UTC),
-        )
-        log.error("%s: dead letter from %s: %s", consumer, message.subject, error)
+    async def _record_dead_letter(self, letter: DeadLetter) -> None:
         await self.js.publish(
-            subjects.dead_letter_subject(consumer),
+            subjects.dead_letter_subject(letter.consumer),
             letter.model_dump_json().encode(),
-            headers={"Nats-Msg-Id": f"dead-{consumer}-{metadata.sequence.stream}"},
+            headers={"Nats-Msg-Id": f"dead-{letter.consumer}-{letter.stream_sequence}"},
         )
 
     async def current_levels(self, filter_subject: str) -> list[Envelope]:
@@ -334,3 +273,84 @@ class EventBus:
             await self._nc.drain()
         if not self._nc.is_closed:
             await self._nc.close()
+
+
+@dataclass(frozen=True)
+class _Received:
+    """A JetStream message as `events.bus.deliver` settles it."""
+
+    message: Msg
+
+    @property
+    def subject(self) -> str:
+        return self.message.subject
+
+    @property
+    def data(self) -> bytes:
+        return self.message.data
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return dict(self.message.headers or {})
+
+    @property
+    def stream_sequence(self) -> int:
+        return self.message.metadata.sequence.stream
+
+    @property
+    def deliveries(self) -> int:
+        return self.message.metadata.num_delivered or 1
+
+    @property
+    def pending(self) -> int:
+        return self.message.metadata.num_pending or 0
+
+    async def ack(self) -> None:
+        await self.message.ack()
+
+    async def nak(self, delay: float) -> None:
+        await self.message.nak(delay=delay)
+
+    async def term(self) -> None:
+        await self.message.term()
+
+
+class JetStreamConfigStore:
+    """The node-config bucket as a JetStream KV bucket."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    async def get(self, key: str) -> StoredValue | None:
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError:  # also raised for a deleted or purged key
+            return None
+        return StoredValue(key, entry.value or b"", entry.revision or 0)
+
+    async def create(self, key: str, value: bytes) -> int:
+        try:
+            return await self._kv.create(key, value)
+        except nats.js.errors.KeyWrongLastSequenceError as error:
+            raise RevisionConflictError(f"{key} exists") from error
+
+    async def update(self, key: str, value: bytes, *, last: int) -> int:
+        try:
+            return await self._kv.update(key, value, last=last)
+        except nats.js.errors.KeyWrongLastSequenceError as error:
+            raise RevisionConflictError(f"{key} is not at revision {last}") from error
+
+    async def watch(self, key: str) -> AsyncIterator[StoredValue]:
+        watcher = await self._kv.watch(key)
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
+                except nats.errors.TimeoutError:
+                    continue
+                if entry is None or entry.value is None or entry.operation in ("DEL", "PURGE"):
+                    continue  # None marks the end of the initial values
+                yield StoredValue(entry.key, entry.value, entry.revision or 0)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await watcher.stop()  # type: ignore[no-untyped-call]

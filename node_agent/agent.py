@@ -17,16 +17,16 @@ from pathlib import Path
 
 import anyio
 import grpc.aio
-import nats.errors
-from nats.js.kv import KeyValue
 from opentelemetry import trace
 
 from events import subjects
+from events.bus import Bus
 from events.envelope import content_id
-from events.jetstream import EventBus
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from events.tracing import extract, tracer
+from events.vocabulary import MIB_PER_GIB
 from node_agent.device_plugin import SliceDevicePlugin
+from node_agent.gpus import GpuReading
 from node_agent.mps import (
     DaemonSpec,
     MpsCommandError,
@@ -35,9 +35,9 @@ from node_agent.mps import (
     format_mem_limit,
     parse_server_list,
 )
-from node_agent.nvml import GpuInventory, GpuReading
+from node_agent.nvml import GpuInventory
 from node_agent.pod_resources import kubelet_view
-from node_agent.reconcile import MIB_PER_GIB, Refused, SliceUsage, adopted_devices, gpu_report, reconcile
+from node_agent.reconcile import Refused, SliceUsage, adopted_devices, gpu_report, reconcile
 from node_agent.slices import SliceDevice
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class NodeAgent:
     def __init__(
         self,
         settings: AgentSettings,
-        bus: EventBus,
+        bus: Bus,
         inventory: GpuInventory,
         mps: MpsControl,
         plugin: SliceDevicePlugin,
@@ -127,25 +127,14 @@ class NodeAgent:
                 self.daemon_health[gpu.index] = False
 
     async def watch_config(self) -> None:
-        kv: KeyValue = await self.bus.node_configs()
-        watcher = await kv.watch(subjects.node_config_key(self.settings.node))
-        try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
-                except nats.errors.TimeoutError:
-                    continue
-                if entry is None or entry.value is None or entry.operation in ("DEL", "PURGE"):
-                    continue
-                try:
-                    desired = NodeMpsConfig.model_validate_json(entry.value)
-                except ValueError as error:
-                    log.error("node config revision %d is unreadable: %s", entry.revision, error)
-                    continue
-                await self.apply(desired, entry.revision)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+        configs = await self.bus.node_configs()
+        async for stored in configs.watch(subjects.node_config_key(self.settings.node)):
+            try:
+                desired = NodeMpsConfig.model_validate_json(stored.value)
+            except ValueError as error:
+                log.error("node config revision %d is unreadable: %s", stored.revision, error)
+                continue
+            await self.apply(desired, stored.revision)
 
     async def apply(self, desired: NodeMpsConfig, revision: int) -> None:
         """Apply the config found at KV `revision`, and say whether it was applied or refused."""
@@ -284,7 +273,7 @@ class NodeAgent:
         also binds a client that would come without it. It is the default for servers started
         later and is set on servers already running too, since a client can only lower the limit
         of the server it joins: a server started under a smaller cap would hold a bigger slice's
-        new client to it. Clients already connected keep what they have (peers.md §0.7).
+        new client to it. Clients already connected keep what they have (docs/mps.md §5).
         """
         for gpu in self.gpus:
             sizes = [d.size_gb for d in self.devices if d.gpu_index == gpu.index]

@@ -27,6 +27,8 @@ from typing import IO, Protocol
 import anyio
 import anyio.to_thread
 
+from events.vocabulary import MIB_PER_GIB
+
 CONTROL_SOCKET_NAME = "control"
 PID_FILE_NAME = "nvidia-cuda-mps-control.pid"
 HEALTH_PROBE_COMMAND = "get_default_active_thread_percentage"
@@ -35,7 +37,6 @@ UNSET_MEM_LIMIT_REPLY = "N/A"
 
 _UNIX_SOCKET_PATH_MAX_BYTES = 107  # sun_path is 108 bytes including the terminating NUL
 _MEM_LIMIT_REPLY = re.compile(r"(\d+)([MG])")
-_MIB_PER_GIB = 1024
 _READINESS_POLL_SECONDS = 0.05
 
 
@@ -220,7 +221,7 @@ async def apply_gpu_defaults(
     """Set the defaults that MPS servers started later on this GPU inherit.
 
     Servers already running keep their settings, and clients already connected keep theirs
-    (peers.md §0.7): this retargets future clients only. ``None`` leaves a default untouched.
+    (docs/mps.md §5): this retargets future clients only. ``None`` leaves a default untouched.
     Device index 0 is this daemon's GPU because the daemon sees only that GPU.
     """
     commands = []
@@ -250,7 +251,7 @@ def parse_mem_limit(reply: str) -> int | None:
     if match is None:
         raise ValueError(f"unrecognised pinned memory limit reply {reply!r}")
     amount = int(match.group(1))
-    return amount * _MIB_PER_GIB if match.group(2) == "G" else amount
+    return amount * MIB_PER_GIB if match.group(2) == "G" else amount
 
 
 def parse_thread_percentage(reply: str) -> float:

@@ -14,47 +14,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import anyio.to_thread
 import pynvml
 
+from node_agent.gpus import GpuProcess, GpuReading
+
 _BYTES_PER_MIB = 1024 * 1024
-_VOLTA = (7, 0)
-_MPS_CLIENTS_VOLTA_AND_LATER = 48
-_MPS_CLIENTS_BEFORE_VOLTA = 16
-
-
-@dataclass(frozen=True)
-class GpuProcess:
-    """A process holding a CUDA context on a GPU (host PID); memory is unknown under some drivers."""
-
-    pid: int
-    used_memory_mib: int | None
-
-
-@dataclass(frozen=True)
-class GpuReading:
-    """One GPU as NVML shows it at one moment."""
-
-    index: int
-    uuid: str
-    model: str
-    """The product name with spaces replaced by '-', like GPU Feature Discovery's ``gpu.product``."""
-    memory_total_mib: int
-    memory_used_mib: int
-    compute_capability: tuple[int, int]
-    mig_enabled: bool
-    processes: tuple[GpuProcess, ...]
-    """Compute processes (the MPS server among them) followed by MPS client processes."""
-
-    @property
-    def max_mps_clients(self) -> int:
-        """How many MPS clients (CUDA contexts) one server accepts on this GPU (peers.md §0.6)."""
-        return (
-            _MPS_CLIENTS_VOLTA_AND_LATER if self.compute_capability >= _VOLTA else _MPS_CLIENTS_BEFORE_VOLTA
-        )
 
 
 class GpuInventory(Protocol):

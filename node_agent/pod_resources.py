@@ -15,9 +15,9 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
+from events.vocabulary import slice_size
 from node_agent.proto_gen import podresources_v1_pb2 as podresources
 from node_agent.proto_gen import podresources_v1_pb2_grpc as podresources_grpc
-from node_agent.slices import parse_resource_name
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,14 @@ async def kubelet_view(socket: Path, rpc_seconds: float = 2.0) -> KubeletView:
             listed = frozenset(
                 device_id
                 for devices in allocatable.devices
-                if parse_resource_name(devices.resource_name) is not None
+                if slice_size(devices.resource_name) is not None
                 for device_id in devices.device_ids
             )
     held: dict[str, str] = {}
     for pod in response.pod_resources:
         for container in pod.containers:
             for devices in container.devices:
-                if parse_resource_name(devices.resource_name) is not None:
+                if slice_size(devices.resource_name) is not None:
                     for device_id in devices.device_ids:
                         held[device_id] = f"{pod.namespace}/{pod.name}"
     return KubeletView(held, listed)

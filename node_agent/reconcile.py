@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 
 from events.nodes import GpuProcessReport, GpuReport, NodeGpusReported, SliceState
 from events.plans import NodeMpsConfig
-from node_agent.nvml import GpuReading
+from events.vocabulary import MIB_PER_GIB
+from node_agent.gpus import GpuReading
 from node_agent.slices import SliceDevice, parse_slice_device_id, slice_device_id
-
-MIB_PER_GIB = 1024
 
 
 @dataclass(frozen=True)

@@ -18,27 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-RESOURCE_PREFIX = "nvidia.com/gpu-"
+from events.vocabulary import MIB_PER_GIB, slice_resource
+
 MAX_DEVICE_ID_LENGTH = 63
 CONTAINER_PIPE_DIRECTORY = "/tmp/nvidia-mps"
 
-_RESOURCE_NAME = re.compile(r"nvidia\.com/gpu-([1-9][0-9]*)gb")
 _DEVICE_ID = re.compile(r"mps-g(0|[1-9][0-9]*)-([1-9][0-9]*)gb-(0|[1-9][0-9]*)")
 
 ThreadPolicy = Literal["proportional", "equal", "off"]
-
-
-def resource_name(size_gb: int) -> str:
-    """The extended resource name for slices of ``size_gb`` GiB, e.g. ``nvidia.com/gpu-10gb``."""
-    if size_gb < 1:
-        raise ValueError(f"slice size must be at least 1 GiB, got {size_gb}")
-    return f"{RESOURCE_PREFIX}{size_gb}gb"
-
-
-def parse_resource_name(name: str) -> int | None:
-    """The slice size in GiB of an mpsflow resource name, or None for any other name."""
-    match = _RESOURCE_NAME.fullmatch(name)
-    return int(match.group(1)) if match else None
 
 
 def slice_device_id(gpu_index: int, size_gb: int, ordinal: int) -> str:
@@ -85,7 +72,7 @@ class SliceDevice:
 
     @property
     def resource(self) -> str:
-        return resource_name(self.size_gb)
+        return slice_resource(self.size_gb)
 
     @property
     def ordinal(self) -> int:
@@ -125,7 +112,7 @@ def container_allocation(
         raise ValueError(f"slices_on_gpu must be at least 1, got {slices_on_gpu}")
     envs = {
         "NVIDIA_VISIBLE_DEVICES": device.gpu_uuid,
-        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={device.size_gb * 1024}M",
+        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={device.size_gb * MIB_PER_GIB}M",
         "CUDA_MPS_PIPE_DIRECTORY": CONTAINER_PIPE_DIRECTORY,
     }
     thread_percentage = _active_thread_percentage(device, slices_on_gpu, thread_policy)
@@ -143,7 +130,7 @@ def container_allocation(
 def _active_thread_percentage(device: SliceDevice, slices_on_gpu: int, policy: ThreadPolicy) -> int | None:
     match policy:
         case "proportional":
-            share = (100 * device.size_gb * 1024) // device.gpu_memory_mib
+            share = (100 * device.size_gb * MIB_PER_GIB) // device.gpu_memory_mib
             # A slice as large as the GPU's nominal size can exceed the reported MiB slightly.
             return min(100, max(1, share))
         case "equal":

@@ -10,15 +10,32 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from services.kit.lifecycle import close_all
 
 if TYPE_CHECKING:
-    from services.pod_watcher.translate import OptInLabel
+    from events.vocabulary import OptInLabel
+    from node_agent.nvml import GpuInventory
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+COMMAND_PLUGINS = "mpsflow.commands"
+"""Entry points that add commands (the demo adds `demo`), so this module imports none of them."""
+
+
+class PluginCommand(Protocol):
+    help: str
+
+    def configure(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+def plugin_commands() -> dict[str, PluginCommand]:
+    """The commands installed packages add through the `mpsflow.commands` entry points."""
+    return {entry.name: entry.load() for entry in sorted(entry_points(group=COMMAND_PLUGINS))}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +55,7 @@ def _kube(parser: argparse.ArgumentParser) -> None:
 
 
 def _opt_in_label(text: str) -> OptInLabel:
-    from services.pod_watcher.translate import OptInLabel
+    from events.vocabulary import OptInLabel
 
     try:
         return OptInLabel.parse(text)
@@ -153,9 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="the MPS control command (split like a shell would)",
     )
     agent.add_argument("--thread-policy", choices=["proportional", "equal", "off"], default="proportional")
-    agent.add_argument(
-        "--simulated-gpus", type=Path, help="use simulated GPUs described in this JSON file instead of NVML"
-    )
     agent.add_argument("--heartbeat", type=float, default=10.0, help="seconds between GPU reports")
 
     plan = commands.add_parser(
@@ -171,24 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", help="replay recorded events through the planner, print its plans")
     replay.add_argument("events", type=Path, help="JSON-lines file of envelopes (from `mpsflow record`)")
 
-    demo = commands.add_parser("demo", help="run the whole system on a simulated cluster")
-    demo.add_argument("--scenario", type=Path, help="YAML or JSON scenario (default: the built-in one)")
-    demo.add_argument("--json", type=Path, dest="json_out", help="write the summary here")
-    demo.add_argument(
-        "--audit-log",
-        type=Path,
-        metavar="FILE",
-        help="write every request the API emulator served here, one JSON object a line",
-    )
-    demo.add_argument(
-        "--record", type=Path, help="also write every event of the run here (for `mpsflow replay`)"
-    )
-    demo.add_argument(
-        "--compat",
-        action="store_true",
-        help="also write nebuly's device-plugin ConfigMap (mpsflow/nos-device-plugin-configs) and "
-        "each node's nvidia.com/device-plugin.config label, and print them at the end",
-    )
+    for name, command in plugin_commands().items():
+        command.configure(commands.add_parser(name, help=command.help))
     return parser
 
 
@@ -202,10 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return anyio.run(record_command, args.nats_url, args.out, backend="asyncio")
     if args.command == "replay":
         return replay_command(args.events)
-    if args.command == "demo":
-        from simulation.demo import demo_command
-
-        return demo_command(args.scenario, args.json_out, args.record, args.audit_log, args.compat)
+    if args.command != "run":
+        return plugin_commands()[args.command].run(args)
     return run_command(args)
 
 
@@ -288,7 +284,7 @@ def run_command(args: argparse.Namespace) -> int:
     elif service == "config-publisher":
         run_service("mpsflow-config-publisher", lambda: _config_publisher(args))
     else:
-        run_service("mpsflow-node-agent", lambda: _node_agent(args), **{"k8s.node.name": args.node})
+        run_service("mpsflow-node-agent", lambda: serve_node_agent(args), **{"k8s.node.name": args.node})
     return 0
 
 
@@ -371,19 +367,15 @@ async def _config_publisher(args: argparse.Namespace) -> None:
         await close_all(bus.close, *([api.close] if api is not None else []))
 
 
-async def _node_agent(args: argparse.Namespace) -> None:
+async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | None = None) -> None:
+    """The node agent on this node's GPUs (NVML), or on `inventory` where the GPUs are simulated."""
     from events.jetstream import EventBus
     from node_agent.agent import AgentSettings, NodeAgent
     from node_agent.device_plugin import SliceDevicePlugin
     from node_agent.mps import SubprocessMpsControl
     from node_agent.nvml import NvmlInventory
 
-    if args.simulated_gpus is not None:
-        from simulation.fake_nvml import FakeNvml
-
-        inventory = NvmlInventory(FakeNvml.from_json(args.simulated_gpus, node_name=args.node))
-    else:
-        inventory = NvmlInventory()
+    inventory = inventory or NvmlInventory()
     bus = await EventBus.connect(args.nats_url, source=f"node-agent/{args.node}")
     plugin = SliceDevicePlugin(
         plugin_dir=args.plugin_dir, pipe_root=args.mps_root, thread_policy=args.thread_policy

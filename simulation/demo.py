@@ -4,7 +4,7 @@ It starts a local nats-server with JetStream, the Kubernetes API emulator, a sim
 per node (with the device-plugin API over gRPC), a simulated scheduler, and every mpsflow
 service as its own process (one node agent per node, over simulated GPUs and a fake MPS control
 daemon). Then it plays the scenario's workload, shows progress, prints the pods and GPU layouts,
-and writes the summary of contracts/scenario.md. Everything it started is stopped when it ends,
+and writes the run's summary (docs/formats.md). Everything it started is stopped when it ends,
 on failure and on Ctrl-C too. The same machinery backs the end-to-end tests.
 """
 
@@ -40,12 +40,16 @@ from events.jetstream import EventBus
 from events.nodes import NodeGpusReported, NodeObserved, NodeOptedOut
 from events.plans import NodeConfigFailed, PlanComputed
 from events.pods import PodRejected
-from node_agent.slices import parse_resource_name
-from services.config_publisher.render import DEVICE_PLUGIN_CONFIG_LABEL
+from events.vocabulary import (
+    DEVICE_PLUGIN_CONFIG_LABEL,
+    WEBHOOK_HEALTH_PATH,
+    WEBHOOK_PATH,
+    asks_for_a_slice,
+    is_opted_in,
+    slice_size,
+)
 from services.kit.kube import api_client
-from services.pod_watcher.gate import HEALTH_PATH, WEBHOOK_PATH
-from services.pod_watcher.translate import asks_for_a_slice, is_opted_in
-from services.pod_watcher.watching import list_and_watch
+from services.kit.watching import list_and_watch
 from simulation.apiserver import AdmissionWebhook, ApiServer
 from simulation.kubelet import RUNS_FOR_ANNOTATION, Kubelet
 from simulation.nats_server import LocalNatsServer, free_port
@@ -218,8 +222,12 @@ def _start_agent(cluster: Cluster, node: ScenarioNode) -> None:
     _start_process(
         cluster,
         _agent_name(node.name),
-        _service_command(
-            "node-agent",
+        [
+            sys.executable,
+            "-m",
+            "simulation.simulated_agent",
+            "--simulated-gpus",
+            str(gpus_file),
             "--node",
             node.name,
             "--plugin-dir",
@@ -230,11 +238,9 @@ def _start_agent(cluster: Cluster, node: ScenarioNode) -> None:
             str(node_dir / "mps"),
             "--mps-control",
             FAKE_MPS_CONTROL,
-            "--simulated-gpus",
-            str(gpus_file),
             "--heartbeat",
             "5",
-        ),
+        ],
         f"mpsflow-node-agent-{node.name}",
     )
 
@@ -408,11 +414,11 @@ def summary(cluster: Cluster, plans_while_idle: int) -> dict[str, Any]:
         started = cluster.kubelets[node].started.get(key) if node in cluster.kubelets else None
         size = next(
             (
-                parse_resource_name(r)
+                slice_size(r)
                 for c in item.pod["spec"]["containers"]
                 for r in (c.get("resources") or {}).get("limits", {})
                 | (c.get("resources") or {}).get("requests", {})
-                if parse_resource_name(r) is not None
+                if slice_size(r) is not None
             ),
             None,
         )
@@ -586,7 +592,9 @@ async def run_demo(
             webhook_ready = False
             with anyio.move_on_after(READY_TIMEOUT):
                 while not (webhook_ready and cluster.ready()):
-                    webhook_ready = webhook_ready or await _webhook_answers(cluster.webhook_url + HEALTH_PATH)
+                    webhook_ready = webhook_ready or await _webhook_answers(
+                        cluster.webhook_url + WEBHOOK_HEALTH_PATH
+                    )
                     await anyio.sleep(0.1)
             if not (webhook_ready and cluster.ready()):
                 opted_in = cluster.opted_in()

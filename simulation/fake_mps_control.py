@@ -3,7 +3,7 @@
 Where it sits: below ``node_agent.mps.SubprocessMpsControl``, in place of NVIDIA's binary. Run it as
 ``python -m simulation.fake_mps_control [-d | -f]``; it reads the same environment variables
 (``CUDA_MPS_PIPE_DIRECTORY``, ``CUDA_MPS_LOG_DIRECTORY``, ``CUDA_VISIBLE_DEVICES``) and answers the
-legacy (v2) control commands of peers.md §0.3 with the semantics NVIDIA documents: ``set_default_*``
+legacy (v2) control commands of docs/mps.md §2 with the semantics NVIDIA documents: ``set_default_*``
 affects only servers started later, a server snapshots the defaults when it starts, ``quit`` loses the
 defaults. Every command the daemon receives is appended to ``$CUDA_MPS_LOG_DIRECTORY/control.log`` as
 ``[<local time> Control <pid>] Cmd:<command>``, so tests can check what it was told
@@ -20,7 +20,7 @@ Modes and exit statuses:
   server PID) prints ``Error: <reason>`` on stdout and exits 1. When no daemon answers it prints
   ``Cannot find MPS control daemon process`` on stderr and exits 1. Any other invocation exits 2.
 
-Reply formats (chosen here; the real ones are not confirmed, see stack.md §5.2):
+Reply formats (chosen here; the real ones are not confirmed, see docs/mps.md §3):
 
 * thread percentages: one decimal, ``"100.0"``; the default is 100.0;
 * pinned memory limits: always MiB, ``"10240M"`` (``10G`` is stored as 10240M); unset: ``"N/A"``;
@@ -45,7 +45,7 @@ How it differs from the real binary (documented, deliberate):
   non-numeric device given to ``set_*_device_pinned_mem_limit`` (e.g. a GPU UUID) is accepted and has
   no effect, mimicking the silent ignore reported in k8s-device-plugin PR#572.
 * Thread percentages accept any number in (0, 100]; the real daemon rounds to hardware granularity.
-* Only the legacy v2 commands listed in peers.md §0.3 (plus ``shutdown_server``) exist; no MPS v3,
+* Only the legacy v2 commands listed in docs/mps.md §2 (plus ``shutdown_server``) exist; no MPS v3,
   no ``-S``/``-v``/``-p``/multi-user flags.
 
 This module must never touch a real GPU or a pipe directory it was not pointed at, and importing it
@@ -68,6 +68,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+from events.vocabulary import MIB_PER_GIB
+
 DEFAULT_PIPE_DIRECTORY = Path("/tmp/nvidia-mps")
 DEFAULT_LOG_DIRECTORY = Path("/var/log/nvidia-mps")
 CONTROL_SOCKET_NAME = "control"
@@ -86,7 +88,6 @@ DEFAULT_ACTIVE_THREAD_PERCENTAGE = 100.0
 _COMMAND_LOG_PREFIX = "Cmd:"
 _LOG_LINE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} Control +\d+\] (.*)")
 _MEM_LIMIT_ARGUMENT = re.compile(r"(\d+)([MG])")
-_MIB_PER_GIB = 1024
 _FIRST_FAKE_SERVER_PID = 40_000
 _CLIENT_TIMEOUT_SECONDS = 30.0
 _CONNECTION_TIMEOUT_SECONDS = 5.0
@@ -537,7 +538,7 @@ def _mem_limit_mib(text: str) -> int:
             f"invalid pinned memory limit {text!r}: expected a positive integer with G or M"
         )
     amount = int(match.group(1))
-    return amount * _MIB_PER_GIB if match.group(2) == "G" else amount
+    return amount * MIB_PER_GIB if match.group(2) == "G" else amount
 
 
 def _format_percentage(value: float) -> str:

@@ -26,8 +26,9 @@ from anyio.abc import TaskGroup
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from node_agent.slices import parse_resource_name, parse_slice_device_id
-from services.pod_watcher.watching import list_and_watch
+from events.vocabulary import slice_size
+from node_agent.slices import parse_slice_device_id
+from services.kit.watching import list_and_watch
 from simulation.kubelet_devices import AdmissionError, DeviceManager, PodRef
 from simulation.scenario import ScenarioNode
 
@@ -170,7 +171,7 @@ class Kubelet:
                 **((container.get("resources") or {}).get("requests") or {}),
                 **((container.get("resources") or {}).get("limits") or {}),
             }
-            if parse_resource_name(resource) is not None
+            if slice_size(resource) is not None
         ]
         try:
             allocated = (

@@ -1,4 +1,4 @@
-"""The demo's scenario format (contracts/scenario.md): nodes with simulated GPUs, a workload, the
+"""The demo's scenario format (docs/formats.md §2): nodes with simulated GPUs, a workload, the
 cluster's timing, and node label changes.
 
 `load_scenario` refuses an invalid file with one message naming the offending field, e.g.

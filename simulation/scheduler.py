@@ -40,7 +40,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from services.kit.signal import Wakeup
-from services.pod_watcher.watching import list_and_watch
+from services.kit.watching import list_and_watch
 from simulation.scheduling import (
     JsonObject,
     SchedulingQueue,

@@ -25,7 +25,8 @@ annotations, and never sleeps to wait for anyone. A failure on one node never st
 an unreachable API server ends the batch at once (every other node would wait out the same
 timeout) and is logged once per outage. The ConfigMap only reaches the API server: the kubelet
 copies it into the device plugin's volume later, and the fork's config-manager restarts (and so
-retries) while its volume lacks the key (nos.md §2.4); nothing here can observe that copy.
+retries) while its volume lacks the key (docs/nos-compatibility.md §2.4); nothing here can
+observe that copy.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from events.plans import NodeLayout
+from events.vocabulary import DEVICE_PLUGIN_CONFIG_LABEL
 from services.config_publisher.render import (
-    DEVICE_PLUGIN_CONFIG_LABEL,
     NodeRendering,
     key_owner,
     metadata_patch,

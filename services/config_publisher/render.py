@@ -3,7 +3,7 @@
 Where it sits: the pure half of the config publisher's Kubernetes compatibility mode; the
 effectful half is `kube_writer`. From one node's `NodeLayout` it renders:
 
-- the fork's device-plugin config for the node (reference nos.md §2.3): `version: v1`,
+- the fork's device-plugin config for the node (docs/nos-compatibility.md §2.3): `version: v1`,
   `flags.migStrategy: none`, and `sharing.mps` with `failRequestsGreaterThanOne: true` and one
   resource per (GPU index, slice size): `name: nvidia.com/gpu`, `rename: nvidia.com/gpu-<N>gb`,
   `memoryGB: N`, `replicas: <slices of that size on that GPU>`, `devices: ["<GPU index>"]`.
@@ -29,9 +29,9 @@ effectful half is `kube_writer`. From one node's `NodeLayout` it renders:
   upper bound of the node's slices, and keeps `gpu.replicas > 1` meaning "some GPU is shared". A
   node without slices gets `1`, as GFD writes for unshared GPUs;
 - nos's status annotations `nos.nebuly.com/status-gpu-<i>-<N>gb-<used|free>: "<count>"`
-  (nos.md §2.2), counted from the plan's `SliceSpec.used`; as with nos's gpu-agent, only non-zero
-  counts appear, and every other annotation under `nos.nebuly.com/status-gpu` is stale
-  (`metadata_patch` removes it).
+  (docs/nos-compatibility.md §2.2), counted from the plan's `SliceSpec.used`; as with nos's
+  gpu-agent, only non-zero counts appear, and every other annotation under
+  `nos.nebuly.com/status-gpu` is stale (`metadata_patch` removes it).
 
 It never performs I/O and never decides anything about placement: it only re-expresses a layout.
 """
@@ -47,11 +47,13 @@ from typing import Any
 import yaml
 
 from events.plans import NodeLayout
+from events.vocabulary import (
+    DEVICE_PLUGIN_CONFIG_LABEL,
+    REPLICAS_LABEL,
+    SHARING_STRATEGY_LABEL,
+    STATUS_ANNOTATION_PREFIX,
+)
 
-DEVICE_PLUGIN_CONFIG_LABEL = "nvidia.com/device-plugin.config"
-SHARING_STRATEGY_LABEL = "nvidia.com/gpu.sharing-strategy"
-REPLICAS_LABEL = "nvidia.com/gpu.replicas"
-STATUS_ANNOTATION_PREFIX = "nos.nebuly.com/status-gpu"
 REPLICATED_RESOURCE = "nvidia.com/gpu"
 
 LABEL_VALUE_MAX = 63

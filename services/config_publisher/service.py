@@ -20,12 +20,10 @@ from __future__ import annotations
 import logging
 
 import anyio
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
 
 from events import subjects
+from events.bus import Bus, ConfigStore, Delivery, RevisionConflictError, TransientError
 from events.envelope import content_id
-from events.jetstream import Delivery, EventBus, TransientError
 from events.plans import NodeConfigPublished, NodeLayout, NodeMpsConfig, NodePlanned, PlanComputed
 from events.tracing import current_traceparent
 from services.config_publisher.kube_writer import CompatibilityWriter
@@ -50,14 +48,14 @@ def desired_config(plan_id: str, layout: NodeLayout, plan_sequence: int, node: s
 
 
 class ConfigPublisherService:
-    def __init__(self, bus: EventBus, writer: CompatibilityWriter | None = None) -> None:
+    def __init__(self, bus: Bus, writer: CompatibilityWriter | None = None) -> None:
         self.bus = bus
         self.writer = writer
-        self._kv: KeyValue | None = None
+        self._kv: ConfigStore | None = None
         self._kubernetes_due: dict[str, tuple[NodeLayout, int]] = {}
         self._kubernetes_wakeup = Wakeup()
 
-    async def kv(self) -> KeyValue:
+    async def kv(self) -> ConfigStore:
         if self._kv is None:
             self._kv = await self.bus.node_configs()
         return self._kv
@@ -148,10 +146,7 @@ class ConfigPublisherService:
         kv = await self.kv()
         key = subjects.node_config_key(desired.node)
         for _ in range(CAS_ATTEMPTS):
-            try:
-                entry = await kv.get(key)
-            except KeyNotFoundError:
-                entry = None
+            entry = await kv.get(key)
             current = None
             if entry is not None and entry.value:
                 try:
@@ -176,7 +171,7 @@ class ConfigPublisherService:
                     revision = await kv.create(key, desired.model_dump_json().encode())
                 else:
                     revision = await kv.update(key, desired.model_dump_json().encode(), last=entry.revision)
-            except KeyWrongLastSequenceError:
+            except RevisionConflictError:
                 continue
             await self.bus.publish(
                 subjects.config_subject(desired.node),

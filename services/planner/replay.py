@@ -1,9 +1,10 @@
 """Replaying recorded events through the planner's core, exactly as the service would decide.
 
-`replay` folds envelopes in order and asks `decide` at every event time and whenever a batch
-window closes before the next event, so a recorded stream gives back the decisions the planner
-made (or would make now). It is what `mpsflow replay` prints and what the golden tests compare.
-Pure: the clock is the events' own time.
+`replay` drives the same machine as the planner service (`Planner` in
+`services/planner/core/step.py`): it observes envelopes in order and steps at every event time and
+whenever the machine asked to be woken before the next event, so a recorded stream gives back
+every message the planner published (or would publish now). It is what `mpsflow replay` prints
+and what the golden tests compare. Pure: the clock is the events' own time.
 """
 
 from __future__ import annotations
@@ -11,19 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from events.envelope import Envelope
 from events.plans import PlanComputed
-from events.pods import PodReleased
-from services.planner.core.state import (
-    ClusterState,
-    IncrementalPlanner,
-    NothingToDo,
-    PlannerSettings,
-    PublishPlan,
-    WaitUntil,
-    decide,
-)
+from services.planner.core.state import PlannerSettings
+from services.planner.core.step import Outgoing, Planner, Step
 
 # What the planner reads from others. Its own words (node layouts, releases) are not read back:
 # the replay's own decisions stand for them.
@@ -42,15 +36,16 @@ PLANNER_KINDS = frozenset(
 
 
 @dataclass(frozen=True)
-class ReplayedPlan:
-    """One decision that published something: the plan in force then, and the pods it released."""
+class ReplayedStep:
+    """One step that published something: the plan in force then, and every message, in order."""
 
     at: datetime
     plan: PlanComputed
-    released: tuple[PodReleased, ...] = ()
+    messages: tuple[Outgoing, ...]
 
     def summary(self) -> dict[str, object]:
-        """A compact, stable line for people and golden files."""
+        """A compact, stable line for people and golden files: the plan, and what each message said
+        (the plan's own message is named, not repeated)."""
         return {
             "at": self.at.isoformat(),
             "plan_id": self.plan.plan_id,
@@ -64,50 +59,40 @@ class ReplayedPlan:
             "placed": {key: f"{p.node}/{p.gpu}" for key, p in sorted(self.plan.placed.items())},
             "unplaced": dict(sorted(self.plan.unplaced.items())),
             "excluded_nodes": dict(sorted(self.plan.excluded_nodes.items())),
-            "released": {r.key: r.node for r in sorted(self.released, key=lambda r: r.key)},
+            "messages": [_message_summary(m) for m in self.messages],
         }
 
 
-def replay(envelopes: Iterable[Envelope], settings: PlannerSettings | None = None) -> Iterator[ReplayedPlan]:
-    settings = settings or PlannerSettings()
-    state = ClusterState()
-    planner = IncrementalPlanner(settings)
+def _message_summary(message: Outgoing) -> dict[str, Any]:
+    said: dict[str, Any] = {"subject": message.subject, "id": message.message_id, "kind": message.event.kind}
+    if not isinstance(message.event, PlanComputed):
+        said["event"] = message.event.model_dump(mode="json", exclude={"kind"})
+    return said
+
+
+def replay(envelopes: Iterable[Envelope], settings: PlannerSettings | None = None) -> Iterator[ReplayedStep]:
+    planner = Planner(settings)
     wake: datetime | None = None
 
-    def settle(now: datetime) -> Iterator[ReplayedPlan]:
+    def step_at(now: datetime) -> Iterator[ReplayedStep]:
+        """Step at `now`, and again at once after each step that published (as the service does)."""
         nonlocal wake
-        decision = decide(state, now, settings, planner)
-        wake = None
-        if isinstance(decision, PublishPlan):
-            state.commit(decision)
-            if decision.plan_is_new or decision.releases:
-                yield ReplayedPlan(now, decision.plan, decision.releases)
-        elif isinstance(decision, WaitUntil):
-            wake = decision.when
-        elif isinstance(decision, NothingToDo) and decision.planned is not None:
-            state.mark_planned(decision.planned.plan_id, decision.at_revision)
-
-    seen_until: datetime | None = None
-
-    def timers_until(moment: datetime) -> Iterator[ReplayedPlan]:
-        """Batch windows closing and reports going stale before `moment`, in time order."""
-        nonlocal seen_until
-        while seen_until is not None:
-            stale = state.next_staleness(seen_until, settings.report_stale_after)
-            due = [t for t in (wake, stale) if t is not None and t <= moment]
-            if not due:
+        while True:
+            step: Step = planner.step(now)
+            if step.decision is None:
+                wake = step.wake_at
                 return
-            seen_until = min(due)
-            if seen_until == stale:
-                state.report_went_stale(seen_until)
-            yield from settle(seen_until)
+            planner.published(step)
+            yield ReplayedStep(now, step.decision.plan, step.messages)
 
     for envelope in envelopes:
         if envelope.kind not in PLANNER_KINDS:
             continue
-        yield from timers_until(envelope.time)
-        state.apply(envelope)
-        seen_until = envelope.time
-        yield from settle(envelope.time)
-    while wake is not None:  # the last window closes; the recording says nothing of later silence
-        yield from settle(wake)
+        while wake is not None and wake <= envelope.time:
+            yield from step_at(wake)
+        planner.observe(envelope)
+        yield from step_at(envelope.time)
+    # The last batch window closes; the recording says nothing of the silence after it (no report
+    # goes stale once nothing is left to plan).
+    while wake is not None and planner.state.first_unplanned_change is not None:
+        yield from step_at(wake)

@@ -1,4 +1,4 @@
-"""The `mpsflow plan` contract: snapshot in, plan out (see contracts/plan.md).
+"""The `mpsflow plan` contract: snapshot in, plan out (docs/formats.md §1).
 
 Parsing refuses a malformed snapshot with one message naming the offending field, e.g.
 `nodes[3].gpus[0].memory_mib: must be a positive integer`. Beyond the contract, a pending pod may
@@ -17,10 +17,8 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+from events.vocabulary import is_opted_in
 from services.planner.core.model import Gpu, Node, PendingPod, PlanResult, Slice, max_slices_for
-
-OPT_IN_LABEL = "nos.nebuly.com/gpu-partitioning"
-OPT_IN_VALUE = "mps"
 
 
 class SnapshotError(ValueError):
@@ -68,7 +66,7 @@ def _boolean(value: object, path: str) -> bool:
 
 
 def _opted_in(labels: Mapping[str, Any]) -> bool:
-    return labels.get(OPT_IN_LABEL) == OPT_IN_VALUE
+    return is_opted_in(labels)
 
 
 def parse_snapshot(text: str) -> tuple[list[Node], list[PendingPod]]:

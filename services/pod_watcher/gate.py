@@ -28,13 +28,18 @@ from typing import Any
 import anyio
 from aiohttp import web
 
-from services.pod_watcher.translate import RELEASED_TO_ANNOTATION, SLICE_GATE, asks_for_a_slice, is_gated
+from events.vocabulary import (
+    RELEASED_TO_ANNOTATION,
+    SLICE_GATE,
+    WEBHOOK_HEALTH_PATH,
+    WEBHOOK_PATH,
+    asks_for_a_slice,
+)
+from services.pod_watcher.translate import is_gated
 
 log = logging.getLogger(__name__)
 
 REVIEW_VERSION = "admission.k8s.io/v1"
-WEBHOOK_PATH = "/mutate-pods"
-HEALTH_PATH = "/healthz"
 
 
 class UnreadableReviewError(ValueError):
@@ -142,7 +147,7 @@ async def _healthy(request: web.Request) -> web.Response:
 def webhook_app() -> web.Application:
     app = web.Application()
     app.router.add_post(WEBHOOK_PATH, _review)
-    app.router.add_get(HEALTH_PATH, _healthy)
+    app.router.add_get(WEBHOOK_HEALTH_PATH, _healthy)
     return app
 
 

@@ -24,23 +24,21 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from events import subjects
+from events.bus import Bus, Delivery, TransientError
 from events.envelope import content_id
-from events.jetstream import Delivery, EventBus, TransientError
 from events.nodes import NodeObserved, NodeOptedOut
 from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
+from events.vocabulary import DEFAULT_OPT_IN, MIB_PER_GIB, SLICE_GATE, OptInLabel
+from services.kit.watching import as_json, list_and_watch
 from services.pod_watcher.gate import release_patch
 from services.pod_watcher.translate import (
     DEFAULT_CLIENT_RULES,
-    DEFAULT_OPT_IN,
-    SLICE_GATE,
     MpsClientRules,
-    OptInLabel,
     Rule,
     is_gated,
     translate_node,
     translate_pod,
 )
-from services.pod_watcher.watching import as_json, list_and_watch
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +64,7 @@ DEFAULT_SETTINGS = WatcherSettings()
 
 
 class PodWatcherService:
-    def __init__(
-        self, bus: EventBus, api: client.ApiClient, settings: WatcherSettings = DEFAULT_SETTINGS
-    ) -> None:
+    def __init__(self, bus: Bus, api: client.ApiClient, settings: WatcherSettings = DEFAULT_SETTINGS) -> None:
         self.bus = bus
         self.api = api
         self.settings = settings
@@ -79,7 +75,7 @@ class PodWatcherService:
 
     @property
     def largest_gpu_gb(self) -> int | None:
-        sizes = [n.gfd.memory_mib // 1024 for n in self.nodes.values() if n.gfd is not None]
+        sizes = [n.gfd.memory_mib // MIB_PER_GIB for n in self.nodes.values() if n.gfd is not None]
         return max(sizes, default=None)
 
     async def recall(self) -> None:

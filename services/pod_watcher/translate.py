@@ -14,7 +14,6 @@ the JSON form of the objects (camelCase keys, as the API serves them). Nothing h
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,20 +29,21 @@ from events.pods import (
     Requirement,
     Toleration,
 )
-
-SLICE_PREFIX = "nvidia.com/gpu-"
-SLICE_PATTERN = re.compile(r"^nvidia\.com/gpu-([1-9][0-9]*)gb$")
-ZERO_SLICE_PATTERN = re.compile(r"^nvidia\.com/gpu-0+gb$")
-WHOLE_GPU = "nvidia.com/gpu"
-NOS_DOMAIN = "nos.nebuly.com/"
-NOS_LEGACY_DOMAIN = "nos.nebuly.ai/"
-GFD_PRODUCT = "nvidia.com/gpu.product"
-GFD_COUNT = "nvidia.com/gpu.count"
-GFD_MEMORY = "nvidia.com/gpu.memory"
-SLICE_GATE = "mpsflow.dev/slice"
-"""The scheduling gate mpsflow's admission webhook puts on every pod that asks for a slice."""
-RELEASED_TO_ANNOTATION = "mpsflow.dev/released-to"
-"""Set, with the node's name, in the patch that lifts the gate and pins the pod to that node."""
+from events.vocabulary import (
+    DEFAULT_OPT_IN,
+    GFD_COUNT,
+    GFD_MEMORY,
+    GFD_PRODUCT,
+    RELEASED_TO_ANNOTATION,
+    SLICE_GATE,
+    SLICE_RESOURCE_PREFIX,
+    WHOLE_GPU_RESOURCE,
+    OptInLabel,
+    container_requests,
+    is_opted_in,
+    is_zero_slice,
+    slice_size,
+)
 
 
 class Rule:
@@ -58,41 +58,6 @@ class Rule:
     WITH_WHOLE_GPU = "MpsSliceWithWholeGpu"
     HOST_IPC_REQUIRED = "MpsHostIpcRequired"
     USER_MISMATCH = "MpsUserMismatch"
-
-
-_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-
-
-@dataclass(frozen=True)
-class OptInLabel:
-    """The node label `key=value` that opts a node in to MPS partitioning.
-
-    A key in the nos.nebuly.com domain is also accepted with the same name in the older
-    nos.nebuly.ai domain of the seeds, with the same value: `nos.nebuly.com/gpu-partitioning=mps`
-    also matches `nos.nebuly.ai/gpu-partitioning=mps`. Any other key matches only as given."""
-
-    key: str = f"{NOS_DOMAIN}gpu-partitioning"
-    value: str = "mps"
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        if self.key.startswith(NOS_DOMAIN):
-            return (self.key, NOS_LEGACY_DOMAIN + self.key.removeprefix(NOS_DOMAIN))
-        return (self.key,)
-
-    @classmethod
-    def parse(cls, text: str) -> OptInLabel:
-        """`KEY=VALUE` with a Kubernetes label key and a non-empty label value; ValueError says why not."""
-        key, equals, value = text.partition("=")
-        if not equals:
-            raise ValueError(f"{text!r} is not KEY=VALUE")
-        prefix, slash, name = key.rpartition("/")
-        if not _LABEL_NAME.match(name) or (slash and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix))):
-            raise ValueError(f"{key!r} is not a label key ([DNS subdomain/]name of at most 63 characters)")
-        if not _LABEL_NAME.match(value):
-            raise ValueError(f"{value!r} is not a non-empty label value of at most 63 characters")
-        return cls(key, value)
 
 
 @dataclass(frozen=True)
@@ -110,12 +75,7 @@ class MpsClientRules:
     mps_user: int | None = None
 
 
-DEFAULT_OPT_IN = OptInLabel()
 DEFAULT_CLIENT_RULES = MpsClientRules()
-
-
-def is_opted_in(labels: Mapping[str, str], opt_in: OptInLabel = DEFAULT_OPT_IN) -> bool:
-    return any(labels.get(key) == opt_in.value for key in opt_in.keys)
 
 
 def translate_node(node: Mapping[str, Any], opt_in: OptInLabel = DEFAULT_OPT_IN) -> NodeObserved | None:
@@ -157,21 +117,14 @@ def _slice_counts(resources: Mapping[str, object]) -> dict[int, int]:
     """Slices per size among a node's resources (`nvidia.com/gpu-<N>gb: count`); others are ignored."""
     counts: dict[int, int] = {}
     for name, quantity in resources.items():
-        match = SLICE_PATTERN.match(name)
-        if match is not None and str(quantity).isdigit():
-            counts[int(match.group(1))] = int(str(quantity))
+        size = slice_size(name)
+        if size is not None and str(quantity).isdigit():
+            counts[size] = int(str(quantity))
     return dict(sorted(counts.items()))
 
 
 def _quantity_is_one(value: object) -> bool:
     return str(value).strip() == "1"
-
-
-def _container_requests(container: Mapping[str, Any]) -> dict[str, object]:
-    resources = container.get("resources") or {}
-    merged: dict[str, object] = dict(resources.get("requests") or {})
-    merged.update(resources.get("limits") or {})
-    return merged
 
 
 def translate_pod(
@@ -185,15 +138,15 @@ def translate_pod(
     problems: list[tuple[str, str]] = []
     for container in containers:
         name = container.get("name", "?")
-        requests = _container_requests(container)
-        asked = [resource for resource in requests if resource.startswith(SLICE_PREFIX)]
+        requests = container_requests(container)
+        asked = [resource for resource in requests if resource.startswith(SLICE_RESOURCE_PREFIX)]
         for resource in asked:
-            match = SLICE_PATTERN.match(resource)
-            if ZERO_SLICE_PATTERN.match(resource):
+            size = slice_size(resource)
+            if is_zero_slice(resource):
                 problems.append(
                     (Rule.ZERO_SIZE, f"container {name!r} asks for {resource}: a slice is at least 1 GiB")
                 )
-            elif match is None:
+            elif size is None:
                 problems.append(
                     (
                         Rule.MALFORMED_RESOURCE,
@@ -210,7 +163,7 @@ def translate_pod(
                     )
                 )
             else:
-                slices.append((container, int(match.group(1))))
+                slices.append((container, size))
         if len(asked) > 1:
             problems.append(
                 (
@@ -218,11 +171,11 @@ def translate_pod(
                     f"container {name!r} asks for {', '.join(sorted(asked))}; one container gets one slice",
                 )
             )
-        if asked and WHOLE_GPU in requests:
+        if asked and WHOLE_GPU_RESOURCE in requests:
             problems.append(
                 (
                     Rule.WITH_WHOLE_GPU,
-                    f"container {name!r} asks for {WHOLE_GPU} and "
+                    f"container {name!r} asks for {WHOLE_GPU_RESOURCE} and "
                     f"{', '.join(sorted(asked))}; ask for one or the other",
                 )
             )
@@ -324,17 +277,6 @@ def is_gated(pod: Mapping[str, Any]) -> bool:
     """The pod still carries mpsflow's scheduling gate."""
     gates = (pod.get("spec") or {}).get("schedulingGates") or []
     return any(gate.get("name") == SLICE_GATE for gate in gates)
-
-
-def asks_for_a_slice(pod: Mapping[str, Any]) -> bool:
-    """Any container asks for an `nvidia.com/gpu-...` resource: the pod is mpsflow's to hold and
-    validate (a malformed request is rejected with its reason, never left to the scheduler)."""
-    spec = pod.get("spec") or {}
-    return any(
-        resource.startswith(SLICE_PREFIX)
-        for container in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
-        for resource in _container_requests(container)
-    )
 
 
 def _client_problems(

@@ -18,8 +18,9 @@ from pathlib import Path
 import anyio
 import pytest
 
+from node_agent.gpus import GpuReading
 from node_agent.mps import DaemonSpec, SubprocessMpsControl, apply_gpu_defaults, parse_mem_limit
-from node_agent.nvml import GpuReading, NvmlInventory, NvmlUnavailable
+from node_agent.nvml import NvmlInventory, NvmlUnavailable
 from node_agent.slices import SliceDevice, container_allocation, slice_device_id
 
 

@@ -19,14 +19,13 @@ import yaml
 from kubernetes_asyncio import client
 
 from events import subjects
+from events.bus import Delivery
 from events.envelope import decode
-from events.jetstream import Delivery, EventBus
+from events.jetstream import EventBus
 from events.plans import NodeLayout, PlanComputed, SliceSpec
+from events.vocabulary import DEVICE_PLUGIN_CONFIG_LABEL, REPLICAS_LABEL, SHARING_STRATEGY_LABEL
 from services.config_publisher.kube_writer import CompatibilityWriter, parse_configmap
 from services.config_publisher.render import (
-    DEVICE_PLUGIN_CONFIG_LABEL,
-    REPLICAS_LABEL,
-    SHARING_STRATEGY_LABEL,
     key_owner,
     render_node,
 )
@@ -494,7 +493,7 @@ async def test_the_publisher_writes_only_nodes_whose_rendering_changed(
     assert {r.path for r in api.request_log[start:] if r.resource == "nodes"} == {"/api/v1/nodes/gpu-b"}
     labels, _ = node_metadata(api, "gpu-b")
     assert labels[DEVICE_PLUGIN_CONFIG_LABEL] == render_node("gpu-b", layout((20, 20))).config_key
-    assert (await (await bus.node_configs()).get(subjects.node_config_key("gpu-b"))).value is not None
+    assert await (await bus.node_configs()).get(subjects.node_config_key("gpu-b")) is not None
 
 
 async def test_the_publisher_writes_kv_first_and_retries_a_failed_compat_write(
@@ -507,7 +506,7 @@ async def test_the_publisher_writes_kv_first_and_retries_a_failed_compat_write(
 
     await handle(service, bus, event)  # the KV is written; the Kubernetes write failed and stays due
     kv = await bus.node_configs()
-    assert (await kv.get(subjects.node_config_key("gpu-a"))).value is not None
+    assert await kv.get(subjects.node_config_key("gpu-a")) is not None
     assert DEVICE_PLUGIN_CONFIG_LABEL not in node_metadata(api, "gpu-a")[0]
 
     assert await service.write_kubernetes() == {}  # the retry

@@ -8,7 +8,7 @@ the others from being written.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -20,17 +20,18 @@ from nats.js.kv import KeyValue
 
 from events import subjects
 from events.base import Model
-from events.jetstream import Delivery, EventBus
+from events.bus import Delivery
+from events.jetstream import EventBus, JetStreamConfigStore
 from events.plans import NodeConfigPublished, NodeLayout, NodeMpsConfig, NodePlanned, PlanComputed, SliceSpec
 from services.config_publisher.service import DURABLE, ConfigPublisherService
 from tests.buslog import BusLog as SharedBusLog
+from tests.support import eventually
 
 pytestmark = pytest.mark.anyio
 
 NODE_A = "gpu-a.example.com"
 NODE_B = "gpu-b"
 NODE_C = "gpu-c"
-WAIT = 5.0
 
 E = TypeVar("E", bound=Model)
 Layouts = dict[str, dict[int, tuple[int, ...]]]
@@ -98,34 +99,28 @@ async def publishing(bus: EventBus, service: ConfigPublisherService | None = Non
     running = service or ConfigPublisherService(bus)
     async with anyio.create_task_group() as group:
         group.start_soon(running.consume)
-        with anyio.fail_after(WAIT):
-            while True:
-                try:
-                    await bus.js.consumer_info(subjects.STREAM, DURABLE)
-                    break
-                except nats.js.errors.NotFoundError:
-                    await anyio.sleep(0.02)
+        await eventually(lambda: consumer_exists(bus), f"the consumer {DURABLE}")
         yield
         group.cancel_scope.cancel()
 
 
+async def consumer_exists(bus: EventBus) -> bool:
+    try:
+        await bus.js.consumer_info(subjects.STREAM, DURABLE)
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
 async def handled(bus: EventBus, sequence: int) -> None:
     """Until the publisher has acked every plan message up to stream `sequence`."""
-    with anyio.fail_after(WAIT):
-        while True:
-            info = await bus.js.consumer_info(subjects.STREAM, DURABLE)
-            floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
-            if (floor or 0) >= sequence and not info.num_ack_pending:
-                return
-            await anyio.sleep(0.02)
 
+    async def acked() -> bool:
+        info = await bus.js.consumer_info(subjects.STREAM, DURABLE)
+        floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+        return (floor or 0) >= sequence and not info.num_ack_pending
 
-async def eventually(condition: Callable[[], bool]) -> None:
-    with anyio.fail_after(WAIT):
-        while True:
-            if condition():
-                return
-            await anyio.sleep(0.02)
+    await eventually(acked, f"the plan messages up to stream sequence {sequence} acked")
 
 
 def recording_handles(
@@ -150,7 +145,7 @@ FIRST: Layouts = {NODE_A: {0: (10, 20), 1: (40,)}, NODE_B: {0: (5, 5, 5)}}
 
 
 async def test_a_plan_writes_every_nodes_config_and_announces_it(bus: EventBus) -> None:
-    kv = await bus.node_configs()
+    kv = await bus.js.key_value(subjects.NODE_CONFIG_BUCKET)
     plan = make_plan("plan-1", FIRST)
 
     async with BusLog(bus) as log, publishing(bus):
@@ -181,7 +176,7 @@ async def test_a_plan_writes_every_nodes_config_and_announces_it(bus: EventBus) 
 
 
 async def test_a_plan_with_the_same_layouts_writes_nothing(bus: EventBus) -> None:
-    kv = await bus.node_configs()
+    kv = await bus.js.key_value(subjects.NODE_CONFIG_BUCKET)
 
     async with BusLog(bus) as log, publishing(bus):
         await handled(bus, await publish_plan(bus, make_plan("plan-1", FIRST)))
@@ -196,7 +191,7 @@ async def test_a_plan_with_the_same_layouts_writes_nothing(bus: EventBus) -> Non
 
 
 async def test_a_changed_layout_rewrites_only_that_nodes_key(bus: EventBus) -> None:
-    kv = await bus.node_configs()
+    kv = await bus.js.key_value(subjects.NODE_CONFIG_BUCKET)
     changed: Layouts = {**FIRST, NODE_B: {0: (5, 5, 5, 10)}}
 
     async with BusLog(bus) as log, publishing(bus):
@@ -219,7 +214,7 @@ async def test_an_older_plan_redelivered_after_a_newer_one_never_replaces_its_co
     bus: EventBus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The old plan's first delivery fails (a KV hiccup) and is retried after the newer plan was written."""
-    kv = await bus.node_configs()
+    kv = await bus.js.key_value(subjects.NODE_CONFIG_BUCKET)
     real_get = kv.get
     newer_published = anyio.Event()
     failed = False
@@ -234,17 +229,17 @@ async def test_an_older_plan_redelivered_after_a_newer_one_never_replaces_its_co
 
     monkeypatch.setattr(kv, "get", flaky_get)
     service = ConfigPublisherService(bus)
-    service._kv = kv
+    service._kv = JetStreamConfigStore(kv)
     seen = recording_handles(service, monkeypatch)
     older = make_plan("plan-old", {NODE_A: {0: (10,)}})
     newer = make_plan("plan-new", {NODE_A: {0: (10, 20)}})
 
     async with BusLog(bus) as log, publishing(bus, service):
         old_sequence = await publish_plan(bus, older)
-        await eventually(lambda: len(seen) == 1)
+        await eventually(lambda: len(seen) == 1, "the first delivery of the older plan")
         new_sequence = await publish_plan(bus, newer)
         newer_published.set()
-        await eventually(lambda: (old_sequence, 2) in seen)
+        await eventually(lambda: (old_sequence, 2) in seen, "the older plan redelivered")
         await handled(bus, new_sequence)
         await log.settle()
 
@@ -259,7 +254,7 @@ async def test_an_older_plan_published_again_as_a_new_message_is_the_desired_sta
 ) -> None:
     """The last message on the plan subject is the cluster's desired state (it is what a restarted
     publisher would start from), so an old plan *re-published* is newer than the plan before it."""
-    kv = await bus.node_configs()
+    kv = await bus.js.key_value(subjects.NODE_CONFIG_BUCKET)
     older = make_plan("plan-old", {NODE_A: {0: (10,)}})
     newer = make_plan("plan-new", {NODE_A: {0: (10, 20)}})
 
@@ -279,7 +274,7 @@ async def test_an_older_plan_published_again_as_a_new_message_is_the_desired_sta
 
 
 async def test_a_config_written_before_the_plan_is_updated_with_compare_and_set(bus: EventBus) -> None:
-    kv = await bus.node_configs()
+    kv = await bus.js.key_value(subjects.NODE_CONFIG_BUCKET)
     key = subjects.node_config_key(NODE_A)
     written = await kv.put(key, foreign_config(NODE_A, {0: (40,)}, plan_sequence=0))
 
@@ -299,7 +294,7 @@ async def test_a_config_written_before_the_plan_is_updated_with_compare_and_set(
 async def test_a_write_between_the_publishers_read_and_its_update_is_retried(
     bus: EventBus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    kv = await bus.node_configs()
+    kv = await bus.js.key_value(subjects.NODE_CONFIG_BUCKET)
     key = subjects.node_config_key(NODE_A)
     await kv.put(key, foreign_config(NODE_A, {0: (40,)}, plan_sequence=0))
     real_get = kv.get
@@ -315,7 +310,7 @@ async def test_a_write_between_the_publishers_read_and_its_update_is_retried(
 
     monkeypatch.setattr(kv, "get", racing_get)
     service = ConfigPublisherService(bus)
-    service._kv = kv
+    service._kv = JetStreamConfigStore(kv)
 
     async with BusLog(bus) as log, publishing(bus, service):
         sequence = await publish_plan(bus, make_plan("plan-1", {NODE_A: {0: (10, 20)}}))
@@ -337,7 +332,7 @@ async def test_a_write_between_the_publishers_read_and_its_update_is_retried(
 async def test_a_racing_write_from_a_newer_plan_is_not_overwritten(
     bus: EventBus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    kv = await bus.node_configs()
+    kv = await bus.js.key_value(subjects.NODE_CONFIG_BUCKET)
     real_get = kv.get
     newer = foreign_config(NODE_A, {0: (30,)}, plan_sequence=1_000_000)
     raced = False
@@ -353,7 +348,7 @@ async def test_a_racing_write_from_a_newer_plan_is_not_overwritten(
 
     monkeypatch.setattr(kv, "get", racing_get)
     service = ConfigPublisherService(bus)
-    service._kv = kv
+    service._kv = JetStreamConfigStore(kv)
 
     async with BusLog(bus) as log, publishing(bus, service):
         await handled(bus, await publish_plan(bus, make_plan("plan-1", {NODE_A: {0: (10, 20)}})))
@@ -364,7 +359,7 @@ async def test_a_racing_write_from_a_newer_plan_is_not_overwritten(
 
 
 async def test_a_deleted_config_is_written_again_by_the_next_plan(bus: EventBus) -> None:
-    kv = await bus.node_configs()
+    kv = await bus.js.key_value(subjects.NODE_CONFIG_BUCKET)
     key = subjects.node_config_key(NODE_A)
 
     async with publishing(bus):
@@ -384,7 +379,7 @@ async def test_an_unreadable_config_is_replaced_and_blocks_no_one(
     """A key holding bytes that are not a `NodeMpsConfig` (written by another version, say, since the
     models forbid unknown fields) is overwritten with compare-and-set like a missing one; every node
     gets its config from the first delivery."""
-    kv = await bus.node_configs()
+    kv = await bus.js.key_value(subjects.NODE_CONFIG_BUCKET)
     await kv.put(subjects.node_config_key(NODE_B), b"garbage")
     service = ConfigPublisherService(bus)
     seen = recording_handles(service, monkeypatch)
@@ -392,7 +387,7 @@ async def test_an_unreadable_config_is_replaced_and_blocks_no_one(
 
     async with BusLog(bus) as log, publishing(bus, service):
         first = await publish_plan(bus, make_plan("plan-1", layouts))
-        await eventually(lambda: (first, 1) in seen)
+        await handled(bus, first)  # acked, and not redelivered: checked below
         await log.settle()
 
     for node in (NODE_A, NODE_B, NODE_C):
@@ -406,7 +401,7 @@ async def test_an_unreadable_config_is_replaced_and_blocks_no_one(
 
 
 async def test_a_node_planned_event_is_written_like_a_plan_of_that_node(bus: EventBus) -> None:
-    kv = await bus.node_configs()
+    kv = await bus.js.key_value(subjects.NODE_CONFIG_BUCKET)
     layout = make_plan("plan-9", {NODE_A: {0: (10, 20)}}).nodes[NODE_A]
     async with publishing(bus):
         sequence = await bus.publish(
@@ -418,7 +413,7 @@ async def test_a_node_planned_event_is_written_like_a_plan_of_that_node(bus: Eve
 
 
 async def test_a_layout_asked_again_of_a_node_is_written_again_for_its_agent_to_answer(bus: EventBus) -> None:
-    kv = await bus.node_configs()
+    kv = await bus.js.key_value(subjects.NODE_CONFIG_BUCKET)
     layout = make_plan("plan-9", {NODE_A: {0: (10, 20)}}).nodes[NODE_A]
     subject = subjects.planned_subject(NODE_A)
     async with publishing(bus):

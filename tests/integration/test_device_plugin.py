@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import anyio
 import grpc
 import grpc.aio
 import pytest
@@ -25,6 +24,7 @@ from node_agent.proto_gen import podresources_v1_pb2 as podresources
 from node_agent.proto_gen import podresources_v1_pb2_grpc as podresources_grpc
 from node_agent.slices import SliceDevice, ThreadPolicy, slice_device_id
 from simulation.kubelet_devices import AdmissionError, DeviceManager, PodRef
+from tests.support import eventually
 
 GPU0_UUID = "GPU-0a1b2c3d-0000-1111-2222-333344445555"
 GPU1_UUID = "GPU-9f8e7d6c-6666-7777-8888-999900001111"
@@ -103,12 +103,13 @@ async def tasks_left_behind(before: set[asyncio.Task[Any]], grace: float = 2.0) 
     grpc.aio finishes a closed call's status in a task of its own a moment after the channel
     closes; only tasks that outlive the grace period are leaks.
     """
-    left: set[asyncio.Task[Any]] = set()
-    for _ in range(int(grace / 0.02)):
-        left = {task for task in asyncio.all_tasks() - before if not task.done()}
-        if not left:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while left := {task for task in asyncio.all_tasks() - before if not task.done()}:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
             break
-        await asyncio.sleep(0.02)
+        await asyncio.wait(left, timeout=remaining)  # then again for any task they started meanwhile
     return left
 
 
@@ -331,9 +332,11 @@ async def test_reregisters_after_kubelet_restart() -> None:
 
 async def logged(caplog: pytest.LogCaptureFixture, text: str, times: int = 1, timeout_s: float = 3.0) -> None:
     """Until the device plugin has logged `text` at least `times` times: the proof that it noticed."""
-    with anyio.fail_after(timeout_s):
-        while sum(text in record.getMessage() for record in caplog.records) < times:  # noqa: ASYNC110
-            await anyio.sleep(0.02)  # log records come with no event to wait on
+    await eventually(  # log records come with no event to wait on
+        lambda: sum(text in record.getMessage() for record in caplog.records) >= times,
+        f"{times} log record(s) saying {text!r}",
+        timeout_s,
+    )
 
 
 @pytest.mark.anyio

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from node_agent.mps import (
     parse_thread_percentage,
 )
 from simulation.fake_mps_control import ControlDaemonState, read_logged_commands
+from tests.support import eventually, wait_until_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAKE_EXECUTABLE = (sys.executable, "-m", "simulation.fake_mps_control")
@@ -153,7 +153,7 @@ async def test_quit_stops_the_daemon_and_forgets_its_defaults(
     assert not await control.is_alive(daemon)
     assert not daemon.control_socket.exists()
     assert not daemon.pid_file.exists()
-    _wait_until_gone(pid)
+    wait_until_gone(pid)
     await control.start_daemon(daemon)
     assert await control.send(daemon, "get_default_active_thread_percentage") == "100.0"
 
@@ -176,7 +176,7 @@ async def test_start_daemon_clears_what_a_killed_daemon_left(
     await control.start_daemon(daemon)
     killed = _daemon_pid(daemon)
     os.kill(killed, signal.SIGKILL)
-    _wait_until_gone(killed)
+    wait_until_gone(killed)
     assert daemon.control_socket.exists()
     assert not await control.is_alive(daemon)
     unassisted = await _start_fake_directly(daemon)
@@ -254,7 +254,7 @@ async def test_foreground_daemon_logs_to_stdout_and_exits_on_quit(
     )
     try:
         with anyio.fail_after(5):
-            await _wait_until_alive(control, daemon)
+            await eventually(lambda: control.is_alive(daemon), "the foreground daemon to answer")
             await control.send(daemon, "quit")
             assert await foreground.wait() == 0
         assert foreground.stdout is not None
@@ -317,13 +317,6 @@ def test_the_fake_runs_one_server_per_uid_and_shuts_servers_down() -> None:
     assert state.execute("get_client_list 40001").text == ""
 
 
-async def _wait_until_alive(control: SubprocessMpsControl, daemon: DaemonSpec) -> None:
-    while True:
-        if await control.is_alive(daemon):
-            return
-        await anyio.sleep(0.02)
-
-
 def _daemon_pid(daemon: DaemonSpec) -> int:
     return int(daemon.pid_file.read_text())
 
@@ -344,14 +337,6 @@ def _is_zombie(pid: int) -> bool:
     return status.rsplit(")", 1)[1].split()[0] == "Z"
 
 
-def _wait_until_gone(pid: int) -> None:
-    deadline = time.monotonic() + 5
-    while _process_exists(pid):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"process {pid} is still running")
-        time.sleep(0.01)
-
-
 async def _start_fake_directly(daemon: DaemonSpec) -> subprocess.CompletedProcess[bytes]:
     return await anyio.run_process(
         [*FAKE_EXECUTABLE, "-d"], env={**os.environ, **daemon.environment()}, check=False
@@ -367,4 +352,4 @@ def _kill_fake_daemon(daemon: DaemonSpec) -> None:
         return
     if b"simulation.fake_mps_control" in command_line:
         os.kill(pid, signal.SIGKILL)
-        _wait_until_gone(pid)
+        wait_until_gone(pid)

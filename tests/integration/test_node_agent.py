@@ -13,7 +13,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from node_agent.mps import (
 from node_agent.nvml import NvmlInventory
 from simulation.fake_nvml import FakeDeviceHandle, FakeNvml, SimulatedGpu
 from simulation.kubelet_devices import DeviceManager, PodRef
+from tests.support import eventually, wait_until_gone
 
 pytestmark = pytest.mark.anyio
 
@@ -55,7 +55,6 @@ A100_MIG = SimulatedGpu("NVIDIA A100-SXM4-40GB", 40960, mig_enabled=True)
 GB10 = "nvidia.com/gpu-10gb"
 GB20 = "nvidia.com/gpu-20gb"
 GB40 = "nvidia.com/gpu-40gb"
-WAIT_S = 5.0
 
 Slices = dict[int, list[tuple[str, bool]]]
 """GPU index -> (slice ID, used) as a report shows them."""
@@ -67,14 +66,6 @@ def _fake_mps_control_importable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     )
-
-
-async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    with anyio.move_on_after(timeout_s):
-        while not condition():  # noqa: ASYNC110 - polls files, processes and lists, not an event
-            await anyio.sleep(0.02)
-        return
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
 
 
 @dataclass
@@ -221,7 +212,7 @@ async def simulated_node(bus: EventBus, gpus: Sequence[SimulatedGpu]) -> AsyncIt
                 manager=manager,
                 capacity=capacity,
                 bus=bus,
-                kv=await bus.node_configs(),
+                kv=await bus.js.key_value(subjects.NODE_CONFIG_BUCKET),
                 events=events,
             )
             group.cancel_scope.cancel()
@@ -289,14 +280,6 @@ def _is_running(pid: int) -> bool:
     return status.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _wait_until_gone(pid: int) -> None:
-    deadline = time.monotonic() + 5
-    while _is_running(pid):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"process {pid} is still running")
-        time.sleep(0.01)
-
-
 def _kill_fake_daemons(mps_root: Path) -> None:
     """SIGKILL every daemon named by a pid file under ``mps_root`` that is still our fake."""
     for pid_file in mps_root.glob(f"*/pipe/{PID_FILE_NAME}"):
@@ -308,7 +291,7 @@ def _kill_fake_daemons(mps_root: Path) -> None:
         if b"simulation.fake_mps_control" in command_line:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            _wait_until_gone(pid)
+            wait_until_gone(pid)
 
 
 async def test_on_start_it_reports_its_gpus_and_runs_one_daemon_per_gpu(bus: EventBus) -> None:
@@ -464,7 +447,7 @@ async def test_a_killed_daemon_is_started_again_by_the_heartbeat(bus: EventBus) 
         untouched = _daemon_pid(node.daemon(0))
 
         os.kill(killed, signal.SIGKILL)
-        _wait_until_gone(killed)
+        wait_until_gone(killed)
 
         await eventually(lambda: _pid_in(daemon) not in (None, killed), "a new daemon for GPU 1")
         assert await node.control.is_alive(daemon)
@@ -494,7 +477,7 @@ async def test_each_daemon_caps_future_clients_at_its_largest_slice_also_after_a
 
         killed = _daemon_pid(node.daemon(0))
         os.kill(killed, signal.SIGKILL)
-        _wait_until_gone(killed)
+        wait_until_gone(killed)
         await eventually(lambda: _pid_in(node.daemon(0)) not in (None, killed), "a new daemon for GPU 0")
 
         async def limit_restored() -> bool:
@@ -504,12 +487,7 @@ async def test_each_daemon_caps_future_clients_at_its_largest_slice_also_after_a
                 return False
             return parse_mem_limit(reply) == 30720
 
-        for _ in range(int(WAIT_S / 0.05)):
-            if await limit_restored():
-                break
-            await anyio.sleep(0.05)
-        else:
-            raise AssertionError("the restarted daemon did not get GPU 0's limit back")
+        await eventually(limit_restored, "the restarted daemon to get GPU 0's limit back")
 
 
 async def test_an_unreadable_config_is_skipped_and_the_agent_keeps_working(bus: EventBus) -> None:

@@ -8,7 +8,7 @@ opt-in label and the MPS client rules come from `WatcherSettings`, which the com
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -22,8 +22,10 @@ from events.envelope import Event
 from events.jetstream import EventBus
 from events.nodes import GfdFacts, NodeObserved, NodeOptedOut
 from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
+from events.vocabulary import RELEASED_TO_ANNOTATION, SLICE_GATE, OptInLabel
 from services.cli import build_parser
 from services.kit.kube import api_client
+from services.kit.watching import list_and_watch
 from services.pod_watcher.service import (
     DEFAULT_SETTINGS,
     RELEASE_DURABLE,
@@ -33,16 +35,10 @@ from services.pod_watcher.service import (
     PodWatcherService,
     WatcherSettings,
 )
-from services.pod_watcher.translate import (
-    RELEASED_TO_ANNOTATION,
-    SLICE_GATE,
-    MpsClientRules,
-    OptInLabel,
-    Rule,
-)
-from services.pod_watcher.watching import list_and_watch
+from services.pod_watcher.translate import MpsClientRules, Rule
 from simulation.apiserver import ApiServer
 from tests.buslog import BusLog as SharedBusLog
+from tests.support import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -144,14 +140,6 @@ async def watching(
         group.cancel_scope.cancel()
 
 
-async def eventually(condition: Callable[[], bool]) -> None:
-    with anyio.fail_after(WAIT):
-        while True:
-            if condition():
-                return
-            await anyio.sleep(0.02)
-
-
 async def pod_events(core: Any, pod_name: str) -> list[Any]:
     listed = await core.list_namespaced_event(NAMESPACE, field_selector=f"involvedObject.name={pod_name}")
     return list(listed.items)
@@ -159,26 +147,29 @@ async def pod_events(core: Any, pod_name: str) -> list[Any]:
 
 async def wait_for_events(core: Any, pod_name: str) -> list[Any]:
     """The Kubernetes Events of a pod, once there is at least one."""
-    with anyio.fail_after(WAIT):
-        while True:
-            if found := await pod_events(core, pod_name):
-                return found
-            await anyio.sleep(0.05)
+    found: list[Any] = []
+
+    async def posted() -> bool:
+        found[:] = await pod_events(core, pod_name)
+        return bool(found)
+
+    await eventually(posted, f"a Kubernetes Event of pod {pod_name}", WAIT)
+    return found
 
 
 async def acked(bus: EventBus, sequence: int, durable: str = UNPLACED_DURABLE) -> None:
     """Until the consumer `durable` has acked every message up to stream `sequence`."""
-    with anyio.fail_after(WAIT):
-        while True:
-            info = await bus.js.consumer_info(subjects.STREAM, durable)
-            if info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= sequence:
-                return
-            await anyio.sleep(0.05)
+
+    async def floor_reached() -> bool:
+        info = await bus.js.consumer_info(subjects.STREAM, durable)
+        return info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= sequence
+
+    await eventually(floor_reached, f"{durable} to ack up to stream sequence {sequence}", WAIT)
 
 
 async def wait_watching(apiserver: ApiServer, resource: str) -> None:
     """Until the pod watcher has opened a watch of `resource` (a watch is registered as it is logged)."""
-    await eventually(lambda: verbs_on(apiserver, "watch", resource) >= 1)
+    await eventually(lambda: verbs_on(apiserver, "watch", resource) >= 1, f"a watch of {resource}", WAIT)
 
 
 def verbs_on(apiserver: ApiServer, verb: str, resource: str, identity: str = "pod-watcher-token") -> int:
@@ -260,7 +251,9 @@ async def test_a_rejected_pod_gets_exactly_one_kubernetes_event(
         # a change of the pod is a new level, published again; the Event must not be posted twice
         await core.patch_namespaced_pod("greedy", NAMESPACE, {"metadata": {"labels": {"touched": "yes"}}})
         await log.wait_for(PodRejected, lambda e: e.resource_version != rejection.resource_version)
-        await log.settle(0.2)
+        # pod changes are handled one by one: a later pod observed proves the watcher is done with greedy
+        await core.create_namespaced_pod(NAMESPACE, slice_pod("later"))
+        await log.pod(PodObserved, "later")
         events = await pod_events(core, "greedy")
 
     assert rejection.reason == Rule.QUANTITY_NOT_ONE
@@ -318,9 +311,11 @@ async def test_removing_the_opt_in_label_publishes_node_opted_out(
         cordoned = await log.wait_for(NodeObserved, lambda e: e.unschedulable)
         await core.delete_node("a100-2")
         gone = await log.wait_for(NodeOptedOut, lambda e: e.name == "a100-2")
-        # a node that is not opted in any more changes without a word
+        # a node that is not opted in any more changes without a word; node changes are handled one
+        # by one, so a later node observed proves the watcher is done with this change
         await core.patch_node("a100-1", {"metadata": {"labels": {"other": "x"}}})
-        await log.settle(0.2)
+        await core.create_node(gpu_node("a100-3"))
+        await log.wait_for(NodeObserved, lambda e: e.name == "a100-3")
 
     assert opted_out == NodeOptedOut(name="a100-1", reason="opt-in label removed")
     assert cordoned.name == "a100-2"
@@ -353,8 +348,8 @@ async def test_the_watcher_uses_its_configured_opt_in_label(
     async with BusLog(bus) as log, watching(bus, api, settings):
         await log.wait_for(NodeObserved, lambda e: e.name == "custom")
         await core.patch_node("custom", {"metadata": {"labels": {"example.com/mps": "off"}}})
+        # a watch event, so published after everything the first list published
         opted_out = await log.wait_for(NodeOptedOut, lambda e: e.name == "custom")
-        await log.settle(0.2)
 
     assert opted_out.reason == "opt-in label removed"
     assert log.of_node("nos-labelled") == []
@@ -468,7 +463,7 @@ async def test_a_failed_first_list_is_retried_with_backoff(
     await core.create_namespaced_pod(NAMESPACE, slice_pod("waiting"))
     apiserver.fail_next("list", "pods", 500)
 
-    with caplog.at_level(logging.WARNING, logger="services.pod_watcher.watching"):
+    with caplog.at_level(logging.WARNING, logger="services.kit.watching"):
         async with BusLog(bus) as log, watching(bus, api):
             started = anyio.current_time()
             await log.pod(PodObserved, "waiting")
@@ -652,14 +647,15 @@ async def test_list_and_watch_resumes_after_the_last_change_it_delivered(
     pods = client.CoreV1Api(api)
     async with anyio.create_task_group() as group:
         group.start_soon(lambda: list_and_watch(api, pods.list_pod_for_all_namespaces, on_relist, on_event))
-        await eventually(lambda: bool(relists))
+        await eventually(lambda: bool(relists), "the first list", WAIT)
         await core.create_namespaced_pod(NAMESPACE, plain_pod("a"))
-        await eventually(lambda: ("ADDED", "a") in changes)
+        await eventually(lambda: ("ADDED", "a") in changes, "pod a added", WAIT)
         bookmarks = apiserver.bookmarks_sent
-        await eventually(lambda: apiserver.bookmarks_sent >= bookmarks + 2)  # the watch went past two
+        # the watch went past two bookmarks
+        await eventually(lambda: apiserver.bookmarks_sent >= bookmarks + 2, "two more bookmarks", WAIT)
         apiserver.drop_watches()
         await core.create_namespaced_pod(NAMESPACE, plain_pod("b"))
-        await eventually(lambda: ("ADDED", "b") in changes)
+        await eventually(lambda: ("ADDED", "b") in changes, "pod b added", WAIT)
         group.cancel_scope.cancel()
 
     assert relists == [[]]

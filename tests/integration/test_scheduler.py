@@ -18,6 +18,7 @@ from kubernetes_asyncio import client
 
 from simulation.apiserver import ApiServer
 from simulation.scheduler import Scheduler
+from tests.support import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -113,16 +114,7 @@ def unschedulable(pod: dict[str, Any]) -> str | None:
     return None
 
 
-async def eventually(condition: Callable[[], bool]) -> None:
-    """Returns as soon as `condition` holds; fails after DEADLINE seconds."""
-    with anyio.fail_after(DEADLINE):
-        while True:
-            if condition():
-                return
-            await anyio.sleep(0.02)
-
-
-async def until(api: ApiServer, done: Callable[[Pods], bool]) -> Pods:
+async def until(api: ApiServer, done: Callable[[Pods], bool], what: str) -> Pods:
     """The pods (by name) as soon as `done` holds for them; fails after DEADLINE seconds."""
 
     seen: Pods = {}
@@ -132,7 +124,7 @@ async def until(api: ApiServer, done: Callable[[Pods], bool]) -> Pods:
         seen.update((p["metadata"]["name"], p) for p in api.objects("pods", NAMESPACE))
         return done(seen)
 
-    await eventually(satisfied)
+    await eventually(satisfied, what, DEADLINE)
     return seen
 
 
@@ -146,7 +138,7 @@ async def test_a_gated_pod_is_bound_only_after_a_patch_removes_its_gates(
     async with running(scheduler):
         # "gated" comes first in the queue: scheduled, it would have been assumed on the only
         # slot, and "open" bound only after the API refused to bind "gated" (409 while gated).
-        pods = await until(api, lambda p: node_of(p["open"]) == "n1")
+        pods = await until(api, lambda p: node_of(p["open"]) == "n1", "open bound to n1")
         assert node_of(pods["gated"]) is None
         assert scheduler.binding_failures == 0
         assert not [r for r in api.request_log if r.path.endswith("/pods/gated/binding")]
@@ -154,11 +146,11 @@ async def test_a_gated_pod_is_bound_only_after_a_patch_removes_its_gates(
         await core.patch_namespaced_pod(
             "gated", NAMESPACE, {"spec": {"schedulingGates": None}}, _content_type=MERGE_PATCH
         )
-        pods = await until(api, lambda p: unschedulable(p["gated"]) is not None)
+        pods = await until(api, lambda p: unschedulable(p["gated"]) is not None, "gated unschedulable")
         assert unschedulable(pods["gated"]) == FULL
 
         await core.delete_namespaced_pod("open", NAMESPACE)
-        await until(api, lambda p: node_of(p["gated"]) == "n1")
+        await until(api, lambda p: node_of(p["gated"]) == "n1", "gated bound to n1")
 
 
 async def test_a_pod_pinned_by_match_fields_goes_to_that_node_only(
@@ -172,12 +164,12 @@ async def test_a_pod_pinned_by_match_fields_goes_to_that_node_only(
     await add_pod(core, "pinned-in-term", affinity=pinned_to("n3", zone_b))
 
     async with running(scheduler):
-        pods = await until(api, lambda p: unschedulable(p["pinned-3"]) is not None)
+        pods = await until(api, lambda p: unschedulable(p["pinned-3"]) is not None, "pinned-3 unschedulable")
         assert unschedulable(pods["pinned-3"]) == (
             f"0/3 nodes are available: 1 Insufficient {GPU}, "
             "2 node(s) didn't satisfy plugin(s) [NodeAffinity]."
         )
-        pods = await until(api, lambda p: node_of(p["pinned-in-term"]) is not None)
+        pods = await until(api, lambda p: node_of(p["pinned-in-term"]) is not None, "pinned-in-term bound")
         assert {name: node_of(pod) for name, pod in pods.items()} == {
             "pinned-0": "n2",
             "pinned-1": "n2",
@@ -197,7 +189,9 @@ async def test_taints_keep_away_the_pods_that_do_not_tolerate_them(
 
     async with running(scheduler):
         pods = await until(
-            api, lambda p: unschedulable(p["intolerant"]) is not None and node_of(p["tolerant"]) is not None
+            api,
+            lambda p: unschedulable(p["intolerant"]) is not None and node_of(p["tolerant"]) is not None,
+            "intolerant unschedulable and tolerant bound",
         )
     assert unschedulable(pods["intolerant"]) == (
         f"0/2 nodes are available: 1 Insufficient {GPU}, 1 node(s) had untolerated taint {{dedicated: gpu}}."
@@ -226,7 +220,9 @@ async def test_two_pods_for_one_slot_end_with_one_bound_though_the_watch_shows_n
 
     async with running(scheduler):
         pods = await until(
-            api, lambda p: any(map(node_of, p.values())) and any(map(unschedulable, p.values()))
+            api,
+            lambda p: any(map(node_of, p.values())) and any(map(unschedulable, p.values())),
+            "one pod bound and one unschedulable",
         )
         [winner] = [name for name, pod in pods.items() if node_of(pod)]
         [loser] = [name for name, pod in pods.items() if not node_of(pod)]
@@ -235,9 +231,10 @@ async def test_two_pods_for_one_slot_end_with_one_bound_though_the_watch_shows_n
         assert scheduler.assumed == {f"{NAMESPACE}/{winner}": "n1"}
 
         released.set()
-        await eventually(lambda: not scheduler.assumed)  # once the informer shows the binding
+        await eventually(lambda: not scheduler.assumed, "the informer to show the binding", DEADLINE)
         assert node_of(scheduler.pods[f"{NAMESPACE}/{winner}"]) == "n1"
-        await eventually(lambda: scheduler.bindings == 1)  # the binding's answer may come later
+        # The binding's answer may come after the informer showed it.
+        await eventually(lambda: scheduler.bindings == 1, "one binding answered", DEADLINE)
         assert scheduler.binding_failures == 0
     assert [node_of(p) for p in api.objects("pods")].count("n1") == 1
 
@@ -254,9 +251,11 @@ async def test_one_slot_one_binding_when_the_api_watch_lags(
 
     async with running(scheduler):
         pods = await until(
-            api, lambda p: any(map(node_of, p.values())) and any(map(unschedulable, p.values()))
+            api,
+            lambda p: any(map(node_of, p.values())) and any(map(unschedulable, p.values())),
+            "one pod bound and one unschedulable",
         )
-        await eventually(lambda: scheduler.bindings == 1)
+        await eventually(lambda: scheduler.bindings == 1, "one binding", DEADLINE)
     assert sorted(map(str, map(node_of, pods.values()))) == ["None", "n1"]
     assert scheduler.binding_failures == 0
 
@@ -268,11 +267,11 @@ async def test_an_unschedulable_pod_is_bound_once_its_node_allocatable_is_raised
     await add_pod(core, "waiting")
 
     async with running(scheduler):
-        pods = await until(api, lambda p: unschedulable(p["waiting"]) is not None)
+        pods = await until(api, lambda p: unschedulable(p["waiting"]) is not None, "waiting unschedulable")
         assert unschedulable(pods["waiting"]) == FULL
 
         await set_gpus(core, "n1", 1)
-        await until(api, lambda p: node_of(p["waiting"]) == "n1")
+        await until(api, lambda p: node_of(p["waiting"]) == "n1", "waiting bound to n1")
 
 
 async def test_a_pod_waiting_for_resources_is_bound_when_a_bound_pod_finishes(
@@ -283,11 +282,15 @@ async def test_a_pod_waiting_for_resources_is_bound_when_a_bound_pod_finishes(
     await add_pod(core, "second")
 
     async with running(scheduler):
-        await until(api, lambda p: node_of(p["first"]) == "n1" and unschedulable(p["second"]) is not None)
+        await until(
+            api,
+            lambda p: node_of(p["first"]) == "n1" and unschedulable(p["second"]) is not None,
+            "first bound to n1 and second unschedulable",
+        )
         await core.patch_namespaced_pod_status(
             "first", NAMESPACE, {"status": {"phase": "Succeeded"}}, _content_type=MERGE_PATCH
         )
-        await until(api, lambda p: node_of(p["second"]) == "n1")
+        await until(api, lambda p: node_of(p["second"]) == "n1", "second bound to n1")
 
 
 async def test_higher_priority_pods_are_scheduled_first(
@@ -298,7 +301,7 @@ async def test_higher_priority_pods_are_scheduled_first(
     await add_pod(core, "b-high", priority=1000)
 
     async with running(scheduler):
-        pods = await until(api, lambda p: unschedulable(p["a-low"]) is not None)
+        pods = await until(api, lambda p: unschedulable(p["a-low"]) is not None, "a-low unschedulable")
     assert unschedulable(pods["a-low"]) == FULL
     assert node_of(pods["b-high"]) == "n1"
     assert node_of(pods["a-low"]) is None
@@ -312,7 +315,8 @@ async def test_pods_for_another_scheduler_are_left_alone(
     await add_pod(core, "ours", schedulerName="default-scheduler")
 
     async with running(scheduler):
-        pods = await until(api, lambda p: node_of(p["ours"]) == "n1")  # "theirs" would have come first
+        # "theirs" would have come first
+        pods = await until(api, lambda p: node_of(p["ours"]) == "n1", "ours bound to n1")
     assert node_of(pods["theirs"]) is None
     assert unschedulable(pods["theirs"]) is None
 
@@ -325,7 +329,7 @@ async def test_a_failed_binding_is_forgotten_and_retried_after_a_backoff(
     api.fail_next("create", "pods/binding", 500)
 
     async with running(scheduler):
-        await until(api, lambda p: node_of(p["p"]) == "n1")
-        await eventually(lambda: scheduler.bindings == 1)
+        await until(api, lambda p: node_of(p["p"]) == "n1", "p bound to n1")
+        await eventually(lambda: scheduler.bindings == 1, "one binding", DEADLINE)
     assert scheduler.binding_failures == 1
     assert [r.resource for r in api.request_log].count("pods/binding") == 2

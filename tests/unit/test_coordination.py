@@ -37,7 +37,7 @@ from events.envelope import Envelope, Event
 from events.nodes import NodeGpusReported, NodeObserved
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from events.pods import PodDeleted, PodObserved, PodPhase, PodReleased
-from node_agent.nvml import GpuReading
+from node_agent.gpus import GpuReading
 from node_agent.reconcile import Refused, SliceUsage, gpu_report, reconcile
 from node_agent.slices import SliceDevice
 from services.planner.core import state

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
+from events.vocabulary import RELEASED_TO_ANNOTATION, SLICE_GATE
 from services.pod_watcher import gate
 from services.pod_watcher.gate import (
     REVIEW_VERSION,
@@ -22,7 +23,7 @@ from services.pod_watcher.gate import (
     gate_patch,
     release_patch,
 )
-from services.pod_watcher.translate import RELEASED_TO_ANNOTATION, SLICE_GATE
+from tests.support import eventually
 
 
 def pod(resources: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
@@ -181,8 +182,7 @@ async def test_the_webhook_loads_its_certificate_again_when_its_files_change(
     with anyio.fail_after(10):
         async with anyio.create_task_group() as group:
             group.start_soon(gate.keep_certificate_fresh, Context(), cert, key)  # type: ignore[arg-type]
-            while checks < 3:  # noqa: ASYNC110 - the checks are the thing observed
-                await anyio.sleep(0.01)
+            await eventually(lambda: checks >= 3, "three certificate checks")
             assert loaded == []  # unchanged files, checked twice: nothing loaded
             cert.write_text("two")
             os.utime(cert, ns=(cert.stat().st_atime_ns, cert.stat().st_mtime_ns + 1_000_000))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from node_agent.nvml import GpuProcess, GpuReading, NvmlInventory, NvmlUnavailable
+from node_agent.gpus import GpuProcess, GpuReading
+from node_agent.nvml import NvmlInventory, NvmlUnavailable
 from simulation.fake_nvml import FakeNvml, SimulatedGpu, simulated_gpu_uuid
 
 A100_UUID = "GPU-0c8e7d3a-6f4b-4b59-a1f2-3d5e6f708192"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from events.nodes import GpuReport, NodeGpusReported, SliceState
 from events.plans import NodeMpsConfig
-from node_agent.nvml import GpuReading
+from node_agent.gpus import GpuReading
 from node_agent.reconcile import Reconciled, Refused, SliceUsage, capacity_gb, gpu_report, reconcile
 from node_agent.slices import SliceDevice, parse_slice_device_id, slice_device_id
 

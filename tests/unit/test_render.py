@@ -4,7 +4,7 @@ Tables pin the formats (the fork's config, the ConfigMap key, the labels, nos's 
 annotations, the node metadata patch); a Hypothesis property checks that every rendered config
 parses back as YAML and satisfies the fork's schema rules, and that every key is a valid label
 value owned by exactly its node. `fork_schema_problems` is the schema oracle, written from the
-fork's rules (nos.md §2.3) rather than from the renderer; the integration tests use it too.
+fork's rules (docs/nos-compatibility.md §2.3) rather than from the renderer; the integration tests use it too.
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from events.plans import NodeLayout, SliceSpec
+from events.vocabulary import DEVICE_PLUGIN_CONFIG_LABEL, REPLICAS_LABEL, SHARING_STRATEGY_LABEL
 from services.config_publisher.render import (
-    DEVICE_PLUGIN_CONFIG_LABEL,
-    REPLICAS_LABEL,
-    SHARING_STRATEGY_LABEL,
     device_plugin_config,
     key_owner,
     metadata_patch,

@@ -8,15 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from events.vocabulary import slice_resource, slice_size
 from node_agent.slices import (
     MAX_DEVICE_ID_LENGTH,
     MountSpec,
     SliceDevice,
     ThreadPolicy,
     container_allocation,
-    parse_resource_name,
     parse_slice_device_id,
-    resource_name,
     slice_device_id,
 )
 
@@ -121,17 +120,17 @@ def test_parse_slice_device_id_accepts_only_canonical_ids(text: str) -> None:
     ],
 )
 def test_parse_resource_name(name: str, size_gb: int | None) -> None:
-    assert parse_resource_name(name) == size_gb
+    assert slice_size(name) == size_gb
 
 
 @given(st.integers(min_value=1, max_value=10**9))
 def test_resource_name_round_trip(size_gb: int) -> None:
-    assert parse_resource_name(resource_name(size_gb)) == size_gb
+    assert slice_size(slice_resource(size_gb)) == size_gb
 
 
 def test_resource_name_rejects_sizes_below_one() -> None:
     with pytest.raises(ValueError, match="at least 1 GiB"):
-        resource_name(0)
+        slice_resource(0)
 
 
 def test_slice_device_resource_and_ordinal() -> None:

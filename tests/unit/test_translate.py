@@ -9,15 +9,8 @@ import pytest
 
 from events.nodes import GfdFacts, NodeObserved, Taint
 from events.pods import NodeRules, NodeSelectorTerm, PodObserved, PodRejected, Requirement, Toleration
-from services.pod_watcher.translate import (
-    RELEASED_TO_ANNOTATION,
-    SLICE_GATE,
-    MpsClientRules,
-    OptInLabel,
-    Rule,
-    translate_node,
-    translate_pod,
-)
+from events.vocabulary import RELEASED_TO_ANNOTATION, SLICE_GATE, OptInLabel
+from services.pod_watcher.translate import MpsClientRules, Rule, translate_node, translate_pod
 
 CREATED = "2026-11-22T10:00:00Z"
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-MIB_PER_GIB = 1024
-MAX_CLIENTS_VOLTA_AND_NEWER = 48
-MAX_CLIENTS_BEFORE_VOLTA = 16
+from events.vocabulary import (
+    MAX_CLIENTS_BEFORE_VOLTA,
+    MAX_CLIENTS_VOLTA_AND_NEWER,
+    MIB_PER_GIB,
+    max_mps_clients,
+)
 
 # GPU Feature Discovery product names of pre-Volta generations (Kepler, Maxwell, Pascal).
 _PRE_VOLTA_MARKERS = ("-K80", "-K40", "-K20", "-M60", "-M40", "-M10", "-M4", "-P100", "-P40", "-P6", "-P4")
@@ -20,11 +23,10 @@ _PRE_VOLTA_MARKERS = ("-K80", "-K40", "-K20", "-M60", "-M40", "-M10", "-M4", "-P
 def max_slices_for(model: str, compute_capability: tuple[int, int] | None = None) -> int:
     """MPS client limit of one GPU: 48 from Volta (compute capability 7.0) on, 16 before."""
     if compute_capability is not None:
-        volta_or_newer = compute_capability >= (7, 0)
-    else:
-        normalised = "-" + model.upper().replace(" ", "-")
-        volta_or_newer = not any(marker in normalised for marker in _PRE_VOLTA_MARKERS)
-    return MAX_CLIENTS_VOLTA_AND_NEWER if volta_or_newer else MAX_CLIENTS_BEFORE_VOLTA
+        return max_mps_clients(compute_capability)
+    normalised = "-" + model.upper().replace(" ", "-")
+    pre_volta = any(marker in normalised for marker in _PRE_VOLTA_MARKERS)
+    return MAX_CLIENTS_BEFORE_VOLTA if pre_volta else MAX_CLIENTS_VOLTA_AND_NEWER
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 
+from events.vocabulary import DEFAULT_OPT_IN
 from services.planner.core.model import Gpu, Node, PendingPod, Placement, PlanResult, PlanSettings, Slice
 from services.planner.core.packing import Bin, lexicographic_selection
 
@@ -558,6 +559,10 @@ class PlanRun:
     extendable: bool
 
 
+NO_OPTED_IN_NODE = f"no opted-in node can be planned on (label {DEFAULT_OPT_IN})"
+"""Why every pod waits while no opted-in node has GPUs to plan on."""
+
+
 def plan_cluster(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: PlanSettings) -> PlanResult:
     """Decide the desired slices of every node and where each pending pod is expected to run."""
     return plan_run(nodes, pending, settings).result
@@ -568,7 +573,7 @@ def _trivial_reason(pod: PendingPod, largest: int, any_gpu: bool) -> str | None:
     if pod.size_gb <= 0:
         return f"asks for {pod.size_gb} GiB; a slice is at least 1 GiB"
     if not any_gpu:
-        return "no opted-in node can be planned on (label nos.nebuly.com/gpu-partitioning=mps)"
+        return NO_OPTED_IN_NODE
     if pod.size_gb > largest:
         return f"needs {pod.size_gb} GiB; the largest opted-in GPU has {largest} GiB"
     return None

@@ -31,7 +31,7 @@ from events.plans import Placement as PlacementEvent
 from events.pods import NodeRules, PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
 from services.planner.core.eligibility import admits, has_effect
 from services.planner.core.model import Gpu, Node, PendingPod, Placement, PlanSettings, Slice
-from services.planner.core.planning import PlanRun, extend_run, plan_run, pod_order
+from services.planner.core.planning import NO_OPTED_IN_NODE, PlanRun, extend_run, plan_run, pod_order
 
 
 @dataclass(frozen=True)
@@ -579,7 +579,7 @@ class IncrementalPlanner:
         if waiting_for_report and not nodes:
             unplaced = {
                 key: f"waiting for GPU reports from {len(waiting_for_report)} opted-in node(s)"
-                if "no opted-in node" in reason
+                if reason == NO_OPTED_IN_NODE
                 else reason
                 for key, reason in unplaced.items()
             }

@@ -1,4 +1,4 @@
-"""The five invariants of the `mpsflow plan` contract (contracts/plan.md), as one reusable check.
+"""The five invariants of the `mpsflow plan` contract (docs/formats.md §1.4), as one reusable check.
 
 `assert_plan_invariants(nodes, pods, result, settings)` takes the planner's inputs (opted-in nodes
 only, as `plan_cluster` receives them) and its `PlanResult`, and fails with a message that names
@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from services.planner.core.model import MIB_PER_GIB, Node, PendingPod, PlanResult, PlanSettings, Slice
+from events.vocabulary import MIB_PER_GIB
+from services.planner.core.model import Node, PendingPod, PlanResult, PlanSettings, Slice
 
 
 def _sizes(slices: Iterable[Slice], *, used: bool) -> Counter[int]:

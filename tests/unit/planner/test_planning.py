@@ -443,7 +443,7 @@ def test_a_pinned_pod_whose_node_is_full_waits_with_its_node_named() -> None:
     assert result.unplaced == {"default/p": "released to node a, which has no room for a 10 GiB slice now"}
 
 
-# --- nos regressions (reference/nos.md §3.12) ------------------------------------------------------------
+# --- nos regressions (docs/nos-compatibility.md §3.12) ---------------------------------------------------
 
 
 def test_two_pods_competing_for_one_free_slice_get_one_placement_there() -> None:

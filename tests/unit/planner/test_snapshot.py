@@ -1,4 +1,4 @@
-"""The `mpsflow plan` contract (contracts/plan.md): snapshot parsing, its errors, and the rendered plan."""
+"""The `mpsflow plan` contract (docs/formats.md §1): snapshot parsing, its errors, and the rendered plan."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from services.planner.snapshot import SnapshotError, parse_snapshot, plan_docume
 from tests.unit.planner.invariants import assert_plan_invariants
 from tests.unit.planner.test_planning import Cluster, clusters
 
-# The snapshot and plan of contracts/plan.md, verbatim (the plan's `huge-1` is added to the snapshot below).
+# The example of docs/formats.md §1.2-1.3, whose snapshot also lists `huge-1` (`with_huge_pod` adds it).
 CONTRACT_SNAPSHOT = """
 {
   "nodes": [

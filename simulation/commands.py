@@ -1,0 +1,43 @@
+"""`mpsflow demo`, plugged into the production CLI from outside it.
+
+The CLI finds extra commands through the `mpsflow.commands` entry points (see pyproject.toml), so
+the production command never imports the simulated cluster: this module is the one place where
+the demo is wired in. Loading it costs nothing; the demo's machinery is imported only when the
+command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+class DemoCommand:
+    help = "run the whole system on a simulated cluster"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--scenario", type=Path, help="YAML or JSON scenario (default: the built-in one)")
+        parser.add_argument("--json", type=Path, dest="json_out", help="write the summary here")
+        parser.add_argument(
+            "--audit-log",
+            type=Path,
+            metavar="FILE",
+            help="write every request the API emulator served here, one JSON object a line",
+        )
+        parser.add_argument(
+            "--record", type=Path, help="also write every event of the run here (for `mpsflow replay`)"
+        )
+        parser.add_argument(
+            "--compat",
+            action="store_true",
+            help="also write nebuly's device-plugin ConfigMap (mpsflow/nos-device-plugin-configs) and "
+            "each node's nvidia.com/device-plugin.config label, and print them at the end",
+        )
+
+    def run(self, args: argparse.Namespace) -> int:
+        from simulation.demo import demo_command
+
+        return demo_command(args.scenario, args.json_out, args.record, args.audit_log, args.compat)
+
+
+DEMO = DemoCommand()
