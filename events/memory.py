@@ -130,6 +130,21 @@ class MemoryBroker:
         self._changed = anyio.Event()
         return self.last_sequence
 
+    async def next_store(self) -> None:
+        """Until the next message is stored."""
+        await self._changed.wait()
+
+    def settled(self, durable: str, sequence: int) -> bool:
+        """Every message up to stream `sequence` for the durable consumer was handed out and acked or
+        terminated (none in flight, none waiting to be handed again)."""
+        consumer = self._consumers.get(durable)
+        return (
+            consumer is not None
+            and consumer.next_sequence > sequence
+            and not any(s <= sequence for s in consumer.backlog)
+            and not any(s <= sequence for s in consumer.deliveries)
+        )
+
     def stored(self, filter_subject: str = ">") -> list[StoredMessage]:
         """What the stream holds under `filter_subject`, in stream order."""
         return [m for _, m in sorted(self.messages.items()) if subject_matches(filter_subject, m.subject)]
@@ -352,6 +367,11 @@ class MemoryConfigStore:
         if current is None or current.revision != last:
             raise RevisionConflictError(f"{key} is not at revision {last}")
         return self._write(key, value)
+
+    async def delete(self, key: str) -> None:
+        """Remove a key (an operator cleaning up, in a test)."""
+        await anyio.lowlevel.checkpoint()
+        self.values.pop(key, None)
 
     async def put(self, key: str, value: bytes) -> int:
         """Write whatever is there (another writer, in a test)."""

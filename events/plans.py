@@ -38,8 +38,9 @@ class PlanComputed(Model):
 
     The planner publishes each node's layout that changed as its own `NodePlanned`, then this
     event: whole for a small cluster, and only its id and excluded nodes for a large one (reasons
-    go out per pod as `PodUnplaced`), so that no message grows with the cluster. The config
-    publisher honours the nodes of either.
+    go out per pod as `PodUnplaced`), so that no message grows with the cluster. It is for people
+    and tools (`mpsflow record`, tracing); no service acts on it: a node's desired layout travels
+    only as `NodePlanned`.
     """
 
     kind: Literal["PlanComputed"] = "PlanComputed"

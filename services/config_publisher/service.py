@@ -1,12 +1,14 @@
-"""The config publisher: turns each plan into every node's desired MPS config in the KV bucket.
+"""The config publisher: writes each layout the planner asks of a node into that node's KV key.
 
-It consumes plans in order and writes a node's key only when that node's layout changed, with
-compare-and-set on the key's revision (retrying on a conflict). A config is never replaced by
-one derived from an older plan, so a redelivered old plan is harmless. A failure on one node
-never keeps the others from being written. It never talks to a GPU.
+Desired state has one form and one path: the planner asks a node for a layout with `NodePlanned`
+(on the node's own subject), this service writes it as the node's `NodeMpsConfig` in the
+node-config bucket, and the node's agent watches that key. The whole `PlanComputed` is for people
+and tools, never read here. A key is written with compare-and-set on its revision (retrying on a
+conflict) and never replaced by a config from an older ask (`plan_sequence` is the ask's stream
+sequence), so a redelivered old ask is harmless. It never talks to a GPU.
 
 With a `CompatibilityWriter` it also writes, after the KV bucket (which stays the main path),
-the Kubernetes view of every node whose KV config is the plan's: the device-plugin ConfigMap
+the Kubernetes view of every node whose KV config is the asked layout: the device-plugin ConfigMap
 key and label of nebuly's fork, and the GPU Operator labels and nos status annotations. The
 writer costs no request for a node whose rendering it already applied, so only nodes whose
 layout (or, for the status annotations, slice usage) changed are touched. That write runs
@@ -24,7 +26,7 @@ import anyio
 from events import subjects
 from events.bus import Bus, ConfigStore, Delivery, RevisionConflictError, TransientError
 from events.envelope import content_id
-from events.plans import NodeConfigPublished, NodeLayout, NodeMpsConfig, NodePlanned, PlanComputed
+from events.plans import NodeConfigPublished, NodeLayout, NodeMpsConfig, NodePlanned
 from events.tracing import current_traceparent
 from services.config_publisher.kube_writer import CompatibilityWriter
 from services.kit.signal import Wakeup
@@ -67,7 +69,7 @@ class ConfigPublisherService:
                 group.start_soon(self._keep_kubernetes_written)
             await self.bus.consume(
                 durable=DURABLE,
-                filter_subjects=[subjects.plan_subject(), subjects.PLANNED_EVENTS],
+                filter_subjects=[subjects.PLANNED_EVENTS],
                 handle=self.handle,
                 deliver_from="last_per_subject",
                 batch=16,
@@ -78,10 +80,6 @@ class ConfigPublisherService:
         for envelope in await self.bus.current_levels(subjects.PLANNED_EVENTS):
             if isinstance(envelope.event, NodePlanned):
                 self._kubernetes_due[envelope.event.node] = (envelope.event.layout, 0)
-        for envelope in await self.bus.current_levels(subjects.plan_subject()):
-            if isinstance(envelope.event, PlanComputed):  # a plan that carries its nodes
-                for node, layout in envelope.event.nodes.items():
-                    self._kubernetes_due.setdefault(node, (layout, 0))
         if self._kubernetes_due:
             self._kubernetes_wakeup.set()
 
@@ -109,39 +107,20 @@ class ConfigPublisherService:
         return failures
 
     async def handle(self, delivery: Delivery) -> None:
-        event = delivery.envelope.event
-        if isinstance(event, NodePlanned):
-            plan_id, layouts = event.plan_id, {event.node: event.layout}
-        elif isinstance(event, PlanComputed):
-            plan_id, layouts = event.plan_id, event.nodes
-        else:
+        asked = delivery.envelope.event
+        if not isinstance(asked, NodePlanned):
             return
-        failures: list[str] = []
-        current: dict[str, NodeLayout] = {}
-        for node in sorted(layouts):
-            try:
-                if await self.publish_node(
-                    desired_config(plan_id, layouts[node], delivery.stream_sequence, node),
-                    # A node's own layout is written even when unchanged: the planner asks it again
-                    # after a refusal, and the agent must answer that ask.
-                    asked=isinstance(event, NodePlanned),
-                ):
-                    current[node] = layouts[node]
-            except Exception as error:
-                log.warning("node %s: config not published: %s", node, error)
-                failures.append(f"{node}: {error}")
-        if self.writer is not None and current:
-            for node, layout in current.items():
-                self._kubernetes_due[node] = (layout, delivery.stream_sequence)
+        desired = desired_config(asked.plan_id, asked.layout, delivery.stream_sequence, asked.node)
+        if await self.publish_node(desired) and self.writer is not None:
+            self._kubernetes_due[asked.node] = (asked.layout, delivery.stream_sequence)
             self._kubernetes_wakeup.set()
-        if failures:
-            raise TransientError("; ".join(failures))
 
-    async def publish_node(self, desired: NodeMpsConfig, *, asked: bool = False) -> bool:
-        """Writes the node's config unless its key holds a newer plan's config, or the same layout
-        (for a layout `asked` of the node by name: the same layout from the same plan).
+    async def publish_node(self, desired: NodeMpsConfig) -> bool:
+        """Writes the node's config unless its key holds a config from a later ask, or this very ask
+        (the same layout from the same plan: a redelivery). The same layout from another plan is
+        written: the planner asks a layout again after a refusal, and the agent must answer it.
 
-        True when the key now holds the desired layout; False when it holds a newer plan's config.
+        True when the key now holds the desired config; False when it holds a later ask's.
         """
         kv = await self.kv()
         key = subjects.node_config_key(desired.node)
@@ -160,11 +139,7 @@ class ConfigPublisherService:
                     )
             if current is not None and current.plan_sequence > desired.plan_sequence:
                 return False
-            if (
-                current is not None
-                and current.same_layout(desired)
-                and (not asked or current.plan_id == desired.plan_id)
-            ):
+            if current is not None and current.same_layout(desired) and current.plan_id == desired.plan_id:
                 return True
             try:
                 if entry is None:

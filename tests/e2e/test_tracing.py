@@ -149,7 +149,7 @@ def test_a_plan_links_to_the_pod_observations_it_folded_in(spans: list[Span]) ->
 def test_the_plan_trace_reaches_the_config_publisher_and_the_node_agent(spans: list[Span]) -> None:
     plan_traces = {s.trace_id for s in spans if s.service == "mpsflow-planner" and s.name == "plan"}
     publisher = [
-        s for s in spans if s.service == "mpsflow-config-publisher" and s.name == "process PlanComputed"
+        s for s in spans if s.service == "mpsflow-config-publisher" and s.name == "process NodePlanned"
     ]
     agent = [s for s in spans if s.service == "mpsflow-node-agent" and s.name == "apply node config"]
     assert publisher and agent
@@ -161,5 +161,5 @@ def test_the_plan_trace_reaches_the_config_publisher_and_the_node_agent(spans: l
         assert (
             parent is not None
             and parent.service == "mpsflow-planner"
-            and parent.name == "publish PlanComputed"
+            and parent.name == "publish NodePlanned"
         )

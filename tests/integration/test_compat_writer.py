@@ -22,7 +22,7 @@ from events import subjects
 from events.bus import Delivery
 from events.envelope import decode
 from events.jetstream import EventBus
-from events.plans import NodeLayout, PlanComputed, SliceSpec
+from events.plans import NodeLayout, NodePlanned, SliceSpec
 from events.vocabulary import DEVICE_PLUGIN_CONFIG_LABEL, REPLICAS_LABEL, SHARING_STRATEGY_LABEL
 from services.config_publisher.kube_writer import CompatibilityWriter, parse_configmap
 from services.config_publisher.render import (
@@ -462,16 +462,19 @@ async def test_configmap_references_and_modes_are_checked(kube: client.ApiClient
 # --- inside the config publisher ----------------------------------------------------------------
 
 
-def plan(plan_id: str, layouts: Mapping[str, NodeLayout]) -> PlanComputed:
-    return PlanComputed(plan_id=plan_id, nodes=dict(layouts))
+def plan(plan_id: str, layouts: Mapping[str, NodeLayout]) -> list[NodePlanned]:
+    """What the planner asks of each node for a plan."""
+    return [NodePlanned(node=node, plan_id=plan_id, layout=asked) for node, asked in sorted(layouts.items())]
 
 
-async def handle(service: ConfigPublisherService, bus: EventBus, event: PlanComputed) -> None:
-    """Publishes the plan and hands its message to the service, as its consumer would."""
-    sequence = await bus.publish(subjects.plan_subject(), event, message_id=event.plan_id)
-    stored = await bus.js.get_msg(subjects.STREAM, sequence)
-    assert stored.data is not None
-    await service.handle(Delivery(decode(stored.data), subjects.plan_subject(), {}, sequence, 1, 0))
+async def handle(service: ConfigPublisherService, bus: EventBus, asks: list[NodePlanned]) -> None:
+    """Publishes each ask and hands its message to the service, as its consumer would."""
+    for asked in asks:
+        subject = subjects.planned_subject(asked.node)
+        sequence = await bus.publish(subject, asked, message_id=f"{asked.node}/{asked.plan_id}")
+        stored = await bus.js.get_msg(subjects.STREAM, sequence)
+        assert stored.data is not None
+        await service.handle(Delivery(decode(stored.data), subject, {}, sequence, 1, 0))
     await service.write_kubernetes()
 
 

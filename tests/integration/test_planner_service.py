@@ -1,4 +1,4 @@
-"""The planner service against a real nats-server: events in, plans and unplaced reasons out.
+"""The planner service on the in-memory bus, in virtual time: events in, plans and reasons out.
 
 The planner folds the last message of every pod, node, GPU and config subject into its state,
 waits for the batch window to close, and publishes each node layout that must change, the plan
@@ -7,37 +7,56 @@ for the node agents answers every node layout the way an agent does (a report wi
 then `NodeConfigApplied`), since the planner asks a node for one change at a time. A restart
 rebuilds the same state from the stream and so the same plan, which de-duplication stores once;
 a message that does not decode is dead-lettered.
+
+The bus is `MemoryBroker`, held to the same contract as JetStream (tests/contract), and the clock is
+virtual (tests/memorybus.py): batch windows and retries take their exact time and no real time.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import anyio
-import nats.errors
 import pytest
 
 from events import subjects
 from events.base import Model
-from events.bus import BusUnavailableError
-from events.envelope import Event, decode
-from events.jetstream import EventBus
+from events.bus import Bus, BusUnavailableError, Delivery
+from events.envelope import Event
+from events.memory import MemoryBroker, MemoryBus
 from events.nodes import GpuReport, NodeGpusReported, NodeObserved, NodeOptedOut, SliceState
 from events.plans import NodeConfigApplied, NodeLayout, NodePlanned, Placement, PlanComputed, SliceSpec
 from events.pods import PodDeleted, PodObserved, PodUnplaced
 from services.planner.core.state import BatchWindow, PlannerSettings
 from services.planner.core.step import published_plan
 from services.planner.service import DURABLE, PlannerService
-from tests.buslog import BusLog
+from tests.memorybus import WAIT, MemoryLog, advance, loop_clock, virtual_broker, virtual_time
+from tests.support import eventually
 
 pytestmark = pytest.mark.anyio
 
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    return virtual_time()
+
+
+@pytest.fixture
+def broker() -> MemoryBroker:
+    return virtual_broker()
+
+
+@pytest.fixture
+def bus(broker: MemoryBroker) -> MemoryBus:
+    return broker.bus("tests")
+
+
 NAMESPACE = "default"
 NODE = "gpu-1.example.com"
-WAIT = 5.0
+QUIET = 5.0  # virtual seconds in which nothing more may happen
 CREATED = datetime(2026, 1, 1, tzinfo=UTC)
 
 E = TypeVar("E", bound=Model)
@@ -73,14 +92,14 @@ def pending_pod(
     )
 
 
-async def publish_node(bus: EventBus, name: str = NODE, *, gpus: int = 1) -> None:
+async def publish_node(bus: MemoryBus, name: str = NODE, *, gpus: int = 1) -> None:
     await bus.publish(subjects.node_subject(name), NodeObserved(name=name))
     await bus.publish(
         subjects.gpus_subject(name), NodeGpusReported(node=name, gpus=tuple(gpu(i) for i in range(gpus)))
     )
 
 
-async def publish_pod(bus: EventBus, pod: PodObserved) -> None:
+async def publish_pod(bus: MemoryBus, pod: PodObserved) -> None:
     await bus.publish(subjects.pod_subject(pod.namespace, pod.name), pod)
 
 
@@ -91,46 +110,40 @@ def key(name: str) -> str:
 # --- harness ------------------------------------------------------------------------------------
 
 
-async def answer_as_agents(bus: EventBus, gpus: int = 1) -> None:
+async def answer_as_agents(bus: Bus, gpus: int = 1) -> None:
     """Answer every node layout as a node agent would: report the slices, then say it applied them."""
-    subscription = await bus.js.subscribe(subjects.PLANNED_EVENTS, ordered_consumer=True)
-    try:
-        while True:
-            try:
-                message = await subscription.next_msg(timeout=1)
-            except nats.errors.TimeoutError:
-                continue
-            planned = decode(message.data).event
-            if not isinstance(planned, NodePlanned):
-                continue
-            reported = tuple(
-                gpu(index).model_copy(
-                    update={
-                        "slices": tuple(
-                            SliceState(id=f"mps-g{index}-{s.size_gb}gb-{n}", size_gb=s.size_gb, used=s.used)
-                            for n, s in enumerate(planned.layout.gpus.get(index, ()))
-                        )
-                    }
-                )
-                for index in range(gpus)
+
+    async def answer(delivery: Delivery) -> None:
+        planned = delivery.envelope.event
+        if not isinstance(planned, NodePlanned):
+            return
+        reported = tuple(
+            gpu(index).model_copy(
+                update={
+                    "slices": tuple(
+                        SliceState(id=f"mps-g{index}-{s.size_gb}gb-{n}", size_gb=s.size_gb, used=s.used)
+                        for n, s in enumerate(planned.layout.gpus.get(index, ()))
+                    )
+                }
             )
-            await bus.publish(
-                subjects.gpus_subject(planned.node), NodeGpusReported(node=planned.node, gpus=reported)
-            )
-            await bus.publish(
-                subjects.config_subject(planned.node),
-                NodeConfigApplied(node=planned.node, plan_id=planned.plan_id, gpus=planned.layout.sizes()),
-            )
-    finally:
-        with anyio.CancelScope(shield=True):
-            await subscription.unsubscribe()
+            for index in range(gpus)
+        )
+        await bus.publish(
+            subjects.gpus_subject(planned.node), NodeGpusReported(node=planned.node, gpus=reported)
+        )
+        await bus.publish(
+            subjects.config_subject(planned.node),
+            NodeConfigApplied(node=planned.node, plan_id=planned.plan_id, gpus=planned.layout.sizes()),
+        )
+
+    await bus.consume(durable="agents", filter_subjects=[subjects.PLANNED_EVENTS], handle=answer)
 
 
 @asynccontextmanager
-async def planning(bus: EventBus, settings: PlannerSettings | None = None) -> AsyncIterator[PlannerService]:
+async def planning(bus: Bus, settings: PlannerSettings | None = None) -> AsyncIterator[PlannerService]:
     """A planner service running in a task group beside stand-in node agents, cancelled on exit (as a
     shutdown does)."""
-    service = PlannerService(bus, settings)
+    service = PlannerService(bus, settings, clock=loop_clock)
     async with anyio.create_task_group() as group:
         group.start_soon(answer_as_agents, bus)
         group.start_soon(service.consume)
@@ -139,18 +152,9 @@ async def planning(bus: EventBus, settings: PlannerSettings | None = None) -> As
         group.cancel_scope.cancel()
 
 
-async def stored_count(bus: EventBus, subject: str) -> int:
+def stored_count(broker: MemoryBroker, subject: str) -> int:
     """How many messages the stream holds on exactly `subject`."""
-    info = await bus.js.stream_info(subjects.STREAM, subjects_filter=subject)
-    return (info.state.subjects or {}).get(subject, 0)
-
-
-async def eventually(condition: Callable[[], bool]) -> None:
-    with anyio.fail_after(WAIT):
-        while True:
-            if condition():
-                return
-            await anyio.sleep(0.02)
+    return len(broker.stored(subject))
 
 
 async def done_publishing(service: PlannerService, plan: PlanComputed) -> None:
@@ -159,7 +163,9 @@ async def done_publishing(service: PlannerService, plan: PlanComputed) -> None:
     A change that reaches the planner while it is still publishing is lost (see the xfailed
     test below), so the tests that are not about that race wait for this before the next change.
     """
-    await eventually(lambda: service.core.state.last_plan_id == plan.plan_id)
+    await eventually(
+        lambda: service.core.state.last_plan_id == plan.plan_id, f"plan {plan.plan_id} published"
+    )
 
 
 def window(idle_ms: int, maximum_ms: int) -> PlannerSettings:
@@ -171,22 +177,25 @@ def window(idle_ms: int, maximum_ms: int) -> PlannerSettings:
 # --- tests --------------------------------------------------------------------------------------
 
 
-async def test_a_pending_pod_gets_a_slice_carved_on_the_reported_gpu(bus: EventBus) -> None:
+async def test_a_pending_pod_gets_a_slice_carved_on_the_reported_gpu(
+    bus: MemoryBus, broker: MemoryBroker
+) -> None:
     await publish_node(bus)
     await publish_pod(bus, pending_pod("a", 10))
 
-    async with BusLog(bus) as log, planning(bus):
+    log = MemoryLog(broker)
+    async with planning(bus):
         plan = await log.wait_for(PlanComputed, lambda p: key("a") in p.placed)
 
     assert plan.placed == {key("a"): Placement(node=NODE, gpu=0, size_gb=10)}
     assert plan.nodes[NODE].gpus == {0: (SliceSpec(size_gb=10, used=False),)}
     assert plan.unplaced == {}
     assert plan.excluded_nodes == {}
-    assert await stored_count(bus, subjects.plan_subject()) == 1
+    assert stored_count(broker, subjects.plan_subject()) == 1
 
 
 async def test_a_plan_that_cannot_be_published_is_tried_again_and_the_planner_lives_on(
-    bus: EventBus, monkeypatch: pytest.MonkeyPatch
+    bus: MemoryBus, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await publish_node(bus)
     await publish_pod(bus, pending_pod("a", 10))
@@ -200,7 +209,8 @@ async def test_a_plan_that_cannot_be_published_is_tried_again_and_the_planner_li
         return await real_publish(subject, event, **options)
 
     monkeypatch.setattr(bus, "publish", refuse_the_first_plan)
-    async with BusLog(bus) as log, planning(bus):
+    log = MemoryLog(broker)
+    async with planning(bus):
         plan = await log.wait_for(PlanComputed, lambda p: key("a") in p.placed)
 
     assert refused == [subjects.plan_subject()]
@@ -208,7 +218,7 @@ async def test_a_plan_that_cannot_be_published_is_tried_again_and_the_planner_li
 
 
 async def test_a_pod_larger_than_any_gpu_is_reported_unplaced_once_across_plans(
-    bus: EventBus, monkeypatch: pytest.MonkeyPatch
+    bus: MemoryBus, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     published: list[str] = []
     real_publish = bus.publish
@@ -224,7 +234,8 @@ async def test_a_pod_larger_than_any_gpu_is_reported_unplaced_once_across_plans(
     await publish_node(bus)
     await publish_pod(bus, pending_pod("big", 100))
 
-    async with BusLog(bus) as log, planning(bus) as planner:
+    log = MemoryLog(broker)
+    async with planning(bus) as planner:
         unplaced = await log.wait_for(PodUnplaced)
         await done_publishing(planner, log.of(PlanComputed)[-1])
         # Two more plans in which the big pod still waits, for the same reason.
@@ -232,7 +243,7 @@ async def test_a_pod_larger_than_any_gpu_is_reported_unplaced_once_across_plans(
         await done_publishing(planner, await log.wait_for(PlanComputed, lambda p: key("a") in p.placed))
         await publish_pod(bus, pending_pod("b", 20))
         last = await log.wait_for(PlanComputed, lambda p: key("b") in p.placed)
-        await log.settle()
+        await advance(QUIET)
 
     assert unplaced == PodUnplaced(
         namespace=NAMESPACE, name="big", uid="uid-big", reason=last.unplaced[key("big")]
@@ -244,56 +255,61 @@ async def test_a_pod_larger_than_any_gpu_is_reported_unplaced_once_across_plans(
     # Once in the stream, and not even attempted again (de-duplication is not what saves it).
     assert log.of(PodUnplaced) == [unplaced]
     assert published.count(big_subject) == 1
-    assert await stored_count(bus, big_subject) == 1
+    assert stored_count(broker, big_subject) == 1
 
 
-async def test_a_restarted_planner_rebuilds_its_state_and_repeats_the_same_plan(bus: EventBus) -> None:
+async def test_a_restarted_planner_rebuilds_its_state_and_repeats_the_same_plan(
+    bus: MemoryBus, broker: MemoryBroker
+) -> None:
     await publish_node(bus)
     await publish_pod(bus, pending_pod("a", 10))
     await publish_pod(bus, pending_pod("big", 100))
     big_subject = subjects.unplaced_subject(NAMESPACE, "big")
 
-    async with BusLog(bus) as log:
-        async with planning(bus) as first:
-            await log.wait_for(PodUnplaced)
-            await eventually(lambda: first.core.state.last_plan_id is not None)
-        await log.settle()
-        plans_before = await stored_count(bus, subjects.plan_subject())
-        before = log.of(PlanComputed)[-1]
-        assert before.plan_id == first.core.state.last_plan_id
-        assert key("a") in before.placed
-        assert key("big") in before.unplaced
+    log = MemoryLog(broker)
+    async with planning(bus) as first:
+        await log.wait_for(PodUnplaced)
+        await eventually(lambda: first.core.state.last_plan_id is not None, "a first plan")
+    await advance(QUIET)
+    plans_before = stored_count(broker, subjects.plan_subject())
+    before = log.of(PlanComputed)[-1]
+    assert before.plan_id == first.core.state.last_plan_id
+    assert key("a") in before.placed
+    assert key("big") in before.unplaced
 
-        publishes_before = bus.published
-        async with planning(bus) as second:
-            # The new planner decides from the rebuilt state and publishes (the same plan).
-            await eventually(lambda: second.core.state.last_plan_id is not None)
-            assert bus.published > publishes_before
-            assert set(second.core.state.pods) == {key("a"), key("big")}
-            assert second.core.state.last_plan_id == before.plan_id
+    publishes_before = bus.published
+    async with planning(bus) as second:
+        # The new planner decides from the rebuilt state and publishes (the same plan).
+        await eventually(lambda: second.core.state.last_plan_id is not None, "the restarted planner's plan")
+        assert bus.published > publishes_before
+        assert set(second.core.state.pods) == {key("a"), key("big")}
+        assert second.core.state.last_plan_id == before.plan_id
 
-            # It goes on planning from there.
-            await publish_pod(bus, pending_pod("b", 20))
-            after = await log.wait_for(PlanComputed, lambda p: key("b") in p.placed)
-        await log.settle()
+        # It goes on planning from there.
+        await publish_pod(bus, pending_pod("b", 20))
+        after = await log.wait_for(PlanComputed, lambda p: key("b") in p.placed)
+    await advance(QUIET)
 
     assert after.placed[key("a")] == before.placed[key("a")]
-    assert await stored_count(bus, subjects.plan_subject()) == plans_before + 1
+    assert stored_count(broker, subjects.plan_subject()) == plans_before + 1
     assert [plan.plan_id for plan in log.of(PlanComputed)] == [before.plan_id, after.plan_id]
-    assert await stored_count(bus, big_subject) == 1
+    assert stored_count(broker, big_subject) == 1
 
 
-async def test_a_burst_of_pod_events_within_the_batch_window_yields_few_plans(bus: EventBus) -> None:
+async def test_a_burst_of_pod_events_within_the_batch_window_yields_few_plans(
+    bus: MemoryBus, broker: MemoryBroker
+) -> None:
     settings = window(idle_ms=250, maximum_ms=2000)
     await publish_node(bus)
     names = [f"pod-{i:02d}" for i in range(20)]
 
-    async with BusLog(bus) as log, planning(bus, settings) as planner:
+    log = MemoryLog(broker)
+    async with planning(bus, settings) as planner:
         await done_publishing(planner, await log.wait_for(PlanComputed))
         for name in names:
             await publish_pod(bus, pending_pod(name, 3))
         await log.wait_for(PlanComputed, lambda p: len(p.placed) == 20)
-        await log.settle()
+        await advance(QUIET)
 
     plans = log.of(PlanComputed)[1:]
     assert 1 <= len(plans) <= 3, [len(p.placed) for p in plans]
@@ -303,13 +319,16 @@ async def test_a_burst_of_pod_events_within_the_batch_window_yields_few_plans(bu
     assert last.unplaced == {}
 
 
-async def test_a_malformed_pod_message_is_dead_lettered_and_planning_goes_on(bus: EventBus) -> None:
+async def test_a_malformed_pod_message_is_dead_lettered_and_planning_goes_on(
+    bus: MemoryBus, broker: MemoryBroker
+) -> None:
     bad_subject = subjects.pod_subject(NAMESPACE, "bad")
     await publish_node(bus)
 
-    async with BusLog(bus) as log, planning(bus) as planner:
+    log = MemoryLog(broker)
+    async with planning(bus) as planner:
         await done_publishing(planner, await log.wait_for(PlanComputed))
-        await bus.js.publish(bad_subject, b"garbage")
+        await bus.publish_bytes(bad_subject, b"garbage")
         await publish_pod(bus, pending_pod("a", 10))
         plan = await log.wait_for(PlanComputed, lambda p: key("a") in p.placed)
         await done_publishing(planner, plan)
@@ -327,12 +346,15 @@ async def test_a_malformed_pod_message_is_dead_lettered_and_planning_goes_on(bus
     assert set(later.placed) == {key("a"), key("b")}
 
 
-async def test_a_node_that_opts_out_disappears_from_the_next_plan(bus: EventBus) -> None:
+async def test_a_node_that_opts_out_disappears_from_the_next_plan(
+    bus: MemoryBus, broker: MemoryBroker
+) -> None:
     other = "gpu-2"
     await publish_node(bus)
     await publish_node(bus, other)
 
-    async with BusLog(bus) as log, planning(bus) as planner:
+    log = MemoryLog(broker)
+    async with planning(bus) as planner:
         both = await log.wait_for(PlanComputed, lambda p: set(p.nodes) == {NODE, other})
         await done_publishing(planner, both)
         await bus.publish(subjects.node_subject(other), NodeOptedOut(name=other, reason="label removed"))
@@ -351,30 +373,32 @@ async def test_a_node_that_opts_out_disappears_from_the_next_plan(bus: EventBus)
 
 
 async def test_a_change_that_does_not_alter_the_plan_does_not_shorten_the_next_batch_window(
-    bus: EventBus,
+    bus: MemoryBus,
+    broker: MemoryBroker,
 ) -> None:
     settings = window(idle_ms=1000, maximum_ms=5000)
     await publish_node(bus)
     await publish_pod(bus, pending_pod("a", 10))
 
-    async with BusLog(bus) as log, planning(bus, settings) as planner:
+    log = MemoryLog(broker)
+    async with planning(bus, settings) as planner:
         await log.wait_for(PlanComputed, lambda p: key("a") in p.placed)
-        await eventually(lambda: planner.core.state.nodes[NODE].answered)
-        await eventually(lambda: planner.core.state.first_unplanned_change is None)
-        await log.settle()
+        await eventually(lambda: planner.core.state.nodes[NODE].answered, "the node's answer")
+        await eventually(lambda: planner.core.state.first_unplanned_change is None, "every change planned")
+        await advance(QUIET)
         known = {plan.plan_id for plan in log.of(PlanComputed)}
-        plans = await stored_count(bus, subjects.plan_subject())
+        plans = stored_count(broker, subjects.plan_subject())
         # The pending pod's priority changes: a change the planner uses, but the same plan. Once the
         # planner has decided on it (its window is closed), nothing new is on the plan subject.
         await publish_pod(bus, pending_pod("a", 10, version="2", priority=5))
-        await eventually(lambda: planner.core.state.pods[key("a")].priority == 5)
-        await eventually(lambda: planner.core.state.first_unplanned_change is None)
-        assert await stored_count(bus, subjects.plan_subject()) == plans
+        await eventually(lambda: planner.core.state.pods[key("a")].priority == 5, "the new priority")
+        await eventually(lambda: planner.core.state.first_unplanned_change is None, "every change planned")
+        assert stored_count(broker, subjects.plan_subject()) == plans
         # A burst now opens a window of its own: one plan serves all of it.
         for i in range(5):
             await publish_pod(bus, pending_pod(f"pod-{i}", 5))
         burst = await log.wait_for(PlanComputed, lambda p: len(p.placed) == 6)
-        await log.settle()
+        await advance(QUIET)
 
     after = [plan for plan in log.of(PlanComputed) if plan.plan_id not in known]
     assert after[0] == burst, [len(plan.placed) for plan in after]
@@ -384,7 +408,7 @@ async def test_a_change_that_does_not_alter_the_plan_does_not_shorten_the_next_b
 
 
 async def test_a_change_that_arrives_while_a_plan_is_being_published_is_planned(
-    bus: EventBus, monkeypatch: pytest.MonkeyPatch
+    bus: MemoryBus, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     publishing_plan = anyio.Event()
     release = anyio.Event()
@@ -403,11 +427,12 @@ async def test_a_change_that_arrives_while_a_plan_is_being_published_is_planned(
     await publish_node(bus)
     await publish_pod(bus, pending_pod("a", 10))
 
-    async with BusLog(bus) as log, planning(bus) as planner:
+    log = MemoryLog(broker)
+    async with planning(bus) as planner:
         with anyio.fail_after(WAIT):
             await publishing_plan.wait()
         await publish_pod(bus, pending_pod("b", 10))
-        await eventually(lambda: key("b") in planner.core.state.pods)
+        await eventually(lambda: key("b") in planner.core.state.pods, "pod b observed")
         release.set()
         plan = await log.wait_for(PlanComputed, lambda p: key("b") in p.placed, within=1.5)
 
@@ -415,23 +440,28 @@ async def test_a_change_that_arrives_while_a_plan_is_being_published_is_planned(
 
 
 async def test_a_restarted_planner_plans_even_when_the_backlog_ends_with_a_malformed_message(
-    bus: EventBus,
+    bus: MemoryBus,
+    broker: MemoryBroker,
 ) -> None:
     await publish_node(bus)
     await publish_pod(bus, pending_pod("a", 10))
-    await bus.js.publish(subjects.pod_subject(NAMESPACE, "bad"), b"garbage")
+    await bus.publish_bytes(subjects.pod_subject(NAMESPACE, "bad"), b"garbage")
 
-    async with BusLog(bus) as log, planning(bus):
+    log = MemoryLog(broker)
+    async with planning(bus):
         plan = await log.wait_for(PlanComputed, within=1.5)
 
     assert key("a") in plan.placed
 
 
-async def test_a_pod_recreated_under_the_same_name_is_reported_unplaced_again(bus: EventBus) -> None:
+async def test_a_pod_recreated_under_the_same_name_is_reported_unplaced_again(
+    bus: MemoryBus, broker: MemoryBroker
+) -> None:
     await publish_node(bus)
     await publish_pod(bus, pending_pod("big", 100))
 
-    async with BusLog(bus) as log, planning(bus, window(idle_ms=300, maximum_ms=1000)) as planner:
+    log = MemoryLog(broker)
+    async with planning(bus, window(idle_ms=300, maximum_ms=1000)) as planner:
         await log.wait_for(PodUnplaced, lambda e: e.uid == "uid-big")
         await done_publishing(planner, log.of(PlanComputed)[-1])
         # A StatefulSet-like controller replaces the pending pod at once.
@@ -444,15 +474,18 @@ async def test_a_pod_recreated_under_the_same_name_is_reported_unplaced_again(bu
     assert "100 GiB" in replaced.reason
 
 
-async def test_each_node_layout_goes_out_on_its_own_subject_only_when_it_changes(bus: EventBus) -> None:
+async def test_each_node_layout_goes_out_on_its_own_subject_only_when_it_changes(
+    bus: MemoryBus, broker: MemoryBroker
+) -> None:
     await publish_node(bus)
     await publish_pod(bus, pending_pod("a", 10))
-    async with BusLog(bus) as log, planning(bus) as planner:
+    log = MemoryLog(broker)
+    async with planning(bus) as planner:
         first = await log.wait_for(PlanComputed, lambda p: key("a") in p.placed)
         await done_publishing(planner, first)
         await publish_pod(bus, pending_pod("zero", 0))  # a new plan (a new reason), the same layout
         await log.wait_for(PlanComputed, lambda p: key("zero") in p.unplaced)
-        await log.settle()
+        await advance(QUIET)
     planned = log.of(NodePlanned)
     assert [(p.node, p.plan_id) for p in planned] == [(NODE, first.plan_id)]
     assert planned[0].layout == first.nodes[NODE]
