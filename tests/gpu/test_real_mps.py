@@ -1,4 +1,6 @@
-"""On a real NVIDIA GPU: NVML readings, one MPS daemon per GPU, and pinned memory limits that hold.
+"""On a real NVIDIA GPU: NVML readings, and pinned memory limits that hold for a client process.
+
+(The MPS control daemon's own behaviour on a GPU is in tests/contract/test_mps_control_contract.py.)
 
 Opt-in: these run only where NVML loads and `nvidia-cuda-mps-control` is on the PATH (a GPU
 machine); everywhere else they are skipped. The memory check allocates with PyTorch in a client
@@ -19,7 +21,7 @@ import anyio
 import pytest
 
 from node_agent.gpus import GpuReading
-from node_agent.mps import DaemonSpec, SubprocessMpsControl, apply_gpu_defaults, parse_mem_limit
+from node_agent.mps import DaemonSpec, SubprocessMpsControl
 from node_agent.nvml import NvmlInventory, NvmlUnavailable
 from node_agent.slices import SliceDevice, container_allocation, slice_device_id
 
@@ -95,18 +97,6 @@ async def test_nvml_reports_every_gpu_with_its_memory(first_gpu: GpuReading) -> 
         f"GPU {first_gpu.index}: {first_gpu.model}, {first_gpu.memory_total_mib} MiB, "
         f"cc {first_gpu.compute_capability}, {first_gpu.max_mps_clients} MPS clients"
     )
-
-
-async def test_daemon_answers_and_keeps_the_defaults_it_is_given(daemon: DaemonSpec) -> None:
-    control = SubprocessMpsControl()
-    assert await control.is_alive(daemon)
-    await apply_gpu_defaults(control, daemon, pinned_mem_limit_mib=4096, active_thread_percentage=50)
-    reply = await control.send(daemon, "get_default_device_pinned_mem_limit 0")
-    print(f"get_default_device_pinned_mem_limit 0 -> {reply!r}")
-    assert parse_mem_limit(reply) == 4096
-    percentage = await control.send(daemon, "get_default_active_thread_percentage")
-    print(f"get_default_active_thread_percentage -> {percentage!r}")
-    assert float(percentage) == pytest.approx(50.0)
 
 
 @pytest.mark.parametrize(("size_gb", "allocate_mib", "fits"), [(2, 1536, True), (2, 3072, False)])

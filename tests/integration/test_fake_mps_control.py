@@ -1,4 +1,6 @@
-"""The real MPS control adapter driving the fake ``nvidia-cuda-mps-control`` as a separate process.
+"""What only the fake ``nvidia-cuda-mps-control`` shows: its command log, its replies and refusals,
+and how the adapter copes with a daemon that hangs, dies or never comes up. What the real daemon
+must do too is in tests/contract/test_mps_control_contract.py.
 
 Each test gets its own daemon directory under /tmp (unix socket paths must stay under 108 bytes) and
 the fixture kills whatever daemon is left. The last group runs the fake daemon's command semantics
@@ -25,7 +27,6 @@ from node_agent.mps import (
     SubprocessMpsControl,
     apply_gpu_defaults,
     parse_mem_limit,
-    parse_server_list,
     parse_thread_percentage,
 )
 from simulation.fake_mps_control import ControlDaemonState, read_logged_commands
@@ -61,39 +62,6 @@ def control() -> SubprocessMpsControl:
     return SubprocessMpsControl(FAKE_EXECUTABLE)
 
 
-async def test_start_daemon_leaves_a_daemon_answering(
-    control: SubprocessMpsControl, daemon: DaemonSpec
-) -> None:
-    assert not await control.is_alive(daemon)
-
-    await control.start_daemon(daemon)
-
-    assert await control.is_alive(daemon)
-    assert daemon.control_socket.is_socket()
-    assert _process_exists(_daemon_pid(daemon))
-
-
-async def test_start_daemon_adopts_a_daemon_that_answers(
-    control: SubprocessMpsControl, daemon: DaemonSpec
-) -> None:
-    await control.start_daemon(daemon)
-    first_pid = _daemon_pid(daemon)
-
-    await control.start_daemon(daemon)
-
-    assert _daemon_pid(daemon) == first_pid
-
-
-async def test_a_fresh_daemon_has_full_threads_and_no_memory_limit(
-    control: SubprocessMpsControl, daemon: DaemonSpec
-) -> None:
-    await control.start_daemon(daemon)
-
-    assert await control.send(daemon, "get_default_active_thread_percentage") == "100.0"
-    assert await control.send(daemon, "get_default_device_pinned_mem_limit 0") == "N/A"
-    assert await control.send(daemon, "get_server_list") == ""
-
-
 async def test_gpu_defaults_are_applied_and_logged(control: SubprocessMpsControl, daemon: DaemonSpec) -> None:
     await control.start_daemon(daemon)
 
@@ -108,37 +76,6 @@ async def test_gpu_defaults_are_applied_and_logged(control: SubprocessMpsControl
         "get_default_device_pinned_mem_limit 0",
         "get_default_active_thread_percentage",
     ]
-
-
-async def test_a_server_keeps_the_defaults_it_started_with(
-    control: SubprocessMpsControl, daemon: DaemonSpec
-) -> None:
-    await control.start_daemon(daemon)
-    await apply_gpu_defaults(control, daemon, pinned_mem_limit_mib=8192, active_thread_percentage=50)
-    await control.send(daemon, "start_server -uid 1000")
-    [server] = parse_server_list(await control.send(daemon, "get_server_list"))
-
-    await apply_gpu_defaults(control, daemon, pinned_mem_limit_mib=4096, active_thread_percentage=25)
-
-    assert await control.send(daemon, f"get_active_thread_percentage {server}") == "50.0"
-    assert await control.send(daemon, f"get_device_pinned_mem_limit {server} 0") == "8192M"
-    assert await control.send(daemon, "get_default_active_thread_percentage") == "25.0"
-
-
-async def test_a_running_server_can_be_retargeted_on_its_own(
-    control: SubprocessMpsControl, daemon: DaemonSpec
-) -> None:
-    await control.start_daemon(daemon)
-    await control.send(daemon, "start_server -uid 1000")
-    [server] = parse_server_list(await control.send(daemon, "get_server_list"))
-
-    await control.send(daemon, f"set_active_thread_percentage {server} 30")
-    await control.send(daemon, f"set_device_pinned_mem_limit {server} 0 2G")
-
-    assert await control.send(daemon, f"get_active_thread_percentage {server}") == "30.0"
-    assert await control.send(daemon, f"get_device_pinned_mem_limit {server} 0") == "2048M"
-    assert await control.send(daemon, "get_default_active_thread_percentage") == "100.0"
-    assert await control.send(daemon, f"get_server_status {server}") == "ACTIVE"
 
 
 async def test_quit_stops_the_daemon_and_forgets_its_defaults(
@@ -187,14 +124,6 @@ async def test_start_daemon_clears_what_a_killed_daemon_left(
 
     assert await control.is_alive(daemon)
     assert _daemon_pid(daemon) != killed
-
-
-async def test_send_without_a_daemon_fails(control: SubprocessMpsControl, daemon: DaemonSpec) -> None:
-    with pytest.raises(MpsCommandError) as failure:
-        await control.send(daemon, "get_server_list")
-
-    assert failure.value.exit_status == 1
-    assert failure.value.output == "Cannot find MPS control daemon process"
 
 
 async def test_a_rejected_command_fails_with_the_daemons_reason(
