@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 STREAM_LIMITS = {"max_msgs_per_subject": 64, "max_age": 7 * 24 * 3600, "duplicate_window": 120}
 """The event stream keeps a subject's last 64 messages for a week; ids de-duplicate for 2 minutes."""
 
+RECONNECT_WAIT = 0.5
+"""Seconds between the NATS client's reconnect attempts, and so before a fetch that failed for
+connection trouble is tried again (the failure policy: services/kit/retry.py)."""
+
 _DELIVER_POLICIES = {
     "all": api.DeliverPolicy.ALL,
     "last_per_subject": api.DeliverPolicy.LAST_PER_SUBJECT,
@@ -68,7 +72,7 @@ class EventBus:
             servers=[url],
             name=source,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            reconnect_time_wait=RECONNECT_WAIT,
             connect_timeout=2,
             error_cb=on_error,
         )
@@ -184,8 +188,8 @@ class EventBus:
                 except TimeoutError:  # nothing arrived (nats-py raises both its own and asyncio's)
                     continue
                 except nats.errors.Error as error:  # connection trouble: the client reconnects
-                    log.warning("%s: fetch failed (%s), retrying", durable, error)
-                    await anyio.sleep(0.5)
+                    log.warning("%s: fetch failed (%s), retrying in %.1fs", durable, error, RECONNECT_WAIT)
+                    await anyio.sleep(RECONNECT_WAIT)
                     continue
                 for message in messages:
                     # Shielded so that a shutdown never falls between an effect and its ack;

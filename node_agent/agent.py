@@ -37,12 +37,12 @@ from node_agent.mps import (
 )
 from node_agent.nvml import GpuInventory
 from node_agent.pod_resources import kubelet_view
-from node_agent.reconcile import Refused, SliceUsage, adopted_devices, gpu_report, reconcile
+from node_agent.reconcile import Refused, SliceUsage, adopted_devices, gpu_report, observed_usage, reconcile
 from node_agent.slices import SliceDevice
+from services.kit.retry import MPS_DAEMON
 
 log = logging.getLogger(__name__)
 
-RESTART_BACKOFF = (1.0, 60.0)  # first delay after a failed daemon restart, and the longest
 WITHDRAW_TIMEOUT = 3.0  # seconds a stopping agent spends telling the planner its slices are going
 
 
@@ -168,7 +168,7 @@ class NodeAgent:
                 return
             await self.plugin.set_devices(outcome.devices)
             self.devices = outcome.devices
-            offered = time.monotonic()
+            offered = anyio.current_time()
             self._offered_at = {d.id: self._offered_at.get(d.id, offered) for d in self.devices}
             self.applied_plan_id = desired.plan_id
             await self.apply_daemon_limits()
@@ -195,7 +195,7 @@ class NodeAgent:
         offered = frozenset(device.id for device in self.devices)
         if self.settings.pod_resources_socket is None:
             return SliceUsage(frozenset(allocations), {}, offered)
-        asked = time.monotonic()
+        asked = anyio.current_time()
         try:
             view = await kubelet_view(self.settings.pod_resources_socket)
         except grpc.aio.AioRpcError as error:
@@ -205,20 +205,17 @@ class NodeAgent:
             )
         for device in view.held:
             self._seen_held_at[device] = asked
-        now = time.monotonic()
-        recent = now - self.settings.allocation_grace_seconds
-        unlisted = {
-            device
-            for device, at in allocations.items()
-            if at >= recent and self._seen_held_at.get(device, float("-inf")) < at
-        }
-        in_use = frozenset(view.held) | unlisted
-        if view.listed is not None:
-            listed = view.listed & offered
-        else:
-            settled = now - self.settings.listing_grace_seconds
-            listed = frozenset(d for d in offered if self._offered_at.get(d, now) <= settled)
-        return SliceUsage(in_use, dict(view.held), listed)
+        return observed_usage(
+            allocations=allocations,
+            offered=offered,
+            held=view.held,
+            listed=view.listed,
+            seen_held_at=self._seen_held_at,
+            offered_at=self._offered_at,
+            now=anyio.current_time(),
+            allocation_grace=self.settings.allocation_grace_seconds,
+            listing_grace=self.settings.listing_grace_seconds,
+        )
 
     async def watch_usage(self) -> None:
         while True:
@@ -243,22 +240,23 @@ class NodeAgent:
     async def keep_daemon_alive(self, gpu: GpuReading) -> bool:
         """Probe a GPU's daemon through its control pipe and start it again if it died.
 
-        Failed restarts back off exponentially (RESTART_BACKOFF), so a GPU whose daemon cannot
-        run is not hammered; a restarted daemon gets this GPU's defaults again.
+        Failed restarts back off on the ``MPS_DAEMON`` schedule (services/kit/retry.py), so a GPU
+        whose daemon cannot run is not hammered; a restarted daemon gets this GPU's defaults again.
+        The heartbeat drives the tries, so this takes only the delays from the schedule.
         """
         daemon = self.daemon(gpu)
         if await self.mps.is_alive(daemon):
             self._restart_failures.pop(gpu.index, None)
             return True
         failures, next_try = self._restart_failures.get(gpu.index, (0, 0.0))
-        if time.monotonic() < next_try:
+        if anyio.current_time() < next_try:
             return False
         log.warning("GPU %d: MPS daemon does not answer; starting it again", gpu.index)
         try:
             await self.mps.start_daemon(daemon)
         except Exception as error:
-            delay = min(RESTART_BACKOFF[1], RESTART_BACKOFF[0] * 2**failures)
-            self._restart_failures[gpu.index] = (failures + 1, time.monotonic() + delay)
+            delay = MPS_DAEMON.delay(failures + 1)
+            self._restart_failures[gpu.index] = (failures + 1, anyio.current_time() + delay)
             log.error("GPU %d: MPS daemon restart failed (%s); next try in %.0fs", gpu.index, error, delay)
             return False
         self._restart_failures.pop(gpu.index, None)

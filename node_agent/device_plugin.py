@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import grpc.aio
 from node_agent.proto_gen import deviceplugin_v1beta1_pb2 as api
 from node_agent.proto_gen import deviceplugin_v1beta1_pb2_grpc as api_grpc
 from node_agent.slices import SliceDevice, ThreadPolicy, container_allocation, parse_slice_device_id
+from services.kit.retry import KUBELET
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,6 @@ KUBELET_SOCKET_NAME = "kubelet.sock"
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 WATCH_INTERVAL_S = 0.1
-BACKOFF_INITIAL_S = 0.1
-BACKOFF_MAX_S = 5.0
 REGISTER_TIMEOUT_S = 5.0
 SERVER_STOP_GRACE_S = 1.0
 
@@ -109,9 +107,10 @@ class SliceDevicePlugin:
 
         Notices a kubelet restart by its socket being re-created or by one of our sockets being
         deleted, then serves the deleted sockets again and re-registers. Failed registrations
-        are retried with exponential backoff, cut short when ``kubelet.sock`` changes.
+        are retried on the ``KUBELET`` schedule (services/kit/retry.py), the wait cut short when
+        ``kubelet.sock`` changes: stamina cannot cut its own wait short, so this loop waits itself.
         """
-        backoff = BACKOFF_INITIAL_S
+        failures = 0
         while True:
             try:
                 async with self._lock:
@@ -120,11 +119,11 @@ class SliceDevicePlugin:
                 logger.exception("device plugin supervision step failed")
                 all_registered = False
             if all_registered:
-                backoff = BACKOFF_INITIAL_S
+                failures = 0
                 await asyncio.sleep(WATCH_INTERVAL_S)
             else:
-                await self._sleep_unless_kubelet_changes(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                failures += 1
+                await self._sleep_unless_kubelet_changes(KUBELET.delay(failures))
 
     async def close(self) -> None:
         """End every ListAndWatch stream, stop the servers and remove their sockets."""
@@ -134,7 +133,7 @@ class SliceDevicePlugin:
             await asyncio.gather(*(server.stop() for server in servers))
 
     def allocations(self) -> Mapping[str, float]:
-        """Device IDs handed out by Allocate, with the monotonic time of their last allocation.
+        """Device IDs handed out by Allocate, with the event loop's time of their last allocation.
 
         Entries are dropped when their device leaves the slice list.
         """
@@ -247,7 +246,7 @@ class SliceDevicePlugin:
                 )
             )
             allocated.append(device.id)
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()
         for device_id in allocated:
             self._allocations[device_id] = now
         return api.AllocateResponse(container_responses=responses)

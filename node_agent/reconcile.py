@@ -12,7 +12,7 @@ a slice the kubelet lists). Nothing here performs I/O.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from events.nodes import GpuProcessReport, GpuReport, NodeGpusReported, SliceState
@@ -31,6 +31,42 @@ class SliceUsage:
     in_use: frozenset[str] = frozenset()
     holders: dict[str, str] = field(default_factory=dict)
     listed: frozenset[str] = frozenset()
+
+
+def observed_usage(
+    *,
+    allocations: Mapping[str, float],
+    offered: frozenset[str],
+    held: Mapping[str, str],
+    listed: frozenset[str] | None,
+    seen_held_at: Mapping[str, float],
+    offered_at: Mapping[str, float],
+    now: float,
+    allocation_grace: float,
+    listing_grace: float,
+) -> SliceUsage:
+    """What the node's slices are doing at `now` (the loop clock, in seconds).
+
+    `allocations` are the device plugin's Allocate answers (device -> when); `held` is what the
+    kubelet's pod-resources `List` says containers hold (device -> pod) and `listed` what its
+    `GetAllocatableResources` lists (None from a kubelet older than 1.23). A slice is in use when
+    the kubelet says it is held, or when it was allocated within `allocation_grace` seconds and the
+    kubelet has not named a holder of it since (the kubelet lists a container's devices only once
+    the container exists). Without `listed`, a slice counts as listed once it has been offered for
+    `listing_grace` seconds.
+    """
+    recent = now - allocation_grace
+    unlisted = {
+        device
+        for device, at in allocations.items()
+        if at >= recent and seen_held_at.get(device, float("-inf")) < at
+    }
+    if listed is not None:
+        listable = listed & offered
+    else:
+        settled = now - listing_grace
+        listable = frozenset(d for d in offered if offered_at.get(d, now) <= settled)
+    return SliceUsage(frozenset(held) | unlisted, dict(held), listable)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ ConfigMap if absent, and removes only keys that `render.key_owner` names as that
 the one its label still points at; (3) reads the ConfigMap back and flips the label of each node
 whose key it holds: the label never names a key the API server does not hold, with no sleep;
 (4) removes the node's previous key, leaving one key per node. Every write is compare-and-set (a
-ConfigMap replace or a node merge patch carrying the resourceVersion it read), retried on 409 with
-a bounded, jittered backoff after a fresh read, and skipped when it would change nothing; a
+ConfigMap replace or a node merge patch carrying the resourceVersion it read), retried on 409
+after a fresh read on the bounded, jittered `CONFLICT` schedule (services/kit/retry.py), and
+skipped when it would change nothing; a
 rendering this writer already applied, or one from an older plan, costs no request at all.
 
 It never deletes a ConfigMap key it cannot attribute to a node by exact name (never by prefix, so
@@ -32,12 +33,10 @@ observe that copy.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
-import anyio
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -50,11 +49,10 @@ from services.config_publisher.render import (
     owner_tag,
     render_node,
 )
+from services.kit.retry import CONFLICT, Backoff, retrying
 
 log = logging.getLogger(__name__)
 
-CAS_ATTEMPTS = 5
-BACKOFF_SECONDS = 0.05
 REQUEST_TIMEOUT = 10
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -63,6 +61,10 @@ T = TypeVar("T")
 
 class ConflictError(Exception):
     """An object kept changing between our read and our write, every attempt."""
+
+
+class _StaleError(Exception):
+    """One compare-and-set lost (409): the object changed since it was read."""
 
 
 class ApiUnreachableError(Exception):
@@ -99,6 +101,7 @@ class CompatibilityWriter:
     `namespace` and `configmap_name` (both or neither) select the device-plugin ConfigMap;
     `node_labels` writes the GPU Operator labels and nos status annotations. The
     `nvidia.com/device-plugin.config` label is written exactly when there is a ConfigMap.
+    `conflicts` is the schedule of the compare-and-set retries (its `attempts` bounds them).
     """
 
     def __init__(
@@ -108,8 +111,7 @@ class CompatibilityWriter:
         configmap_name: str | None = None,
         *,
         node_labels: bool = True,
-        attempts: int = CAS_ATTEMPTS,
-        backoff: float = BACKOFF_SECONDS,
+        conflicts: Backoff = CONFLICT,
     ) -> None:
         if (namespace is None) != (configmap_name is None):
             raise ValueError("give both the ConfigMap's namespace and its name, or neither")
@@ -119,8 +121,7 @@ class CompatibilityWriter:
         self.namespace = namespace
         self.configmap_name = configmap_name
         self.node_labels = node_labels
-        self.attempts = attempts
-        self.backoff = backoff
+        self.conflicts = conflicts
         self._applied: dict[str, tuple[int, NodeRendering]] = {}
         self._unreachable = False
 
@@ -175,8 +176,15 @@ class CompatibilityWriter:
             self._unreachable = False
             log.info("Kubernetes API reachable again")
 
-    async def _pause(self, attempt: int) -> None:
-        await anyio.sleep(self.backoff * 2**attempt * random.uniform(0.5, 1.0))
+    async def _compare_and_set(self, write: Callable[[], Awaitable[T]], what: str) -> T:
+        """`write()` again after each lost compare-and-set (`_StaleError`), on the `conflicts`
+        schedule; ConflictError once it lost every attempt."""
+        try:
+            return await retrying(
+                write, on=_StaleError, backoff=self.conflicts, what=f"writing {what}", level=logging.DEBUG
+            )
+        except _StaleError:
+            raise ConflictError(f"{what} kept changing under {self.conflicts.attempts} attempts") from None
 
     def _fail(self, failures: dict[str, str], node: str, reason: str) -> None:
         log.warning("node %s: compatibility config not written: %s", node, reason)
@@ -266,33 +274,35 @@ class CompatibilityWriter:
     async def _update_configmap(self, change: Callable[[dict[str, str]], dict[str, str]]) -> None:
         """Replaces the ConfigMap's data with `change(data)`, compare-and-set; creates it if absent
         (unless `change({})` is empty)."""
-        assert self.configmap_name is not None and self.namespace is not None
-        for attempt in range(self.attempts):
-            if attempt:
-                await self._pause(attempt)
+        namespace, name = self.namespace, self.configmap_name
+        assert namespace is not None and name is not None
+
+        async def write() -> None:
             try:
                 current = await self._read_configmap()
             except ApiException as error:
                 if error.status != 404:
                     raise
+                current = None
+            if current is None:
                 data = change({})
                 if not data:
                     return
                 body = client.V1ConfigMap(
-                    metadata=client.V1ObjectMeta(name=self.configmap_name, namespace=self.namespace),
+                    metadata=client.V1ObjectMeta(name=name, namespace=namespace),
                     data=data,
                 )
                 try:
                     await self._request(
                         self.core.create_namespaced_config_map(
-                            self.namespace, body, _request_timeout=REQUEST_TIMEOUT
+                            namespace, body, _request_timeout=REQUEST_TIMEOUT
                         )
                     )
-                    return
-                except ApiException as create_error:
-                    if create_error.status != 409:  # AlreadyExists: someone else created it; re-read
-                        raise
-                    continue
+                except ApiException as error:
+                    if error.status == 409:  # AlreadyExists: someone else created it; re-read
+                        raise _StaleError from error
+                    raise
+                return
             data = dict(current.data or {})
             wanted = change(data)
             if wanted == data:
@@ -301,29 +311,31 @@ class CompatibilityWriter:
             try:
                 await self._request(
                     self.core.replace_namespaced_config_map(
-                        self.configmap_name, self.namespace, current, _request_timeout=REQUEST_TIMEOUT
+                        name, namespace, current, _request_timeout=REQUEST_TIMEOUT
                     )
                 )
-                return
             except ApiException as error:
-                if error.status != 409:
-                    raise
-        raise ConflictError(
-            f"ConfigMap {self.namespace}/{self.configmap_name} kept changing under {self.attempts} attempts"
-        )
+                if error.status == 409:
+                    raise _StaleError from error
+                raise
+
+        await self._compare_and_set(write, f"ConfigMap {namespace}/{name}")
 
     async def _patch_node(self, node: client.V1Node, rendering: NodeRendering) -> bool:
         """Merge-patches the node's labels and annotations, compare-and-set; False if it is gone."""
         name = rendering.node
-        for attempt in range(self.attempts):
-            if attempt:
-                await self._pause(attempt)
+        fresh = True  # the first try uses the node as read; a retry reads it again
+
+        async def patch_node() -> bool:
+            nonlocal node, fresh
+            if not fresh:
                 try:
                     node = await self._request(self.core.read_node(name, _request_timeout=REQUEST_TIMEOUT))
                 except ApiException as error:
                     if error.status == 404:
                         return False
                     raise
+            fresh = False
             metadata = node.metadata
             patch: dict[str, Any] = metadata_patch(
                 rendering,
@@ -344,10 +356,12 @@ class CompatibilityWriter:
                         _request_timeout=REQUEST_TIMEOUT,
                     )
                 )
-                return True
             except ApiException as error:
                 if error.status == 404:
                     return False
-                if error.status != 409:
-                    raise
-        raise ConflictError(f"node {name} kept changing under {self.attempts} attempts")
+                if error.status == 409:
+                    raise _StaleError from error
+                raise
+            return True
+
+        return await self._compare_and_set(patch_node, f"node {name}")

@@ -13,8 +13,9 @@ key and label of nebuly's fork, and the GPU Operator labels and nos status annot
 writer costs no request for a node whose rendering it already applied, so only nodes whose
 layout (or, for the status annotations, slice usage) changed are touched. That write runs
 beside the KV path, so a slow or unreachable API server never delays the node agents; a node
-whose Kubernetes write failed is written again with backoff, and after a restart the latest plan
-is written again.
+whose Kubernetes write failed is written again on the `KUBERNETES_API` schedule (sooner when a
+new ask arrives), and after a restart the latest plan is written again. Retries follow
+services/kit/retry.py.
 """
 
 from __future__ import annotations
@@ -29,14 +30,12 @@ from events.envelope import content_id
 from events.plans import NodeConfigPublished, NodeLayout, NodeMpsConfig, NodePlanned
 from events.tracing import current_traceparent
 from services.config_publisher.kube_writer import CompatibilityWriter
+from services.kit.retry import CONFLICT, KUBERNETES_API, retrying
 from services.kit.signal import Wakeup
 
 log = logging.getLogger(__name__)
 
 DURABLE = "config-publisher"
-CAS_ATTEMPTS = 5
-RETRY_FIRST = 0.2  # seconds before a failed Kubernetes write is tried again; doubles up to RETRY_LONGEST
-RETRY_LONGEST = 10.0
 
 
 def desired_config(plan_id: str, layout: NodeLayout, plan_sequence: int, node: str) -> NodeMpsConfig:
@@ -87,13 +86,14 @@ class ConfigPublisherService:
         """Write node labels (and the compatibility ConfigMap) for the latest plans, retrying with backoff.
 
         It runs beside the KV path so that a slow or unreachable API server never delays the node
-        agents, which read the KV.
+        agents, which read the KV. It waits by itself rather than through stamina, because a new
+        ask cuts the wait short (and the nodes that failed are written again with it).
         """
-        delay = RETRY_FIRST
+        failed_passes = 0
         while True:
-            await self._kubernetes_wakeup.wait(delay if self._kubernetes_due else None)
-            failures = await self.write_kubernetes()
-            delay = min(delay * 2, RETRY_LONGEST) if failures else RETRY_FIRST
+            retry_in = KUBERNETES_API.delay(failed_passes) if failed_passes else None
+            await self._kubernetes_wakeup.wait(retry_in if self._kubernetes_due else None)
+            failed_passes = failed_passes + 1 if await self.write_kubernetes() else 0
 
     async def write_kubernetes(self) -> dict[str, str]:
         """One pass over the nodes whose Kubernetes side is due; returns the failures (kept due)."""
@@ -124,7 +124,9 @@ class ConfigPublisherService:
         """
         kv = await self.kv()
         key = subjects.node_config_key(desired.node)
-        for _ in range(CAS_ATTEMPTS):
+
+        async def write() -> bool:
+            """One compare-and-set; RevisionConflictError when the key changed since it was read."""
             entry = await kv.get(key)
             current = None
             if entry is not None and entry.value:
@@ -141,13 +143,10 @@ class ConfigPublisherService:
                 return False
             if current is not None and current.same_layout(desired) and current.plan_id == desired.plan_id:
                 return True
-            try:
-                if entry is None:
-                    revision = await kv.create(key, desired.model_dump_json().encode())
-                else:
-                    revision = await kv.update(key, desired.model_dump_json().encode(), last=entry.revision)
-            except RevisionConflictError:
-                continue
+            if entry is None:
+                revision = await kv.create(key, desired.model_dump_json().encode())
+            else:
+                revision = await kv.update(key, desired.model_dump_json().encode(), last=entry.revision)
             await self.bus.publish(
                 subjects.config_subject(desired.node),
                 NodeConfigPublished(node=desired.node, plan_id=desired.plan_id, revision=revision),
@@ -157,6 +156,16 @@ class ConfigPublisherService:
                 "node %s: config of plan %s published (revision %d)", desired.node, desired.plan_id, revision
             )
             return True
-        raise TransientError(
-            f"node {desired.node}: the config key kept changing under {CAS_ATTEMPTS} attempts"
-        )
+
+        try:
+            return await retrying(
+                write,
+                on=RevisionConflictError,
+                backoff=CONFLICT,
+                what=f"node {desired.node}: writing the config key",
+                level=logging.INFO,
+            )
+        except RevisionConflictError:
+            raise TransientError(
+                f"node {desired.node}: the config key kept changing under {CONFLICT.attempts} attempts"
+            ) from None

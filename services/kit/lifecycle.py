@@ -12,6 +12,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 import anyio
+import stamina
 from anyio import CancelScope
 
 
@@ -20,6 +21,9 @@ def configure_logging(service: str) -> None:
         level=os.environ.get("MPSFLOW_LOG_LEVEL", "INFO").upper(),
         format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
     )
+    # services/kit/retry.py logs every retry, saying what failed; stamina's own line would repeat
+    # it without saying what.
+    stamina.instrumentation.set_on_retry_hooks([])
 
 
 async def _stop_on_signal(scope: CancelScope) -> None:

@@ -3,7 +3,8 @@
 It lists, hands the full list over (so the caller can publish what vanished meanwhile), then
 watches from the list's resourceVersion with bookmarks. A watch that ends is resumed from the
 last resourceVersion seen; a 410 Gone means history was lost, so it lists again; a dropped
-connection or an API error is retried with exponential backoff. It never decides anything:
+connection or an API error is retried on the `KUBERNETES_API` schedule (services/kit/retry.py),
+which starts over once a change was delivered. It never decides anything:
 it only delivers objects (as JSON dicts, camelCase as the API serves them).
 """
 
@@ -11,18 +12,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
-import anyio
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
+
+from events.bus import TransientError
+from services.kit.retry import KUBERNETES_API, keep_running
 
 log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 240
-BACKOFF_START = 0.2
-BACKOFF_MAX = 10.0
 
 ListFunction = Callable[..., Awaitable[Any]]
 OnRelist = Callable[[list[dict[str, Any]]], Awaitable[None]]
@@ -42,11 +43,14 @@ async def list_and_watch(
     on_relist: OnRelist,
     on_event: OnEvent,
     **selectors: str,
-) -> None:
+) -> NoReturn:
     """Run until cancelled; every object change reaches `on_event`, every (re)list `on_relist`."""
+    name = list_function.__name__
     resource_version: str | None = None
-    backoff = BACKOFF_START
-    while True:
+
+    async def session(progress: Callable[[], None]) -> None:
+        """A list (unless resuming), then one watch until it ends; failures as `TransientError`."""
+        nonlocal resource_version
         try:
             if resource_version is None:
                 listed = await list_function(_request_timeout=30, **selectors)
@@ -66,21 +70,13 @@ async def list_and_watch(
                         await on_event(change["type"], as_json(api, change["object"]))
                     # Only once the change was handled: a watch that breaks resumes after it.
                     resource_version = watcher.resource_version or resource_version
-                    backoff = BACKOFF_START
+                    progress()
         except ApiException as error:
-            if error.status == 410:
-                log.info("%s: history expired (410), listing again", list_function.__name__)
-                resource_version = None
-                continue
-            log.warning("%s: API error %s, retrying in %.1fs", list_function.__name__, error.status, backoff)
-            await anyio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            if error.status != 410:
+                raise TransientError(f"API error {error.status} {error.reason}") from error
+            log.info("%s: history expired (410), listing again", name)
+            resource_version = None
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            log.warning(
-                "%s: watch interrupted (%s), resuming in %.1fs",
-                list_function.__name__,
-                error or type(error).__name__,
-                backoff,
-            )
-            await anyio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            raise TransientError(f"watch interrupted: {error or type(error).__name__}") from error
+
+    await keep_running(session, on=TransientError, backoff=KUBERNETES_API, what=name)

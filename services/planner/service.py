@@ -15,12 +15,12 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import anyio
 from opentelemetry.trace import Link
 
 from events import subjects
 from events.bus import Bus, BusUnavailableError, Delivery
 from events.tracing import link_to, tracer
+from services.kit.retry import BUS, retrying
 from services.kit.signal import Wakeup
 from services.planner.core.state import PlannerSettings, PublishPlan
 from services.planner.core.step import Planner, Step
@@ -28,8 +28,6 @@ from services.planner.core.step import Planner, Step
 log = logging.getLogger(__name__)
 
 DURABLE = "planner"
-RETRY_FIRST = 0.5  # seconds before a failed publish is tried again; doubles up to RETRY_LONGEST
-RETRY_LONGEST = 30.0
 MAX_LINKS = 64
 
 
@@ -85,30 +83,32 @@ class PlannerService:
         )
 
     async def decide_forever(self) -> None:
-        retry = RETRY_FIRST
         while True:
-            timeout: float | None = None
-            if self._caught_up:
-                now = self.clock()
-                step = self.core.step(now)
-                if step.decision is not None:
-                    try:
-                        await self._publish(step, step.decision)
-                    except BusUnavailableError as error:
-                        # Nothing is remembered, so the next step publishes what is due then.
-                        log.error(
-                            "publishing failed (%s); trying again in %.1fs",
-                            error,
-                            retry,
-                        )
-                        await anyio.sleep(retry)
-                        retry = min(retry * 2, RETRY_LONGEST)
-                        continue
-                    retry = RETRY_FIRST
-                    continue
-                if step.wake_at is not None:
-                    timeout = max(0.0, (step.wake_at - now).total_seconds())
-            await self._wakeup.wait(timeout)
+            published, timeout = await retrying(
+                self._decide,
+                on=BusUnavailableError,
+                backoff=BUS,
+                what="publishing a step",
+                level=logging.ERROR,
+            )
+            if not published:
+                await self._wakeup.wait(timeout)
+
+    async def _decide(self) -> tuple[bool, float | None]:
+        """Take a step and publish it if it decided something: whether it did, and if not, how long
+        to wait for events (None: until one comes). A publish that failed raises
+        BusUnavailableError: nothing is remembered, so the next try steps again and publishes what
+        is due then."""
+        if not self._caught_up:
+            return False, None
+        now = self.clock()
+        step = self.core.step(now)
+        if step.decision is not None:
+            await self._publish(step, step.decision)
+            return True, None
+        if step.wake_at is not None:
+            return False, max(0.0, (step.wake_at - now).total_seconds())
+        return False, None
 
     async def _publish(self, step: Step, decision: PublishPlan) -> None:
         """Publish the step's messages in order, then tell the core they are out. Every message has

@@ -29,6 +29,7 @@ from events.envelope import content_id
 from events.nodes import NodeObserved, NodeOptedOut
 from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
 from events.vocabulary import DEFAULT_OPT_IN, MIB_PER_GIB, SLICE_GATE, OptInLabel
+from services.kit.retry import CONFLICT, KUBERNETES_EVENT, retrying
 from services.kit.watching import as_json, list_and_watch
 from services.pod_watcher.gate import release_patch
 from services.pod_watcher.translate import (
@@ -48,8 +49,6 @@ UNPLACED_REASON = "MpsSliceNotPlaced"
 RELEASE_DURABLE = "pod-watcher-release"
 RELEASED_REASON = "MpsSliceReady"
 RELEASE_REFUSED_REASON = "MpsSliceReleaseRefused"
-RELEASE_ATTEMPTS = 5  # conflicts in a row (the pod kept changing) before the release is retried later
-REJECTION_EVENT_RETRIES = (0.2, 0.5, 1.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,10 @@ class WatcherSettings:
 
 
 DEFAULT_SETTINGS = WatcherSettings()
+
+
+class _PodChangedError(Exception):
+    """A release patch lost its compare-and-set (409): the pod changed since it was read."""
 
 
 class PodWatcherService:
@@ -191,18 +194,15 @@ class PodWatcherService:
 
     async def _post_rejection(self, event: PodRejected) -> None:
         """Post the rejection Event, retrying a little: the watch must go on even if the API refuses."""
-        for delay in (*REJECTION_EVENT_RETRIES, None):
-            try:
-                await self.post_event(event.namespace, event.name, event.uid, event.reason, event.message)
-                return
-            except TransientError as error:
-                if delay is None:
-                    log.error(
-                        "giving up on the rejection Event of %s (%s): %s", event.key, event.reason, error
-                    )
-                    return
-                log.warning("%s; retrying in %.1fs", error, delay)
-                await anyio.sleep(delay)
+        try:
+            await retrying(
+                lambda: self.post_event(event.namespace, event.name, event.uid, event.reason, event.message),
+                on=TransientError,
+                backoff=KUBERNETES_EVENT,
+                what=f"the rejection Event of {event.key}",
+            )
+        except TransientError as error:
+            log.error("giving up on the rejection Event of %s (%s): %s", event.key, event.reason, error)
 
     async def _deleted(self, namespace: str, name: str, uid: str) -> None:
         self.pods.pop(f"{namespace}/{name}", None)
@@ -229,57 +229,67 @@ class PodWatcherService:
         event = delivery.envelope.event
         if not isinstance(event, PodReleased):
             return
-        for _ in range(RELEASE_ATTEMPTS):
-            try:
-                pod = as_json(
-                    self.api,
-                    await self.core.read_namespaced_pod(event.name, event.namespace, _request_timeout=10),
-                )
-            except ApiException as error:
-                if error.status == 404:
-                    return
-                raise TransientError(f"reading {event.key}: API answered {error.status}") from error
-            metadata, spec = pod.get("metadata") or {}, pod.get("spec") or {}
-            if metadata.get("uid") != event.uid or spec.get("nodeName") or not is_gated(pod):
-                return
-            try:
-                await self.core.patch_namespaced_pod(
-                    event.name,
-                    event.namespace,
-                    release_patch(pod, event.node),
-                    _content_type="application/merge-patch+json",
-                    _request_timeout=10,
-                )  # type: ignore[call-arg]
-            except ApiException as error:
-                if error.status == 409:
-                    continue
-                if error.status == 404:
-                    return
-                if error.status == 422:  # the API refuses this pin for this pod: retrying changes nothing
-                    log.error("%s: release to %s refused by the API: %s", event.key, event.node, error.body)
-                    await self.post_event(
-                        event.namespace,
-                        event.name,
-                        event.uid,
-                        RELEASE_REFUSED_REASON,
-                        f"the API refused to pin the pod to node {event.node} and lift its scheduling gate "
-                        f"{SLICE_GATE}; delete the gate by hand to let any scheduler place it",
-                    )
-                    return
-                raise TransientError(f"releasing {event.key}: API answered {error.status}") from error
-            log.info("%s released to node %s", event.key, event.node)
-            await self.post_event(
-                event.namespace,
-                event.name,
-                event.uid,
-                RELEASED_REASON,
-                f"a {event.size_gb} GiB MPS slice is ready on node {event.node}: the pod is pinned there "
-                f"and its scheduling gate {SLICE_GATE} is lifted",
-                kind="Normal",
+        try:
+            await retrying(
+                lambda: self._release(event),
+                on=_PodChangedError,
+                backoff=CONFLICT,
+                what=f"releasing {event.key}",
+                level=logging.INFO,
             )
+        except _PodChangedError:
+            raise TransientError(
+                f"releasing {event.key}: the pod kept changing under {CONFLICT.attempts} attempts"
+            ) from None
+
+    async def _release(self, event: PodReleased) -> None:
+        """One read and patch of the released pod; _PodChangedError when it changed in between."""
+        try:
+            pod = as_json(
+                self.api,
+                await self.core.read_namespaced_pod(event.name, event.namespace, _request_timeout=10),
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return
+            raise TransientError(f"reading {event.key}: API answered {error.status}") from error
+        metadata, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+        if metadata.get("uid") != event.uid or spec.get("nodeName") or not is_gated(pod):
             return
-        raise TransientError(
-            f"releasing {event.key}: the pod kept changing under {RELEASE_ATTEMPTS} attempts"
+        try:
+            await self.core.patch_namespaced_pod(
+                event.name,
+                event.namespace,
+                release_patch(pod, event.node),
+                _content_type="application/merge-patch+json",
+                _request_timeout=10,
+            )  # type: ignore[call-arg]
+        except ApiException as error:
+            if error.status == 409:
+                raise _PodChangedError from error
+            if error.status == 404:
+                return
+            if error.status == 422:  # the API refuses this pin for this pod: retrying changes nothing
+                log.error("%s: release to %s refused by the API: %s", event.key, event.node, error.body)
+                await self.post_event(
+                    event.namespace,
+                    event.name,
+                    event.uid,
+                    RELEASE_REFUSED_REASON,
+                    f"the API refused to pin the pod to node {event.node} and lift its scheduling gate "
+                    f"{SLICE_GATE}; delete the gate by hand to let any scheduler place it",
+                )
+                return
+            raise TransientError(f"releasing {event.key}: API answered {error.status}") from error
+        log.info("%s released to node %s", event.key, event.node)
+        await self.post_event(
+            event.namespace,
+            event.name,
+            event.uid,
+            RELEASED_REASON,
+            f"a {event.size_gb} GiB MPS slice is ready on node {event.node}: the pod is pinned there "
+            f"and its scheduling gate {SLICE_GATE} is lifted",
+            kind="Normal",
         )
 
     async def post_event(

@@ -30,6 +30,7 @@ from services.config_publisher.render import (
     render_node,
 )
 from services.config_publisher.service import ConfigPublisherService
+from services.kit.retry import CONFLICT, Backoff
 from simulation.apiserver import ApiServer, RequestRecord
 from tests.unit.test_render import fork_schema_problems
 
@@ -56,10 +57,14 @@ def core(kube: client.ApiClient) -> client.CoreV1Api:
     return client.CoreV1Api(kube)
 
 
+FAST_CONFLICTS = Backoff(first=0.001, longest=0.001, attempts=CONFLICT.attempts)
+"""The writer's compare-and-set schedule, as many attempts but no time to speak of."""
+
+
 def compat_writer(kube: client.ApiClient, *, configmap: bool = True) -> CompatibilityWriter:
     if configmap:
-        return CompatibilityWriter(kube, NAMESPACE, CONFIGMAP, backoff=0.001)
-    return CompatibilityWriter(kube, backoff=0.001)
+        return CompatibilityWriter(kube, NAMESPACE, CONFIGMAP, conflicts=FAST_CONFLICTS)
+    return CompatibilityWriter(kube, conflicts=FAST_CONFLICTS)
 
 
 def layout(*gpus: tuple[int, ...], used: int = 0) -> NodeLayout:
@@ -253,7 +258,8 @@ async def test_a_configmap_that_keeps_changing_fails_its_nodes_after_bounded_att
     writer = compat_writer(kube)
     await add_node(core, "gpu-a")
     await write_ok(writer, {"gpu-a": layout((10,))}, version=1)
-    for _ in range(writer.attempts):
+    assert writer.conflicts.attempts is not None
+    for _ in range(writer.conflicts.attempts):
         api.fail_next("update", "configmaps", 409)
 
     failures = await writer.write({"gpu-a": layout((20,))}, version=2)

@@ -463,7 +463,7 @@ async def test_a_failed_first_list_is_retried_with_backoff(
     await core.create_namespaced_pod(NAMESPACE, slice_pod("waiting"))
     apiserver.fail_next("list", "pods", 500)
 
-    with caplog.at_level(logging.WARNING, logger="services.kit.watching"):
+    with caplog.at_level(logging.WARNING, logger="services.kit.retry"):
         async with BusLog(bus) as log, watching(bus, api):
             started = anyio.current_time()
             await log.pod(PodObserved, "waiting")

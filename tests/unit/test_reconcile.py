@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 from events.nodes import GpuReport, NodeGpusReported, SliceState
 from events.plans import NodeMpsConfig
 from node_agent.gpus import GpuReading
-from node_agent.reconcile import Reconciled, Refused, SliceUsage, capacity_gb, gpu_report, reconcile
+from node_agent.reconcile import (
+    Reconciled,
+    Refused,
+    SliceUsage,
+    capacity_gb,
+    gpu_report,
+    observed_usage,
+    reconcile,
+)
 from node_agent.slices import SliceDevice, parse_slice_device_id, slice_device_id
 
 A100_40GB_MIB = 40960  # 40 GiB
@@ -565,3 +573,102 @@ def test_releasing_slices_never_makes_a_fitting_config_refused(
     )
 
     assert isinstance(_reconciled(scenario, in_use=fewer), Reconciled)
+
+
+# --- observed_usage: what the slices are doing, from the plugin's and the kubelet's word ----------------
+
+GRACE = {"allocation_grace": 30.0, "listing_grace": 2.0}
+
+
+@pytest.mark.parametrize(
+    ("allocations", "held", "seen_held_at", "in_use"),
+    [
+        # The kubelet names the holder: in use, whatever the plugin remembers.
+        ({}, {"s1": "ml/a"}, {}, {"s1"}),
+        # Just allocated, the kubelet names no holder yet (the container does not exist yet): in use.
+        ({"s1": 95.0}, {}, {}, {"s1"}),
+        # Allocated longer ago than the grace and never named: the container never came; free.
+        ({"s1": 60.0}, {}, {}, set()),
+        # Named after its allocation, and no longer held: the container ended; free at once.
+        ({"s1": 95.0}, {}, {"s1": 97.0}, set()),
+        # Named before a newer allocation (a new container got it): in use again.
+        ({"s1": 98.0}, {}, {"s1": 97.0}, {"s1"}),
+    ],
+)
+def test_a_slice_is_in_use_while_held_or_just_allocated(
+    allocations: dict[str, float], held: dict[str, str], seen_held_at: dict[str, float], in_use: set[str]
+) -> None:
+    usage = observed_usage(
+        allocations=allocations,
+        offered=frozenset({"s1", "s2"}),
+        held=held,
+        listed=frozenset({"s1", "s2"}),
+        seen_held_at=seen_held_at,
+        offered_at={},
+        now=100.0,
+        **GRACE,
+    )
+    assert usage.in_use == in_use
+    assert usage.holders == held
+
+
+@pytest.mark.parametrize(
+    ("listed", "offered_at", "expected"),
+    [
+        # The kubelet lists its devices: only offered ones it lists count.
+        (frozenset({"s1", "gone"}), {}, {"s1"}),
+        # An old kubelet lists nothing: offered long enough counts, just offered does not.
+        (None, {"s1": 90.0, "s2": 99.5}, {"s1"}),
+        (None, {"s1": 98.0, "s2": 98.0}, {"s1", "s2"}),
+    ],
+)
+def test_a_slice_is_listed_when_the_kubelet_lists_it_or_has_had_time_to(
+    listed: frozenset[str] | None, offered_at: dict[str, float], expected: set[str]
+) -> None:
+    usage = observed_usage(
+        allocations={},
+        offered=frozenset({"s1", "s2"}),
+        held={},
+        listed=listed,
+        seen_held_at={},
+        offered_at=offered_at,
+        now=100.0,
+        **GRACE,
+    )
+    assert usage.listed == expected
+
+
+DEVICES = st.sampled_from(["s1", "s2", "s3", "s4"])
+TIMES = st.floats(min_value=0, max_value=200, allow_nan=False)
+
+
+@given(
+    allocations=st.dictionaries(DEVICES, TIMES),
+    offered=st.frozensets(DEVICES),
+    held=st.dictionaries(DEVICES, st.sampled_from(["ml/a", "ml/b"])),
+    listed=st.none() | st.frozensets(DEVICES),
+    seen_held_at=st.dictionaries(DEVICES, TIMES),
+    offered_at=st.dictionaries(DEVICES, TIMES),
+    now=TIMES,
+)
+def test_what_the_kubelet_holds_is_in_use_and_only_offered_slices_are_listed(
+    allocations: dict[str, float],
+    offered: frozenset[str],
+    held: dict[str, str],
+    listed: frozenset[str] | None,
+    seen_held_at: dict[str, float],
+    offered_at: dict[str, float],
+    now: float,
+) -> None:
+    usage = observed_usage(
+        allocations=allocations,
+        offered=offered,
+        held=held,
+        listed=listed,
+        seen_held_at=seen_held_at,
+        offered_at=offered_at,
+        now=now,
+        **GRACE,
+    )
+    assert set(held) <= usage.in_use <= set(held) | set(allocations)
+    assert usage.listed <= offered

@@ -1,0 +1,76 @@
+"""An in-process emulator of the Kubernetes core/v1 HTTP API, for end-to-end tests and the demo.
+
+Where it sits: simulation only. Tests and the demo start an `ApiServer` and point the real
+`kubernetes_asyncio` client of every service at its URL, so the services run unchanged against it.
+Production services never import this package. It must never stand in for, proxy to, or talk to a
+real cluster, never hold real credentials, and never listen beyond the address it is given
+(loopback by default): everything lives in memory and nothing is enforced. The only connections it
+makes are the calls to the admission webhooks a test gives it.
+
+Its modules, each importing only those listed before it: `common` (the resources served, `Status`
+errors), `selectors`, `patches`, `pod_rules`, `store` (objects, resourceVersions, history, watches),
+`admission` and `server` (`ApiServer`: HTTP, the verbs, watch streams, the test hooks).
+
+What it emulates (core/v1 only): pods, configmaps and events (namespaced) and nodes
+(cluster-scoped); the subresources pods/binding, pods/status and nodes/status; the verbs get, list,
+watch, create (with generateName), update, patch (merge, strategic merge, JSON patch) and delete;
+one global resourceVersion bumped on every write; optimistic concurrency (409 Conflict on a stale
+metadata.resourceVersion); label and field selectors on lists and watches; watches that replay
+retained history from a resourceVersion, send synthetic ADDED events without one, send BOOKMARK
+events, honour timeoutSeconds, turn selector transitions into ADDED/DELETED as the real watch cache
+does, and answer a resourceVersion older than the retained history with an ERROR event (410
+Expired). Errors are always `Status` objects. Behaviours of the real API kept on purpose: an update
+or patch that changes nothing is not a write (no new resourceVersion, no watch event); writes to a
+pod or node ignore `status` and writes to their `status` subresource change only `status`;
+binding answers `201` with a `Status` (not the Binding), and a Binding whose metadata.name differs
+from the pod is refused.
+
+Timing: with `watch_delay` every event a watch delivers (synthetic ADDED and history replays
+included) is written no earlier than that many seconds after it was queued for that watch, in
+order, as from a watch cache lagging behind etcd; a BOOKMARK is only sent when nothing is held back.
+
+Mutating admission webhooks (`AdmissionWebhook`) on pod CREATE, as the real API server calls them:
+`admission` says how. Pod validation, as the real API's ValidatePodCreate/ValidatePodUpdate, for
+what scheduling gates need (a new pod's SchedulingGated condition, the spec fields a pod update may
+change, a binding refused while gated): `pod_rules` lists the rules.
+
+What it does NOT emulate:
+- authentication and RBAC: bearer tokens are only recorded (`RequestRecord.identity`) and passed
+  to webhooks as the username, never checked;
+- admission beyond the mutating webhooks above: no validating webhooks or admission policies, no
+  webhooks on other resources, subresources or operations, no reinvocation, no namespace or object
+  selectors, no CEL (`AdmissionWebhook.matches` stands in for matchConditions), service references
+  or caBundle (https is verified against the system's certificates), audit annotations or
+  warnings; no quota, limit ranges or defaulting beyond `status.phase: Pending` for a new pod
+  created without a status (the real API resets a new pod's status; this keeps a given one);
+- validation beyond object names (RFC 1123 subdomains), kind/apiVersion, name/namespace agreement
+  with the URL, Binding targets, selector syntax and the pod rules above (not: the pod's own
+  schema, gate names and duplicates, how activeDeadlineSeconds may change, QoS immutability,
+  metadata update rules, in-place resize);
+- graceful deletion: DELETE removes any object, pods included, at once (no deletionTimestamp,
+  grace period, finalizers or garbage collection); of DeleteOptions only preconditions are honoured;
+- strategic merge semantics: a strategic merge patch is applied as an RFC 7386 merge patch, so lists
+  are replaced whole rather than merged by key, and `$patch`/`$retainKeys` directives are not special;
+- server-side apply (`application/apply-patch+yaml` gets 415), protobuf, table output, dry run,
+  managed fields, metadata.generation;
+- pagination (`limit`/`continue` are ignored: lists are complete) and the resourceVersion options of a
+  list (a list is always served at the current resourceVersion); `resourceVersionMatch`,
+  `sendInitialEvents`, the legacy `/api/v1/watch/...` paths, deletecollection;
+- Namespace objects and every other resource or API group (any namespace name is accepted);
+- a watch from a resourceVersion newer than the current one just streams live changes (the real API
+  waits, then answers 504 "Too large resource version");
+- any controller: no scheduler, kubelet, node heartbeats, event aggregation or TTL.
+
+Test hooks on `ApiServer`: `request_log` (webhook calls are not in it), `bookmarks_sent`,
+`fail_next`, `drop_watches` (aborts the TCP connections: the client sees
+`aiohttp.ClientPayloadError`), `expire_history`, `objects` and the settable `watch_delay`.
+
+Concurrency: everything runs on one asyncio loop; every store operation is synchronous, hence atomic,
+and each open watch gets its changes through its own asyncio.Queue, in resourceVersion order. A pod
+create awaits its webhooks before its synchronous store operation, so other requests go on meanwhile.
+"""
+
+from simulation.apiserver.admission import AdmissionWebhook
+from simulation.apiserver.server import ApiServer, RequestRecord
+
+__all__ = ["AdmissionWebhook", "ApiServer", "RequestRecord"]
