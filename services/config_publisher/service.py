@@ -29,6 +29,7 @@ from events.bus import Bus, ConfigStore, Delivery, RevisionConflictError, Transi
 from events.envelope import content_id
 from events.plans import NodeConfigPublished, NodeLayout, NodeMpsConfig, NodePlanned
 from events.tracing import current_traceparent
+from services.config_publisher.decide import key_action
 from services.config_publisher.kube_writer import CompatibilityWriter
 from services.kit.retry import CONFLICT, KUBERNETES_API, retrying
 from services.kit.signal import Wakeup
@@ -116,12 +117,8 @@ class ConfigPublisherService:
             self._kubernetes_wakeup.set()
 
     async def publish_node(self, desired: NodeMpsConfig) -> bool:
-        """Writes the node's config unless its key holds a config from a later ask, or this very ask
-        (the same layout from the same plan: a redelivery). The same layout from another plan is
-        written: the planner asks a layout again after a refusal, and the agent must answer it.
-
-        True when the key now holds the desired config; False when it holds a later ask's.
-        """
+        """Writes the node's config unless `key_action` says otherwise; True when the key now holds
+        the desired config, False when it holds a later ask's."""
         kv = await self.kv()
         key = subjects.node_config_key(desired.node)
 
@@ -139,10 +136,9 @@ class ConfigPublisherService:
                         entry.revision,
                         str(error).splitlines()[0],
                     )
-            if current is not None and current.plan_sequence > desired.plan_sequence:
-                return False
-            if current is not None and current.same_layout(desired) and current.plan_id == desired.plan_id:
-                return True
+            action = key_action(current, desired)
+            if action != "write":
+                return action == "holds it"
             if entry is None:
                 revision = await kv.create(key, desired.model_dump_json().encode())
             else:
