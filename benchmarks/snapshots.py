@@ -23,7 +23,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-OPT_IN_LABELS = {"nos.nebuly.com/gpu-partitioning": "mps"}
+from events.vocabulary import DEFAULT_OPT_IN
+
+OPT_IN_LABELS = {DEFAULT_OPT_IN.key: DEFAULT_OPT_IN.value}
 MAX_SLICES = 48  # every model here is Volta or newer
 
 # (GFD product name, memory_mib as NVML reports it, share of nodes)

@@ -14,10 +14,10 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from events.vocabulary import DEFAULT_OPT_IN, OptInLabel
 from services.kit.lifecycle import close_all
 
 if TYPE_CHECKING:
-    from events.vocabulary import OptInLabel
     from node_agent.nvml import GpuInventory
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -55,8 +55,6 @@ def _kube(parser: argparse.ArgumentParser) -> None:
 
 
 def _opt_in_label(text: str) -> OptInLabel:
-    from events.vocabulary import OptInLabel
-
     try:
         return OptInLabel.parse(text)
     except ValueError as error:
@@ -99,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     watcher.add_argument(
         "--opt-in-label",
         type=_opt_in_label,
-        default=os.environ.get("MPSFLOW_OPT_IN_LABEL", "nos.nebuly.com/gpu-partitioning=mps"),
+        default=os.environ.get("MPSFLOW_OPT_IN_LABEL", str(DEFAULT_OPT_IN)),
         metavar="KEY=VALUE",
         help="the node label that opts a node in (env MPSFLOW_OPT_IN_LABEL); a key in the "
         "nos.nebuly.com domain also matches its nos.nebuly.ai twin",
