@@ -29,7 +29,8 @@ from node_agent.mps import (
     parse_mem_limit,
     parse_thread_percentage,
 )
-from simulation.fake_mps_control import ControlDaemonState, read_logged_commands
+from simulation.fake_mps_commands import ControlDaemonState
+from simulation.fake_mps_control import read_logged_commands
 from tests.support import eventually, wait_until_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
