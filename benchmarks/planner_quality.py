@@ -33,7 +33,7 @@ from benchmarks.nos_algorithm import nos_plan
 from benchmarks.optimum import solve
 from benchmarks.snapshots import dumps, generate
 from services.planner.core.model import Node, PendingPod, PlanSettings, Slice
-from services.planner.core.planning import plan_cluster
+from services.planner.core.run import plan_cluster
 from services.planner.snapshot import parse_snapshot
 
 NOS_MAX_CYCLES = 20

@@ -33,7 +33,7 @@ from benchmarks.folding import T0, envelope, fold_state, pending_pod_event
 from benchmarks.optimum import upper_bound
 from benchmarks.snapshots import generate, write_snapshot
 from services.planner.core.model import PendingPod, PlanSettings
-from services.planner.core.planning import plan_cluster
+from services.planner.core.run import plan_cluster
 from services.planner.core.state import (
     ClusterState,
     IncrementalPlanner,

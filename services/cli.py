@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def plan_command(source: str, indent: int | None = None) -> int:
     from services.planner.core.model import PlanSettings
-    from services.planner.core.planning import plan_cluster
+    from services.planner.core.run import plan_cluster
     from services.planner.snapshot import SnapshotError, parse_snapshot, render_plan
 
     try:

@@ -10,7 +10,7 @@ import pytest
 from benchmarks.nos_algorithm import NosGpu, nos_plan, sort_pods
 from benchmarks.snapshots import GPU_MODELS, MAX_SLICES, dumps, generate, write_snapshot
 from services.planner.core.model import Gpu, Node, PendingPod, PlanSettings, Slice
-from services.planner.core.planning import plan_cluster
+from services.planner.core.run import plan_cluster
 from services.planner.snapshot import parse_snapshot
 
 SETTINGS = PlanSettings()

@@ -20,7 +20,7 @@ import pytest
 from events.catalogue import ROUTES, kind_of, render
 from events.envelope import Event
 from services.planner.core.model import PlanSettings
-from services.planner.core.planning import plan_cluster
+from services.planner.core.run import plan_cluster
 from services.planner.snapshot import parse_snapshot, plan_document
 from simulation.scenario import parse_scenario
 

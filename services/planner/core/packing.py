@@ -1,6 +1,6 @@
 """Which pods fit at all, by priority: slice sizes packed into GPU memory, for contended clusters.
 
-Where it sits: inside the planner's core (`planning.plan_run`), as a second opinion when its
+Where it sits: inside the planner's core (`strategy.serve`), as a second opinion when its
 placement rules leave some pods unplaced. Once free slices may be reclaimed, a GPU is a bin of its
 memory less what used (and protected) slices hold, with a client limit; pods are items. Serving
 as many pods of the highest priority as possible, then of the next, ... is a lexicographic

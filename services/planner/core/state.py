@@ -31,7 +31,8 @@ from events.plans import Placement as PlacementEvent
 from events.pods import NodeRules, PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
 from services.planner.core.eligibility import admits, has_effect
 from services.planner.core.model import Gpu, Node, PendingPod, Placement, PlanSettings, Slice
-from services.planner.core.planning import NO_OPTED_IN_NODE, PlanRun, extend_run, plan_run, pod_order
+from services.planner.core.run import PlanRun, extend_run, plan_run
+from services.planner.core.strategy import NO_OPTED_IN_NODE, pod_order
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from services.planner.core.model import (
     Slice,
     max_slices_for,
 )
-from services.planner.core.planning import plan_cluster
+from services.planner.core.run import plan_cluster
 from services.planner.snapshot import parse_snapshot, render_plan
 from tests.unit.planner.invariants import assert_plan_invariants
 

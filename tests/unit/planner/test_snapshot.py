@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from services.planner.core.model import Gpu, Node, PendingPod, PlanSettings, Slice
-from services.planner.core.planning import plan_cluster
+from services.planner.core.run import plan_cluster
 from services.planner.snapshot import SnapshotError, parse_snapshot, plan_document, render_plan
 from tests.unit.planner.invariants import assert_plan_invariants
 from tests.unit.planner.test_planning import Cluster, clusters

@@ -24,7 +24,7 @@ from events.nodes import (
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeLayout, NodePlanned, PlanComputed, SliceSpec
 from events.pods import NodeRules, PodDeleted, PodObserved, PodPhase, PodRejected, PodReleased, PodUnplaced
 from services.planner.core.model import PendingPod, PlanSettings
-from services.planner.core.planning import plan_cluster
+from services.planner.core.run import plan_cluster
 from services.planner.core.state import (
     BatchWindow,
     ClusterState,

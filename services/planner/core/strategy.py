@@ -1,0 +1,302 @@
+"""How pending pods are served: in what order, where each may go, which packing wins, and why one waits.
+
+Where it sits: between the run (`run.plan_run`), which hands it the cluster and the pods that can
+be placed at all (`trivial_reason` names why the others cannot), and the cluster (`cluster`), which
+finds the GPU for each pod it asks for. `serve`: pods released to a node (`PendingPod.pinned`) are
+served first, there; then the others one priority class at a time, higher priority first (then
+older, then namespace/name: `pod_order`), and within a class the pods whose rules allow only some
+nodes first, the fewest nodes first. When a class does not fit whole in age order, size-descending
+and size-ascending orders are tried too and the one that serves the most pods wins, and a repair
+step moves promised slices to make room. When pods still wait, a packing pass (`packing`) computes
+the most pods each priority can get from the GPUs' memory, and its plan wins if it serves more.
+`waiting_reasons` says why each pod left waits.
+
+What it must never do: change a GPU's slices other than through `GpuPlan` and `Cluster`, whose
+rules and indexes would no longer hold; leave unplaced a pod that a repair moves; depend on
+anything but its input (the same pods on the same cluster give the same plan). Nothing here
+performs I/O.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from itertools import groupby
+
+from events.vocabulary import DEFAULT_OPT_IN
+from services.planner.core.cluster import Cluster, GpuPlan, gpu_plans
+from services.planner.core.model import Node, PendingPod, Placement, PlanSettings
+from services.planner.core.packing import Bin, lexicographic_selection
+
+
+def pod_order(pod: PendingPod) -> tuple[int, float, str, str]:
+    """Higher priority first, then older first (pods without a time last), then namespace/name."""
+    created = pod.created.timestamp() if pod.created is not None else float("inf")
+    return (-pod.priority, created, pod.namespace, pod.name)
+
+
+NO_OPTED_IN_NODE = f"no opted-in node can be planned on (label {DEFAULT_OPT_IN})"
+"""Why every pod waits while no opted-in node has GPUs to plan on."""
+
+
+def trivial_reason(pod: PendingPod, largest: int, any_gpu: bool) -> str | None:
+    """Why a pod can be placed nowhere whatever happens, or None."""
+    if pod.size_gb <= 0:
+        return f"asks for {pod.size_gb} GiB; a slice is at least 1 GiB"
+    if not any_gpu:
+        return NO_OPTED_IN_NODE
+    if pod.size_gb > largest:
+        return f"needs {pod.size_gb} GiB; the largest opted-in GPU has {largest} GiB"
+    return None
+
+
+def serve(
+    cluster: Cluster, servable: list[PendingPod], plannable: list[Node], settings: PlanSettings
+) -> tuple[Cluster, dict[str, Placement], list[PendingPod]]:
+    """Serve `servable` (in `pod_order`) on `cluster`, the GPUs of the `plannable` nodes.
+
+    Returns the cluster that won (`cluster` itself, changed, or the packing's), where each served
+    pod goes, and the pods left waiting, in order.
+    """
+    placed: dict[str, Placement] = {}
+    needed = Counter(pod.size_gb for pod in servable)
+    # Pods released to a node are committed to it: they are served first, there.
+    for pod in servable:
+        if pod.pinned is not None:
+            there = cluster.place_among(frozenset({pod.pinned}), pod.size_gb, needed, pod.key)
+            if there is not None:
+                needed[pod.size_gb] -= 1
+                placed[pod.key] = Placement(there.node, there.gpu.index, pod.size_gb)
+    free_to_place = [pod for pod in servable if pod.pinned is None]
+    for _, members in groupby(free_to_place, key=lambda pod: pod.priority):
+        attempt = _serve_class(cluster, list(members), needed)
+        cluster, needed = attempt.cluster, attempt.needed
+        placed.update(attempt.served)
+
+    waiting = [pod for pod in servable if pod.key not in placed]
+    packed = _packed(plannable, servable, settings) if waiting else None
+    if packed is not None and _score(packed[1], packed[0], servable) > _score(placed, cluster, servable):
+        cluster, placed = packed
+        waiting = [pod for pod in servable if pod.key not in placed]
+        cluster.reclaimed = True  # not the greedy's own result: never extended
+    return cluster, placed, waiting
+
+
+def waiting_reasons(waiting: list[PendingPod], cluster: Cluster) -> dict[str, str]:
+    """Why each pod of `waiting` waits, given the cluster as planned."""
+    reasons: dict[str, str] = {}
+    carvable = [g for g in cluster.gpus if g.can_carve]
+    most = max((g.potential for g in carvable), default=0)
+    for pod in waiting:
+        if pod.pinned is not None and not any(g.node == pod.pinned for g in cluster.gpus):
+            reasons[pod.key] = (
+                f"released to node {pod.pinned}, which mpsflow does not plan on now (opted out, gone, "
+                "or without GPU reports): the pod waits for that node"
+            )
+        elif pod.pinned is not None:
+            reasons[pod.key] = (
+                f"released to node {pod.pinned}, which has no room for a {pod.size_gb} GiB slice now"
+            )
+        elif pod.eligible is not None and not any(g.node in pod.eligible for g in cluster.gpus):
+            reasons[pod.key] = (
+                "no opted-in node that mpsflow plans on matches the pod's node selector, node "
+                "affinity and tolerations"
+            )
+        elif pod.eligible is not None:
+            most_there = max((g.potential for g in carvable if g.node in pod.eligible), default=0)
+            reasons[pod.key] = (
+                f"capacity exhausted on the {len(pod.eligible)} node(s) its node selector, node "
+                f"affinity and tolerations allow: needs {pod.size_gb} GiB on one GPU; the most any "
+                f"of their GPUs could offer now is {most_there} GiB"
+            )
+        elif carvable:
+            reasons[pod.key] = (
+                f"capacity exhausted: needs {pod.size_gb} GiB on one GPU; the most any GPU could offer "
+                f"now is {most} GiB"
+            )
+        else:
+            reasons[pod.key] = (
+                "no opted-in node can take new slices now (cordoned, its GPU reports are stale, or it "
+                "is applying its last layout)"
+            )
+    return reasons
+
+
+def _serve(cluster: Cluster, pods: Sequence[PendingPod], needed: Counter[int]) -> dict[str, Placement]:
+    """Place `pods` in their order, except that pods whose rules allow only some nodes go first, the
+    fewest nodes first: the others can go anywhere, so they must not take the room the few need."""
+    placed: dict[str, Placement] = {}
+    smallest_failure = None
+    for pod in sorted(pods, key=_constraint):
+        if pod.eligible is not None:
+            there = cluster.place_among(pod.eligible, pod.size_gb, needed, pod.key)
+            if there is not None:
+                needed[pod.size_gb] -= 1
+                placed[pod.key] = Placement(there.node, there.gpu.index, pod.size_gb)
+            continue
+        if smallest_failure is not None and pod.size_gb >= smallest_failure:
+            continue
+        gpu = cluster.place(pod.size_gb, needed, pod.key)
+        if gpu is None:
+            smallest_failure = pod.size_gb
+            continue
+        needed[pod.size_gb] -= 1
+        placed[pod.key] = Placement(gpu.node, gpu.gpu.index, pod.size_gb)
+    return placed
+
+
+def _constraint(pod: PendingPod) -> int:
+    return len(pod.eligible) if pod.eligible is not None else sys.maxsize
+
+
+_ALTERNATIVE_ORDERS: tuple[Callable[[PendingPod], tuple[int, float, str, str]], ...] = (
+    lambda pod: (-pod.size_gb, *pod_order(pod)[1:]),
+    lambda pod: (pod.size_gb, *pod_order(pod)[1:]),
+)
+
+
+@dataclass
+class _Attempt:
+    cluster: Cluster
+    served: dict[str, Placement]
+    needed: Counter[int]
+
+    @property
+    def score(self) -> tuple[int, int]:
+        return (len(self.served), -self.cluster.changed_count())
+
+
+def _serve_class(cluster: Cluster, pods: list[PendingPod], needed: Counter[int]) -> _Attempt:
+    """Serve one priority class: in age order, unless another order serves strictly more pods.
+
+    The first attempt journals the GPUs it touches, so that only a class that does not fit whole
+    pays for copying the cluster to try the other orders.
+    """
+    cluster.journal = {}
+    best = _Attempt(cluster, {}, Counter(needed))
+    best.served = _serve(cluster, pods, best.needed)
+    journal, cluster.journal = cluster.journal, None
+    if len(best.served) == len(pods):
+        return best
+    if len(pods) > 1:
+        pristine = cluster.as_it_was(journal)
+        for rank, key in enumerate(_ALTERNATIVE_ORDERS):
+            last = rank == len(_ALTERNATIVE_ORDERS) - 1
+            trial = _Attempt(pristine if last else pristine.copy(), {}, Counter(needed))
+            trial.served = _serve(trial.cluster, sorted(pods, key=key), trial.needed)
+            if trial.score > best.score:
+                best = trial
+    _repair(best, [pod for pod in pods if pod.key not in best.served and pod.eligible is None])
+    return best
+
+
+REPAIR_LIMIT = 64  # pods of one class that repair tries to place, so that it stays cheap at scale
+PAIR_CANDIDATES = 4  # the largest promised slices of a GPU that repair tries to move in pairs
+REPAIR_ATTEMPTS = 5_000  # moves repair tries per class at most, whatever the cluster
+
+
+def _repair(attempt: _Attempt, waiting: list[PendingPod]) -> None:
+    """Place pods that did not fit by moving promised slices to other GPUs, where that makes room.
+
+    Greedy placement leaves memory scattered; moving one pod's slice elsewhere (or, failing that,
+    two of the largest) often frees enough on one GPU for a pod that fit nowhere. Every move
+    keeps the moved pods placed.
+    """
+    cluster = attempt.cluster
+    smallest_failure: int | None = None
+    budget = REPAIR_ATTEMPTS
+    for pod in waiting[:REPAIR_LIMIT]:
+        if smallest_failure is not None and pod.size_gb >= smallest_failure:
+            continue
+        for gpu, chosen in _mover_sets(cluster, pod):
+            budget -= 1
+            if budget < 0:
+                return
+            targets = cluster.move_and_take(gpu, chosen, attempt.needed, pod)
+            if targets is not None:
+                for (size, mover), target in zip(chosen, targets, strict=True):
+                    attempt.served[mover] = Placement(target.node, target.gpu.index, size)
+                attempt.served[pod.key] = Placement(gpu.node, gpu.gpu.index, pod.size_gb)
+                attempt.needed[pod.size_gb] -= 1
+                break
+        else:
+            smallest_failure = pod.size_gb
+
+
+def _mover_sets(cluster: Cluster, pod: PendingPod) -> Iterable[tuple[GpuPlan, list[tuple[int, str]]]]:
+    """Candidate moves for `pod`: single promised slices on every GPU first, then pairs of the largest.
+
+    A slice only moves if the cluster has room for it somewhere (a free slice of its size, or
+    memory at least as large), which keeps a full cluster from being searched in vain.
+    """
+    spare = max((g.potential for g in cluster.gpus if g.can_carve), default=0)
+    free_sizes = {
+        size for g in cluster.gpus if g.can_host for size, count in g.unclaimed.items() if count > 0
+    }
+
+    def movable(size: int) -> bool:
+        return size <= spare or size in free_sizes
+
+    for pairs in (False, True):
+        for gpu in cluster.gpus:
+            if not gpu.can_carve:
+                continue
+            promised = [p for p in gpu.promised() if movable(p[0]) and p[1] not in cluster.pinned]
+            base = gpu.potential
+            if not pairs:
+                for size, mover in promised:
+                    if base + size >= pod.size_gb:
+                        yield gpu, [(size, mover)]
+            else:
+                largest = promised[-PAIR_CANDIDATES:]
+                for first in range(len(largest)):
+                    for second in range(first + 1, len(largest)):
+                        if base + largest[first][0] + largest[second][0] >= pod.size_gb:
+                            yield gpu, [largest[second], largest[first]]
+
+
+PACKING_LIMIT = 5_000  # pods and GPUs beyond which contended clusters keep the placement rules alone
+
+
+def _packed(
+    nodes: list[Node], servable: list[PendingPod], settings: PlanSettings
+) -> tuple[Cluster, dict[str, Placement]] | None:
+    """The plan that packs the most pods by priority into the GPUs' memory, reclaiming any free slice
+    that is not protected (`packing`); None where it does not apply: pods restricted to some nodes, a
+    node that may host but not carve, or a cluster beyond `PACKING_LIMIT`."""
+    gpus = gpu_plans(nodes, settings)
+    hostable = [gpu for gpu in gpus if gpu.can_host]
+    if (
+        any(pod.restricted_to is not None for pod in servable)
+        or any(not gpu.can_carve for gpu in hostable)
+        or len(servable) > PACKING_LIMIT
+        or len(hostable) > PACKING_LIMIT
+    ):
+        return None
+    bins = []
+    for gpu in hostable:
+        kept = [s for s in gpu.slices if s.used or s.size_gb in gpu.bindable]
+        bins.append(Bin(gpu.capacity - sum(s.size_gb for s in kept), gpu.gpu.max_slices - len(kept)))
+    classes = [list(members) for _, members in groupby(servable, key=lambda pod: pod.priority)]
+    chosen, assignment = lexicographic_selection(bins, [[pod.size_gb for pod in c] for c in classes])
+    pods = [classes[c][i] for c, indexes in enumerate(chosen) for i in indexes]
+    needed = Counter(pod.size_gb for pod in pods)
+    placed: dict[str, Placement] = {}
+    for pod, index in sorted(zip(pods, assignment, strict=True), key=lambda pair: -pair[0].size_gb):
+        gpu = hostable[index]
+        if not gpu.take(pod.size_gb, needed, pod.key):
+            return None  # the packing and the slices disagree: keep the placement rules' plan
+        needed[pod.size_gb] -= 1
+        placed[pod.key] = Placement(gpu.node, gpu.gpu.index, pod.size_gb)
+    return Cluster(gpus), placed
+
+
+def _score(placed: dict[str, Placement], cluster: Cluster, pods: list[PendingPod]) -> tuple[int, ...]:
+    """Pods served per priority, highest first, then the fewest GPUs changed: larger is better."""
+    served = Counter(pod.priority for pod in pods if pod.key in placed)
+    return (
+        *(served[p] for p in sorted({pod.priority for pod in pods}, reverse=True)),
+        -cluster.changed_count(),
+    )
