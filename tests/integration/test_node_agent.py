@@ -1,5 +1,9 @@
-"""The node agent on a simulated node: real NATS, simulated GPUs, fake MPS daemons as separate
-processes, its real device plugin and a simulated kubelet device manager over real gRPC.
+"""The node agent on a simulated node: the in-memory bus, simulated GPUs, fake MPS daemons as
+separate processes, its real device plugin and a simulated kubelet device manager over real gRPC.
+
+The bus and the node-config bucket are `MemoryBroker`'s, held to the same contract as JetStream's
+(tests/contract), on the real clock (daemons and gRPC are real I/O): a test writes the node's
+config with `MemoryConfigStore.put` and reads what the agent published from the broker's store.
 
 Every node lives under a short directory in /tmp (unix socket paths must stay under 108 bytes);
 teardown stops the agent, then kills every fake MPS daemon it started.
@@ -14,19 +18,16 @@ import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
-import anyio.abc
-import nats.errors
 import pytest
-from nats.js import api
-from nats.js.kv import KeyValue
 
 from events import subjects
-from events.envelope import Event, decode
-from events.jetstream import EventBus
+from events.envelope import Event
+from events.memory import MemoryBroker, MemoryBus, MemoryConfigStore
 from events.nodes import NodeGpusReported
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from node_agent.agent import AgentSettings, NodeAgent
@@ -42,7 +43,8 @@ from node_agent.mps import (
 from node_agent.nvml import NvmlInventory
 from simulation.fake_nvml import FakeDeviceHandle, FakeNvml, SimulatedGpu
 from simulation.kubelet_devices import DeviceManager, PodRef
-from tests.support import eventually, wait_until_gone
+from tests.memorybus import MemoryLog
+from tests.support import WAIT_S, eventually, wait_until_gone
 
 pytestmark = pytest.mark.anyio
 
@@ -59,6 +61,8 @@ GB40 = "nvidia.com/gpu-40gb"
 Slices = dict[int, list[tuple[str, bool]]]
 """GPU index -> (slice ID, used) as a report shows them."""
 
+T = TypeVar("T")
+
 
 @pytest.fixture(autouse=True)
 def _fake_mps_control_importable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,71 +72,58 @@ def _fake_mps_control_importable(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
-@dataclass
-class EventLog:
-    """Every event on the bus, in stream order, read by an ordered consumer from the beginning."""
+@pytest.fixture
+def broker() -> MemoryBroker:
+    return MemoryBroker()
 
-    bus: EventBus
-    events: list[tuple[str, Event]] = field(default_factory=list)
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        subscription = await self.bus.js.subscribe(
-            subjects.ALL_EVENTS,
-            ordered_consumer=True,
-            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
-        )
-        task_status.started()
-        try:
-            while True:
-                try:
-                    message = await subscription.next_msg(timeout=1)
-                except nats.errors.TimeoutError:
-                    continue
-                self.events.append((message.subject, decode(message.data).event))
-        finally:
-            with anyio.CancelScope(shield=True):
-                await subscription.unsubscribe()
+class AgentLog(MemoryLog):
+    """The node's reports and config outcomes as the broker stored them. A mark is the stream
+    sequence when it was taken, so `since=mark` means stored after it."""
 
     def mark(self) -> int:
-        return len(self.events)
+        return self.broker.last_sequence
+
+    def _after(self, subject: str, since: int) -> list[Event]:
+        return [
+            envelope.event
+            for message in self.broker.stored(subject)
+            if message.sequence > since and (envelope := message.envelope()) is not None
+        ]
 
     def reports(self, since: int = 0) -> list[NodeGpusReported]:
         return [
             event
-            for subject, event in self.events[since:]
-            if subject == subjects.gpus_subject(NODE) and isinstance(event, NodeGpusReported)
+            for event in self._after(subjects.gpus_subject(NODE), since)
+            if isinstance(event, NodeGpusReported)
         ]
 
     def outcomes(self, since: int = 0) -> list[NodeConfigApplied | NodeConfigFailed]:
         return [
             event
-            for subject, event in self.events[since:]
-            if subject == subjects.config_subject(NODE)
-            and isinstance(event, NodeConfigApplied | NodeConfigFailed)
+            for event in self._after(subjects.config_subject(NODE), since)
+            if isinstance(event, NodeConfigApplied | NodeConfigFailed)
         ]
+
+    async def _first(self, found: Callable[[], list[T]], what: str) -> T:
+        """The first of `found()`, looked for again at every store until there is one (boundedly)."""
+        with anyio.move_on_after(WAIT_S):
+            while not (hits := found()):
+                await self.broker.next_store()
+            return hits[0]
+        pytest.fail(f"timed out after {WAIT_S} s waiting for {what}")
 
     async def report(
         self, condition: Callable[[NodeGpusReported], bool], what: str, since: int = 0
     ) -> NodeGpusReported:
         """The first report from ``since`` on that meets ``condition``, waiting for it if needed."""
-        found: list[NodeGpusReported] = []
-
-        def seen() -> bool:
-            found.extend(report for report in self.reports(since) if condition(report))
-            return bool(found)
-
-        await eventually(seen, what)
-        return found[0]
+        return await self._first(lambda: [r for r in self.reports(since) if condition(r)], what)
 
     async def outcome(self, plan_id: str, since: int = 0) -> NodeConfigApplied | NodeConfigFailed:
-        found: list[NodeConfigApplied | NodeConfigFailed] = []
-
-        def seen() -> bool:
-            found.extend(event for event in self.outcomes(since) if event.plan_id == plan_id)
-            return bool(found)
-
-        await eventually(seen, f"the outcome of plan {plan_id}")
-        return found[0]
+        return await self._first(
+            lambda: [e for e in self.outcomes(since) if e.plan_id == plan_id],
+            f"the outcome of plan {plan_id}",
+        )
 
 
 def slices(report: NodeGpusReported) -> Slices:
@@ -150,16 +141,16 @@ class Node:
     control: SubprocessMpsControl
     manager: DeviceManager
     capacity: list[dict[str, int]]
-    bus: EventBus
-    kv: KeyValue
-    events: EventLog
+    bus: MemoryBus
+    configs: MemoryConfigStore
+    events: AgentLog
 
     def daemon(self, index: int) -> DaemonSpec:
         return DaemonSpec.under(self.mps_root, index, self.nvml.gpus()[index].uuid or "")
 
     async def put_config(self, plan_id: str, gpus: dict[int, tuple[int, ...]]) -> None:
         desired = NodeMpsConfig(node=NODE, plan_id=plan_id, plan_sequence=1, gpus=gpus)
-        await self.kv.put(subjects.node_config_key(NODE), desired.model_dump_json().encode())
+        await self.configs.put(subjects.node_config_key(NODE), desired.model_dump_json().encode())
 
     async def apply(self, plan_id: str, gpus: dict[int, tuple[int, ...]]) -> NodeGpusReported:
         """Put a config, expect it applied and return the first report that shows the plan."""
@@ -182,7 +173,7 @@ class Node:
 
 
 @contextlib.asynccontextmanager
-async def simulated_node(bus: EventBus, gpus: Sequence[SimulatedGpu]) -> AsyncIterator[Node]:
+async def simulated_node(broker: MemoryBroker, gpus: Sequence[SimulatedGpu]) -> AsyncIterator[Node]:
     root = Path(tempfile.mkdtemp(dir="/tmp", prefix="mpsa-"))
     plugin_dir = root / "dp"
     plugin_dir.mkdir()
@@ -198,24 +189,20 @@ async def simulated_node(bus: EventBus, gpus: Sequence[SimulatedGpu]) -> AsyncIt
     nvml = FakeNvml(gpus, node_name=NODE)
     try:
         await manager.start()
-        async with anyio.create_task_group() as group:
-            events = EventLog(bus)
-            await group.start(events.run)
-            yield Node(
-                root=root,
-                plugin_dir=plugin_dir,
-                mps_root=root / "mps",
-                pod_resources_socket=pod_resources_socket,
-                nvml=nvml,
-                inventory=NvmlInventory(nvml),
-                control=SubprocessMpsControl(FAKE_MPS_CONTROL),
-                manager=manager,
-                capacity=capacity,
-                bus=bus,
-                kv=await bus.js.key_value(subjects.NODE_CONFIG_BUCKET),
-                events=events,
-            )
-            group.cancel_scope.cancel()
+        yield Node(
+            root=root,
+            plugin_dir=plugin_dir,
+            mps_root=root / "mps",
+            pod_resources_socket=pod_resources_socket,
+            nvml=nvml,
+            inventory=NvmlInventory(nvml),
+            control=SubprocessMpsControl(FAKE_MPS_CONTROL),
+            manager=manager,
+            capacity=capacity,
+            bus=broker.bus("tests"),
+            configs=broker.configs,
+            events=AgentLog(broker),
+        )
     finally:
         with anyio.CancelScope(shield=True):
             await manager.stop()
@@ -294,8 +281,8 @@ def _kill_fake_daemons(mps_root: Path) -> None:
             wait_until_gone(pid)
 
 
-async def test_on_start_it_reports_its_gpus_and_runs_one_daemon_per_gpu(bus: EventBus) -> None:
-    async with simulated_node(bus, [A100, H100, A100_MIG]) as node, running_agent(node):
+async def test_on_start_it_reports_its_gpus_and_runs_one_daemon_per_gpu(broker: MemoryBroker) -> None:
+    async with simulated_node(broker, [A100, H100, A100_MIG]) as node, running_agent(node):
         first = await started(node)
 
         assert first.node == NODE
@@ -323,8 +310,8 @@ async def test_on_start_it_reports_its_gpus_and_runs_one_daemon_per_gpu(bus: Eve
         assert node.manager.devices() == {}
 
 
-async def test_a_config_is_applied_offered_to_the_kubelet_and_reported(bus: EventBus) -> None:
-    async with simulated_node(bus, [A100, H100]) as node, running_agent(node):
+async def test_a_config_is_applied_offered_to_the_kubelet_and_reported(broker: MemoryBroker) -> None:
+    async with simulated_node(broker, [A100, H100]) as node, running_agent(node):
         await started(node)
 
         report = await node.apply("plan-1", {0: (10, 10, 20), 1: (40,)})
@@ -351,8 +338,8 @@ async def test_a_config_is_applied_offered_to_the_kubelet_and_reported(bus: Even
         assert node.kubelet_device_ids()[GB20] == {"mps-g1-20gb-0"}
 
 
-async def test_an_allocated_slice_is_reported_used_until_its_pod_is_gone(bus: EventBus) -> None:
-    async with simulated_node(bus, [A100]) as node, running_agent(node):
+async def test_an_allocated_slice_is_reported_used_until_its_pod_is_gone(broker: MemoryBroker) -> None:
+    async with simulated_node(broker, [A100]) as node, running_agent(node):
         await started(node)
         await node.apply("plan-1", {0: (10, 10)})
         await node.kubelet_sees({GB10: 2})
@@ -380,9 +367,9 @@ async def test_an_allocated_slice_is_reported_used_until_its_pod_is_gone(bus: Ev
 
 
 async def test_a_config_that_overflows_a_gpu_is_refused_and_the_kubelet_keeps_its_devices(
-    bus: EventBus,
+    broker: MemoryBroker,
 ) -> None:
-    async with simulated_node(bus, [A100, H100]) as node, running_agent(node):
+    async with simulated_node(broker, [A100, H100]) as node, running_agent(node):
         await started(node)
         await node.apply("plan-good", {0: (20, 20), 1: (10,)})
         await node.kubelet_sees({GB10: 1, GB20: 2})
@@ -409,8 +396,8 @@ async def test_a_config_that_overflows_a_gpu_is_refused_and_the_kubelet_keeps_it
         assert all(r.applied_plan_id != "plan-bad" for r in node.events.reports())
 
 
-async def test_a_config_that_drops_an_in_use_slice_keeps_it(bus: EventBus) -> None:
-    async with simulated_node(bus, [A100]) as node, running_agent(node):
+async def test_a_config_that_drops_an_in_use_slice_keeps_it(broker: MemoryBroker) -> None:
+    async with simulated_node(broker, [A100]) as node, running_agent(node):
         await started(node)
         await node.apply("plan-1", {0: (10, 10)})
         await node.kubelet_sees({GB10: 2})
@@ -439,8 +426,8 @@ async def test_a_config_that_drops_an_in_use_slice_keeps_it(bus: EventBus) -> No
         )
 
 
-async def test_a_killed_daemon_is_started_again_by_the_heartbeat(bus: EventBus) -> None:
-    async with simulated_node(bus, [A100, H100]) as node, running_agent(node, heartbeat_seconds=0.3):
+async def test_a_killed_daemon_is_started_again_by_the_heartbeat(broker: MemoryBroker) -> None:
+    async with simulated_node(broker, [A100, H100]) as node, running_agent(node, heartbeat_seconds=0.3):
         await started(node)
         daemon = node.daemon(1)
         killed = _daemon_pid(daemon)
@@ -459,9 +446,9 @@ async def test_a_killed_daemon_is_started_again_by_the_heartbeat(bus: EventBus) 
 
 
 async def test_each_daemon_caps_future_clients_at_its_largest_slice_also_after_a_restart(
-    bus: EventBus,
+    broker: MemoryBroker,
 ) -> None:
-    async with simulated_node(bus, [A100, H100]) as node, running_agent(node, heartbeat_seconds=0.3):
+    async with simulated_node(broker, [A100, H100]) as node, running_agent(node, heartbeat_seconds=0.3):
         await started(node)
         await node.apply("plan-1", {0: (10, 20), 1: (5,)})
         for index, limit in ((0, 20480), (1, 5120)):
@@ -490,16 +477,16 @@ async def test_each_daemon_caps_future_clients_at_its_largest_slice_also_after_a
         await eventually(limit_restored, "the restarted daemon to get GPU 0's limit back")
 
 
-async def test_an_unreadable_config_is_skipped_and_the_agent_keeps_working(bus: EventBus) -> None:
-    async with simulated_node(bus, [A100]) as node, running_agent(node):
+async def test_an_unreadable_config_is_skipped_and_the_agent_keeps_working(broker: MemoryBroker) -> None:
+    async with simulated_node(broker, [A100]) as node, running_agent(node):
         await started(node)
         key = subjects.node_config_key(NODE)
         mark = node.events.mark()
 
-        await node.kv.put(key, b"{not json")
-        await node.kv.put(key, b'{"node": "x", "plan_id": "p", "plan_sequence": -1, "gpus": {}}')
-        await node.kv.put(key, b"\xff\xfe")
-        await node.kv.delete(key)
+        await node.configs.put(key, b"{not json")
+        await node.configs.put(key, b'{"node": "x", "plan_id": "p", "plan_sequence": -1, "gpus": {}}')
+        await node.configs.put(key, b"\xff\xfe")
+        await node.configs.delete(key)
         report = await node.apply("plan-1", {0: (10,)})
 
         assert slices(report) == {0: [("mps-g0-10gb-0", False)]}
@@ -507,8 +494,8 @@ async def test_an_unreadable_config_is_skipped_and_the_agent_keeps_working(bus: 
         await node.kubelet_sees({GB10: 1})
 
 
-async def test_a_config_already_in_the_bucket_is_applied_on_start(bus: EventBus) -> None:
-    async with simulated_node(bus, [A100]) as node:
+async def test_a_config_already_in_the_bucket_is_applied_on_start(broker: MemoryBroker) -> None:
+    async with simulated_node(broker, [A100]) as node:
         await node.put_config("plan-early", {0: (20,)})
 
         async with running_agent(node):
@@ -518,8 +505,8 @@ async def test_a_config_already_in_the_bucket_is_applied_on_start(bus: EventBus)
             await node.kubelet_sees({GB20: 1})
 
 
-async def test_a_restarted_agent_says_again_that_it_applied_the_config(bus: EventBus) -> None:
-    async with simulated_node(bus, [A100]) as node:
+async def test_a_restarted_agent_says_again_that_it_applied_the_config(broker: MemoryBroker) -> None:
+    async with simulated_node(broker, [A100]) as node:
         async with running_agent(node):
             await node.apply("plan-1", {0: (20,)})
         mark = node.events.mark()
@@ -529,9 +516,9 @@ async def test_a_restarted_agent_says_again_that_it_applied_the_config(bus: Even
             )
 
 
-async def test_a_slice_allocated_since_the_last_usage_poll_is_kept(bus: EventBus) -> None:
+async def test_a_slice_allocated_since_the_last_usage_poll_is_kept(broker: MemoryBroker) -> None:
     # A long poll interval makes the window between two polls deterministic; it exists at any interval.
-    async with simulated_node(bus, [A100]) as node, running_agent(node, usage_poll_seconds=60):
+    async with simulated_node(broker, [A100]) as node, running_agent(node, usage_poll_seconds=60):
         await started(node)
         await node.apply("plan-1", {0: (10, 10)})
         await node.kubelet_sees({GB10: 2})
@@ -542,8 +529,8 @@ async def test_a_slice_allocated_since_the_last_usage_poll_is_kept(bus: EventBus
         assert slices(report) == {0: [("mps-g0-10gb-0", True), ("mps-g0-20gb-0", False)]}
 
 
-async def test_a_restarted_agent_keeps_the_slice_a_container_holds(bus: EventBus) -> None:
-    async with simulated_node(bus, [A100]) as node:
+async def test_a_restarted_agent_keeps_the_slice_a_container_holds(broker: MemoryBroker) -> None:
+    async with simulated_node(broker, [A100]) as node:
         async with running_agent(node):
             await started(node)
             await node.apply("plan-1", {0: (10, 10)})
@@ -562,7 +549,7 @@ async def test_a_restarted_agent_keeps_the_slice_a_container_holds(bus: EventBus
 
         mark = node.events.mark()
         async with running_agent(node):  # same KV, same kubelet, same daemons
-            # (Its NodeConfigApplied for plan-2 is de-duplicated by message ID; the report is not.)
+            # (Its first report names no plan yet; it names plan-2 once the agent applied it again.)
             report = await node.events.report(
                 lambda report: report.applied_plan_id == "plan-2", "the restarted agent's plan-2", mark
             )
@@ -577,9 +564,9 @@ async def test_a_restarted_agent_keeps_the_slice_a_container_holds(bus: EventBus
 
 
 async def test_a_stopping_agent_withdraws_its_slices_and_a_restarted_one_offers_held_ones_first(
-    bus: EventBus,
+    broker: MemoryBroker,
 ) -> None:
-    async with simulated_node(bus, [A100]) as node:
+    async with simulated_node(broker, [A100]) as node:
         async with running_agent(node):
             await started(node)
             await node.apply("plan-1", {0: (10, 20)})
