@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 # --- units ------------------------------------------------------------------------------------------
@@ -140,6 +141,33 @@ RELEASED_TO_ANNOTATION = "mpsflow.dev/released-to"
 WEBHOOK_PATH = "/mutate-pods"
 """Where the pod watcher's admission webhook takes AdmissionReviews (the manifests point there)."""
 WEBHOOK_HEALTH_PATH = "/healthz"
+
+
+class RejectionRule(StrEnum):
+    """The rule a pod's slice request breaks: the reason of its `PodRejected` and of the Warning Event
+    on the pod."""
+
+    MALFORMED_RESOURCE = "MpsSliceResourceMalformed"
+    ZERO_SIZE = "MpsSliceSizeZero"
+    TOO_LARGE = "MpsSliceLargerThanAnyGpu"
+    SEVERAL_IN_CONTAINER = "MpsSeveralSlicesInContainer"
+    SEVERAL_IN_POD = "MpsSeveralSlicesInPod"
+    QUANTITY_NOT_ONE = "MpsSliceQuantityNotOne"
+    WITH_WHOLE_GPU = "MpsSliceWithWholeGpu"
+    HOST_IPC_REQUIRED = "MpsHostIpcRequired"
+    USER_MISMATCH = "MpsUserMismatch"
+
+
+class PodEventReason(StrEnum):
+    """The reasons of the Events that tell a valid pod where it stands."""
+
+    NOT_PLACED = "MpsSliceNotPlaced"
+    """Normal: why the pod waits (the planner's reason is the message)."""
+    READY = "MpsSliceReady"
+    """Normal: its slice is ready; the gate is lifted and the pod pinned to the node."""
+    RELEASE_REFUSED = "MpsSliceReleaseRefused"
+    """Warning: the API refused the release patch; the pod stays gated."""
+
 
 # Compatibility with nebuly's device-plugin fork and nos (written only in compatibility mode).
 DEVICE_PLUGIN_CONFIG_LABEL = "nvidia.com/device-plugin.config"

@@ -28,14 +28,20 @@ from events.bus import Bus, Delivery, TransientError
 from events.envelope import content_id
 from events.nodes import NodeObserved, NodeOptedOut
 from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
-from events.vocabulary import DEFAULT_OPT_IN, MIB_PER_GIB, SLICE_GATE, OptInLabel
+from events.vocabulary import (
+    DEFAULT_OPT_IN,
+    MIB_PER_GIB,
+    SLICE_GATE,
+    OptInLabel,
+    PodEventReason,
+    RejectionRule,
+)
 from services.kit.retry import CONFLICT, KUBERNETES_EVENT, retrying
 from services.kit.watching import as_json, list_and_watch
 from services.pod_watcher.gate import release_patch
 from services.pod_watcher.translate import (
     DEFAULT_CLIENT_RULES,
     MpsClientRules,
-    Rule,
     is_gated,
     translate_node,
     translate_pod,
@@ -45,10 +51,7 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "mpsflow-pod-watcher"
 UNPLACED_DURABLE = "pod-watcher-unplaced"
-UNPLACED_REASON = "MpsSliceNotPlaced"
 RELEASE_DURABLE = "pod-watcher-release"
-RELEASED_REASON = "MpsSliceReady"
-RELEASE_REFUSED_REASON = "MpsSliceReleaseRefused"
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,7 @@ class PodWatcherService:
             message_id=content_id(event.uid, event.resource_version, event.model_dump_json()),
         )
         if isinstance(event, PodRejected):
-            if event.reason == Rule.TOO_LARGE:
+            if event.reason == RejectionRule.TOO_LARGE:
                 self.too_large[key] = pod
             await self._post_rejection(event)
 
@@ -216,7 +219,7 @@ class PodWatcherService:
         event = delivery.envelope.event
         if isinstance(event, PodUnplaced):
             await self.post_event(
-                event.namespace, event.name, event.uid, UNPLACED_REASON, event.reason, kind="Normal"
+                event.namespace, event.name, event.uid, PodEventReason.NOT_PLACED, event.reason, kind="Normal"
             )
 
     async def released(self, delivery: Delivery) -> None:
@@ -275,7 +278,7 @@ class PodWatcherService:
                     event.namespace,
                     event.name,
                     event.uid,
-                    RELEASE_REFUSED_REASON,
+                    PodEventReason.RELEASE_REFUSED,
                     f"the API refused to pin the pod to node {event.node} and lift its scheduling gate "
                     f"{SLICE_GATE}; delete the gate by hand to let any scheduler place it",
                 )
@@ -286,7 +289,7 @@ class PodWatcherService:
             event.namespace,
             event.name,
             event.uid,
-            RELEASED_REASON,
+            PodEventReason.READY,
             f"a {event.size_gb} GiB MPS slice is ready on node {event.node}: the pod is pinned there "
             f"and its scheduling gate {SLICE_GATE} is lifted",
             kind="Normal",

@@ -39,25 +39,12 @@ from events.vocabulary import (
     SLICE_RESOURCE_PREFIX,
     WHOLE_GPU_RESOURCE,
     OptInLabel,
+    RejectionRule,
     container_requests,
     is_opted_in,
     is_zero_slice,
     slice_size,
 )
-
-
-class Rule:
-    """Reasons of the Events that mpsflow puts on pods it rejects."""
-
-    MALFORMED_RESOURCE = "MpsSliceResourceMalformed"
-    ZERO_SIZE = "MpsSliceSizeZero"
-    TOO_LARGE = "MpsSliceLargerThanAnyGpu"
-    SEVERAL_IN_CONTAINER = "MpsSeveralSlicesInContainer"
-    SEVERAL_IN_POD = "MpsSeveralSlicesInPod"
-    QUANTITY_NOT_ONE = "MpsSliceQuantityNotOne"
-    WITH_WHOLE_GPU = "MpsSliceWithWholeGpu"
-    HOST_IPC_REQUIRED = "MpsHostIpcRequired"
-    USER_MISMATCH = "MpsUserMismatch"
 
 
 @dataclass(frozen=True)
@@ -144,12 +131,15 @@ def translate_pod(
             size = slice_size(resource)
             if is_zero_slice(resource):
                 problems.append(
-                    (Rule.ZERO_SIZE, f"container {name!r} asks for {resource}: a slice is at least 1 GiB")
+                    (
+                        RejectionRule.ZERO_SIZE,
+                        f"container {name!r} asks for {resource}: a slice is at least 1 GiB",
+                    )
                 )
             elif size is None:
                 problems.append(
                     (
-                        Rule.MALFORMED_RESOURCE,
+                        RejectionRule.MALFORMED_RESOURCE,
                         f"container {name!r} asks for {resource!r}, which is "
                         "not nvidia.com/gpu-<N>gb with N a positive whole number of GiB",
                     )
@@ -157,7 +147,7 @@ def translate_pod(
             elif not _quantity_is_one(requests[resource]):
                 problems.append(
                     (
-                        Rule.QUANTITY_NOT_ONE,
+                        RejectionRule.QUANTITY_NOT_ONE,
                         f"container {name!r} asks for {requests[resource]} of "
                         f"{resource}; ask for 1 slice of the size you need",
                     )
@@ -167,14 +157,14 @@ def translate_pod(
         if len(asked) > 1:
             problems.append(
                 (
-                    Rule.SEVERAL_IN_CONTAINER,
+                    RejectionRule.SEVERAL_IN_CONTAINER,
                     f"container {name!r} asks for {', '.join(sorted(asked))}; one container gets one slice",
                 )
             )
         if asked and WHOLE_GPU_RESOURCE in requests:
             problems.append(
                 (
-                    Rule.WITH_WHOLE_GPU,
+                    RejectionRule.WITH_WHOLE_GPU,
                     f"container {name!r} asks for {WHOLE_GPU_RESOURCE} and "
                     f"{', '.join(sorted(asked))}; ask for one or the other",
                 )
@@ -184,7 +174,7 @@ def translate_pod(
     if not problems and len(slices) > 1:
         problems.append(
             (
-                Rule.SEVERAL_IN_POD,
+                RejectionRule.SEVERAL_IN_POD,
                 "containers "
                 + ", ".join(repr(c.get("name", "?")) for c, _ in slices)
                 + " each ask for a slice; mpsflow gives one slice per pod",
@@ -193,7 +183,7 @@ def translate_pod(
     if not problems and largest_gpu_gb is not None and slices[0][1] > largest_gpu_gb:
         problems.append(
             (
-                Rule.TOO_LARGE,
+                RejectionRule.TOO_LARGE,
                 f"nvidia.com/gpu-{slices[0][1]}gb needs {slices[0][1]} GiB; "
                 f"the largest opted-in GPU has {largest_gpu_gb} GiB",
             )
@@ -289,7 +279,7 @@ def _client_problems(
         shown = "unset" if host_ipc is None else json.dumps(host_ipc)
         problems.append(
             (
-                Rule.HOST_IPC_REQUIRED,
+                RejectionRule.HOST_IPC_REQUIRED,
                 f"the pod has hostIPC {shown}; MPS clients share /dev/shm with the MPS server "
                 "through the host IPC namespace: set spec.hostIPC: true",
             )
@@ -307,7 +297,7 @@ def _client_problems(
             )
             problems.append(
                 (
-                    Rule.USER_MISMATCH,
+                    RejectionRule.USER_MISMATCH,
                     f"container {name!r} {runs_as}; the MPS server serves user {rules.mps_user} "
                     f"only: set runAsUser: {rules.mps_user}",
                 )

@@ -27,20 +27,18 @@ from events.envelope import Event
 from events.memory import MemoryBroker, MemoryBus
 from events.nodes import GfdFacts, NodeObserved, NodeOptedOut
 from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
-from events.vocabulary import RELEASED_TO_ANNOTATION, SLICE_GATE, OptInLabel
+from events.vocabulary import RELEASED_TO_ANNOTATION, SLICE_GATE, OptInLabel, PodEventReason, RejectionRule
 from services.cli import build_parser
 from services.kit.kube import api_client
 from services.kit.watching import list_and_watch
 from services.pod_watcher.service import (
     DEFAULT_SETTINGS,
     RELEASE_DURABLE,
-    RELEASED_REASON,
     UNPLACED_DURABLE,
-    UNPLACED_REASON,
     PodWatcherService,
     WatcherSettings,
 )
-from services.pod_watcher.translate import MpsClientRules, Rule
+from services.pod_watcher.translate import MpsClientRules
 from simulation.apiserver import ApiServer
 from tests.memorybus import MemoryLog
 from tests.support import WAIT_S, eventually
@@ -298,11 +296,15 @@ async def test_a_rejected_pod_gets_exactly_one_kubernetes_event(
         await log.pod(PodObserved, "later")
         events = await pod_events(core, "greedy")
 
-    assert rejection.reason == Rule.QUANTITY_NOT_ONE
+    assert rejection.reason == RejectionRule.QUANTITY_NOT_ONE
     assert len(first) == 1
     assert len(events) == 1
     event = events[0]
-    assert (event.reason, event.type, event.message) == (Rule.QUANTITY_NOT_ONE, "Warning", rejection.message)
+    assert (event.reason, event.type, event.message) == (
+        RejectionRule.QUANTITY_NOT_ONE,
+        "Warning",
+        rejection.message,
+    )
     assert (event.involved_object.kind, event.involved_object.name, event.involved_object.uid) == (
         "Pod",
         "greedy",
@@ -321,9 +323,9 @@ async def test_a_pod_larger_than_every_gpu_is_rejected(
         rejection = await log.pod(PodRejected, "huge")
         events = await wait_for_events(core, "huge")
 
-    assert rejection.reason == Rule.TOO_LARGE
+    assert rejection.reason == RejectionRule.TOO_LARGE
     assert "16 GiB" in rejection.message
-    assert [e.reason for e in events] == [Rule.TOO_LARGE]
+    assert [e.reason for e in events] == [RejectionRule.TOO_LARGE]
 
 
 async def test_a_too_large_pod_is_accepted_once_a_large_enough_gpu_opts_in(
@@ -412,12 +414,12 @@ async def test_a_pod_that_cannot_be_an_mps_client_gets_a_warning_event(
         isolated_events = await wait_for_events(core, "isolated")
         root_events = await wait_for_events(core, "root")
 
-    assert (isolated.reason, root.reason) == (Rule.HOST_IPC_REQUIRED, Rule.USER_MISMATCH)
+    assert (isolated.reason, root.reason) == (RejectionRule.HOST_IPC_REQUIRED, RejectionRule.USER_MISMATCH)
     assert "hostIPC false" in isolated.message
     assert "user 0" in root.message
     assert [(e.reason, e.type, e.message) for e in isolated_events + root_events] == [
-        (Rule.HOST_IPC_REQUIRED, "Warning", isolated.message),
-        (Rule.USER_MISMATCH, "Warning", root.message),
+        (RejectionRule.HOST_IPC_REQUIRED, "Warning", isolated.message),
+        (RejectionRule.USER_MISMATCH, "Warning", root.message),
     ]
     assert client_pod.size_gb == 10
 
@@ -530,7 +532,7 @@ async def test_a_failed_node_list_delays_the_pods_until_nodes_are_known(
     async with watching(bus, api):
         rejection = await log.pod(PodRejected, "big")
 
-    assert rejection.reason == Rule.TOO_LARGE
+    assert rejection.reason == RejectionRule.TOO_LARGE
     assert verbs_on(apiserver, "list", "nodes") == 2
 
 
@@ -547,7 +549,7 @@ async def test_a_failed_event_post_does_not_stop_the_watcher(
         await log.pod(PodObserved, "next")
         events = await wait_for_events(core, "bad")
 
-    assert [e.reason for e in events] == [Rule.ZERO_SIZE]
+    assert [e.reason for e in events] == [RejectionRule.ZERO_SIZE]
 
 
 # --- unplaced pods ------------------------------------------------------------------------------
@@ -574,9 +576,13 @@ async def test_an_unplaced_pod_gets_one_event_even_when_published_twice(
     assert len(first) == 1
     assert len(events) == 1
     event = events[0]
-    assert (event.reason, event.type, event.message) == (UNPLACED_REASON, "Normal", "every GPU is full")
+    assert (event.reason, event.type, event.message) == (
+        PodEventReason.NOT_PLACED,
+        "Normal",
+        "every GPU is full",
+    )
     assert event.involved_object.uid == created.metadata.uid
-    assert UNPLACED_REASON == "MpsSliceNotPlaced"
+    assert event.reason == "MpsSliceNotPlaced"  # the reason users filter on: part of the interface
 
 
 async def test_a_failed_unplaced_event_post_is_retried(
@@ -592,7 +598,7 @@ async def test_a_failed_unplaced_event_post_is_retried(
         await bus.publish(subjects.unplaced_subject(NAMESPACE, "queued"), unplaced)
         events = await wait_for_events(core, "queued")
 
-    assert [(e.reason, e.message) for e in events] == [(UNPLACED_REASON, "no room")]
+    assert [(e.reason, e.message) for e in events] == [(PodEventReason.NOT_PLACED, "no room")]
     assert verbs_on(apiserver, "create", "events") == 2
     assert await bus.dead_letters(UNPLACED_DURABLE) == []
 
@@ -634,7 +640,7 @@ async def test_a_released_pod_loses_the_gate_is_pinned_to_its_node_and_told_why(
             {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["a100-1"]}]}
         ]
     }
-    assert [(e.reason, e.type) for e in events] == [(RELEASED_REASON, "Normal")]
+    assert [(e.reason, e.type) for e in events] == [(PodEventReason.READY, "Normal")]
     assert "a 10 GiB MPS slice is ready on node a100-1" in events[0].message
 
 

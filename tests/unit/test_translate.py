@@ -9,8 +9,8 @@ import pytest
 
 from events.nodes import GfdFacts, NodeObserved, Taint
 from events.pods import NodeRules, NodeSelectorTerm, PodObserved, PodRejected, Requirement, Toleration
-from events.vocabulary import RELEASED_TO_ANNOTATION, SLICE_GATE, OptInLabel
-from services.pod_watcher.translate import MpsClientRules, Rule, translate_node, translate_pod
+from events.vocabulary import RELEASED_TO_ANNOTATION, SLICE_GATE, OptInLabel, RejectionRule
+from services.pod_watcher.translate import MpsClientRules, translate_node, translate_pod
 
 CREATED = "2026-11-22T10:00:00Z"
 
@@ -89,98 +89,98 @@ REJECTIONS: list[tuple[str, dict[str, Any], int | None, str, list[str]]] = [
         "letters-for-size",
         pod(container(limits={"nvidia.com/gpu-abcgb": "1"})),
         None,
-        Rule.MALFORMED_RESOURCE,
+        RejectionRule.MALFORMED_RESOURCE,
         ["'nvidia.com/gpu-abcgb'", "'main'"],
     ),
     (
         "upper-case-unit",
         pod(container(limits={"nvidia.com/gpu-10GB": "1"})),
         None,
-        Rule.MALFORMED_RESOURCE,
+        RejectionRule.MALFORMED_RESOURCE,
         ["'nvidia.com/gpu-10GB'"],
     ),
     (
         "trailing-garbage",
         pod(container(limits={"nvidia.com/gpu-10gbx": "1"})),
         None,
-        Rule.MALFORMED_RESOURCE,
+        RejectionRule.MALFORMED_RESOURCE,
         ["'nvidia.com/gpu-10gbx'"],
     ),
     (
         "leading-zero",
         pod(container(limits={"nvidia.com/gpu-010gb": "1"})),
         None,
-        Rule.MALFORMED_RESOURCE,
+        RejectionRule.MALFORMED_RESOURCE,
         ["'nvidia.com/gpu-010gb'"],
     ),
     (
         "no-size",
         pod(container(limits={"nvidia.com/gpu-gb": "1"})),
         None,
-        Rule.MALFORMED_RESOURCE,
+        RejectionRule.MALFORMED_RESOURCE,
         ["'nvidia.com/gpu-gb'"],
     ),
     (
         "zero-size",
         pod(container(limits={"nvidia.com/gpu-0gb": "1"})),
         None,
-        Rule.ZERO_SIZE,
+        RejectionRule.ZERO_SIZE,
         ["nvidia.com/gpu-0gb", "'main'"],
     ),
     (
         "zero-size-several-zeros",
         pod(container(limits={"nvidia.com/gpu-00gb": "1"})),
         None,
-        Rule.ZERO_SIZE,
+        RejectionRule.ZERO_SIZE,
         ["nvidia.com/gpu-00gb"],
     ),
     (
         "two-slices-in-one-container",
         pod(container(limits={"nvidia.com/gpu-10gb": "1", "nvidia.com/gpu-20gb": "1"})),
         None,
-        Rule.SEVERAL_IN_CONTAINER,
+        RejectionRule.SEVERAL_IN_CONTAINER,
         ["nvidia.com/gpu-10gb", "nvidia.com/gpu-20gb", "'main'"],
     ),
     (
         "two-slices-one-in-requests-one-in-limits",
         pod(container(requests={"nvidia.com/gpu-10gb": "1"}, limits={"nvidia.com/gpu-20gb": "1"})),
         None,
-        Rule.SEVERAL_IN_CONTAINER,
+        RejectionRule.SEVERAL_IN_CONTAINER,
         ["nvidia.com/gpu-10gb", "nvidia.com/gpu-20gb"],
     ),
     (
         "quantity-two",
         pod(container(limits={"nvidia.com/gpu-10gb": "2"})),
         None,
-        Rule.QUANTITY_NOT_ONE,
+        RejectionRule.QUANTITY_NOT_ONE,
         ["2", "nvidia.com/gpu-10gb", "'main'"],
     ),
     (
         "quantity-two-in-requests-only",
         pod(container(requests={"nvidia.com/gpu-10gb": "2"})),
         None,
-        Rule.QUANTITY_NOT_ONE,
+        RejectionRule.QUANTITY_NOT_ONE,
         ["2", "nvidia.com/gpu-10gb"],
     ),
     (
         "quantity-zero",
         pod(container(limits={"nvidia.com/gpu-10gb": "0"})),
         None,
-        Rule.QUANTITY_NOT_ONE,
+        RejectionRule.QUANTITY_NOT_ONE,
         ["0 of nvidia.com/gpu-10gb"],
     ),
     (
         "whole-gpu-with-slice",
         pod(container(limits={"nvidia.com/gpu": "1", "nvidia.com/gpu-10gb": "1"})),
         None,
-        Rule.WITH_WHOLE_GPU,
+        RejectionRule.WITH_WHOLE_GPU,
         ["nvidia.com/gpu", "nvidia.com/gpu-10gb", "'main'"],
     ),
     (
         "whole-gpu-in-requests-slice-in-limits",
         pod(container(requests={"nvidia.com/gpu": "1"}, limits={"nvidia.com/gpu-10gb": "1"})),
         None,
-        Rule.WITH_WHOLE_GPU,
+        RejectionRule.WITH_WHOLE_GPU,
         ["nvidia.com/gpu-10gb"],
     ),
     (
@@ -190,7 +190,7 @@ REJECTIONS: list[tuple[str, dict[str, Any], int | None, str, list[str]]] = [
             container("b", limits={"nvidia.com/gpu-20gb": "1"}),
         ),
         None,
-        Rule.SEVERAL_IN_POD,
+        RejectionRule.SEVERAL_IN_POD,
         ["'a'", "'b'"],
     ),
     (
@@ -200,28 +200,28 @@ REJECTIONS: list[tuple[str, dict[str, Any], int | None, str, list[str]]] = [
             init=[container("warmup", limits={"nvidia.com/gpu-10gb": "1"})],
         ),
         None,
-        Rule.SEVERAL_IN_POD,
+        RejectionRule.SEVERAL_IN_POD,
         ["'warmup'", "'worker'"],
     ),
     (
         "malformed-in-init-container",
         pod(container("main"), init=[container("setup", limits={"nvidia.com/gpu-xgb": "1"})]),
         None,
-        Rule.MALFORMED_RESOURCE,
+        RejectionRule.MALFORMED_RESOURCE,
         ["'nvidia.com/gpu-xgb'", "'setup'"],
     ),
     (
         "larger-than-the-largest-gpu",
         pod(container(limits={"nvidia.com/gpu-100gb": "1"})),
         80,
-        Rule.TOO_LARGE,
+        RejectionRule.TOO_LARGE,
         ["nvidia.com/gpu-100gb", "100 GiB", "80 GiB"],
     ),
     (
         "one-more-than-the-largest-gpu",
         pod(container(limits={"nvidia.com/gpu-41gb": "1"})),
         40,
-        Rule.TOO_LARGE,
+        RejectionRule.TOO_LARGE,
         ["nvidia.com/gpu-41gb", "40 GiB"],
     ),
 ]
@@ -252,49 +252,49 @@ CLIENT_REJECTIONS: list[tuple[str, dict[str, Any], MpsClientRules, str, list[str
         "host-ipc-unset",
         pod(container(limits=TEN), host_ipc=None),
         MpsClientRules(),
-        Rule.HOST_IPC_REQUIRED,
+        RejectionRule.HOST_IPC_REQUIRED,
         ["hostIPC unset", "spec.hostIPC: true"],
     ),
     (
         "host-ipc-false",
         pod(container(limits=TEN), host_ipc=False),
         MpsClientRules(),
-        Rule.HOST_IPC_REQUIRED,
+        RejectionRule.HOST_IPC_REQUIRED,
         ["hostIPC false"],
     ),
     (
         "host-ipc-before-the-user",
         pod(container(limits=TEN), host_ipc=None, user=0),
         USER_1000,
-        Rule.HOST_IPC_REQUIRED,
+        RejectionRule.HOST_IPC_REQUIRED,
         ["hostIPC unset"],
     ),
     (
         "pod-user-differs",
         pod(container(limits=TEN), user=0),
         USER_1000,
-        Rule.USER_MISMATCH,
+        RejectionRule.USER_MISMATCH,
         ["'main'", "user 0", "the pod's securityContext.runAsUser", "serves user 1000"],
     ),
     (
         "container-user-overrides-a-matching-pod-user",
         pod(container(limits=TEN, user=2000), user=1000),
         USER_1000,
-        Rule.USER_MISMATCH,
+        RejectionRule.USER_MISMATCH,
         ["user 2000", "its securityContext.runAsUser"],
     ),
     (
         "user-left-to-the-image",
         pod(container(limits=TEN)),
         USER_1000,
-        Rule.USER_MISMATCH,
+        RejectionRule.USER_MISMATCH,
         ["'main'", "runAsUser unset", "runAsUser: 1000"],
     ),
     (
         "the-slice-in-an-init-container-runs-as-another-user",
         pod(container("main", user=1000), init=[container("warmup", limits=TEN, user=0)]),
         USER_1000,
-        Rule.USER_MISMATCH,
+        RejectionRule.USER_MISMATCH,
         ["'warmup'", "user 0"],
     ),
 ]
@@ -343,11 +343,27 @@ def test_a_pod_that_can_be_an_mps_client_is_observed(manifest: dict[str, Any], r
 @pytest.mark.parametrize(
     ("manifest", "largest_gpu_gb", "reason"),
     [
-        (pod(container(limits={"nvidia.com/gpu-xgb": "1"}), host_ipc=None), 80, Rule.MALFORMED_RESOURCE),
-        (pod(container(limits={"nvidia.com/gpu-10gb": "2"}), host_ipc=None), 80, Rule.QUANTITY_NOT_ONE),
-        (pod(container(limits=TEN), container("b", limits=TEN), host_ipc=None), 80, Rule.SEVERAL_IN_POD),
-        (pod(container(limits={"nvidia.com/gpu-200gb": "1"}), host_ipc=None), 80, Rule.TOO_LARGE),
-        (pod(container(limits={"nvidia.com/gpu-200gb": "1"}), host_ipc=None), None, Rule.HOST_IPC_REQUIRED),
+        (
+            pod(container(limits={"nvidia.com/gpu-xgb": "1"}), host_ipc=None),
+            80,
+            RejectionRule.MALFORMED_RESOURCE,
+        ),
+        (
+            pod(container(limits={"nvidia.com/gpu-10gb": "2"}), host_ipc=None),
+            80,
+            RejectionRule.QUANTITY_NOT_ONE,
+        ),
+        (
+            pod(container(limits=TEN), container("b", limits=TEN), host_ipc=None),
+            80,
+            RejectionRule.SEVERAL_IN_POD,
+        ),
+        (pod(container(limits={"nvidia.com/gpu-200gb": "1"}), host_ipc=None), 80, RejectionRule.TOO_LARGE),
+        (
+            pod(container(limits={"nvidia.com/gpu-200gb": "1"}), host_ipc=None),
+            None,
+            RejectionRule.HOST_IPC_REQUIRED,
+        ),
     ],
     ids=["malformed", "quantity", "several-in-pod", "too-large", "size-unknown-yet"],
 )
@@ -364,22 +380,22 @@ def test_a_pod_without_slices_needs_nothing_of_an_mps_client() -> None:
 
 
 def test_every_rule_is_covered_by_the_tables() -> None:
-    rules = {value for key, value in vars(Rule).items() if key.isupper()}
+    rules = set(RejectionRule)
     assert {case[3] for case in REJECTIONS} | {case[3] for case in CLIENT_REJECTIONS} == rules
     assert len(rules) == 9
 
 
 def test_the_reason_strings_are_the_documented_ones() -> None:
     assert (
-        Rule.MALFORMED_RESOURCE,
-        Rule.ZERO_SIZE,
-        Rule.TOO_LARGE,
-        Rule.SEVERAL_IN_CONTAINER,
-        Rule.SEVERAL_IN_POD,
-        Rule.QUANTITY_NOT_ONE,
-        Rule.WITH_WHOLE_GPU,
-        Rule.HOST_IPC_REQUIRED,
-        Rule.USER_MISMATCH,
+        RejectionRule.MALFORMED_RESOURCE,
+        RejectionRule.ZERO_SIZE,
+        RejectionRule.TOO_LARGE,
+        RejectionRule.SEVERAL_IN_CONTAINER,
+        RejectionRule.SEVERAL_IN_POD,
+        RejectionRule.QUANTITY_NOT_ONE,
+        RejectionRule.WITH_WHOLE_GPU,
+        RejectionRule.HOST_IPC_REQUIRED,
+        RejectionRule.USER_MISMATCH,
     ) == (
         "MpsSliceResourceMalformed",
         "MpsSliceSizeZero",
@@ -397,7 +413,7 @@ def test_the_size_limit_applies_only_once_the_largest_gpu_is_known() -> None:
     huge = pod(container(limits={"nvidia.com/gpu-500gb": "1"}))
 
     assert observed(translate_pod(huge, None)).size_gb == 500
-    assert rejected(translate_pod(huge, 80)).reason == Rule.TOO_LARGE
+    assert rejected(translate_pod(huge, 80)).reason == RejectionRule.TOO_LARGE
 
 
 def test_a_slice_exactly_as_large_as_the_largest_gpu_is_accepted() -> None:
@@ -412,7 +428,7 @@ def test_the_first_problem_in_container_order_names_the_reason() -> None:
 
     result = rejected(translate_pod(manifest, None))
 
-    assert result.reason == Rule.ZERO_SIZE
+    assert result.reason == RejectionRule.ZERO_SIZE
     assert "'a'" in result.message
 
 
