@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint env clean golden demo-runs docs
+.PHONY: demo test lint env clean golden demo-runs lock docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]'  # dev includes the demo extra
 	touch $(STAMP)
 
 env: $(STAMP) ## create the local environment with everything installed
@@ -46,3 +46,13 @@ golden: $(STAMP) ## re-derive tests/golden/*.plans.jsonl from the recorded strea
 docs: $(STAMP) ## regenerate docs/events.md from the event models (tests/unit/test_docs.py checks it is current)
 	$(BIN)/python -m events.catalogue > docs/events.md.tmp
 	mv docs/events.md.tmp docs/events.md
+
+lock: ## re-resolve deploy/requirements.lock: the production install's packages, in a clean environment
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet .
+	head -n 3 deploy/requirements.lock > deploy/requirements.lock.new
+	.lock-venv/bin/pip freeze --exclude mpsflow >> deploy/requirements.lock.new
+	mv deploy/requirements.lock.new deploy/requirements.lock
+	rm -rf .lock-venv

@@ -9,6 +9,7 @@ command runs.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -35,8 +36,15 @@ class DemoCommand:
         )
 
     def run(self, args: argparse.Namespace) -> int:
-        from simulation.demo import demo_command
-
+        try:
+            from simulation.demo import demo_command
+        except ModuleNotFoundError as missing:  # a production install, without the demo extra
+            print(
+                f"mpsflow demo: the simulated cluster needs the demo extra ({missing.name} is not "
+                "installed): pip install 'mpsflow[demo]'",
+                file=sys.stderr,
+            )
+            return 2
         return demo_command(args.scenario, args.json_out, args.record, args.audit_log, args.compat)
 
 
