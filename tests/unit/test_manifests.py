@@ -118,3 +118,16 @@ def test_the_node_agent_only_runs_on_opted_in_nodes() -> None:
     assert spec["nodeSelector"] == {"nos.nebuly.com/gpu-partitioning": "mps"}
     mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
     assert {"/var/lib/kubelet/device-plugins", "/var/lib/kubelet/pod-resources", "/tmp/nvidia-mps"} <= mounts
+
+
+def test_the_node_agent_gets_the_driver_lands_on_tainted_gpu_pools_and_is_bounded() -> None:
+    agent = next(w for w in workloads() if w["metadata"]["name"] == "mpsflow-node-agent")
+    spec = agent["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert spec["runtimeClassName"] == "nvidia"
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert set(env["NVIDIA_DRIVER_CAPABILITIES"].split(",")) >= {"compute", "utility"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert container["resources"]["requests"].keys() >= {"cpu", "memory"}
+    assert "memory" in container["resources"]["limits"]
