@@ -21,7 +21,10 @@ from typing import Literal
 from events.vocabulary import MIB_PER_GIB, slice_resource
 
 MAX_DEVICE_ID_LENGTH = 63
-CONTAINER_PIPE_DIRECTORY = "/tmp/nvidia-mps"
+CONTAINER_PIPE_DIRECTORY = "/run/mpsflow/mps"
+"""Where a slice container finds its GPU's MPS pipe. Not CUDA's default `/tmp/nvidia-mps`: the NVIDIA
+container toolkit bind-mounts the host's `/tmp/nvidia-mps` there in every compute container (legacy
+and CDI modes alike), over the mount the plugin asks for, and the client would see no daemon."""
 
 _DEVICE_ID = re.compile(r"mps-g(0|[1-9][0-9]*)-([1-9][0-9]*)gb-(0|[1-9][0-9]*)")
 

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--mps-root",
         type=Path,
-        default=Path("/tmp/nvidia-mps"),
+        default=Path("/run/mpsflow/mps"),
         help="per-GPU MPS pipe and log directories live under <root>/<GPU uuid>/",
     )
     agent.add_argument(

@@ -32,7 +32,7 @@ GPU0_MIB = 81559  # H100 80GB
 GPU1_MIB = 40960  # A100 40GB
 GB10 = "nvidia.com/gpu-10gb"
 GB20 = "nvidia.com/gpu-20gb"
-PIPE_DIR = "/tmp/nvidia-mps"
+PIPE_DIR = "/run/mpsflow/mps"
 
 
 @pytest.fixture

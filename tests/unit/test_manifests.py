@@ -117,7 +117,7 @@ def test_the_node_agent_only_runs_on_opted_in_nodes() -> None:
     spec = agent["spec"]["template"]["spec"]
     assert spec["nodeSelector"] == {"nos.nebuly.com/gpu-partitioning": "mps"}
     mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
-    assert {"/var/lib/kubelet/device-plugins", "/var/lib/kubelet/pod-resources", "/tmp/nvidia-mps"} <= mounts
+    assert {"/var/lib/kubelet/device-plugins", "/var/lib/kubelet/pod-resources", "/run/mpsflow/mps"} <= mounts
 
 
 def test_the_node_agent_gets_the_driver_lands_on_tainted_gpu_pools_and_is_bounded() -> None:

@@ -169,11 +169,11 @@ def test_container_allocation_limits_device_zero_of_the_slice_gpu(gpu_index: int
         "NVIDIA_VISIBLE_DEVICES": gpu_uuid,
         "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=10240M",
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "12",
-        "CUDA_MPS_PIPE_DIRECTORY": "/tmp/nvidia-mps",
+        "CUDA_MPS_PIPE_DIRECTORY": "/run/mpsflow/mps",
     }
     assert allocation.mounts == [
         MountSpec(
-            container_path="/tmp/nvidia-mps", host_path=f"/run/mpsflow/mps/{gpu_uuid}/pipe", read_only=False
+            container_path="/run/mpsflow/mps", host_path=f"/run/mpsflow/mps/{gpu_uuid}/pipe", read_only=False
         )
     ]
 
