@@ -24,7 +24,14 @@ import grpc.aio
 
 from node_agent.proto_gen import deviceplugin_v1beta1_pb2 as api
 from node_agent.proto_gen import deviceplugin_v1beta1_pb2_grpc as api_grpc
-from node_agent.slices import SliceDevice, ThreadPolicy, container_allocation, parse_slice_device_id
+from node_agent.slices import (
+    DEFAULT_CDI_KIND,
+    DeviceListStrategy,
+    SliceDevice,
+    ThreadPolicy,
+    container_allocation,
+    parse_slice_device_id,
+)
 from services.kit.retry import KUBELET
 
 logger = logging.getLogger(__name__)
@@ -67,12 +74,16 @@ class SliceDevicePlugin:
         plugin_dir: Path,
         pipe_root: Path,
         thread_policy: ThreadPolicy = "proportional",
+        device_list_strategy: DeviceListStrategy = "cdi-cri",
+        cdi_kind: str = DEFAULT_CDI_KIND,
         socket_prefix: str = "mpsflow",
     ) -> None:
         self._plugin_dir = plugin_dir
         self._kubelet_socket = plugin_dir / KUBELET_SOCKET_NAME
         self._pipe_root = pipe_root
         self._thread_policy: ThreadPolicy = thread_policy
+        self._device_list_strategy: DeviceListStrategy = device_list_strategy
+        self._cdi_kind = cdi_kind
         self._socket_prefix = socket_prefix
         self._devices: dict[str, SliceDevice] = {}
         self._servers: dict[str, _ResourceServer] = {}
@@ -231,6 +242,8 @@ class SliceDevicePlugin:
                 slices_on_gpu=slices_on_gpu,
                 pipe_root=self._pipe_root,
                 thread_policy=self._thread_policy,
+                strategy=self._device_list_strategy,
+                cdi_kind=self._cdi_kind,
             )
             responses.append(
                 api.ContainerAllocateResponse(
@@ -243,6 +256,8 @@ class SliceDevicePlugin:
                         )
                         for mount in allocation.mounts
                     ],
+                    annotations=allocation.annotations,
+                    cdi_devices=[api.CDIDevice(name=name) for name in allocation.cdi_devices],
                 )
             )
             allocated.append(device.id)

@@ -29,6 +29,15 @@ and CDI modes alike), over the mount the plugin asks for, and the client would s
 _DEVICE_ID = re.compile(r"mps-g(0|[1-9][0-9]*)-([1-9][0-9]*)gb-(0|[1-9][0-9]*)")
 
 ThreadPolicy = Literal["proportional", "equal", "off"]
+DeviceListStrategy = Literal["envvar", "cdi-annotations", "cdi-cri"]
+"""How a slice container is given its GPU, as NVIDIA's device plugin names the ways: `envvar` sets
+`NVIDIA_VISIBLE_DEVICES` for the nvidia runtime in legacy mode; `cdi-annotations` puts a CDI device
+in the container's annotations for a CDI-aware nvidia runtime; `cdi-cri` names it in the Allocate
+answer's `cdi_devices`, which the kubelet passes to a CDI-enabled containerd or CRI-O (the GPU
+Operator's default from v25.10). The CDI device is `<cdi_kind>=<GPU uuid>`: the node's CDI spec must
+name GPUs by UUID."""
+DEFAULT_CDI_KIND = "nvidia.com/gpu"
+CDI_ANNOTATION_PREFIX = "cdi.k8s.io/"
 
 
 def slice_device_id(gpu_index: int, size_gb: int, ordinal: int) -> str:
@@ -95,6 +104,8 @@ class ContainerAllocation:
 
     envs: dict[str, str]
     mounts: list[MountSpec]
+    annotations: dict[str, str]
+    cdi_devices: list[str]
 
 
 def mps_pipe_directory(pipe_root: Path, gpu_uuid: str) -> Path:
@@ -103,7 +114,13 @@ def mps_pipe_directory(pipe_root: Path, gpu_uuid: str) -> Path:
 
 
 def container_allocation(
-    device: SliceDevice, *, slices_on_gpu: int, pipe_root: Path, thread_policy: ThreadPolicy
+    device: SliceDevice,
+    *,
+    slices_on_gpu: int,
+    pipe_root: Path,
+    thread_policy: ThreadPolicy,
+    strategy: DeviceListStrategy = "cdi-cri",
+    cdi_kind: str = DEFAULT_CDI_KIND,
 ) -> ContainerAllocation:
     """Environment and mounts that make a container an MPS client limited to ``device``.
 
@@ -114,10 +131,19 @@ def container_allocation(
     if slices_on_gpu < 1:
         raise ValueError(f"slices_on_gpu must be at least 1, got {slices_on_gpu}")
     envs = {
-        "NVIDIA_VISIBLE_DEVICES": device.gpu_uuid,
         "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={device.size_gb * MIB_PER_GIB}M",
         "CUDA_MPS_PIPE_DIRECTORY": CONTAINER_PIPE_DIRECTORY,
     }
+    gpu = f"{cdi_kind}={device.gpu_uuid}"
+    annotations: dict[str, str] = {}
+    cdi_devices: list[str] = []
+    match strategy:
+        case "envvar":
+            envs["NVIDIA_VISIBLE_DEVICES"] = device.gpu_uuid
+        case "cdi-annotations":  # one key per device: a container's annotations must not collide
+            annotations[f"{CDI_ANNOTATION_PREFIX}mpsflow_{device.id}"] = gpu
+        case "cdi-cri":
+            cdi_devices.append(gpu)
     thread_percentage = _active_thread_percentage(device, slices_on_gpu, thread_policy)
     if thread_percentage is not None:
         envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(thread_percentage)
@@ -127,7 +153,9 @@ def container_allocation(
         host_path=str(mps_pipe_directory(pipe_root, device.gpu_uuid)),
         read_only=False,
     )
-    return ContainerAllocation(envs=envs, mounts=[pipe_mount])
+    return ContainerAllocation(
+        envs=envs, mounts=[pipe_mount], annotations=annotations, cdi_devices=cdi_devices
+    )
 
 
 def _active_thread_percentage(device: SliceDevice, slices_on_gpu: int, policy: ThreadPolicy) -> int | None:

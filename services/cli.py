@@ -168,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the MPS control command (split like a shell would)",
     )
     agent.add_argument("--thread-policy", choices=["proportional", "equal", "off"], default="proportional")
+    agent.add_argument(
+        "--device-list-strategy",
+        choices=["envvar", "cdi-annotations", "cdi-cri"],
+        default="cdi-cri",
+        help="how a slice container gets its GPU: cdi-cri for CDI-enabled containerd or CRI-O (the GPU "
+        "Operator's default from v25.10), cdi-annotations for the nvidia runtime in CDI mode, envvar "
+        "(NVIDIA_VISIBLE_DEVICES) for the nvidia runtime in legacy mode",
+    )
+    agent.add_argument(
+        "--cdi-kind",
+        default="nvidia.com/gpu",
+        help="the CDI kind of the node's GPUs; the CDI spec must name them by UUID (<kind>=<uuid>)",
+    )
     agent.add_argument("--heartbeat", type=float, default=10.0, help="seconds between GPU reports")
 
     plan = commands.add_parser(
@@ -376,7 +389,11 @@ async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | N
     inventory = inventory or NvmlInventory()
     bus = await EventBus.connect(args.nats_url, source=f"node-agent/{args.node}")
     plugin = SliceDevicePlugin(
-        plugin_dir=args.plugin_dir, pipe_root=args.mps_root, thread_policy=args.thread_policy
+        plugin_dir=args.plugin_dir,
+        pipe_root=args.mps_root,
+        thread_policy=args.thread_policy,
+        device_list_strategy=args.device_list_strategy,
+        cdi_kind=args.cdi_kind,
     )
     settings = AgentSettings(
         node=args.node,

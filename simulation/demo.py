@@ -429,6 +429,7 @@ def summary(cluster: Cluster, plans_while_idle: int) -> dict[str, Any]:
             "gpu": started.gpu if started else None,
             "size_gb": size,
             "env": dict(sorted(started.envs.items())) if started else {},
+            "cdi_devices": started.cdi_devices if started else [],
             "pending_seconds": round(started.started_at - created, 3) if started and created else None,
             "mpsflow_seconds": (
                 round(max(0.0, started.slice_listed_at - created), 3)

@@ -46,6 +46,7 @@ class StartedPod:
     started_at: float
     device_ids: list[str]
     envs: dict[str, str]
+    cdi_devices: list[str]
     slice_listed_at: float | None = None
 
     @property
@@ -192,6 +193,7 @@ class Kubelet:
             started_at=time.monotonic(),
             device_ids=device_ids,
             envs=envs,
+            cdi_devices=[d for container in allocated.values() for d in container.cdi_devices],
             slice_listed_at=self.devices.first_listed(device_ids[0]) if device_ids else None,
         )
         await self._set_phase(pod, "Running")

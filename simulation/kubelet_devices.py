@@ -62,6 +62,8 @@ class AllocatedContainer:
     device_ids: list[str]
     envs: dict[str, str]
     mounts: list[tuple[str, str, bool]]  # (container path, host path, read only)
+    annotations: dict[str, str]
+    cdi_devices: list[str]  # what the kubelet passes to a CDI-enabled runtime
 
 
 @dataclass
@@ -229,6 +231,8 @@ class DeviceManager:
                 (mount.container_path, mount.host_path, mount.read_only)
                 for mount in container_response.mounts
             ],
+            annotations=dict(container_response.annotations),
+            cdi_devices=[device.name for device in container_response.cdi_devices],
         )
 
     async def _pick(self, plugin: _Plugin, free: list[str]) -> str:

@@ -63,7 +63,9 @@ def test_every_valid_pod_runs_on_a_slice_of_its_size(summary: dict[str, Any]) ->
         assert pod["phase"] in ("Running", "Succeeded"), key
         assert pod["node"] is not None and pod["gpu"] is not None, key
         assert pod["env"]["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={pod['size_gb'] * 1024}M", key
-        assert pod["env"]["NVIDIA_VISIBLE_DEVICES"].startswith("GPU-"), key
+        # The agent's default device list strategy, cdi-cri: the GPU comes as a CDI device, not an env.
+        [gpu] = pod["cdi_devices"]
+        assert gpu.startswith("nvidia.com/gpu=GPU-") and "NVIDIA_VISIBLE_DEVICES" not in pod["env"], key
         assert pod["pending_seconds"] is not None and pod["pending_seconds"] >= 0, key
 
 

@@ -22,7 +22,7 @@ from node_agent.proto_gen import deviceplugin_v1beta1_pb2 as api
 from node_agent.proto_gen import deviceplugin_v1beta1_pb2_grpc as api_grpc
 from node_agent.proto_gen import podresources_v1_pb2 as podresources
 from node_agent.proto_gen import podresources_v1_pb2_grpc as podresources_grpc
-from node_agent.slices import SliceDevice, ThreadPolicy, slice_device_id
+from node_agent.slices import DeviceListStrategy, SliceDevice, ThreadPolicy, slice_device_id
 from simulation.kubelet_devices import AdmissionError, DeviceManager, PodRef
 from tests.support import eventually
 
@@ -115,7 +115,10 @@ async def tasks_left_behind(before: set[asyncio.Task[Any]], grace: float = 2.0) 
 
 @contextlib.asynccontextmanager
 async def node(
-    *, start_kubelet: bool = True, thread_policy: ThreadPolicy = "proportional"
+    *,
+    start_kubelet: bool = True,
+    thread_policy: ThreadPolicy = "proportional",
+    strategy: DeviceListStrategy = "cdi-cri",
 ) -> AsyncIterator[Node]:
     # Unix socket paths must stay under 108 bytes, so no pytest tmp_path here.
     tasks_before = asyncio.all_tasks()
@@ -130,7 +133,12 @@ async def node(
         pod_resources_socket=pod_resources_socket,
         capacity=capacity,
         manager=DeviceManager(plugin_dir, pod_resources_socket=pod_resources_socket, on_capacity=capacity),
-        plugin=SliceDevicePlugin(plugin_dir=plugin_dir, pipe_root=root / "mps", thread_policy=thread_policy),
+        plugin=SliceDevicePlugin(
+            plugin_dir=plugin_dir,
+            pipe_root=root / "mps",
+            thread_policy=thread_policy,
+            device_list_strategy=strategy,
+        ),
     )
     try:
         if start_kubelet:
@@ -212,21 +220,42 @@ async def test_allocate_gives_each_container_its_gpu_with_the_limit_on_device_ze
         allocated = await n.manager.allocate(_pod("a"), [("first", GB10), ("second", GB10)])
 
     assert allocated["first"].device_ids == ["mps-g0-10gb-0"]
+    assert allocated["first"].cdi_devices == [f"nvidia.com/gpu={GPU0_UUID}"]
     assert allocated["first"].envs == {
-        "NVIDIA_VISIBLE_DEVICES": GPU0_UUID,
         "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=10240M",
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "12",  # 10240 MiB of 81559
         "CUDA_MPS_PIPE_DIRECTORY": PIPE_DIR,
     }
     assert allocated["first"].mounts == [(PIPE_DIR, f"{n.pipe_root}/{GPU0_UUID}/pipe", False)]
     assert allocated["second"].device_ids == ["mps-g1-10gb-0"]
+    assert allocated["second"].cdi_devices == [f"nvidia.com/gpu={GPU1_UUID}"]
     assert allocated["second"].envs == {
-        "NVIDIA_VISIBLE_DEVICES": GPU1_UUID,
         "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=10240M",
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "25",  # 10240 MiB of 40960
         "CUDA_MPS_PIPE_DIRECTORY": PIPE_DIR,
     }
     assert allocated["second"].mounts == [(PIPE_DIR, f"{n.pipe_root}/{GPU1_UUID}/pipe", False)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("strategy", "envs", "annotations", "cdi_devices"),
+    [
+        ("envvar", {"NVIDIA_VISIBLE_DEVICES": GPU1_UUID}, {}, []),
+        ("cdi-annotations", {}, {"cdi.k8s.io/mpsflow_mps-g1-10gb-0": f"nvidia.com/gpu={GPU1_UUID}"}, []),
+        ("cdi-cri", {}, {}, [f"nvidia.com/gpu={GPU1_UUID}"]),
+    ],
+)
+async def test_each_device_list_strategy_gives_the_gpu_its_own_way_and_nothing_else(
+    strategy: DeviceListStrategy, envs: dict[str, str], annotations: dict[str, str], cdi_devices: list[str]
+) -> None:
+    async with node(strategy=strategy) as n:
+        await n.serve([_slice(1, 10, 0)], {GB10: 1})
+        allocated = (await n.manager.allocate(_pod("a"), [("main", GB10)]))["main"]
+
+    device_envs = {k: v for k, v in allocated.envs.items() if not k.startswith("CUDA_MPS_")}
+    assert (device_envs, allocated.annotations, allocated.cdi_devices) == (envs, annotations, cdi_devices)
+    assert allocated.envs["CUDA_MPS_PIPE_DIRECTORY"] == PIPE_DIR  # MPS itself is the same in every mode
 
 
 @pytest.mark.anyio

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from events.vocabulary import slice_resource, slice_size
 from node_agent.slices import (
     MAX_DEVICE_ID_LENGTH,
+    DeviceListStrategy,
     MountSpec,
     SliceDevice,
     ThreadPolicy,
@@ -165,8 +166,9 @@ def test_container_allocation_limits_device_zero_of_the_slice_gpu(gpu_index: int
         pipe_root=Path("/run/mpsflow/mps"),
         thread_policy="proportional",
     )
+    assert allocation.cdi_devices == [f"nvidia.com/gpu={gpu_uuid}"]  # cdi-cri, the default
+    assert allocation.annotations == {}
     assert allocation.envs == {
-        "NVIDIA_VISIBLE_DEVICES": gpu_uuid,
         "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=10240M",
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "12",
         "CUDA_MPS_PIPE_DIRECTORY": "/run/mpsflow/mps",
@@ -176,6 +178,33 @@ def test_container_allocation_limits_device_zero_of_the_slice_gpu(gpu_index: int
             container_path="/run/mpsflow/mps", host_path=f"/run/mpsflow/mps/{gpu_uuid}/pipe", read_only=False
         )
     ]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "envs", "annotations", "cdi_devices"),
+    [
+        ("envvar", {"NVIDIA_VISIBLE_DEVICES": GPU0_UUID}, {}, []),
+        ("cdi-annotations", {}, {"cdi.k8s.io/mpsflow_mps-g0-10gb-2": f"example.com/gpu={GPU0_UUID}"}, []),
+        ("cdi-cri", {}, {}, [f"example.com/gpu={GPU0_UUID}"]),
+    ],
+)
+def test_device_list_strategies(
+    strategy: DeviceListStrategy, envs: dict[str, str], annotations: dict[str, str], cdi_devices: list[str]
+) -> None:
+    allocation = container_allocation(
+        _slice(0, 10, 2, GPU0_UUID),
+        slices_on_gpu=1,
+        pipe_root=Path("/run/mpsflow/mps"),
+        thread_policy="off",
+        strategy=strategy,
+        cdi_kind="example.com/gpu",
+    )
+    assert allocation.envs == {
+        **envs,
+        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=10240M",
+        "CUDA_MPS_PIPE_DIRECTORY": "/run/mpsflow/mps",
+    }
+    assert (allocation.annotations, allocation.cdi_devices) == (annotations, cdi_devices)
 
 
 @pytest.mark.parametrize(
