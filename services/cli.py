@@ -189,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("snapshot", nargs="?", default="-", help="snapshot file, or - for standard input")
     plan.add_argument("--indent", type=int, help="indent the JSON for people (default: compact)")
 
+    doctor = commands.add_parser(
+        "doctor", help="check, on a node, what the node agent needs (NVML, GPUs, MPS, a CUDA client)"
+    )
+    doctor.add_argument(
+        "--mps-control",
+        default="nvidia-cuda-mps-control",
+        help="the MPS control command (split like a shell would)",
+    )
+    doctor.add_argument(
+        "--slice-gb", type=int, default=2, help="the pinned limit to set and hold a CUDA client to (GiB)"
+    )
+
     record = commands.add_parser("record", help="write every event of the stream to a JSON-lines file")
     _common(record)
     record.add_argument("out", type=Path, help="file to write (one envelope per line)")
@@ -211,9 +223,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return anyio.run(record_command, args.nats_url, args.out, backend="asyncio")
     if args.command == "replay":
         return replay_command(args.events)
+    if args.command == "doctor":
+        return doctor_command(tuple(shlex.split(args.mps_control)), args.slice_gb)
     if args.command != "run":
         return plugin_commands()[args.command].run(args)
     return run_command(args)
+
+
+def doctor_command(mps_control: tuple[str, ...], slice_gb: int) -> int:
+    import anyio
+
+    from node_agent.doctor import DoctorSettings, examine, report
+
+    if slice_gb < 1:
+        print(f"mpsflow doctor: --slice-gb must be at least 1, got {slice_gb}", file=sys.stderr)
+        return 2
+    checks = anyio.run(examine, DoctorSettings(mps_control=mps_control, slice_gb=slice_gb))
+    print(report(checks))
+    return 0 if all(check.status == "ok" for check in checks) else 1
 
 
 def plan_command(source: str, indent: int | None = None) -> int:

@@ -128,3 +128,14 @@ async def test_a_slice_pins_the_client_memory_limit(
     stdout, stderr = finished.stdout.decode(), finished.stderr.decode()
     print(stdout, stderr[-500:])
     assert (finished.returncode == 0) is fits, stdout + stderr[-2000:]
+
+
+async def test_mpsflow_doctor_passes_on_this_gpu() -> None:
+    """The same checks `mpsflow doctor` runs, held to every one passing: NVML, the GPUs, the MPS
+    control command, a daemon with a pinned limit read back, and a CUDA client allocating just under
+    (allowed) and just over (refused) that limit."""
+    from node_agent.doctor import DoctorSettings, examine, report
+
+    checks = await examine(DoctorSettings())
+    print(report(checks))
+    assert [check.status for check in checks] == ["ok"] * len(checks), report(checks)
