@@ -138,6 +138,15 @@ class SubprocessMpsControl:
         async with self._lock(daemon):
             if await self._answers(daemon):
                 return
+            holder = await anyio.to_thread.run_sync(_living_daemon, daemon)
+            if holder is not None:
+                # Alive but silent (stopped, or too busy to answer in time): clearing its socket and
+                # pid file and starting a second daemon on the same pipe would split the GPU's clients.
+                raise MpsCommandError(
+                    "-d",
+                    None,
+                    f"daemon pid {holder} holds {daemon.pipe_dir} but does not answer; not replaced",
+                )
             await anyio.to_thread.run_sync(_prepare_directories, daemon)
             await self._launch(daemon)
             await self._wait_until_answering(daemon)
@@ -273,6 +282,22 @@ def parse_server_list(reply: str) -> list[int]:
             raise ValueError(f"unrecognised PID {token!r} in reply {reply!r}")
         pids.append(int(token))
     return pids
+
+
+def _living_daemon(daemon: DaemonSpec) -> int | None:
+    """The pid in the daemon's pid file when that process still runs and is an MPS control daemon
+    (its command line names `mps-control` or `mps_control`: the real binary or the fake), else None.
+    A stale pid file, a dead or zombie process, or a pid reused by another program gives None."""
+    try:
+        pid = int(daemon.pid_file.read_text().strip())
+        status = Path(f"/proc/{pid}/stat").read_text()
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ValueError):
+        return None
+    zombie = status.rsplit(")", 1)[-1].split()[0] == "Z"
+    if zombie or not (b"mps-control" in command_line or b"mps_control" in command_line):
+        return None
+    return pid
 
 
 def _prepare_directories(daemon: DaemonSpec) -> None:

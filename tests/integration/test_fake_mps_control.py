@@ -127,6 +127,24 @@ async def test_start_daemon_clears_what_a_killed_daemon_left(
     assert _daemon_pid(daemon) != killed
 
 
+async def test_a_daemon_that_is_alive_but_silent_is_never_replaced(daemon: DaemonSpec) -> None:
+    """A probe that times out proves nothing: the daemon may be stopped or busy. Clearing its socket
+    and starting another on the same pipe would split the GPU's clients between two daemons."""
+    control = SubprocessMpsControl(FAKE_EXECUTABLE, timeout=0.5)
+    await control.start_daemon(daemon)
+    pid = _daemon_pid(daemon)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(MpsCommandError, match=f"daemon pid {pid} holds .* but does not answer"):
+            await control.start_daemon(daemon)
+        assert daemon.control_socket.exists()
+        assert _daemon_pid(daemon) == pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert await control.is_alive(daemon)
+    assert _daemon_pid(daemon) == pid
+
+
 async def test_a_rejected_command_fails_with_the_daemons_reason(
     control: SubprocessMpsControl, daemon: DaemonSpec
 ) -> None:
