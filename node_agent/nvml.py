@@ -12,6 +12,7 @@ must never change anything on a GPU except its compute mode, and never decide an
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from typing import Protocol
@@ -71,6 +72,8 @@ class NvmlLibrary(Protocol):
     def NVMLError_NotSupported(self) -> type[Exception]: ...  # noqa: N802
     @property
     def NVMLError_LibraryNotFound(self) -> type[Exception]: ...  # noqa: N802
+    @property
+    def NVMLError_FunctionNotFound(self) -> type[Exception]: ...  # noqa: N802
     @property
     def NVML_COMPUTEMODE_EXCLUSIVE_PROCESS(self) -> int: ...  # noqa: N802
     @property
@@ -139,15 +142,15 @@ class NvmlInventory:
     def _mig_enabled(self, handle: object) -> bool:
         try:
             current_mode, _pending_mode = self._nvml.nvmlDeviceGetMigMode(handle)
-        except self._nvml.NVMLError_NotSupported:
-            return False
+        except (self._nvml.NVMLError_NotSupported, self._nvml.NVMLError_FunctionNotFound):
+            return False  # a GPU without MIG, or a driver too old to know of it
         return current_mode == self._nvml.NVML_DEVICE_MIG_ENABLE
 
     def _processes(self, handle: object) -> tuple[GpuProcess, ...]:
-        listed = [
-            *self._nvml.nvmlDeviceGetComputeRunningProcesses(handle),
-            *self._nvml.nvmlDeviceGetMPSComputeRunningProcesses(handle),
-        ]
+        listed = list(self._nvml.nvmlDeviceGetComputeRunningProcesses(handle))
+        # A driver older than the MPS process list: its clients show among the compute processes.
+        with contextlib.suppress(self._nvml.NVMLError_FunctionNotFound):
+            listed.extend(self._nvml.nvmlDeviceGetMPSComputeRunningProcesses(handle))
         return tuple(
             GpuProcess(
                 pid=process.pid,

@@ -26,6 +26,8 @@ How it differs from the real library (documented, deliberate):
   non-MIG GPUs. With MIG enabled, MIG devices themselves are not simulated.
 * Setting a compute mode needs no privileges (real NVML needs root).
 * ``NVMLError(value)`` does not map the value to a subclass; the fake raises the subclass directly.
+* An older driver is ``missing_functions``: those functions raise ``NVMLError_FunctionNotFound``
+  (only ``nvmlDeviceGetMigMode`` and ``nvmlDeviceGetMPSComputeRunningProcesses`` can be missing).
 
 This module must never load the real NVML library or touch a real GPU.
 """
@@ -46,12 +48,14 @@ NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
+NVML_ERROR_FUNCTION_NOT_FOUND = 13
 
 _ERROR_STRINGS = {
     NVML_ERROR_UNINITIALIZED: "Uninitialized",
     NVML_ERROR_INVALID_ARGUMENT: "Invalid Argument",
     NVML_ERROR_NOT_SUPPORTED: "Not Supported",
     NVML_ERROR_LIBRARY_NOT_FOUND: "NVML Shared Library Not Found",
+    NVML_ERROR_FUNCTION_NOT_FOUND: "Function Not Found",
 }
 _BYTES_PER_MIB = 1024 * 1024
 _MIG_CAPABLE_COMPUTE_CAPABILITIES = frozenset({(8, 0), (9, 0), (10, 0)})
@@ -84,6 +88,10 @@ class NVMLError_NotSupported(NVMLError):
 
 
 class NVMLError_LibraryNotFound(NVMLError):
+    pass
+
+
+class NVMLError_FunctionNotFound(NVMLError):
     pass
 
 
@@ -163,6 +171,7 @@ class FakeNvml:
     NVMLError_InvalidArgument = NVMLError_InvalidArgument
     NVMLError_NotSupported = NVMLError_NotSupported
     NVMLError_LibraryNotFound = NVMLError_LibraryNotFound
+    NVMLError_FunctionNotFound = NVMLError_FunctionNotFound
 
     NVML_COMPUTEMODE_DEFAULT = 0
     NVML_COMPUTEMODE_EXCLUSIVE_THREAD = 1
@@ -172,7 +181,12 @@ class FakeNvml:
     NVML_DEVICE_MIG_ENABLE = 1
 
     def __init__(
-        self, gpus: Sequence[SimulatedGpu], *, node_name: str = "simulated-node", library_present: bool = True
+        self,
+        gpus: Sequence[SimulatedGpu],
+        *,
+        node_name: str = "simulated-node",
+        library_present: bool = True,
+        missing_functions: frozenset[str] = frozenset(),
     ) -> None:
         self._devices = [
             _Device(gpu, gpu.uuid or simulated_gpu_uuid(node_name, index), self.NVML_COMPUTEMODE_DEFAULT)
@@ -182,6 +196,7 @@ class FakeNvml:
         if len(set(uuids)) != len(uuids):
             raise ValueError(f"simulated GPU UUIDs must be unique: {uuids}")
         self._library_present = library_present
+        self._missing_functions = missing_functions
         self._initialized = False
 
     @classmethod
@@ -211,6 +226,11 @@ class FakeNvml:
     def gpus(self) -> list[SimulatedGpu]:
         """The simulated GPUs, with the UUIDs NVML reports for them."""
         return [replace(device.gpu, uuid=device.uuid) for device in self._devices]
+
+    def _provided(self, function: str) -> None:
+        """An older driver lacks some functions: pynvml then raises NVMLError_FunctionNotFound."""
+        if function in self._missing_functions:
+            raise NVMLError_FunctionNotFound(NVML_ERROR_FUNCTION_NOT_FOUND)
 
     # The pynvml surface.
 
@@ -245,6 +265,7 @@ class FakeNvml:
         return self._device(handle).gpu.compute_capability
 
     def nvmlDeviceGetMigMode(self, handle: object) -> list[int]:
+        self._provided("nvmlDeviceGetMigMode")
         device = self._device(handle)
         if device.gpu.compute_capability not in _MIG_CAPABLE_COMPUTE_CAPABILITIES:
             raise NVMLError_NotSupported(NVML_ERROR_NOT_SUPPORTED)
@@ -255,6 +276,7 @@ class FakeNvml:
         return _process_infos(self._device(handle).compute_processes)
 
     def nvmlDeviceGetMPSComputeRunningProcesses(self, handle: object) -> list[FakeProcessInfo]:
+        self._provided("nvmlDeviceGetMPSComputeRunningProcesses")
         return _process_infos(self._device(handle).mps_processes)
 
     def nvmlDeviceGetComputeMode(self, handle: object) -> int:

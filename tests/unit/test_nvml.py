@@ -267,3 +267,19 @@ def test_json_gpus_are_validated(tmp_path: Path, gpu: dict[str, object]) -> None
 def test_impossible_simulations_are_refused(gpu: Callable[[], object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         gpu()
+
+
+@pytest.mark.anyio
+async def test_an_older_driver_without_mig_or_the_mps_process_list_is_read_all_the_same() -> None:
+    nvml = FakeNvml(
+        [a100()],
+        node_name="old-driver",
+        missing_functions=frozenset({"nvmlDeviceGetMigMode", "nvmlDeviceGetMPSComputeRunningProcesses"}),
+    )
+    nvml.start_process(0, pid=4242, used_memory_mib=512)
+    nvml.start_process(0, pid=4343, used_memory_mib=256, mps_client=True)  # unseen without the MPS list
+
+    [gpu] = await NvmlInventory(nvml).read()
+
+    assert gpu.mig_enabled is False
+    assert [p.pid for p in gpu.processes] == [4242]
