@@ -25,6 +25,7 @@ from events.envelope import content_id
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from events.tracing import extract, tracer
 from events.vocabulary import MIB_PER_GIB
+from node_agent.daemons import DaemonKeeper
 from node_agent.device_plugin import SliceDevicePlugin
 from node_agent.gpus import GpuReading
 from node_agent.mps import (
@@ -39,11 +40,13 @@ from node_agent.nvml import GpuInventory
 from node_agent.pod_resources import kubelet_view
 from node_agent.reconcile import Refused, SliceUsage, adopted_devices, gpu_report, observed_usage, reconcile
 from node_agent.slices import SliceDevice
-from services.kit.retry import MPS_DAEMON
 
 log = logging.getLogger(__name__)
 
 WITHDRAW_TIMEOUT = 3.0  # seconds a stopping agent spends telling the planner its slices are going
+
+
+DAEMON_POLL_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class AgentSettings:
     usage_poll_seconds: float = 0.2
     allocation_grace_seconds: float = 30.0
     listing_grace_seconds: float = 2.0
+    own_daemons: bool = False
+    """Start and restart the MPS daemons here; by default `mpsflow run mps-daemons` owns them."""
+    daemon_wait_seconds: float = 15.0
+    """How long a starting agent waits for the daemons to answer before it reports them down."""
 
 
 class NodeAgent:
@@ -83,7 +90,8 @@ class NodeAgent:
         # Applied/failed events name this run of the agent: a restarted agent applying the same
         # config again says so, while a retried publish within one run is stored once.
         self._incarnation = str(time.time_ns())
-        self._restart_failures: dict[int, tuple[int, float]] = {}
+        self.keeper = DaemonKeeper(inventory, mps, settings.mps_root)
+        self._daemon_pids: dict[int, str | None] = {}
         self._daemon_limits: dict[int, int] = {}
         self._last_report: str | None = None
 
@@ -114,17 +122,22 @@ class NodeAgent:
         return DaemonSpec.under(self.settings.mps_root, gpu.index, gpu.uuid)
 
     async def start_daemons(self) -> None:
+        """Own daemons: start them. External ones (`mpsflow run mps-daemons`): only see which answer."""
         for gpu in self.gpus:
             if gpu.mig_enabled:
                 log.info("GPU %d is in MIG mode: left alone", gpu.index)
-                continue
-            try:
-                await self.inventory.set_exclusive_process(gpu.index)
-                await self.mps.start_daemon(self.daemon(gpu))
-                self.daemon_health[gpu.index] = True
-            except Exception as error:
-                log.error("GPU %d: MPS daemon did not start: %s", gpu.index, error)
-                self.daemon_health[gpu.index] = False
+        self.daemon_health = await self._daemons_answering()
+        with anyio.move_on_after(self.settings.daemon_wait_seconds):
+            while not all(self.daemon_health.values()):  # the keeper may be starting them right now
+                await anyio.sleep(DAEMON_POLL_SECONDS)
+                self.daemon_health = await self._daemons_answering()
+
+    async def _daemons_answering(self) -> dict[int, bool]:
+        if self.settings.own_daemons:
+            return await self.keeper.keep_all(self.gpus)
+        return {
+            gpu.index: await self.mps.is_alive(self.daemon(gpu)) for gpu in self.gpus if not gpu.mig_enabled
+        }
 
     async def watch_config(self) -> None:
         configs = await self.bus.node_configs()
@@ -232,37 +245,24 @@ class NodeAgent:
                 self.gpus = await self.inventory.read()
             except Exception as error:  # keep the last readings; the report still tells daemon health
                 log.warning("NVML read failed: %s", error)
-            for gpu in self.gpus:
-                if not gpu.mig_enabled:
-                    self.daemon_health[gpu.index] = await self.keep_daemon_alive(gpu)
+            await self.check_daemons()
             await self.report(force=True)
 
-    async def keep_daemon_alive(self, gpu: GpuReading) -> bool:
-        """Probe a GPU's daemon through its control pipe and start it again if it died.
-
-        Failed restarts back off on the ``MPS_DAEMON`` schedule (services/kit/retry.py), so a GPU
-        whose daemon cannot run is not hammered; a restarted daemon gets this GPU's defaults again.
-        The heartbeat drives the tries, so this takes only the delays from the schedule.
-        """
-        daemon = self.daemon(gpu)
-        if await self.mps.is_alive(daemon):
-            self._restart_failures.pop(gpu.index, None)
-            return True
-        failures, next_try = self._restart_failures.get(gpu.index, (0, 0.0))
-        if anyio.current_time() < next_try:
-            return False
-        log.warning("GPU %d: MPS daemon does not answer; starting it again", gpu.index)
-        try:
-            await self.mps.start_daemon(daemon)
-        except Exception as error:
-            delay = MPS_DAEMON.delay(failures + 1)
-            self._restart_failures[gpu.index] = (failures + 1, anyio.current_time() + delay)
-            log.error("GPU %d: MPS daemon restart failed (%s); next try in %.0fs", gpu.index, error, delay)
-            return False
-        self._restart_failures.pop(gpu.index, None)
-        self._daemon_limits.pop(gpu.index, None)
+    async def check_daemons(self) -> None:
+        """Which GPUs' daemons answer now; one that answers again after it did not (restarted, by this
+        agent or by the mps-daemons service) gets this GPU's defaults again."""
+        answering = await self._daemons_answering()
+        for gpu in self.gpus:
+            if gpu.index not in answering:
+                continue
+            pid = _daemon_pid(self.daemon(gpu))
+            if answering[gpu.index] and pid != self._daemon_pids.get(gpu.index):
+                self._daemon_limits.pop(gpu.index, None)  # a new daemon: it has none of the defaults
+                self._daemon_pids[gpu.index] = pid
+            if not answering[gpu.index] and self.daemon_health.get(gpu.index, True):
+                log.warning("GPU %d: MPS daemon does not answer", gpu.index)
+        self.daemon_health = answering
         await self.apply_daemon_limits()
-        return True
 
     async def apply_daemon_limits(self) -> None:
         """Cap each GPU's MPS clients at its largest slice (a client's own limit can only go lower).
@@ -303,3 +303,11 @@ class NodeAgent:
             return
         self._last_report = body
         await self.bus.publish(subjects.gpus_subject(self.settings.node), report)
+
+
+def _daemon_pid(daemon: DaemonSpec) -> str | None:
+    """Which daemon answers on this pipe (its pid file), to tell a restarted one from the last."""
+    try:
+        return daemon.pid_file.read_text().strip()
+    except OSError:
+        return None

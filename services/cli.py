@@ -147,6 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not write the nvidia.com/gpu.sharing-strategy and nvidia.com/gpu.replicas labels "
         "and the nos.nebuly.com/status-gpu-* annotations on nodes",
     )
+    keeper = services.add_parser(
+        "mps-daemons",
+        help="keep one MPS control daemon per GPU running (its own DaemonSet, so that "
+        "restarting the node agent never stops a daemon)",
+    )
+    keeper.add_argument("--node", required=True, help="the Kubernetes name of this node")
+    keeper.add_argument(
+        "--mps-root",
+        type=Path,
+        default=Path("/run/mpsflow/mps"),
+        help="per-GPU MPS pipe and log directories live under <root>/<GPU uuid>/",
+    )
+    keeper.add_argument(
+        "--mps-control",
+        default="nvidia-cuda-mps-control",
+        help="the MPS control command (split like a shell would)",
+    )
+    keeper.add_argument("--check-seconds", type=float, default=5.0, help="seconds between daemon checks")
+
     agent = services.add_parser(
         "node-agent", help="apply a node's MPS config and serve its slices to the kubelet"
     )
@@ -182,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the CDI kind of the node's GPUs; the CDI spec must name them by UUID (<kind>=<uuid>)",
     )
     agent.add_argument("--heartbeat", type=float, default=10.0, help="seconds between GPU reports")
+    agent.add_argument(
+        "--mps-daemons",
+        choices=["external", "own"],
+        default="external",
+        help="external: `mpsflow run mps-daemons` keeps the daemons (restarting the agent stops none); "
+        "own: the agent starts them itself",
+    )
 
     plan = commands.add_parser(
         "plan", help="plan offline from a JSON snapshot of opted-in nodes, their slices and pending pods"
@@ -321,6 +347,8 @@ def run_command(args: argparse.Namespace) -> int:
         run_service("mpsflow-planner", lambda: _planner(args.nats_url))
     elif service == "config-publisher":
         run_service("mpsflow-config-publisher", lambda: _config_publisher(args))
+    elif service == "mps-daemons":
+        run_service("mpsflow-mps-daemons", lambda: serve_mps_daemons(args), **{"k8s.node.name": args.node})
     else:
         run_service("mpsflow-node-agent", lambda: serve_node_agent(args), **{"k8s.node.name": args.node})
     return 0
@@ -405,6 +433,16 @@ async def _config_publisher(args: argparse.Namespace) -> None:
         await close_all(bus.close, *([api.close] if api is not None else []))
 
 
+async def serve_mps_daemons(args: argparse.Namespace, inventory: GpuInventory | None = None) -> None:
+    """Keep this node's MPS daemons running, on its GPUs (NVML) or on `inventory` where simulated."""
+    from node_agent.daemons import DaemonKeeper
+    from node_agent.mps import SubprocessMpsControl
+    from node_agent.nvml import NvmlInventory
+
+    mps = SubprocessMpsControl(tuple(shlex.split(args.mps_control)))
+    await DaemonKeeper(inventory or NvmlInventory(), mps, args.mps_root).run(args.check_seconds)
+
+
 async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | None = None) -> None:
     """The node agent on this node's GPUs (NVML), or on `inventory` where the GPUs are simulated."""
     from events.jetstream import EventBus
@@ -427,6 +465,7 @@ async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | N
         mps_root=args.mps_root,
         pod_resources_socket=args.pod_resources_socket,
         heartbeat_seconds=args.heartbeat,
+        own_daemons=args.mps_daemons == "own",
     )
     agent = NodeAgent(
         settings, bus, inventory, SubprocessMpsControl(tuple(shlex.split(args.mps_control))), plugin

@@ -215,34 +215,44 @@ def _agent_name(node: str) -> str:
 
 
 def _start_agent(cluster: Cluster, node: ScenarioNode) -> None:
+    """The node's MPS daemon keeper (once: its DaemonSet is updated only on delete, and a node opted
+    out keeps its daemons for the pods still running there), then its node agent."""
     node_dir = cluster.base / "nodes" / node.name
     gpus_file = node_dir / "gpus.json"
     gpus_file.write_text(simulated_gpus_file(node))
+    simulated = [sys.executable, "-m", "simulation.simulated_agent", "--simulated-gpus", str(gpus_file)]
+    mps = ["--mps-root", str(node_dir / "mps"), "--mps-control", FAKE_MPS_CONTROL]
+    keeper = cluster.processes.get(_keeper_name(node.name))
+    if keeper is None or keeper.poll() is not None:
+        _start_process(
+            cluster,
+            _keeper_name(node.name),
+            [*simulated, "mps-daemons", "--node", node.name, *mps, "--check-seconds", "2"],
+            f"mpsflow-mps-daemons-{node.name}",
+        )
     kubelet = cluster.kubelets[node.name]
     _start_process(
         cluster,
         _agent_name(node.name),
         [
-            sys.executable,
-            "-m",
-            "simulation.simulated_agent",
-            "--simulated-gpus",
-            str(gpus_file),
+            *simulated,
+            "node-agent",
             "--node",
             node.name,
             "--plugin-dir",
             str(kubelet.plugin_dir),
             "--pod-resources-socket",
             str(kubelet.pod_resources_socket),
-            "--mps-root",
-            str(node_dir / "mps"),
-            "--mps-control",
-            FAKE_MPS_CONTROL,
+            *mps,
             "--heartbeat",
             "5",
         ],
         f"mpsflow-node-agent-{node.name}",
     )
+
+
+def _keeper_name(node: str) -> str:
+    return f"mps-daemons-{node}"
 
 
 async def run_agents_where_opted_in(cluster: Cluster, api: client.ApiClient) -> None:

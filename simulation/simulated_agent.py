@@ -1,9 +1,9 @@
-"""The production node agent over simulated GPUs: what the demo starts on each simulated node.
+"""The production node services over simulated GPUs: what the demo starts on each simulated node.
 
-`python -m simulation.simulated_agent --simulated-gpus FILE <mpsflow run node-agent options>`
-parses the node agent's options with the production CLI's own parser and runs the same wiring,
-with the NVML library replaced by `FakeNvml` read from FILE. Only the GPUs are simulated; the
-agent, its device plugin and its bus are the real ones.
+`python -m simulation.simulated_agent --simulated-gpus FILE (node-agent | mps-daemons) <options>`
+parses the service's options with the production CLI's own parser (`mpsflow run <service>`) and
+runs the same wiring, with the NVML library replaced by `FakeNvml` read from FILE. Only the GPUs are
+simulated; the agent, its device plugin, the daemon keeper and the bus are the real ones.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from node_agent.nvml import NvmlInventory
-from services.cli import build_parser, serve_node_agent
+from services.cli import build_parser, serve_mps_daemons, serve_node_agent
 from services.kit.lifecycle import run_service
 from simulation.fake_nvml import FakeNvml
 
@@ -22,14 +22,12 @@ from simulation.fake_nvml import FakeNvml
 def main(argv: Sequence[str] | None = None) -> int:
     own = argparse.ArgumentParser(prog="python -m simulation.simulated_agent", add_help=False)
     own.add_argument("--simulated-gpus", type=Path, required=True, help="JSON file of the node's GPUs")
-    known, agent_options = own.parse_known_args(argv)
-    args = build_parser().parse_args(["run", "node-agent", *agent_options])
-    nvml = FakeNvml.from_json(known.simulated_gpus, node_name=args.node)
-    run_service(
-        "mpsflow-node-agent",
-        lambda: serve_node_agent(args, NvmlInventory(nvml)),
-        **{"k8s.node.name": args.node},
-    )
+    own.add_argument("service", choices=["node-agent", "mps-daemons"])
+    known, options = own.parse_known_args(argv)
+    args = build_parser().parse_args(["run", known.service, *options])
+    inventory = NvmlInventory(FakeNvml.from_json(known.simulated_gpus, node_name=args.node))
+    serve = serve_node_agent if known.service == "node-agent" else serve_mps_daemons
+    run_service(f"mpsflow-{known.service}", lambda: serve(args, inventory), **{"k8s.node.name": args.node})
     return 0
 
 

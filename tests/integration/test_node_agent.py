@@ -31,6 +31,7 @@ from events.memory import MemoryBroker, MemoryBus, MemoryConfigStore
 from events.nodes import NodeGpusReported
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from node_agent.agent import AgentSettings, NodeAgent
+from node_agent.daemons import DaemonKeeper
 from node_agent.device_plugin import SliceDevicePlugin
 from node_agent.mps import (
     PID_FILE_NAME,
@@ -217,6 +218,7 @@ async def running_agent(
     heartbeat_seconds: float = 30.0,
     usage_poll_seconds: float = 0.05,
     allocation_grace_seconds: float = 0.3,
+    own_daemons: bool = True,
 ) -> AsyncIterator[NodeAgent]:
     plugin = SliceDevicePlugin(plugin_dir=node.plugin_dir, pipe_root=node.mps_root)
     settings = AgentSettings(
@@ -226,6 +228,7 @@ async def running_agent(
         heartbeat_seconds=heartbeat_seconds,
         usage_poll_seconds=usage_poll_seconds,
         allocation_grace_seconds=allocation_grace_seconds,
+        own_daemons=own_daemons,
     )
     agent = NodeAgent(settings, node.bus, node.inventory, node.control, plugin)
     try:
@@ -586,3 +589,33 @@ async def test_a_stopping_agent_withdraws_its_slices_and_a_restarted_one_offers_
         assert [(s.id, s.used, s.holder) for s in first.gpus[0].slices][:1] == [
             ("mps-g0-10gb-0", True, "team-a/a")
         ]
+
+
+async def test_with_an_external_daemon_keeper_restarting_the_agent_stops_no_daemon(
+    broker: MemoryBroker,
+) -> None:
+    """The arrangement of `k8s/`: `mpsflow run mps-daemons` owns the daemons, the agent only talks to
+    them. Agents come and go; the daemons, and with them the running pods' MPS servers, stay; a
+    daemon the keeper restarts gets the GPU's defaults from the agent again."""
+    async with simulated_node(broker, [A100, H100]) as node:
+        keeper = DaemonKeeper(node.inventory, node.control, node.mps_root)
+        async with anyio.create_task_group() as group:
+            group.start_soon(keeper.run, 0.1)
+            async with running_agent(node, own_daemons=False, heartbeat_seconds=0.2):
+                first = await started(node)
+                assert all(gpu.daemon_healthy for gpu in first.gpus)
+                pids = [_daemon_pid(node.daemon(index)) for index in range(len(first.gpus))]
+            # The agent is gone (as its container would be); no daemon went with it.
+            assert all(_is_running(pid) for pid in pids)
+            mark = node.events.mark()
+            async with running_agent(node, own_daemons=False, heartbeat_seconds=0.2) as agent:
+                again = await node.events.report(lambda _: True, "the new agent's first report", since=mark)
+                assert all(gpu.daemon_healthy for gpu in again.gpus)
+                assert [_daemon_pid(node.daemon(index)) for index in range(len(again.gpus))] == pids
+                # A daemon that dies is the keeper's to start again, and the agent notices the new one.
+                os.kill(pids[0], signal.SIGKILL)
+                await eventually(
+                    lambda: _pid_in(node.daemon(0)) not in (None, pids[0]), "the keeper's new daemon"
+                )
+                await eventually(lambda: agent.daemon_health.get(0) is True, "the agent seeing it answer")
+            group.cancel_scope.cancel()

@@ -98,7 +98,7 @@ def test_the_manifests_run_the_images_the_dockerfile_builds() -> None:
     ours = {name: c for name, c in containers.items() if str(c["image"]).startswith("ghcr.io/mpsflow/")}
     agents = {name for name, c in ours.items() if c["image"] == NODE_AGENT_IMAGE}
     control_plane = {name for name, c in ours.items() if c["image"] == CONTROL_PLANE_IMAGE}
-    assert agents == {name for name in ours if "node-agent" in name}
+    assert agents == {name for name in ours if "node-agent" in name or "mps-daemons" in name}
     assert control_plane == set(ours) - agents
     assert len(control_plane) == 4
     for name in control_plane:

@@ -131,3 +131,27 @@ def test_the_node_agent_gets_the_driver_lands_on_tainted_gpu_pools_and_is_bounde
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     assert container["resources"]["requests"].keys() >= {"cpu", "memory"}
     assert "memory" in container["resources"]["limits"]
+
+
+def test_the_mps_daemons_outlive_the_agent_on_the_same_nodes_and_pipes() -> None:
+    by_name = {w["metadata"]["name"]: w for w in workloads()}
+    keeper, agent = by_name["mpsflow-mps-daemons"], by_name["mpsflow-node-agent"]
+    assert keeper["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    keeper_spec, agent_spec = keeper["spec"]["template"]["spec"], agent["spec"]["template"]["spec"]
+    for field in ("nodeSelector", "tolerations", "runtimeClassName"):
+        assert keeper_spec[field] == agent_spec[field], field
+    [keeper_container], [agent_container] = keeper_spec["containers"], agent_spec["containers"]
+    assert keeper_container["args"][:2] == ["run", "mps-daemons"]
+    assert "--mps-daemons" not in agent_container["args"]  # external, the default: the agent starts none
+
+    def pipes(spec: dict[str, Any], container: dict[str, Any]) -> set[tuple[str, str]]:
+        host = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+        return {
+            (host[m["name"]], m["mountPath"]) for m in container["volumeMounts"] if "mps" in m["mountPath"]
+        }
+
+    assert (
+        pipes(keeper_spec, keeper_container)
+        == pipes(agent_spec, agent_container)
+        == {("/run/mpsflow/mps", "/run/mpsflow/mps")}
+    )
