@@ -31,6 +31,7 @@ class GpuReading:
     memory_used_mib: int
     compute_capability: tuple[int, int]
     mig_enabled: bool
+    """In MIG mode now, or from the next GPU reset (pending): either way no MPS slices here."""
     processes: tuple[GpuProcess, ...]
     """Compute processes (the MPS server among them) followed by MPS client processes."""
 

@@ -141,10 +141,11 @@ class NvmlInventory:
 
     def _mig_enabled(self, handle: object) -> bool:
         try:
-            current_mode, _pending_mode = self._nvml.nvmlDeviceGetMigMode(handle)
+            current_mode, pending_mode = self._nvml.nvmlDeviceGetMigMode(handle)
         except (self._nvml.NVMLError_NotSupported, self._nvml.NVMLError_FunctionNotFound):
             return False  # a GPU without MIG, or a driver too old to know of it
-        return current_mode == self._nvml.NVML_DEVICE_MIG_ENABLE
+        # MIG pending (enabled at the next GPU reset) counts too: slices carved now would vanish then.
+        return self._nvml.NVML_DEVICE_MIG_ENABLE in (current_mode, pending_mode)
 
     def _processes(self, handle: object) -> tuple[GpuProcess, ...]:
         listed = list(self._nvml.nvmlDeviceGetComputeRunningProcesses(handle))

@@ -104,11 +104,15 @@ class SimulatedGpu:
     uuid: str | None = None
     compute_capability: tuple[int, int] = (8, 0)
     mig_enabled: bool = False
+    mig_pending: bool | None = None
+    """The MIG mode that takes effect at the GPU's next reset; None: the same as now."""
 
     def __post_init__(self) -> None:
         if self.memory_mib <= 0:
             raise ValueError(f"{self.model}: memory_mib must be positive, got {self.memory_mib}")
-        if self.mig_enabled and self.compute_capability not in _MIG_CAPABLE_COMPUTE_CAPABILITIES:
+        if (
+            self.mig_enabled or self.mig_pending
+        ) and self.compute_capability not in _MIG_CAPABLE_COMPUTE_CAPABILITIES:
             raise ValueError(f"{self.model}: compute capability {self.compute_capability} has no MIG")
 
 
@@ -269,8 +273,12 @@ class FakeNvml:
         device = self._device(handle)
         if device.gpu.compute_capability not in _MIG_CAPABLE_COMPUTE_CAPABILITIES:
             raise NVMLError_NotSupported(NVML_ERROR_NOT_SUPPORTED)
-        mode = self.NVML_DEVICE_MIG_ENABLE if device.gpu.mig_enabled else self.NVML_DEVICE_MIG_DISABLE
-        return [mode, mode]
+
+        def mode(enabled: bool) -> int:
+            return self.NVML_DEVICE_MIG_ENABLE if enabled else self.NVML_DEVICE_MIG_DISABLE
+
+        pending = device.gpu.mig_enabled if device.gpu.mig_pending is None else device.gpu.mig_pending
+        return [mode(device.gpu.mig_enabled), mode(pending)]
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: object) -> list[FakeProcessInfo]:
         return _process_infos(self._device(handle).compute_processes)

@@ -283,3 +283,14 @@ async def test_an_older_driver_without_mig_or_the_mps_process_list_is_read_all_t
 
     assert gpu.mig_enabled is False
     assert [p.pid for p in gpu.processes] == [4242]
+
+
+@pytest.mark.anyio
+async def test_a_gpu_with_mig_pending_is_left_alone_like_one_in_mig_mode() -> None:
+    pending = SimulatedGpu("NVIDIA A100-SXM4-40GB", 40960, mig_enabled=False, mig_pending=True)
+    leaving = SimulatedGpu("NVIDIA A100-SXM4-40GB", 40960, mig_enabled=True, mig_pending=False)
+    plain = SimulatedGpu("NVIDIA A100-SXM4-40GB", 40960)
+
+    gpus = await NvmlInventory(FakeNvml([pending, leaving, plain], node_name="mig")).read()
+
+    assert [gpu.mig_enabled for gpu in gpus] == [True, True, False]
