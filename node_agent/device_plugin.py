@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
@@ -50,6 +51,27 @@ _Context = grpc.aio.ServicerContext
 # (unless within one filesystem timestamp tick; a restarting kubelet also deletes our sockets,
 # which is noticed independently).
 FileIdentity = tuple[int, int]
+
+
+FOREIGN_GPU_PLUGIN_SOCKETS = "nvidia*.sock"
+"""NVIDIA's device plugin (and nebuly's fork) serve `nvidia.com/gpu` and MIG resources on sockets
+named so (`nvidia-gpu.sock`, `nvidia-mig-1g.10gb.sock`)."""
+
+
+def foreign_gpu_plugins(plugin_dir: Path) -> list[str]:
+    """The sockets of another GPU device plugin that is serving on this node now (one that accepts a
+    connection; a socket file left by a plugin that stopped does not count). While one serves the
+    same GPUs, its MPS daemon resets the compute mode and its resources hand the GPUs out whole."""
+    serving = []
+    for path in sorted(plugin_dir.glob(FOREIGN_GPU_PLUGIN_SOCKETS)):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                continue
+        serving.append(path.name)
+    return serving
 
 
 def _file_identity(path: Path) -> FileIdentity | None:

@@ -350,6 +350,17 @@ def run_command(args: argparse.Namespace) -> int:
     elif service == "mps-daemons":
         run_service("mpsflow-mps-daemons", lambda: serve_mps_daemons(args), **{"k8s.node.name": args.node})
     else:
+        from node_agent.device_plugin import foreign_gpu_plugins
+
+        serving = foreign_gpu_plugins(args.plugin_dir)
+        if serving:
+            print(
+                f"mpsflow run node-agent: another GPU device plugin serves this node ({', '.join(serving)} "
+                f"in {args.plugin_dir}); it would hand out the GPUs whole and reset their compute mode. "
+                "With the GPU Operator, label the node nvidia.com/gpu.deploy.device-plugin=false",
+                file=sys.stderr,
+            )
+            return 3
         run_service("mpsflow-node-agent", lambda: serve_node_agent(args), **{"k8s.node.name": args.node})
     return 0
 
