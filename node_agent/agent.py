@@ -62,6 +62,8 @@ class AgentSettings:
     """Start and restart the MPS daemons here; by default `mpsflow run mps-daemons` owns them."""
     daemon_wait_seconds: float = 15.0
     """How long a starting agent waits for the daemons to answer before it reports them down."""
+    alive_file: Path | None = None
+    """Touched after every heartbeat's report: its age is what the liveness probe checks."""
 
 
 class NodeAgent:
@@ -247,6 +249,8 @@ class NodeAgent:
                 log.warning("NVML read failed: %s", error)
             await self.check_daemons()
             await self.report(force=True)
+            if self.settings.alive_file is not None:
+                await anyio.to_thread.run_sync(self.settings.alive_file.touch)
 
     async def check_daemons(self) -> None:
         """Which GPUs' daemons answer now; one that answers again after it did not (restarted, by this

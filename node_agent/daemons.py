@@ -65,8 +65,9 @@ class DaemonKeeper:
         """`keep` for every GPU not in MIG mode (those are left alone); GPU index -> daemon answers."""
         return {gpu.index: await self.keep(gpu) for gpu in gpus if not gpu.mig_enabled}
 
-    async def run(self, check_seconds: float) -> None:
-        """Keep every GPU's daemon running, reading the GPUs again at every check, until cancelled."""
+    async def run(self, check_seconds: float, alive_file: Path | None = None) -> None:
+        """Keep every GPU's daemon running, reading the GPUs again at every check, until cancelled;
+        `alive_file` is touched after every check (the liveness probe checks its age)."""
         while True:
             try:
                 gpus = await self.inventory.read()
@@ -74,4 +75,6 @@ class DaemonKeeper:
                 log.warning("NVML read failed (%s); checking again in %.0fs", error, check_seconds)
             else:
                 await self.keep_all(gpus)
+            if alive_file is not None:
+                await anyio.to_thread.run_sync(alive_file.touch)
             await anyio.sleep(check_seconds)

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the MPS control command (split like a shell would)",
     )
     keeper.add_argument("--check-seconds", type=float, default=5.0, help="seconds between daemon checks")
+    keeper.add_argument(
+        "--alive-file", type=Path, help="touched after every check, for a liveness probe to check its age"
+    )
 
     agent = services.add_parser(
         "node-agent", help="apply a node's MPS config and serve its slices to the kubelet"
@@ -201,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the CDI kind of the node's GPUs; the CDI spec must name them by UUID (<kind>=<uuid>)",
     )
     agent.add_argument("--heartbeat", type=float, default=10.0, help="seconds between GPU reports")
+    agent.add_argument(
+        "--alive-file", type=Path, help="touched after every heartbeat, for a liveness probe to check its age"
+    )
     agent.add_argument(
         "--mps-daemons",
         choices=["external", "own"],
@@ -451,7 +457,9 @@ async def serve_mps_daemons(args: argparse.Namespace, inventory: GpuInventory | 
     from node_agent.nvml import NvmlInventory
 
     mps = SubprocessMpsControl(tuple(shlex.split(args.mps_control)))
-    await DaemonKeeper(inventory or NvmlInventory(), mps, args.mps_root).run(args.check_seconds)
+    await DaemonKeeper(inventory or NvmlInventory(), mps, args.mps_root).run(
+        args.check_seconds, args.alive_file
+    )
 
 
 async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | None = None) -> None:
@@ -477,6 +485,7 @@ async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | N
         pod_resources_socket=args.pod_resources_socket,
         heartbeat_seconds=args.heartbeat,
         own_daemons=args.mps_daemons == "own",
+        alive_file=args.alive_file,
     )
     agent = NodeAgent(
         settings, bus, inventory, SubprocessMpsControl(tuple(shlex.split(args.mps_control))), plugin

@@ -219,6 +219,7 @@ async def running_agent(
     usage_poll_seconds: float = 0.05,
     allocation_grace_seconds: float = 0.3,
     own_daemons: bool = True,
+    alive_file: Path | None = None,
 ) -> AsyncIterator[NodeAgent]:
     plugin = SliceDevicePlugin(plugin_dir=node.plugin_dir, pipe_root=node.mps_root)
     settings = AgentSettings(
@@ -229,6 +230,7 @@ async def running_agent(
         usage_poll_seconds=usage_poll_seconds,
         allocation_grace_seconds=allocation_grace_seconds,
         own_daemons=own_daemons,
+        alive_file=alive_file,
     )
     agent = NodeAgent(settings, node.bus, node.inventory, node.control, plugin)
     try:
@@ -619,3 +621,12 @@ async def test_with_an_external_daemon_keeper_restarting_the_agent_stops_no_daem
                 )
                 await eventually(lambda: agent.daemon_health.get(0) is True, "the agent seeing it answer")
             group.cancel_scope.cancel()
+
+
+async def test_the_agent_touches_its_alive_file_after_every_heartbeat(broker: MemoryBroker) -> None:
+    async with simulated_node(broker, [A100]) as node:
+        alive = node.mps_root.parent / "alive"
+        async with running_agent(node, heartbeat_seconds=0.1, alive_file=alive):
+            await eventually(alive.exists, "the first touch")
+            first = alive.stat().st_mtime_ns
+            await eventually(lambda: alive.stat().st_mtime_ns > first, "a later heartbeat's touch")

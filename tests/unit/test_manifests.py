@@ -155,3 +155,14 @@ def test_the_mps_daemons_outlive_the_agent_on_the_same_nodes_and_pipes() -> None
         == pipes(agent_spec, agent_container)
         == {("/run/mpsflow/mps", "/run/mpsflow/mps")}
     )
+
+
+def test_the_node_services_are_probed_on_the_file_they_touch() -> None:
+    by_name = {w["metadata"]["name"]: w for w in workloads()}
+    for name in ("mpsflow-node-agent", "mpsflow-mps-daemons"):
+        [container] = by_name[name]["spec"]["template"]["spec"]["containers"]
+        args = container["args"]
+        alive = args[args.index("--alive-file") + 1]
+        command = container["livenessProbe"]["exec"]["command"]
+        assert command[0] == "python" and command[-1] == alive, name
+        assert "getmtime" in command[2], name
