@@ -34,6 +34,12 @@ class DemoCommand:
             help="also write nebuly's device-plugin ConfigMap (mpsflow/nos-device-plugin-configs) and "
             "each node's nvidia.com/device-plugin.config label, and print them at the end",
         )
+        parser.add_argument(
+            "--chaos",
+            metavar="SPEC",
+            help="kill:node-agent/NODE@SECONDS, comma-separated: SIGKILL that node's agent SECONDS into the "
+            "workload and start it again one second later (its MPS daemons live on)",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         try:
@@ -45,7 +51,9 @@ class DemoCommand:
                 file=sys.stderr,
             )
             return 2
-        return demo_command(args.scenario, args.json_out, args.record, args.audit_log, args.compat)
+        return demo_command(
+            args.scenario, args.json_out, args.record, args.audit_log, args.compat, args.chaos
+        )
 
 
 DEMO = DemoCommand()

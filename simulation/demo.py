@@ -4,8 +4,11 @@ It starts a local nats-server with JetStream, the Kubernetes API emulator, a sim
 per node (with the device-plugin API over gRPC), a simulated scheduler, and every mpsflow
 service as its own process (one node agent per node, over simulated GPUs and a fake MPS control
 daemon). Then it plays the scenario's workload, shows progress, prints the pods and GPU layouts,
-and writes the run's summary (docs/formats.md). Everything it started is stopped when it ends,
-on failure and on Ctrl-C too. The same machinery backs the end-to-end tests.
+and writes the run's summary (docs/formats.md). With `--chaos` it also kills node agents with SIGKILL
+mid-workload and starts them again, as a kubelet restarts a crashed container, and measures how long
+each takes to serve its node again; it never kills a node's MPS daemon keeper or daemons, which
+outlive the agent by design. Everything it started is stopped when it ends, on failure and on Ctrl-C
+too. The same machinery backs the end-to-end tests.
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ from events.vocabulary import (
     is_opted_in,
     slice_size,
 )
+from node_agent.mps import DaemonSpec
 from services.kit.kube import api_client
 from services.kit.watching import list_and_watch
 from simulation.apiserver import AdmissionWebhook, ApiServer
+from simulation.chaos import RESTART_DELAY_S, ChaosError, Kill, check_chaos, parse_chaos
 from simulation.kubelet import RUNS_FOR_ANNOTATION, Kubelet
 from simulation.nats_server import LocalNatsServer, free_port
 from simulation.scenario import (
@@ -71,6 +76,7 @@ COMPAT_CONFIGMAP = ("mpsflow", "nos-device-plugin-configs")
 COMPAT_SETTLE_TIMEOUT = 5.0
 AGENT_STOP_GRACE = 5.0
 GATE_WEBHOOK = "gate.mpsflow.dev"
+RECOVERY_POLL_S = 0.05
 
 
 @dataclass
@@ -78,11 +84,49 @@ class Observed:
     """What the demo learned from the bus."""
 
     reports: dict[str, NodeGpusReported] = field(default_factory=dict)
+    report_log: list[tuple[float, NodeGpusReported]] = field(default_factory=list)  # (received, report)
     watched: set[str] = field(default_factory=set)  # opted-in nodes, as the pod watcher says
     rejected: dict[str, str] = field(default_factory=dict)
     plans: int = 0
     last_plan: PlanComputed | None = None
     configs_refused: int = 0
+
+
+@dataclass
+class ChaosRecord:
+    """One kill of `--chaos` as it played: what its node looked like at the kill and once the agent
+    served it again, when it was started again and when it recovered (monotonic times), or why
+    nothing was killed or measured (`note`)."""
+
+    kill: Kill
+    at_kill: dict[str, Any] = field(default_factory=dict)
+    on_recovery: dict[str, Any] = field(default_factory=dict)
+    restarted_at: float | None = None
+    recovered_at: float | None = None
+    note: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.recovered_at is not None or self.note is not None
+
+    def summary(self) -> dict[str, Any]:
+        recovered = (
+            round(self.recovered_at - self.restarted_at, 3)
+            if self.recovered_at is not None and self.restarted_at is not None
+            else None
+        )
+        entry: dict[str, Any] = {
+            "target": self.kill.target,
+            "at": self.kill.at,
+            "recovered_seconds": recovered,
+        }
+        if self.note is not None:
+            entry["note"] = self.note
+        if self.at_kill:
+            entry["at_kill"] = self.at_kill
+        if self.on_recovery:
+            entry["on_recovery"] = self.on_recovery
+        return entry
 
 
 @dataclass
@@ -98,6 +142,9 @@ class Cluster:
     kubelets: dict[str, Kubelet]
     webhook_url: str
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    launches: dict[str, tuple[list[str], str]] = field(default_factory=dict)  # name -> (command, token)
+    crashed: set[str] = field(default_factory=set)  # killed by chaos, to be started again by it
+    chaos: list[ChaosRecord] = field(default_factory=list)
     observed: Observed = field(default_factory=Observed)
     created_at: dict[str, float] = field(default_factory=dict)
     played: int = 0  # workload items and node changes played so far
@@ -123,9 +170,12 @@ class Cluster:
         return {item.key: item for item in self.scenario.workload if item.key not in self.observed.rejected}
 
     def finished(self) -> bool:
-        """Nothing is left to happen: everything was played, every valid pod runs or has ended (a pod
-        with a run time only once it ended), and every other pod was rejected."""
+        """Nothing is left to happen: everything was played, every killed agent serves its node
+        again, every valid pod runs or has ended (a pod with a run time only once it ended), and
+        every other pod was rejected."""
         if self.played < len(self.scenario.workload) + len(self.scenario.node_changes):
+            return False
+        if not all(record.done for record in self.chaos):
             return False
         pods = self.pods()
         for key, item in self.valid_pods().items():
@@ -190,6 +240,7 @@ def _start_process(cluster: Cluster, name: str, command: list[str], token: str) 
         cluster.processes[name] = subprocess.Popen(
             command, stdout=log_file, stderr=subprocess.STDOUT, env=environment, start_new_session=True
         )
+    cluster.launches[name] = (command, token)
 
 
 def _stop_processes(cluster: Cluster) -> None:
@@ -263,6 +314,8 @@ async def run_agents_where_opted_in(cluster: Cluster, api: client.ApiClient) -> 
 
     async def sync(change: str, node: dict[str, Any]) -> None:
         name = node["metadata"]["name"]
+        if _agent_name(name) in cluster.crashed:  # its pod still exists: the kubelet starts it again
+            return
         wanted = change != "DELETED" and is_opted_in(node["metadata"].get("labels") or {})
         process = cluster.processes.get(_agent_name(name))
         running = process is not None and process.poll() is None
@@ -297,6 +350,7 @@ async def _observe(cluster: Cluster) -> None:
                 continue
             if isinstance(event, NodeGpusReported):
                 cluster.observed.reports[event.node] = event
+                cluster.observed.report_log.append((time.monotonic(), event))
             elif isinstance(event, NodeObserved):
                 cluster.observed.watched.add(event.name)
             elif isinstance(event, NodeOptedOut):
@@ -313,9 +367,8 @@ async def _observe(cluster: Cluster) -> None:
             await subscription.unsubscribe()
 
 
-async def _play(cluster: Cluster, core: client.CoreV1Api) -> None:
-    """Create the workload's pods and make its node changes, each at its time."""
-    start = time.monotonic()
+async def _play(cluster: Cluster, core: client.CoreV1Api, start: float) -> None:
+    """Create the workload's pods and make its node changes, each at its time after `start`."""
     steps: list[tuple[float, WorkloadItem | NodeChange]] = [
         *((item.at, item) for item in cluster.scenario.workload),
         *((change.at, change) for change in cluster.scenario.node_changes),
@@ -339,6 +392,144 @@ async def _play(cluster: Cluster, core: client.CoreV1Api) -> None:
             cluster.created_at[step.key] = time.monotonic()
             await core.create_namespaced_pod(step.namespace, manifest, _request_timeout=10)
         cluster.played += 1
+
+
+async def _play_chaos(cluster: Cluster, start: float, say: Callable[[str], None]) -> None:
+    """Play every kill of `cluster.chaos`, each at its time after `start`."""
+    async with anyio.create_task_group() as group:
+        for record in cluster.chaos:
+            group.start_soon(_kill_node_agent, cluster, record, start, say)
+
+
+async def _kill_node_agent(
+    cluster: Cluster, record: ChaosRecord, start: float, say: Callable[[str], None]
+) -> None:
+    """Kill a node's agent as a crash would, start it again as its kubelet would, and measure when it
+    serves the node again.
+
+    SIGKILL goes to the agent's whole process group (its own session: the MPS control commands it
+    may be running die with it, as in a killed container). The node's MPS daemon keeper and the
+    daemons are processes of their own sessions, so they live on, as they must. The agent is
+    started again `RESTART_DELAY_S` later with the same command line (unless its node opted out
+    meanwhile); until then the DaemonSet controller leaves it alone. Recovery is measured from
+    the restart until the restarted agent's first GPU report that shows it serving its node again
+    (`_serves_again`), or until the next kill of it, whichever comes first.
+    """
+    node = record.kill.node
+    if node is None:  # check_chaos lets only node agents through
+        raise ValueError(f"{record.kill.target} is not a node agent")
+    name = _agent_name(node)
+
+    def tell(what: str) -> None:
+        say(f"  {time.monotonic() - start:5.1f}s  chaos: {what}")
+
+    await anyio.sleep(max(0.0, start + record.kill.at - time.monotonic()))
+    process = cluster.processes.get(name)
+    if process is None or process.poll() is not None:
+        record.note = f"no node agent ran on {node} at that moment: nothing was killed"
+        tell(f"{record.kill.spec}: {record.note}")
+        return
+    record.at_kill = _node_at_kill(cluster, node)
+    cluster.crashed.add(name)
+    with contextlib.suppress(ProcessLookupError):  # it died by itself a moment ago
+        os.killpg(process.pid, signal.SIGKILL)
+    await anyio.to_thread.run_sync(process.wait)
+    tell(f"{record.kill.target} (pid {process.pid}) killed with SIGKILL; its MPS daemons run on")
+    await anyio.sleep(RESTART_DELAY_S)
+    cluster.crashed.discard(name)
+    if node not in cluster.opted_in():
+        cluster.observed.reports.pop(node, None)
+        record.note = f"{node} opted out before its agent was started again"
+        tell(f"{record.kill.spec}: {record.note}")
+        return
+    seen = len(cluster.observed.report_log)
+    command, token = cluster.launches[name]
+    _start_process(cluster, name, command, token)
+    record.restarted_at = time.monotonic()
+    tell(f"{record.kill.target} started again (pid {cluster.processes[name].pid})")
+    had_config = record.at_kill["applied_plan_id"] is not None
+    later_kills = [
+        other.kill.at
+        for other in cluster.chaos
+        if other.kill.target == record.kill.target and other.kill.at > record.kill.at
+    ]
+    deadline = start + min(later_kills) if later_kills else float("inf")
+    while time.monotonic() < deadline:
+        reports, seen = cluster.observed.report_log[seen:], len(cluster.observed.report_log)
+        for received_at, report in reports:
+            if report.node == node and _serves_again(report, had_config):
+                record.recovered_at = received_at
+                record.on_recovery = {
+                    **_node_state(cluster, node),
+                    "reported_holders": {
+                        holder: sorted(s.id for g in report.gpus for s in g.slices if s.holder == holder)
+                        for holder in sorted({s.holder for g in report.gpus for s in g.slices if s.holder})
+                    },
+                }
+                tell(
+                    f"{record.kill.target} serves {node} again, "
+                    f"{received_at - record.restarted_at:.2f}s after its restart"
+                )
+                return
+        await anyio.sleep(RECOVERY_POLL_S)
+    record.note = "killed again before it served its node again"
+
+
+def _serves_again(report: NodeGpusReported, had_config: bool) -> bool:
+    """A restarted agent's report shows it serving its node again: it has applied the node's config
+    (when the node had one at the kill) and the kubelet lists every slice it reports, those that
+    running pods hold included, so the planner may release pods to the node and the kubelet can
+    admit them."""
+    applied = report.applied_plan_id is not None or not had_config
+    return applied and all(s.listed_by_kubelet for g in report.gpus for s in g.slices)
+
+
+def _node_at_kill(cluster: Cluster, node: str) -> dict[str, Any]:
+    """The node as a kill finds it: `_node_state`, the config its agent had applied, and the valid
+    pods created and not yet started anywhere (in flight: one may be on its way to this node)."""
+    report = cluster.observed.reports.get(node)
+    pods = cluster.pods()
+    valid = cluster.valid_pods()
+    return {
+        **_node_state(cluster, node),
+        "applied_plan_id": report.applied_plan_id if report is not None else None,
+        "waiting": sorted(
+            key
+            for key in cluster.created_at
+            if key in valid
+            and (pods.get(key, {}).get("status") or {}).get("phase") not in ("Running", "Succeeded", "Failed")
+        ),
+    }
+
+
+def _node_state(cluster: Cluster, node: str) -> dict[str, Any]:
+    """What an agent restart must not disturb on `node`: each GPU's MPS control daemon pid (its pid
+    file; null when none), and each running pod's devices as the kubelet's device manager holds
+    them now, with the environment the device plugin gave it at admission."""
+    report = cluster.observed.reports.get(node)
+    mps_root = cluster.base / "nodes" / node / "mps"
+    daemon_pids: dict[str, int | None] = {}
+    for gpu in report.gpus if report is not None else ():
+        pid_file = DaemonSpec.under(mps_root, gpu.index, gpu.uuid).pid_file
+        try:
+            daemon_pids[str(gpu.index)] = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            daemon_pids[str(gpu.index)] = None
+    kubelet = cluster.kubelets[node]
+    held = kubelet.devices.assignments()
+    running: dict[str, Any] = {}
+    for key, pod in sorted(cluster.pods().items()):
+        started = kubelet.started.get(key)
+        if started is None or (pod.get("spec") or {}).get("nodeName") != node:
+            continue
+        if (pod.get("status") or {}).get("phase") != "Running":
+            continue
+        containers = held.get(pod["metadata"]["uid"], {})
+        running[key] = {
+            "device_ids": sorted(device for devices in containers.values() for device in devices),
+            "env": dict(sorted(started.envs.items())),
+        }
+    return {"daemon_pids": daemon_pids, "running": running}
 
 
 async def _webhook_answers(url: str) -> bool:
@@ -438,6 +629,7 @@ def summary(cluster: Cluster, plans_while_idle: int) -> dict[str, Any]:
             "node": node,
             "gpu": started.gpu if started else None,
             "size_gb": size,
+            "device_ids": list(started.device_ids) if started else [],
             "env": dict(sorted(started.envs.items())) if started else {},
             "cdi_devices": started.cdi_devices if started else [],
             "pending_seconds": round(started.started_at - created, 3) if started and created else None,
@@ -482,6 +674,7 @@ def summary(cluster: Cluster, plans_while_idle: int) -> dict[str, Any]:
             "mpsflow_p50": mpsflow_p50,
             "mpsflow_p99": mpsflow_p99,
         },
+        "chaos": [record.summary() for record in cluster.chaos],
     }
 
 
@@ -581,12 +774,14 @@ async def run_demo(
     record: Path | None = None,
     audit_log: Path | None = None,
     compat: bool = False,
+    chaos: tuple[Kill, ...] = (),
 ) -> int:
     def say(line: str) -> None:
         print(line, file=out, flush=True)
 
     async with AsyncExitStack() as stack:
         cluster = await start_cluster(scenario, stack, say, compat=compat)
+        cluster.chaos = [ChaosRecord(kill) for kill in chaos]
         if audit_log is not None:
             stack.callback(_write_request_log, cluster.api, audit_log)
         async with anyio.create_task_group() as group:
@@ -627,8 +822,9 @@ async def run_demo(
                 f"{scenario.timing.node_status_period_s:g}s, watch delay {scenario.timing.watch_delay_s:g}s; "
                 f"playing {len(scenario.workload)} pods"
             )
-            group.start_soon(_play, cluster, client.CoreV1Api(cluster.admin))
             started = time.monotonic()
+            group.start_soon(_play, cluster, client.CoreV1Api(cluster.admin), started)
+            group.start_soon(_play_chaos, cluster, started, say)
             finished = await _follow(cluster, say, started)
             plans_while_idle = 0
             quiet = 2 * scenario.timing.node_status_period_s
@@ -657,6 +853,10 @@ async def run_demo(
             problems.append(f"{len(cluster.failed())} valid pod(s) ended Failed")
         if plans_while_idle:
             problems.append(f"{plans_while_idle} plan(s) were published while nothing changed")
+        unrecovered = [c.kill for c in cluster.chaos if c.restarted_at is not None and c.recovered_at is None]
+        problems += [
+            f"{kill.target}, killed at {kill.at:g}s, did not serve its node again" for kill in unrecovered
+        ]
         for problem in problems:
             say(f"\n{problem}")
         if not finished:
@@ -709,21 +909,31 @@ def demo_command(
     record: Path | None = None,
     audit_log: Path | None = None,
     compat: bool = False,
+    chaos_spec: str | None = None,
 ) -> int:
     try:
         scenario = load_scenario(scenario_path)
-    except ScenarioError as error:
+        chaos = parse_chaos(chaos_spec) if chaos_spec is not None else ()
+        check_chaos(chaos, scenario)
+    except (ScenarioError, ChaosError) as error:
         print(f"mpsflow demo: {error}", file=sys.stderr)
         return 2
     try:
-        return anyio.run(_until_signalled, scenario, json_out, record, audit_log, compat, backend="asyncio")
+        return anyio.run(
+            _until_signalled, scenario, json_out, record, audit_log, compat, chaos, backend="asyncio"
+        )
     except KeyboardInterrupt:
         print("\ninterrupted; everything the demo started has been stopped", file=sys.stderr)
         return 130
 
 
 async def _until_signalled(
-    scenario: Scenario, json_out: Path | None, record: Path | None, audit_log: Path | None, compat: bool
+    scenario: Scenario,
+    json_out: Path | None,
+    record: Path | None,
+    audit_log: Path | None,
+    compat: bool,
+    chaos: tuple[Kill, ...],
 ) -> int:
     """`run_demo`, stopped cleanly by SIGTERM too (exit status 143): a demo never leaves a process,
     a daemon or a file behind, however it ends."""
@@ -739,7 +949,7 @@ async def _until_signalled(
 
         async def demo() -> None:
             nonlocal result
-            result = await run_demo(scenario, sys.stdout, json_out, record, audit_log, compat)
+            result = await run_demo(scenario, sys.stdout, json_out, record, audit_log, compat, chaos)
             group.cancel_scope.cancel()
 
         group.start_soon(stop_on_sigterm)

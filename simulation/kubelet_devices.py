@@ -9,6 +9,14 @@ pod admission picks free devices (asking the plugin's GetPreferredAllocation) an
 Allocate, like the real kubelet's devicemanager does. Everything goes over real gRPC on unix
 sockets, so the node agent's plugin is exercised exactly as in a cluster.
 
+When a plugin's ListAndWatch stream breaks (the plugin stopped, or was killed), it does what the
+kubelet's `PluginDisconnected` does: every device of that resource stays known but is marked
+unhealthy at once (`markResourceUnhealthy`), so none is allocated, counted as allocatable or
+listed by GetAllocatableResources, and the devices already allocated to pods stay theirs. A plugin
+that registers again lists its devices afresh. Unlike the kubelet, it never forgets a disconnected
+resource (the kubelet does after a 5-minute grace period) and counts only healthy devices as
+capacity.
+
 It must never reach into the plugin other than through the gRPC API, and it is a test double:
 no checkpointing, no topology alignment, no init-container reuse.
 """
@@ -34,6 +42,7 @@ logger = logging.getLogger(__name__)
 API_VERSION = "v1beta1"
 KUBELET_SOCKET_NAME = "kubelet.sock"
 HEALTHY = "Healthy"
+UNHEALTHY = "Unhealthy"
 PLUGIN_CALL_TIMEOUT_S = 5.0
 SERVER_STOP_GRACE_S = 1.0
 
@@ -313,7 +322,7 @@ class DeviceManager:
             )
         if self._plugins.get(plugin.resource) is plugin:
             del self._plugins[plugin.resource]
-            self._devices[plugin.resource] = {}
+            self._devices[plugin.resource] = dict.fromkeys(self._devices[plugin.resource], UNHEALTHY)
             await plugin.channel.close(None)
             await self._report_capacity()
 
@@ -335,14 +344,16 @@ class DeviceManager:
                 logger.exception("capacity callback failed for %s", capacity)
 
     def _allocatable_resources(self) -> podresources.AllocatableResourcesResponse:
+        """The healthy devices only, as the kubelet has answered since kubernetes/kubernetes#104123."""
+        healthy = {
+            resource: sorted(d for d, health in devices.items() if health == HEALTHY)
+            for resource, devices in sorted(self._devices.items())
+        }
         return podresources.AllocatableResourcesResponse(
             devices=[
-                podresources.ContainerDevices(
-                    resource_name=resource,
-                    device_ids=sorted(d for d, health in devices.items() if health == HEALTHY),
-                )
-                for resource, devices in sorted(self._devices.items())
-                if devices
+                podresources.ContainerDevices(resource_name=resource, device_ids=device_ids)
+                for resource, device_ids in healthy.items()
+                if device_ids
             ]
         )
 
