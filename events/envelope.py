@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError
 
 from events.base import AwareDatetime, Model
-from events.nodes import NodeGpusReported, NodeObserved, NodeOptedOut
+from events.nodes import NodeGpusReported, NodeObserved, NodeOptedOut, SliceOverused
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeConfigPublished, NodePlanned, PlanComputed
 from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
 
@@ -29,6 +29,7 @@ Event = Annotated[
     | NodeObserved
     | NodeOptedOut
     | NodeGpusReported
+    | SliceOverused
     | PlanComputed
     | NodePlanned
     | NodeConfigPublished

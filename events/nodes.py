@@ -72,6 +72,7 @@ class GpuProcessReport(Model):
 
     pid: int
     used_memory_mib: int | None = None
+    slice_id: str | None = None
 
 
 class GpuReport(Model):
@@ -82,10 +83,12 @@ class GpuReport(Model):
     model: str
     memory_mib: int = Field(gt=0)
     memory_used_mib: int = Field(default=0, ge=0)
+    reserved_mib: int = Field(default=0, ge=0)
     processes: tuple[GpuProcessReport, ...] = ()
     compute_capability: tuple[int, int]
     mig_enabled: bool = False
     daemon_healthy: bool = True
+    fault: str | None = None
     slices: tuple[SliceState, ...] = ()
 
     def planned_fields(self) -> tuple[object, ...]:
@@ -94,16 +97,43 @@ class GpuReport(Model):
             self.index,
             self.model,
             self.memory_mib,
+            self.reserved_mib,
             self.compute_capability,
             self.mig_enabled,
             self.daemon_healthy,
+            self.fault,
             self.slices,
         )
+
+    @property
+    def serves_slices(self) -> bool:
+        """MPS can serve slices on it now: not in MIG mode, its daemon answers, no fault reported."""
+        return not self.mig_enabled and self.daemon_healthy and self.fault is None
 
     @property
     def max_slices(self) -> int:
         """MPS client limit per device: 48 from Volta (7.0) on, 16 before."""
         return 48 if self.compute_capability >= (7, 0) else 16
+
+
+class SliceOverused(Model):
+    """The processes of a container on a slice use more GPU memory than the slice holds: MPS did not
+    stop them (the container raised or unset its limit, or runs several processes, each capped
+    alone). The latest reading while it lasts; `used_mib` sums the processes in `pids`."""
+
+    kind: Literal["SliceOverused"] = "SliceOverused"
+    node: str
+    namespace: str
+    name: str
+    slice_id: str
+    gpu_index: int = Field(ge=0)
+    size_gb: int = Field(gt=0)
+    used_mib: int = Field(ge=0)
+    pids: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
 
 
 class NodeGpusReported(Model):

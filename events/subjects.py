@@ -97,6 +97,11 @@ def release_subject(namespace: str, name: str) -> str:
     return f"{PREFIX}.release.{encode_token(namespace)}.{encode_token(name)}"
 
 
+def overuse_subject(namespace: str, name: str) -> str:
+    """A node agent saying one pod's processes use more GPU memory than its slice."""
+    return f"{PREFIX}.overuse.{encode_token(namespace)}.{encode_token(name)}"
+
+
 def config_subject(node: str) -> str:
     """Published, applied and failed configs of one node."""
     return f"{PREFIX}.config.{encode_token(node)}"
@@ -120,3 +125,4 @@ UNPLACED_EVENTS = f"{PREFIX}.unplaced.>"
 PLANNED_EVENTS = f"{PREFIX}.planned.>"
 RELEASE_EVENTS = f"{PREFIX}.release.>"
 CONFIG_EVENTS = f"{PREFIX}.config.>"
+OVERUSE_EVENTS = f"{PREFIX}.overuse.>"

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal, get_args
 
 # --- units ------------------------------------------------------------------------------------------
 
@@ -76,6 +76,17 @@ VOLTA = (7, 0)
 def max_mps_clients(compute_capability: tuple[int, int]) -> int:
     """How many MPS clients one server accepts on a GPU of this compute capability."""
     return MAX_CLIENTS_VOLTA_AND_NEWER if compute_capability >= VOLTA else MAX_CLIENTS_BEFORE_VOLTA
+
+
+MpsIpcMode = Literal["host", "shm-directory"]
+"""How MPS clients share `/dev/shm` with their GPU's MPS server, one choice for the whole deployment
+(pod watcher, node agents and MPS daemon keepers alike; docs/mps.md, "The shm-directory IPC mode"):
+`host` through the host's IPC namespace, so every slice pod sets `hostIPC: true`; `shm-directory`
+through a tmpfs of each GPU's own, `<MPS root>/<GPU uuid>/shm`, that is the `/dev/shm` of that GPU's
+daemon, of its servers and of every container holding one of its slices, so that no pod needs
+`hostIPC`."""
+MPS_IPC_MODES: tuple[MpsIpcMode, ...] = get_args(MpsIpcMode)
+DEFAULT_MPS_IPC: MpsIpcMode = "host"
 
 
 # --- node labels: opt-in and GPU Feature Discovery ------------------------------------------------------
@@ -167,6 +178,8 @@ class PodEventReason(StrEnum):
     """Normal: its slice is ready; the gate is lifted and the pod pinned to the node."""
     RELEASE_REFUSED = "MpsSliceReleaseRefused"
     """Warning: the API refused the release patch; the pod stays gated."""
+    OVERUSED = "MpsSliceOverused"
+    """Warning: its processes use more GPU memory than its slice (MPS did not stop them)."""
 
 
 # Compatibility with nebuly's device-plugin fork and nos (written only in compatibility mode).

@@ -4,8 +4,10 @@ It reads the GPUs through the NVML port, runs one MPS control daemon per GPU thr
 port, watches its node's key in the node-config KV bucket, applies each desired config with the
 pure `reconcile`, offers the resulting slices to the kubelet through its own device plugin, and
 publishes applied/failed events and GPU reports (on change and on a heartbeat). A config it
-cannot apply is refused with a reason and the node keeps its last good slices. It never decides
-what the slices should be, and never talks to the Kubernetes API.
+cannot apply is refused with a reason and the node keeps its last good slices. It watches each
+GPU's health (its daemon answers, no critical Xid error) and tells the kubelet and the planner
+when it changes (`node_agent.health`). It never decides what the slices should be, and never
+talks to the Kubernetes API.
 """
 
 from __future__ import annotations
@@ -17,17 +19,19 @@ from pathlib import Path
 
 import anyio
 import grpc.aio
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from events import subjects
 from events.bus import Bus
 from events.envelope import content_id
+from events.nodes import SliceOverused
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from events.tracing import extract, tracer
 from events.vocabulary import MIB_PER_GIB
 from node_agent.daemons import DaemonKeeper
 from node_agent.device_plugin import SliceDevicePlugin
 from node_agent.gpus import GpuReading
+from node_agent.health import APPLICATION_ERRORS_ONLY, GpuHealth, XidPolicy, gpu_health, with_health
 from node_agent.mps import (
     DaemonSpec,
     MpsCommandError,
@@ -37,7 +41,9 @@ from node_agent.mps import (
     parse_server_list,
 )
 from node_agent.nvml import GpuInventory
+from node_agent.overuse import Overuse, overused
 from node_agent.pod_resources import kubelet_view
+from node_agent.processes import ProcessSlices
 from node_agent.reconcile import Refused, SliceUsage, adopted_devices, gpu_report, observed_usage, reconcile
 from node_agent.slices import SliceDevice
 
@@ -47,6 +53,8 @@ WITHDRAW_TIMEOUT = 3.0  # seconds a stopping agent spends telling the planner it
 
 
 DAEMON_POLL_SECONDS = 0.2
+XID_WAIT_SECONDS = 1.0  # how long one wait for NVML events blocks a worker thread
+NVML_RETRY_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,12 @@ class AgentSettings:
     """How long a starting agent waits for the daemons to answer before it reports them down."""
     alive_file: Path | None = None
     """Touched after every heartbeat's report: its age is what the liveness probe checks."""
+    daemon_check_seconds: float = 5.0
+    """How often the agent asks each GPU's MPS daemon whether it answers."""
+    xid_policy: XidPolicy = APPLICATION_ERRORS_ONLY
+    """Which critical Xid errors make a GPU unhealthy."""
+    memory_reserve_mib: int = 0
+    """Memory kept back on every GPU for the MPS server's and its clients' own contexts."""
 
 
 class NodeAgent:
@@ -74,8 +88,19 @@ class NodeAgent:
         inventory: GpuInventory,
         mps: MpsControl,
         plugin: SliceDevicePlugin,
+        *,
+        processes: ProcessSlices | None = None,
     ) -> None:
+        """`processes`: where the agent learns which slice a GPU process belongs to; without it,
+        nothing watches for containers that use more memory than their slice."""
         self.settings = settings
+        self.processes = processes
+        self.slice_of: dict[int, str] = {}  # host PID of a GPU process -> its slice, at the last look
+        self._overuse_told: dict[str, tuple[str, tuple[int, ...]]] = {}  # slice -> (holder, pids) told
+        self._overuse_counter = metrics.get_meter("mpsflow.node_agent").create_counter(
+            "mpsflow.slice.overuse",
+            description="Slices found with their containers using more GPU memory than the slice holds",
+        )
         self.bus = bus
         self.inventory = inventory
         self.mps = mps
@@ -88,6 +113,8 @@ class NodeAgent:
             str, float
         ] = {}  # device -> when a kubelet answer that listed it held was asked
         self.daemon_health: dict[int, bool] = {}
+        self.faults: dict[int, str] = {}  # GPU index -> the critical Xid error that took it out
+        self._avoided_gpus: frozenset[int] = frozenset()  # the kubelet is asked to give these out last
         self.applied_plan_id: str | None = None
         # Applied/failed events name this run of the agent: a restarted agent applying the same
         # config again says so, while a retried publish within one run is stored once.
@@ -106,14 +133,15 @@ class NodeAgent:
         self.usage = await self.current_usage()
         adopted = adopted_devices(self.gpus, self.devices, self.usage.in_use)
         if adopted:
-            await self.plugin.set_devices([*self.devices, *adopted])
-            self.devices = (*self.devices, *adopted)
+            await self.offer((*self.devices, *adopted))
         await self.report(force=True)
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self.plugin.run)
                 group.start_soon(self.watch_config)
                 group.start_soon(self.watch_usage)
+                group.start_soon(self.watch_daemons)
+                group.start_soon(self.watch_xid_errors)
                 group.start_soon(self.heartbeat)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(WITHDRAW_TIMEOUT):
@@ -161,11 +189,18 @@ class NodeAgent:
             attributes={"mpsflow.node": self.settings.node, "mpsflow.plan_id": desired.plan_id},
         ):
             # Usage right now, not as of the last poll: a slice allocated since must not be dropped.
-            self.usage = await self.current_usage()
-            outcome = reconcile(self.gpus, self.devices, self.usage.in_use, desired)
+            freed = await self.observe_usage()
+            outcome = reconcile(
+                self.gpus,
+                self.devices,
+                self.usage.in_use,
+                desired,
+                reserve_mib=self.settings.memory_reserve_mib,
+            )
             subject = subjects.config_subject(self.settings.node)
             if isinstance(outcome, Refused):
                 log.warning("config of plan %s refused: %s", desired.plan_id, outcome.reason)
+                await self.offer(self.devices, freed)
                 # The report first: the planner then plans from what made the node refuse.
                 await self.report()
                 await self.bus.publish(
@@ -181,13 +216,12 @@ class NodeAgent:
                     ),
                 )
                 return
-            await self.plugin.set_devices(outcome.devices)
-            self.devices = outcome.devices
+            await self.offer(outcome.devices, freed)
             offered = anyio.current_time()
             self._offered_at = {d.id: self._offered_at.get(d.id, offered) for d in self.devices}
             self.applied_plan_id = desired.plan_id
             await self.apply_daemon_limits()
-            self.usage = await self.current_usage()
+            await self.offer(self.devices, await self.observe_usage())
             await self.report()
             await self.bus.publish(
                 subject,
@@ -196,6 +230,13 @@ class NodeAgent:
                     "applied", self.settings.node, desired.plan_id, str(revision), self._incarnation
                 ),
             )
+
+    async def observe_usage(self) -> frozenset[str]:
+        """Take in the node's usage now; the slices whose containers ended since the last look."""
+        usage = await self.current_usage()
+        freed = self.usage.in_use - usage.in_use
+        self.usage = usage
+        return freed
 
     async def current_usage(self) -> SliceUsage:
         """Slices containers hold (the kubelet's word, with the pod it names, plus allocations the
@@ -232,13 +273,60 @@ class NodeAgent:
             listing_grace=self.settings.listing_grace_seconds,
         )
 
+    async def offer(self, devices: tuple[SliceDevice, ...], freed: frozenset[str] = frozenset()) -> None:
+        """Offer `devices` to the kubelet, each with the health its GPU gives it now (`freed`: the
+        slices whose containers ended since the last look)."""
+        health = self.health()
+        marked = with_health(devices, freed, health)
+        avoided = frozenset(index for index, gpu in health.items() if not gpu.healthy)
+        if marked != self.devices or avoided != self._avoided_gpus:
+            await self.plugin.set_devices(marked, avoided_gpus=avoided)
+            self.devices, self._avoided_gpus = marked, avoided
+
+    def health(self) -> dict[int, GpuHealth]:
+        return gpu_health((gpu.index for gpu in self.gpus), self.daemon_health, self.faults)
+
     async def watch_usage(self) -> None:
         while True:
-            usage = await self.current_usage()
-            if usage != self.usage:
-                self.usage = usage
+            before = self.usage
+            freed = await self.observe_usage()
+            if self.usage != before:
+                await self.offer(self.devices, freed)
                 await self.report()
             await anyio.sleep(self.settings.usage_poll_seconds)
+
+    async def watch_daemons(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.daemon_check_seconds)
+            await self.check_daemons()
+            await self.offer(self.devices)
+            await self.report()
+
+    async def watch_xid_errors(self) -> None:
+        """Take a GPU out for good (until the agent restarts) on a critical Xid error that is not an
+        application's."""
+        while True:
+            try:
+                errors = await self.inventory.xid_errors(XID_WAIT_SECONDS)
+            except Exception as failure:  # NVML failing here must not stop the agent; try again later
+                log.warning("waiting for NVML events failed: %s", failure)
+                await anyio.sleep(NVML_RETRY_SECONDS)
+                continue
+            by_uuid = {gpu.uuid: gpu.index for gpu in self.gpus}
+            new_faults = False
+            for xid_error in errors:
+                index = by_uuid.get(xid_error.gpu_uuid)
+                fault = self.settings.xid_policy.fault(xid_error.xid)
+                if index is None or fault is None:
+                    log.info("Xid %d on GPU %s leaves it healthy", xid_error.xid, xid_error.gpu_uuid)
+                    continue
+                if index not in self.faults:
+                    log.error("GPU %d is out of service: %s", index, fault)
+                    self.faults[index] = fault
+                    new_faults = True
+            if new_faults:
+                await self.offer(self.devices)
+                await self.report()
 
     async def heartbeat(self) -> None:
         while True:
@@ -247,10 +335,58 @@ class NodeAgent:
                 self.gpus = await self.inventory.read()
             except Exception as error:  # keep the last readings; the report still tells daemon health
                 log.warning("NVML read failed: %s", error)
-            await self.check_daemons()
+            await self.check_overuse()
             await self.report(force=True)
             if self.settings.alive_file is not None:
                 await anyio.to_thread.run_sync(self.settings.alive_file.touch)
+
+    async def check_overuse(self) -> None:
+        """Tell of every slice whose container now uses more GPU memory than the slice holds, once
+        per holder and set of processes (docs/mps.md §7: MPS does not stop it)."""
+        if self.processes is None:
+            return
+        pids = [process.pid for gpu in self.gpus for process in gpu.processes]
+        self.slice_of = await self.processes.slices_of(pids) if pids else {}
+        still_over = set()
+        for found in overused(self.gpus, self.devices, self.slice_of):
+            holder = self.usage.holders.get(found.device.id)
+            if holder is None:  # the kubelet names no pod for it (yet): nobody to tell
+                continue
+            still_over.add(found.device.id)
+            if self._overuse_told.get(found.device.id) == (holder, found.pids):
+                continue
+            await self._tell_overuse(found, holder)
+            self._overuse_told[found.device.id] = (holder, found.pids)
+        for device_id in set(self._overuse_told) - still_over:
+            del self._overuse_told[device_id]
+
+    async def _tell_overuse(self, found: Overuse, holder: str) -> None:
+        namespace, name = holder.split("/", 1)
+        log.warning(
+            "%s: processes %s use %d MiB of GPU %d, more than their %d GiB slice %s",
+            holder,
+            ", ".join(str(pid) for pid in found.pids),
+            found.used_mib,
+            found.device.gpu_index,
+            found.device.size_gb,
+            found.device.id,
+        )
+        self._overuse_counter.add(1, {"mpsflow.node": self.settings.node})
+        event = SliceOverused(
+            node=self.settings.node,
+            namespace=namespace,
+            name=name,
+            slice_id=found.device.id,
+            gpu_index=found.device.gpu_index,
+            size_gb=found.device.size_gb,
+            used_mib=found.used_mib,
+            pids=found.pids,
+        )
+        await self.bus.publish(
+            subjects.overuse_subject(namespace, name),
+            event,
+            message_id=content_id("overuse", self.settings.node, found.device.id, holder, str(found.pids)),
+        )
 
     async def check_daemons(self) -> None:
         """Which GPUs' daemons answer now; one that answers again after it did not (restarted, by this
@@ -300,7 +436,15 @@ class NodeAgent:
 
     async def report(self, *, force: bool = False) -> None:
         report = gpu_report(
-            self.settings.node, self.gpus, self.devices, self.usage, self.daemon_health, self.applied_plan_id
+            self.settings.node,
+            self.gpus,
+            self.devices,
+            self.usage,
+            self.daemon_health,
+            self.applied_plan_id,
+            faults=self.faults,
+            reserve_mib=self.settings.memory_reserve_mib,
+            slice_of=self.slice_of,
         )
         body = report.model_dump_json()
         if body == self._last_report and not force:

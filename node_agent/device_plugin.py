@@ -4,8 +4,9 @@ Sits at the end of the node agent's flow: once the agent has carved the GPUs int
 the MPS daemons run, it hands the slice list to :meth:`SliceDevicePlugin.set_devices`. The
 plugin serves the kubelet device-plugin API (v1beta1) on one unix socket per resource in the
 kubelet's device-plugins directory, registers each resource with the kubelet, streams the
-slice list through ListAndWatch and answers Allocate with the MPS environment and pipe mount
-from :func:`node_agent.slices.container_allocation`.
+slice list through ListAndWatch and answers Allocate with the MPS environment, the pipe mount
+and, in the ``shm-directory`` IPC mode, the GPU's ``/dev/shm`` mount, from
+:func:`node_agent.slices.container_allocation`.
 
 It never decides what the slices are, never touches NVML or the MPS daemons, and never
 withdraws a resource once served: a resource whose slices all disappear keeps its socket and
@@ -23,6 +24,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
+from events.vocabulary import DEFAULT_MPS_IPC, MpsIpcMode
 from node_agent.proto_gen import deviceplugin_v1beta1_pb2 as api
 from node_agent.proto_gen import deviceplugin_v1beta1_pb2_grpc as api_grpc
 from node_agent.slices import (
@@ -82,9 +84,10 @@ def _file_identity(path: Path) -> FileIdentity | None:
     return status.st_ino, status.st_ctime_ns
 
 
-def _device_order(device_id: str) -> tuple[int, int]:
+def _device_order(device_id: str, avoided_gpus: frozenset[int] = frozenset()) -> tuple[bool, int, int]:
+    """Slices of GPUs to avoid last, then by GPU and ordinal."""
     gpu_index, _, ordinal = parse_slice_device_id(device_id)
-    return gpu_index, ordinal
+    return gpu_index in avoided_gpus, gpu_index, ordinal
 
 
 class SliceDevicePlugin:
@@ -98,6 +101,7 @@ class SliceDevicePlugin:
         thread_policy: ThreadPolicy = "proportional",
         device_list_strategy: DeviceListStrategy = "cdi-cri",
         cdi_kind: str = DEFAULT_CDI_KIND,
+        ipc: MpsIpcMode = DEFAULT_MPS_IPC,
         socket_prefix: str = "mpsflow",
     ) -> None:
         self._plugin_dir = plugin_dir
@@ -106,15 +110,20 @@ class SliceDevicePlugin:
         self._thread_policy: ThreadPolicy = thread_policy
         self._device_list_strategy: DeviceListStrategy = device_list_strategy
         self._cdi_kind = cdi_kind
+        self._ipc: MpsIpcMode = ipc
         self._socket_prefix = socket_prefix
         self._devices: dict[str, SliceDevice] = {}
+        self._avoided_gpus: frozenset[int] = frozenset()
         self._servers: dict[str, _ResourceServer] = {}
         self._allocations: dict[str, float] = {}
         # Serialises set_devices, the supervision loop and close around the servers.
         self._lock = asyncio.Lock()
 
-    async def set_devices(self, devices: Sequence[SliceDevice]) -> None:
+    async def set_devices(
+        self, devices: Sequence[SliceDevice], *, avoided_gpus: frozenset[int] = frozenset()
+    ) -> None:
         """Make ``devices`` the full slice list; serves and registers resources seen first here.
+        The kubelet is asked to give out the slices of ``avoided_gpus`` (unhealthy ones) last.
 
         A failed registration does not raise: :meth:`run` retries it.
         """
@@ -123,6 +132,7 @@ class SliceDevicePlugin:
             raise ValueError("duplicate slice device IDs")
         async with self._lock:
             self._devices = by_id
+            self._avoided_gpus = avoided_gpus
             self._allocations = {
                 device_id: at for device_id, at in self._allocations.items() if device_id in by_id
             }
@@ -266,6 +276,7 @@ class SliceDevicePlugin:
                 thread_policy=self._thread_policy,
                 strategy=self._device_list_strategy,
                 cdi_kind=self._cdi_kind,
+                ipc=self._ipc,
             )
             responses.append(
                 api.ContainerAllocateResponse(
@@ -351,10 +362,12 @@ class _ResourceServer(api_grpc.DevicePluginServicer):
         responses: list[api.ContainerPreferredAllocationResponse] = []
         for container_request in request.container_requests:
             must_include = set(container_request.must_include_deviceIDs)
+            avoided = self._plugin._avoided_gpus
             try:
-                required = sorted(must_include, key=_device_order)
+                required = sorted(must_include, key=lambda d: _device_order(d, avoided))
                 optional = sorted(
-                    set(container_request.available_deviceIDs) - must_include, key=_device_order
+                    set(container_request.available_deviceIDs) - must_include,
+                    key=lambda d: _device_order(d, avoided),
                 )
             except ValueError as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))

@@ -39,3 +39,12 @@ class GpuReading:
     def max_mps_clients(self) -> int:
         """How many MPS clients (CUDA contexts) one server accepts on this GPU."""
         return max_mps_clients(self.compute_capability)
+
+
+@dataclass(frozen=True)
+class XidError:
+    """A critical Xid error NVML reported on the GPU with `gpu_uuid`; whether it matters is the
+    agent's to decide (`node_agent.health.XidPolicy`)."""
+
+    gpu_uuid: str
+    xid: int

@@ -9,6 +9,13 @@ to the ``MpsControl`` protocol; ``SubprocessMpsControl`` is the adapter that run
 Every daemon gets its own pipe and log directory and ``CUDA_VISIBLE_DEVICES=<uuid>``, so a fatal GPU
 exception stays on that GPU and device index 0 always means "this daemon's GPU".
 
+What it relies on of the control client's replies and exit statuses (docs/mps.md §3, each with its source
+or marked unverified; ``tests/contract/mps_replies.py`` pins them, against the fake and, with ``-m gpu``,
+the real daemon): a command fails exactly when the client exits non-zero (verified when no daemon
+answers: ``Cannot find MPS control daemon process``, status 1; unverified for a refused command);
+thread percentages with one decimal (``25.0``); pinned limits as a whole number with ``G`` or ``M``
+(``5G`` for a limit set as ``5120M``); server PIDs separated by white space, none when there are none.
+
 This module must never send ``quit`` or ``shutdown_server`` on its own: stopping a daemon or a server
 kills every client on the GPU. It never touches another GPU's pipe directory.
 """
@@ -33,7 +40,8 @@ CONTROL_SOCKET_NAME = "control"
 PID_FILE_NAME = "nvidia-cuda-mps-control.pid"
 HEALTH_PROBE_COMMAND = "get_default_active_thread_percentage"
 UNSET_MEM_LIMIT_REPLY = "N/A"
-"""What ``get_*_device_pinned_mem_limit`` prints when no limit is set (fake's choice; unverified on a GPU)."""
+"""What ``get_*_device_pinned_mem_limit`` prints when no limit is set: the fake's choice, unverified (no
+public source shows the real reply). The agent never reads an unset limit; only the tests do."""
 
 _UNIX_SOCKET_PATH_MAX_BYTES = 107  # sun_path is 108 bytes including the terminating NUL
 _MEM_LIMIT_REPLY = re.compile(r"(\d+)([MG])")
@@ -252,7 +260,10 @@ def format_mem_limit(mib: int) -> str:
 
 
 def parse_mem_limit(reply: str) -> int | None:
-    """A ``get_*_device_pinned_mem_limit`` reply in MiB; ``None`` when no limit is set (``"N/A"``)."""
+    """A ``get_*_device_pinned_mem_limit`` reply in MiB; ``None`` when no limit is set (``"N/A"``).
+
+    The daemon prints a limit set as ``5120M`` back as ``5G`` (NVIDIA's GPU Operator documentation shows
+    ``3G`` for a limit its device plugin sets in ``M``), so both units are read."""
     text = reply.strip()
     if text == UNSET_MEM_LIMIT_REPLY:
         return None
@@ -264,7 +275,8 @@ def parse_mem_limit(reply: str) -> int | None:
 
 
 def parse_thread_percentage(reply: str) -> float:
-    """A ``get_*active_thread_percentage`` reply such as ``"100.0"``."""
+    """A ``get_*active_thread_percentage`` reply such as ``"25.0"`` (one decimal, as NVIDIA's GPU Operator
+    documentation shows it)."""
     try:
         value = float(reply.strip())
     except ValueError:
@@ -275,7 +287,8 @@ def parse_thread_percentage(reply: str) -> float:
 
 
 def parse_server_list(reply: str) -> list[int]:
-    """The PIDs of a ``get_server_list`` (or ``get_client_list``) reply: one per line, possibly none."""
+    """The PIDs of a ``get_server_list`` (or ``get_client_list``) reply, separated by any white space
+    (the separator between several PIDs is unverified); an empty reply means none."""
     pids = []
     for token in reply.split():
         if not token.isdigit():

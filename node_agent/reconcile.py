@@ -79,8 +79,10 @@ class Refused:
     reason: str
 
 
-def capacity_gb(gpu: GpuReading) -> int:
-    return gpu.memory_total_mib // MIB_PER_GIB
+def capacity_gb(gpu: GpuReading, reserve_mib: int = 0) -> int:
+    """Whole GiB of the GPU's memory that slices may share, once `reserve_mib` is kept back for the
+    MPS server's and its clients' own contexts."""
+    return max(0, gpu.memory_total_mib - reserve_mib) // MIB_PER_GIB
 
 
 def reconcile(
@@ -88,6 +90,8 @@ def reconcile(
     current: Sequence[SliceDevice],
     in_use: Collection[str],
     desired: NodeMpsConfig,
+    *,
+    reserve_mib: int = 0,
 ) -> Reconciled | Refused:
     by_index = {gpu.index: gpu for gpu in gpus}
     unknown = sorted(set(desired.gpus) - set(by_index))
@@ -106,7 +110,7 @@ def reconcile(
         wanted = desired.gpus[gpu.index]
         if gpu.mig_enabled and wanted:
             return Refused(f"GPU {gpu.index} is in MIG mode; mpsflow leaves MIG GPUs alone")
-        outcome = _gpu_devices(gpu, existing, in_use, wanted)
+        outcome = _gpu_devices(gpu, existing, in_use, wanted, reserve_mib)
         if isinstance(outcome, Refused):
             return outcome
         devices.extend(outcome)
@@ -144,7 +148,11 @@ def adopted_devices(
 
 
 def _gpu_devices(
-    gpu: GpuReading, existing: list[SliceDevice], in_use: Collection[str], wanted: Sequence[int]
+    gpu: GpuReading,
+    existing: list[SliceDevice],
+    in_use: Collection[str],
+    wanted: Sequence[int],
+    reserve_mib: int,
 ) -> list[SliceDevice] | Refused:
     if any(size <= 0 for size in wanted):
         return Refused(f"GPU {gpu.index}: slice sizes must be positive, got {sorted(wanted)}")
@@ -171,12 +179,14 @@ def _gpu_devices(
             )
             next_ordinal[size] += 1
     total = sum(d.size_gb for d in kept)
-    if total > capacity_gb(gpu):
+    capacity = capacity_gb(gpu, reserve_mib)
+    if total > capacity:
         held = sum(d.size_gb for d in kept if d.id in in_use)
         detail = f" ({held} GiB of them held by running containers)" if held else ""
+        kept_back = f" once {reserve_mib} MiB are kept back for MPS" if reserve_mib else ""
         return Refused(
             f"GPU {gpu.index}: slices would add up to {total} GiB{detail} but the GPU has "
-            f"{capacity_gb(gpu)} GiB"
+            f"{capacity} GiB{kept_back}"
         )
     if len(kept) > gpu.max_mps_clients:
         return Refused(
@@ -191,8 +201,12 @@ def gpu_report(
     gpus: Sequence[GpuReading],
     devices: Sequence[SliceDevice],
     usage: SliceUsage,
-    daemon_health: dict[int, bool],
+    daemon_health: Mapping[int, bool],
     applied_plan_id: str | None,
+    *,
+    faults: Mapping[int, str] | None = None,
+    reserve_mib: int = 0,
+    slice_of: Mapping[int, str] | None = None,
 ) -> NodeGpusReported:
     reports = []
     for gpu in sorted(gpus, key=lambda g: g.index):
@@ -215,11 +229,16 @@ def gpu_report(
                 memory_mib=gpu.memory_total_mib,
                 memory_used_mib=gpu.memory_used_mib,
                 processes=tuple(
-                    GpuProcessReport(pid=p.pid, used_memory_mib=p.used_memory_mib) for p in gpu.processes
+                    GpuProcessReport(
+                        pid=p.pid, used_memory_mib=p.used_memory_mib, slice_id=(slice_of or {}).get(p.pid)
+                    )
+                    for p in gpu.processes
                 ),
                 compute_capability=gpu.compute_capability,
                 mig_enabled=gpu.mig_enabled,
                 daemon_healthy=daemon_health.get(gpu.index, False),
+                fault=(faults or {}).get(gpu.index),
+                reserved_mib=reserve_mib,
                 slices=slices,
             )
         )

@@ -3,7 +3,9 @@
 Sits between the node agent's GPU partitioning (which decides how many slices of which size
 live on each GPU) and the device plugin (which lists the slices to the kubelet and answers
 Allocate with what :func:`container_allocation` computes). Pure functions and values only:
-this module must never do I/O, talk to NVML or MPS, or keep state.
+this module must never do I/O, talk to NVML or MPS, or keep state. It also names where each GPU's
+MPS files live on the host (:func:`mps_pipe_directory`, :func:`mps_shm_directory`), so that the
+Allocate answers and whoever starts the daemons (``node_agent.shm``) cannot disagree.
 
 A slice is an extended resource ``nvidia.com/gpu-<N>gb``; one unit gives a container one MPS
 client slot on one GPU with a pinned device-memory limit of N GiB. The device ID encodes GPU
@@ -18,13 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from events.vocabulary import MIB_PER_GIB, slice_resource
+from events.vocabulary import DEFAULT_MPS_IPC, MIB_PER_GIB, MpsIpcMode, slice_resource
 
 MAX_DEVICE_ID_LENGTH = 63
 CONTAINER_PIPE_DIRECTORY = "/run/mpsflow/mps"
 """Where a slice container finds its GPU's MPS pipe. Not CUDA's default `/tmp/nvidia-mps`: the NVIDIA
 container toolkit bind-mounts the host's `/tmp/nvidia-mps` there in every compute container (legacy
 and CDI modes alike), over the mount the plugin asks for, and the client would see no daemon."""
+SLICE_ENV = "MPSFLOW_SLICE"
+"""Every slice container's environment names its slice's device ID here, so that the agent can tell
+which slice a process on the GPU belongs to (`node_agent.processes`)."""
+CONTAINER_SHM_DIRECTORY = "/dev/shm"
+"""Where MPS clients and their server exchange small files (`cuda.shm.*`); libcuda has no setting
+to move it. In the `shm-directory` IPC mode a slice container gets its GPU's shm directory here."""
 
 _DEVICE_ID = re.compile(r"mps-g(0|[1-9][0-9]*)-([1-9][0-9]*)gb-(0|[1-9][0-9]*)")
 
@@ -113,6 +121,12 @@ def mps_pipe_directory(pipe_root: Path, gpu_uuid: str) -> Path:
     return pipe_root / gpu_uuid / "pipe"
 
 
+def mps_shm_directory(pipe_root: Path, gpu_uuid: str) -> Path:
+    """Host directory that is one GPU's `/dev/shm` in the `shm-directory` IPC mode: a tmpfs of its
+    own, beside the GPU's pipe directory, shared by its daemon, its servers and its slice containers."""
+    return mps_pipe_directory(pipe_root, gpu_uuid).with_name("shm")
+
+
 def container_allocation(
     device: SliceDevice,
     *,
@@ -121,18 +135,22 @@ def container_allocation(
     thread_policy: ThreadPolicy,
     strategy: DeviceListStrategy = "cdi-cri",
     cdi_kind: str = DEFAULT_CDI_KIND,
+    ipc: MpsIpcMode = DEFAULT_MPS_IPC,
 ) -> ContainerAllocation:
     """Environment and mounts that make a container an MPS client limited to ``device``.
 
     The container sees only the slice's GPU, so the memory limit is always for device index 0,
     whatever the GPU's index on the host. ``slices_on_gpu`` counts every slice on that GPU and
-    matters only for the ``equal`` thread policy.
+    matters only for the ``equal`` thread policy. With ``ipc="shm-directory"`` the container's
+    ``/dev/shm`` is its GPU's shm directory, the one its MPS server has; with ``host`` it gets no
+    ``/dev/shm`` mount and shares the server's through ``hostIPC: true``.
     """
     if slices_on_gpu < 1:
         raise ValueError(f"slices_on_gpu must be at least 1, got {slices_on_gpu}")
     envs = {
         "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={device.size_gb * MIB_PER_GIB}M",
         "CUDA_MPS_PIPE_DIRECTORY": CONTAINER_PIPE_DIRECTORY,
+        SLICE_ENV: device.id,
     }
     gpu = f"{cdi_kind}={device.gpu_uuid}"
     annotations: dict[str, str] = {}
@@ -148,14 +166,23 @@ def container_allocation(
     if thread_percentage is not None:
         envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(thread_percentage)
     # Writable: MPS clients connect to the control daemon's sockets and pipes in this directory.
-    pipe_mount = MountSpec(
-        container_path=CONTAINER_PIPE_DIRECTORY,
-        host_path=str(mps_pipe_directory(pipe_root, device.gpu_uuid)),
-        read_only=False,
-    )
-    return ContainerAllocation(
-        envs=envs, mounts=[pipe_mount], annotations=annotations, cdi_devices=cdi_devices
-    )
+    mounts = [
+        MountSpec(
+            container_path=CONTAINER_PIPE_DIRECTORY,
+            host_path=str(mps_pipe_directory(pipe_root, device.gpu_uuid)),
+            read_only=False,
+        )
+    ]
+    if ipc == "shm-directory":
+        # Writable: every client creates its own files there, which its server opens.
+        mounts.append(
+            MountSpec(
+                container_path=CONTAINER_SHM_DIRECTORY,
+                host_path=str(mps_shm_directory(pipe_root, device.gpu_uuid)),
+                read_only=False,
+            )
+        )
+    return ContainerAllocation(envs=envs, mounts=mounts, annotations=annotations, cdi_devices=cdi_devices)
 
 
 def _active_thread_percentage(device: SliceDevice, slices_on_gpu: int, policy: ThreadPolicy) -> int | None:

@@ -14,13 +14,17 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from events.vocabulary import DEFAULT_OPT_IN, OptInLabel
+from events.vocabulary import DEFAULT_MPS_IPC, DEFAULT_OPT_IN, MPS_IPC_MODES, MpsIpcMode, OptInLabel
 from services.kit.lifecycle import close_all
 
 if TYPE_CHECKING:
+    from node_agent.health import XidPolicy
     from node_agent.nvml import GpuInventory
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_MEMORY_RESERVE_MIB = 1024
+"""Kept back on every GPU for MPS itself: the server's context and each client's own (the pinned limit
+caps only what a client allocates). A guess to be measured on real GPUs: docs/mps.md."""
 COMMAND_PLUGINS = "mpsflow.commands"
 """Entry points that add commands (the demo adds `demo`), so this module imports none of them."""
 
@@ -74,6 +78,53 @@ def _address(text: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
+def _mib(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB (0 or more)")
+    return int(text)
+
+
+def _xid_policy(setting: str) -> XidPolicy:
+    from node_agent.health import XidPolicy
+
+    try:
+        return XidPolicy.parse(setting)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _foreign_mps_dirs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--foreign-mps-dirs",
+        nargs="*",
+        type=Path,
+        metavar="DIR",
+        help="refuse to start while another MPS control daemon answers on a control socket in these "
+        "directories or below them (default: /tmp/nvidia-mps, CUDA's default pipe directory, and "
+        "/run/nvidia/mps, NVIDIA's device plugin and GPU Operator); give the flag alone to skip the check",
+    )
+
+
+def _mps_ipc(text: str) -> MpsIpcMode:
+    for mode in MPS_IPC_MODES:
+        if text == mode:
+            return mode
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(MPS_IPC_MODES)}")
+
+
+def _mps_ipc_flag(parser: argparse.ArgumentParser, effect: str) -> None:
+    parser.add_argument(
+        "--mps-ipc",
+        type=_mps_ipc,
+        default=os.environ.get("MPSFLOW_MPS_IPC", DEFAULT_MPS_IPC),
+        metavar="{" + ",".join(MPS_IPC_MODES) + "}",
+        help="how MPS clients share /dev/shm with their GPU's server; the pod watcher, every node agent "
+        "and every daemon keeper must be given the same (env MPSFLOW_MPS_IPC; default host). host: "
+        "through the host IPC namespace (slice pods set hostIPC: true); shm-directory: through a tmpfs "
+        f"of each GPU's own, <mps-root>/<GPU uuid>/shm (no hostIPC). For this service: {effect}",
+    )
+
+
 def _configmap(text: str) -> tuple[str, str]:
     from services.config_publisher.kube_writer import parse_configmap
 
@@ -102,13 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the node label that opts a node in (env MPSFLOW_OPT_IN_LABEL); a key in the "
         "nos.nebuly.com domain also matches its nos.nebuly.ai twin",
     )
-    watcher.add_argument(
-        "--require-host-ipc",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="reject slice pods without hostIPC: true, as MPS clients share /dev/shm with the server "
-        "(default: on)",
-    )
+    _mps_ipc_flag(watcher, "in host mode, slice pods without hostIPC: true are rejected")
     watcher.add_argument(
         "--mps-user",
         type=_uid,
@@ -164,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="nvidia-cuda-mps-control",
         help="the MPS control command (split like a shell would)",
     )
+    _foreign_mps_dirs(keeper)
+    _mps_ipc_flag(
+        keeper,
+        "in shm-directory mode, each daemon is started with its GPU's tmpfs mounted (the MPS root "
+        "needs Bidirectional mount propagation) and bound over /dev/shm, in a mount namespace of its own",
+    )
     keeper.add_argument("--check-seconds", type=float, default=5.0, help="seconds between daemon checks")
     keeper.add_argument(
         "--alive-file", type=Path, help="touched after every check, for a liveness probe to check its age"
@@ -189,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="nvidia-cuda-mps-control",
         help="the MPS control command (split like a shell would)",
     )
+    _foreign_mps_dirs(agent)
+    _mps_ipc_flag(
+        agent,
+        "in shm-directory mode, Allocate mounts the GPU's tmpfs as the container's /dev/shm, and MPS "
+        "commands run with it as theirs (the MPS root needs HostToContainer mount propagation)",
+    )
     agent.add_argument("--thread-policy", choices=["proportional", "equal", "off"], default="proportional")
     agent.add_argument(
         "--device-list-strategy",
@@ -204,6 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="the CDI kind of the node's GPUs; the CDI spec must name them by UUID (<kind>=<uuid>)",
     )
     agent.add_argument("--heartbeat", type=float, default=10.0, help="seconds between GPU reports")
+    agent.add_argument(
+        "--memory-reserve-mib",
+        type=_mib,
+        default=DEFAULT_MEMORY_RESERVE_MIB,
+        metavar="MIB",
+        help="memory kept back on every GPU for the MPS server's and its clients' own contexts; slices "
+        f"share whole GiB of the rest (default {DEFAULT_MEMORY_RESERVE_MIB}; see docs/mps.md)",
+    )
+    agent.add_argument(
+        "--ignore-xids",
+        type=_xid_policy,
+        default="",
+        metavar="XIDS",
+        help="critical Xid errors that leave a GPU healthy, besides the application ones (13, 31, 43, "
+        "45, 68, 109), comma-separated; 'all' turns Xid health checks off",
+    )
     agent.add_argument(
         "--alive-file", type=Path, help="touched after every heartbeat, for a liveness probe to check its age"
     )
@@ -354,6 +427,8 @@ def run_command(args: argparse.Namespace) -> int:
     elif service == "config-publisher":
         run_service("mpsflow-config-publisher", lambda: _config_publisher(args))
     elif service == "mps-daemons":
+        if refuses_for_foreign_mps_daemon(args):
+            return 3
         run_service("mpsflow-mps-daemons", lambda: serve_mps_daemons(args), **{"k8s.node.name": args.node})
     else:
         from node_agent.device_plugin import foreign_gpu_plugins
@@ -367,8 +442,21 @@ def run_command(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 3
+        if refuses_for_foreign_mps_daemon(args):
+            return 3
         run_service("mpsflow-node-agent", lambda: serve_node_agent(args), **{"k8s.node.name": args.node})
     return 0
+
+
+def refuses_for_foreign_mps_daemon(args: argparse.Namespace) -> bool:
+    """True, after saying why on stderr, when another MPS control daemon answers on this node."""
+    from node_agent.foreign import DEFAULT_FOREIGN_MPS_DIRS, foreign_mps_daemons, refusal
+
+    directories = DEFAULT_FOREIGN_MPS_DIRS if args.foreign_mps_dirs is None else args.foreign_mps_dirs
+    live = foreign_mps_daemons(directories, own_root=args.mps_root)
+    if live:
+        print(refusal(args.service, live), file=sys.stderr)
+    return bool(live)
 
 
 async def _pod_watcher(args: argparse.Namespace) -> None:
@@ -377,7 +465,7 @@ async def _pod_watcher(args: argparse.Namespace) -> None:
     from services.pod_watcher.service import PodWatcherService, WatcherSettings
     from services.pod_watcher.translate import MpsClientRules
 
-    settings = WatcherSettings(args.opt_in_label, MpsClientRules(args.require_host_ipc, args.mps_user))
+    settings = WatcherSettings(args.opt_in_label, MpsClientRules(ipc=args.mps_ipc, mps_user=args.mps_user))
     bus = await EventBus.connect(args.nats_url, source="pod-watcher")
     api = await api_client(args.kube_url, os.environ.get("MPSFLOW_KUBE_TOKEN"))
     api.user_agent = "mpsflow-pod-watcher"
@@ -450,13 +538,22 @@ async def _config_publisher(args: argparse.Namespace) -> None:
         await close_all(bus.close, *([api.close] if api is not None else []))
 
 
+def mps_control_command(args: argparse.Namespace) -> tuple[str, ...]:
+    """`--mps-control` split as a shell would; in the shm-directory IPC mode, run so that each GPU's
+    daemon and every command to it see the GPU's shm directory as /dev/shm (`node_agent.shm`)."""
+    from node_agent.shm import shm_directory_control
+
+    control = tuple(shlex.split(args.mps_control))
+    return shm_directory_control(control) if args.mps_ipc == "shm-directory" else control
+
+
 async def serve_mps_daemons(args: argparse.Namespace, inventory: GpuInventory | None = None) -> None:
     """Keep this node's MPS daemons running, on its GPUs (NVML) or on `inventory` where simulated."""
     from node_agent.daemons import DaemonKeeper
     from node_agent.mps import SubprocessMpsControl
     from node_agent.nvml import NvmlInventory
 
-    mps = SubprocessMpsControl(tuple(shlex.split(args.mps_control)))
+    mps = SubprocessMpsControl(mps_control_command(args))
     await DaemonKeeper(inventory or NvmlInventory(), mps, args.mps_root).run(
         args.check_seconds, args.alive_file
     )
@@ -469,6 +566,7 @@ async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | N
     from node_agent.device_plugin import SliceDevicePlugin
     from node_agent.mps import SubprocessMpsControl
     from node_agent.nvml import NvmlInventory
+    from node_agent.processes import ProcEnvironment
 
     inventory = inventory or NvmlInventory()
     bus = await EventBus.connect(args.nats_url, source=f"node-agent/{args.node}")
@@ -478,6 +576,7 @@ async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | N
         thread_policy=args.thread_policy,
         device_list_strategy=args.device_list_strategy,
         cdi_kind=args.cdi_kind,
+        ipc=args.mps_ipc,
     )
     settings = AgentSettings(
         node=args.node,
@@ -486,9 +585,16 @@ async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | N
         heartbeat_seconds=args.heartbeat,
         own_daemons=args.mps_daemons == "own",
         alive_file=args.alive_file,
+        xid_policy=args.ignore_xids,
+        memory_reserve_mib=args.memory_reserve_mib,
     )
     agent = NodeAgent(
-        settings, bus, inventory, SubprocessMpsControl(tuple(shlex.split(args.mps_control))), plugin
+        settings,
+        bus,
+        inventory,
+        SubprocessMpsControl(mps_control_command(args)),
+        plugin,
+        processes=ProcEnvironment(),
     )
     try:
         await agent.run()

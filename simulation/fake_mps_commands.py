@@ -8,13 +8,22 @@ snapshots the defaults when it starts, ``quit`` loses the defaults (the state li
 dies with it). A command it rejects (unknown verb, bad arguments, unknown server PID) gets the reply
 ``Error: <reason>``, marked not accepted.
 
-Reply formats (chosen here; the real ones are not confirmed, see docs/mps.md §3):
+Reply formats, as docs/mps.md §3 lists them with their sources (pinned by ``tests/contract/mps_replies.py``,
+which the contract suite also holds the real daemon to):
 
-* thread percentages: one decimal, ``"100.0"``; the default is 100.0;
-* pinned memory limits: always MiB, ``"10240M"`` (``10G`` is stored as 10240M); unset: ``"N/A"``;
-* ``get_server_list`` / ``get_client_list``: one PID per line, empty when there are none;
-* ``get_server_status``: ``"ACTIVE"``; ``set_*``, ``start_server``, ``shutdown_server``, ``quit``: empty;
-* ``ps``: a header and one line per server (``PID UID COMMAND``), a layout of the fake's own.
+* thread percentages: one decimal, ``"25.0"`` (NVIDIA's GPU Operator documentation shows ``25.0``); the
+  default is 100.0;
+* pinned memory limits: a whole number of GiB in ``G`` (``"5G"`` for a limit set as ``5120M``: NVIDIA's
+  GPU Operator documentation shows ``3G`` for a limit its device plugin sets in ``M``), any other
+  limit in ``M`` (*unverified*: the real daemon may round it down to GiB); unset: ``"N/A"``
+  (*unverified*, the fake's choice);
+* ``get_server_list`` / ``get_client_list``: one PID per line, empty when there are none (the separator
+  between several PIDs is *unverified*);
+* ``get_server_status``: ``"ACTIVE"``; ``set_*``, ``start_server``, ``shutdown_server``, ``quit``: empty
+  (*unverified*);
+* ``ps``: a header and one line per server (``PID UID COMMAND``), a layout of the fake's own;
+* a command the daemon refuses: ``Error: <reason>``, not accepted (*unverified*: the real text and exit
+  status of a refusal are not known).
 
 How its semantics differ from the real daemon's (documented, deliberate):
 
@@ -257,4 +266,7 @@ def _format_percentage(value: float) -> str:
 
 
 def _format_limit(mib: int | None) -> str:
-    return UNSET_MEM_LIMIT_REPLY if mib is None else f"{mib}M"
+    if mib is None:
+        return UNSET_MEM_LIMIT_REPLY
+    gib, rest = divmod(mib, MIB_PER_GIB)
+    return f"{gib}G" if rest == 0 else f"{mib}M"

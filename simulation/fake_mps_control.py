@@ -14,20 +14,21 @@ Modes and exit statuses:
 
 * ``-d``: daemonizes (double fork) and exits 0 once the control socket listens; ``-f``: the same daemon
   in the foreground, echoing its log lines to stdout. Both exit 1 with a message on stderr when a
-  daemon already answers on the pipe directory or the control socket path is taken (a stale socket
-  file makes bind fail, so whoever starts the daemon must remove it).
+  daemon already answers on the pipe directory (``An instance of this daemon is already running``, the
+  real binary's words as a public MPS manager script matches them; its stream and exit status are
+  unverified) or the control socket path is taken (a stale socket file makes bind fail, so whoever
+  starts the daemon must remove it).
 * No flag: client. Reads exactly one command from stdin (a trailing newline is optional), prints the
   reply on stdout and exits 0. A command the daemon rejects (unknown verb, bad arguments, unknown
-  server PID) prints ``Error: <reason>`` on stdout and exits 1. When no daemon answers it prints
-  ``Cannot find MPS control daemon process`` on stderr and exits 1. Any other invocation exits 2.
+  server PID) prints ``Error: <reason>`` on stdout and exits 1 (unverified: what the real one prints
+  and whether it exits non-zero). When no daemon answers it prints ``Cannot find MPS control daemon
+  process`` and exits 1, as the real client does (the text and status as public scripts check them;
+  which stream it uses is unverified, the fake's is stderr). Any other invocation exits 2.
 
 How it differs from the real binary (documented, deliberate):
 
 * The client talks to the daemon through a private request/reply protocol on the ``control`` socket;
   no credential check (``SCM_CREDENTIALS``), no ``control_privileged`` socket, no ``control_lock``.
-* When no daemon answers, the real client's behaviour may differ (it may, for instance, try to start
-  one); the fake fails with a non-zero status, which is what the NVIDIA device plugin's health probe
-  relies on.
 * The real control shell accepts several commands per session; the fake client takes exactly one.
 * The daemon sees as many devices as ``CUDA_VISIBLE_DEVICES`` has entries when that is set, and any
   device index otherwise.
@@ -66,6 +67,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 NO_DAEMON_MESSAGE = "Cannot find MPS control daemon process"
+ALREADY_RUNNING_MESSAGE = "An instance of this daemon is already running"
 
 _COMMAND_LOG_PREFIX = "Cmd:"
 _LOG_LINE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} Control +\d+\] (.*)")
@@ -258,7 +260,7 @@ def _listen(paths: DaemonPaths) -> socket.socket:
     paths.pipe_dir.mkdir(parents=True, exist_ok=True)
     paths.log_dir.mkdir(parents=True, exist_ok=True)
     if _daemon_answers(paths.control_socket):
-        raise _StartRefusedError(f"An MPS control daemon is already running on {paths.pipe_dir}")
+        raise _StartRefusedError(f"{ALREADY_RUNNING_MESSAGE} (pipe directory {paths.pipe_dir})")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(str(paths.control_socket))

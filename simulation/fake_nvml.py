@@ -28,6 +28,10 @@ How it differs from the real library (documented, deliberate):
 * ``NVMLError(value)`` does not map the value to a subclass; the fake raises the subclass directly.
 * An older driver is ``missing_functions``: those functions raise ``NVMLError_FunctionNotFound``
   (only ``nvmlDeviceGetMigMode`` and ``nvmlDeviceGetMPSComputeRunningProcesses`` can be missing).
+* Events: only critical Xid errors, raised with ``raise_xid``; every GPU supports them unless built
+  with ``xid_events=False``. An event set keeps the events of the GPUs registered in it from the
+  moment they are registered, as the real one does, and ``nvmlEventSetWait_v2`` hands them out one
+  per call. There is no ``nvmlEventSetFree``.
 
 This module must never load the real NVML library or touch a real GPU.
 """
@@ -37,7 +41,9 @@ This module must never load the real NVML library or touch a real GPU.
 
 from __future__ import annotations
 
+import threading
 import uuid as uuid_module
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,6 +53,7 @@ from pydantic import BaseModel, ConfigDict
 NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_TIMEOUT = 10
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_FUNCTION_NOT_FOUND = 13
 
@@ -54,6 +61,7 @@ _ERROR_STRINGS = {
     NVML_ERROR_UNINITIALIZED: "Uninitialized",
     NVML_ERROR_INVALID_ARGUMENT: "Invalid Argument",
     NVML_ERROR_NOT_SUPPORTED: "Not Supported",
+    NVML_ERROR_TIMEOUT: "Timeout",
     NVML_ERROR_LIBRARY_NOT_FOUND: "NVML Shared Library Not Found",
     NVML_ERROR_FUNCTION_NOT_FOUND: "Function Not Found",
 }
@@ -88,6 +96,10 @@ class NVMLError_NotSupported(NVMLError):
 
 
 class NVMLError_LibraryNotFound(NVMLError):
+    pass
+
+
+class NVMLError_Timeout(NVMLError):
     pass
 
 
@@ -138,6 +150,26 @@ class FakeProcessInfo:
     usedGpuMemory: int | None
 
 
+@dataclass(frozen=True)
+class FakeEventData:
+    """Like pynvml's ``c_nvmlEventData_t``."""
+
+    device: FakeDeviceHandle
+    eventType: int
+    eventData: int
+    gpuInstanceId: int = 0xFFFFFFFF
+    computeInstanceId: int = 0xFFFFFFFF
+
+
+class FakeEventSet:
+    """Events of the GPUs registered in it, waiting to be handed out (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.registered: dict[int, int] = {}  # GPU index -> event types
+        self.queued: deque[FakeEventData] = deque()
+        self.arrived = threading.Condition()
+
+
 @dataclass
 class _Device:
     gpu: SimulatedGpu
@@ -183,6 +215,10 @@ class FakeNvml:
     NVML_COMPUTEMODE_EXCLUSIVE_PROCESS = 3
     NVML_DEVICE_MIG_DISABLE = 0
     NVML_DEVICE_MIG_ENABLE = 1
+    NVMLError_Timeout = NVMLError_Timeout
+    nvmlEventTypeSingleBitEccError = 0x1
+    nvmlEventTypeDoubleBitEccError = 0x2
+    nvmlEventTypeXidCriticalError = 0x8
 
     def __init__(
         self,
@@ -191,6 +227,7 @@ class FakeNvml:
         node_name: str = "simulated-node",
         library_present: bool = True,
         missing_functions: frozenset[str] = frozenset(),
+        xid_events: bool = True,
     ) -> None:
         self._devices = [
             _Device(gpu, gpu.uuid or simulated_gpu_uuid(node_name, index), self.NVML_COMPUTEMODE_DEFAULT)
@@ -201,6 +238,8 @@ class FakeNvml:
             raise ValueError(f"simulated GPU UUIDs must be unique: {uuids}")
         self._library_present = library_present
         self._missing_functions = missing_functions
+        self._xid_events = xid_events
+        self._event_sets: list[FakeEventSet] = []
         self._initialized = False
 
     @classmethod
@@ -226,6 +265,15 @@ class FakeNvml:
         device = self._devices[index]
         device.compute_processes.pop(pid, None)
         device.mps_processes.pop(pid, None)
+
+    def raise_xid(self, index: int, xid: int) -> None:
+        """The driver reports critical Xid error `xid` on GPU `index`."""
+        event = FakeEventData(FakeDeviceHandle(index), self.nvmlEventTypeXidCriticalError, xid)
+        for event_set in self._event_sets:
+            with event_set.arrived:
+                if event_set.registered.get(index, 0) & event.eventType:
+                    event_set.queued.append(event)
+                    event_set.arrived.notify_all()
 
     def gpus(self) -> list[SimulatedGpu]:
         """The simulated GPUs, with the UUIDs NVML reports for them."""
@@ -300,6 +348,45 @@ class FakeNvml:
         ):
             raise NVMLError_InvalidArgument(NVML_ERROR_INVALID_ARGUMENT)
         device.compute_mode = mode
+
+    def nvmlEventSetCreate(self) -> FakeEventSet:
+        self._require_initialized()
+        event_set = FakeEventSet()
+        self._event_sets.append(event_set)
+        return event_set
+
+    def nvmlDeviceGetSupportedEventTypes(self, handle: object) -> int:
+        self._device(handle)
+        if not self._xid_events:
+            raise NVMLError_NotSupported(NVML_ERROR_NOT_SUPPORTED)
+        return (
+            self.nvmlEventTypeSingleBitEccError
+            | self.nvmlEventTypeDoubleBitEccError
+            | self.nvmlEventTypeXidCriticalError
+        )
+
+    def nvmlDeviceRegisterEvents(self, handle: object, event_types: int, event_set: object) -> None:
+        device_index = self._handle_index(handle)
+        if not isinstance(event_set, FakeEventSet) or event_types & ~self.nvmlDeviceGetSupportedEventTypes(
+            handle
+        ):
+            raise NVMLError_InvalidArgument(NVML_ERROR_INVALID_ARGUMENT)
+        with event_set.arrived:
+            event_set.registered[device_index] = event_set.registered.get(device_index, 0) | event_types
+
+    def nvmlEventSetWait_v2(self, event_set: object, timeout_ms: int) -> FakeEventData:
+        self._require_initialized()
+        if not isinstance(event_set, FakeEventSet):
+            raise NVMLError_InvalidArgument(NVML_ERROR_INVALID_ARGUMENT)
+        with event_set.arrived:
+            if not event_set.arrived.wait_for(lambda: bool(event_set.queued), timeout_ms / 1000):
+                raise NVMLError_Timeout(NVML_ERROR_TIMEOUT)
+            return event_set.queued.popleft()
+
+    def _handle_index(self, handle: object) -> int:
+        self._device(handle)
+        assert isinstance(handle, FakeDeviceHandle)
+        return handle.index
 
     def _require_initialized(self) -> None:
         if not self._initialized:

@@ -6,7 +6,8 @@ meanwhile. A pod that breaks a rule gets one Warning Event naming the rule; a po
 cannot place yet gets one Event with the planner's reason. Events have names derived from the
 pod and the reason, so a restart or a redelivery never posts the same Event twice. A gated pod
 the planner released gets its gate lifted and is pinned to its node in one patch (`gate.py`), and
-an Event that says so. What opts a node in and what an MPS client pod needs come from
+an Event that says so. A pod whose processes a node agent found using more GPU memory than its slice
+gets a Warning Event with the figures. What opts a node in and what an MPS client pod needs come from
 `WatcherSettings` (`mpsflow run pod-watcher` flags). Its Kubernetes API use is exactly what
 `k8s/pod-watcher.yaml` grants: list and watch of pods and nodes, get and patch of pods, create
 of events (audited by tests/e2e/test_rbac.py).
@@ -26,7 +27,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from events import subjects
 from events.bus import Bus, Delivery, TransientError
 from events.envelope import content_id
-from events.nodes import NodeObserved, NodeOptedOut
+from events.nodes import NodeObserved, NodeOptedOut, SliceOverused
 from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
 from events.vocabulary import (
     DEFAULT_OPT_IN,
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 COMPONENT = "mpsflow-pod-watcher"
 UNPLACED_DURABLE = "pod-watcher-unplaced"
 RELEASE_DURABLE = "pod-watcher-release"
+OVERUSE_DURABLE = "pod-watcher-overuse"
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,14 @@ class PodWatcherService:
                     durable=RELEASE_DURABLE,
                     filter_subjects=[subjects.RELEASE_EVENTS],
                     handle=self.released,
+                    deliver_from="last_per_subject",
+                )
+            )
+            group.start_soon(
+                lambda: self.bus.consume(
+                    durable=OVERUSE_DURABLE,
+                    filter_subjects=[subjects.OVERUSE_EVENTS],
+                    handle=self.overused,
                     deliver_from="last_per_subject",
                 )
             )
@@ -221,6 +231,29 @@ class PodWatcherService:
             await self.post_event(
                 event.namespace, event.name, event.uid, PodEventReason.NOT_PLACED, event.reason, kind="Normal"
             )
+
+    async def overused(self, delivery: Delivery) -> None:
+        """Tell a pod that its processes use more GPU memory than its slice (a pod this watcher does
+        not know, or no longer, is told nothing)."""
+        event = delivery.envelope.event
+        if not isinstance(event, SliceOverused):
+            return
+        uid = self.pods.get(event.key)
+        if uid is None:
+            log.info("%s is not a slice pod this watcher knows; overuse not told", event.key)
+            return
+        processes = ", ".join(str(pid) for pid in event.pids)
+        await self.post_event(
+            event.namespace,
+            event.name,
+            uid,
+            PodEventReason.OVERUSED,
+            f"its processes ({processes}) use {event.used_mib} MiB of GPU {event.gpu_index} on node "
+            f"{event.node}, more than its {event.size_gb} GiB slice ({event.size_gb * MIB_PER_GIB} MiB): "
+            "MPS caps each process at CUDA_MPS_PINNED_DEVICE_MEM_LIMIT only as the container sets it, "
+            "so the other pods on that GPU may run out of memory; keep the limit the device plugin "
+            "gives, or ask for a larger slice",
+        )
 
     async def released(self, delivery: Delivery) -> None:
         """Lift the gate of a pod the planner released and pin it to the node its slice is on.

@@ -6,9 +6,10 @@ the API serves). A pod that asks for no `nvidia.com/gpu-<N>gb` resource is none 
 becomes `PodRejected` whose `reason` names the rule and whose message quotes the offending value.
 Rules are checked in this order and the first problem found names the reason: the shape of the
 slice resources (container by container, init containers first), one slice per pod, the size
-against the largest opted-in GPU, then what the MPS client needs (`MpsClientRules`: hostIPC, then
-the user). Nodes become `NodeObserved` when they carry the opt-in label (`OptInLabel`). Input is
-the JSON form of the objects (camelCase keys, as the API serves them). Nothing here performs I/O.
+against the largest opted-in GPU, then what the MPS client needs (`MpsClientRules`: hostIPC in
+the host IPC mode, then the user). Nodes become `NodeObserved` when they carry the opt-in label
+(`OptInLabel`). Input is the JSON form of the objects (camelCase keys, as the API serves them).
+Nothing here performs I/O.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from events.pods import (
     Toleration,
 )
 from events.vocabulary import (
+    DEFAULT_MPS_IPC,
     DEFAULT_OPT_IN,
     GFD_COUNT,
     GFD_MEMORY,
@@ -38,6 +40,7 @@ from events.vocabulary import (
     SLICE_GATE,
     SLICE_RESOURCE_PREFIX,
     WHOLE_GPU_RESOURCE,
+    MpsIpcMode,
     OptInLabel,
     RejectionRule,
     container_requests,
@@ -49,16 +52,24 @@ from events.vocabulary import (
 
 @dataclass(frozen=True)
 class MpsClientRules:
-    """What a pod needs to be an MPS client in the node agent's configured mode.
+    """What a pod needs to be an MPS client of the node agents and daemons as they are deployed.
 
-    `require_host_ipc`: the pod must set `hostIPC: true`, because MPS clients share /dev/shm with
-    the MPS server through the host IPC namespace (nos requires it the same way).
+    `ipc`: how MPS clients share /dev/shm with their server, which must be the node agents' and the
+    daemon keepers' `--mps-ipc` (docs/mps.md, "The shm-directory IPC mode"). In `host` mode the pod
+    must set `hostIPC: true`: clients share the server's /dev/shm through the host IPC namespace
+    (nos requires it the same way). In `shm-directory` mode the device plugin mounts the GPU's shm
+    directory as each slice container's /dev/shm, and hostIPC is not needed. A pod that sets it
+    anyway is accepted without a word: the runtime puts the plugin's /dev/shm mount in place of the
+    host's (containerd adds the host's only where no mount targets /dev/shm), so it still reaches
+    its server; refusing it would make switching a cluster to `shm-directory` reject every pod
+    written for `host` mode; and forbidding a privilege a pod does not need is what Pod Security
+    admission ("baseline" refuses hostIPC) is for.
     `mps_user`: the UID the MPS servers run as, or None not to check. The MPS server of a GPU serves
     one UID at a time: a client of another UID waits until every client of the running server has
     exited, so a pod whose effective `runAsUser` (the container's securityContext, else the pod's)
     differs, or is left to the image, would hang."""
 
-    require_host_ipc: bool = True
+    ipc: MpsIpcMode = DEFAULT_MPS_IPC
     mps_user: int | None = None
 
 
@@ -275,13 +286,14 @@ def _client_problems(
     """What keeps the pod from being an MPS client of the node agent's servers, if anything."""
     problems: list[tuple[str, str]] = []
     host_ipc = spec.get("hostIPC")
-    if rules.require_host_ipc and host_ipc is not True:
+    if rules.ipc == "host" and host_ipc is not True:
         shown = "unset" if host_ipc is None else json.dumps(host_ipc)
         problems.append(
             (
                 RejectionRule.HOST_IPC_REQUIRED,
                 f"the pod has hostIPC {shown}; MPS clients share /dev/shm with the MPS server "
-                "through the host IPC namespace: set spec.hostIPC: true",
+                "through the host IPC namespace (mpsflow runs in its host IPC mode here): "
+                "set spec.hostIPC: true",
             )
         )
     if rules.mps_user is not None:

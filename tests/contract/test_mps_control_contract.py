@@ -4,8 +4,8 @@
 states. Everywhere it runs against `simulation.fake_mps_control` (a separate process, as the real
 daemon is); on a machine with an NVIDIA GPU (`-m gpu`, or any run where NVML loads and the binary
 is on the PATH) it runs against the real daemon too, so the fake cannot drift from the real thing
-unnoticed. Replies the real daemon has not been seen to give here are the fake's guesses and are
-marked so in `node_agent/mps.py` (`UNSET_MEM_LIMIT_REPLY`); this suite is where a GPU run settles them.
+unnoticed. The replies and failures mpsflow relies on are pinned row by row in `mps_replies.py`, each
+row verified from a public source or marked unverified; this suite is where a GPU run settles them.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from node_agent.mps import (
     parse_server_list,
     parse_thread_percentage,
 )
+from tests.contract.mps_replies import FAILURES, REPLIES, Failure, Reply
 from tests.support import wait_until_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -139,17 +140,38 @@ async def test_start_daemon_adopts_a_daemon_that_answers(
     assert daemon.pid_file.read_text() == first_pid
 
 
-async def test_a_fresh_daemon_has_full_threads_no_memory_limit_and_no_server(
-    mps: tuple[SubprocessMpsControl, DaemonSpec],
+@pytest.mark.parametrize("case", REPLIES, ids=lambda case: case.id)
+async def test_the_daemon_replies_as_pinned(
+    mps: tuple[SubprocessMpsControl, DaemonSpec], case: Reply
 ) -> None:
     control, daemon = mps
     await control.start_daemon(daemon)
+    for command in case.setup:
+        await control.send(daemon, command.format(uid=os.getuid()))
 
-    assert (
-        parse_thread_percentage(await control.send(daemon, "get_default_active_thread_percentage")) == 100.0
-    )
-    assert parse_mem_limit(await control.send(daemon, "get_default_device_pinned_mem_limit 0")) is None
-    assert parse_server_list(await control.send(daemon, "get_server_list")) == []
+    reply = await control.send(daemon, case.command)
+
+    assert case.matches(reply), f"{case.command!r} replied {reply!r}; pinned {case.example!r} ({case.source})"
+    if case.parser is not None:
+        case.parser(reply)
+
+
+@pytest.mark.parametrize("case", FAILURES, ids=lambda case: case.id)
+async def test_the_daemon_fails_as_pinned(
+    mps: tuple[SubprocessMpsControl, DaemonSpec], case: Failure
+) -> None:
+    control, daemon = mps
+    if case.daemon_running:
+        await control.start_daemon(daemon)
+
+    with pytest.raises(MpsCommandError) as failure:
+        await control.send(daemon, case.command)
+
+    status = failure.value.exit_status
+    assert status, case.source  # exited non-zero; None would be a timeout
+    if case.exit_status is not None:
+        assert status == case.exit_status, case.source
+    assert case.output in failure.value.output, (failure.value.output, case.source)
 
 
 async def test_gpu_defaults_are_applied_and_read_back(mps: tuple[SubprocessMpsControl, DaemonSpec]) -> None:
@@ -216,12 +238,6 @@ async def test_quit_stops_the_daemon_and_a_new_one_starts_from_the_defaults(
     assert (
         parse_thread_percentage(await control.send(daemon, "get_default_active_thread_percentage")) == 100.0
     )
-
-
-async def test_a_command_without_a_daemon_fails(mps: tuple[SubprocessMpsControl, DaemonSpec]) -> None:
-    control, daemon = mps
-    with pytest.raises(MpsCommandError):
-        await control.send(daemon, "get_server_list")
 
 
 async def test_a_command_the_daemon_rejects_fails(mps: tuple[SubprocessMpsControl, DaemonSpec]) -> None:

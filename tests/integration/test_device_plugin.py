@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 import pytest
 
+from events.vocabulary import MpsIpcMode
 from node_agent.device_plugin import SliceDevicePlugin
 from node_agent.proto_gen import deviceplugin_v1beta1_pb2 as api
 from node_agent.proto_gen import deviceplugin_v1beta1_pb2_grpc as api_grpc
@@ -119,6 +120,7 @@ async def node(
     start_kubelet: bool = True,
     thread_policy: ThreadPolicy = "proportional",
     strategy: DeviceListStrategy = "cdi-cri",
+    ipc: MpsIpcMode = "host",
 ) -> AsyncIterator[Node]:
     # Unix socket paths must stay under 108 bytes, so no pytest tmp_path here.
     tasks_before = asyncio.all_tasks()
@@ -138,6 +140,7 @@ async def node(
             pipe_root=root / "mps",
             thread_policy=thread_policy,
             device_list_strategy=strategy,
+            ipc=ipc,
         ),
     )
     try:
@@ -225,6 +228,7 @@ async def test_allocate_gives_each_container_its_gpu_with_the_limit_on_device_ze
         "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=10240M",
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "12",  # 10240 MiB of 81559
         "CUDA_MPS_PIPE_DIRECTORY": PIPE_DIR,
+        "MPSFLOW_SLICE": "mps-g0-10gb-0",
     }
     assert allocated["first"].mounts == [(PIPE_DIR, f"{n.pipe_root}/{GPU0_UUID}/pipe", False)]
     assert allocated["second"].device_ids == ["mps-g1-10gb-0"]
@@ -233,6 +237,7 @@ async def test_allocate_gives_each_container_its_gpu_with_the_limit_on_device_ze
         "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=10240M",
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "25",  # 10240 MiB of 40960
         "CUDA_MPS_PIPE_DIRECTORY": PIPE_DIR,
+        "MPSFLOW_SLICE": "mps-g1-10gb-0",
     }
     assert allocated["second"].mounts == [(PIPE_DIR, f"{n.pipe_root}/{GPU1_UUID}/pipe", False)]
 
@@ -253,9 +258,26 @@ async def test_each_device_list_strategy_gives_the_gpu_its_own_way_and_nothing_e
         await n.serve([_slice(1, 10, 0)], {GB10: 1})
         allocated = (await n.manager.allocate(_pod("a"), [("main", GB10)]))["main"]
 
-    device_envs = {k: v for k, v in allocated.envs.items() if not k.startswith("CUDA_MPS_")}
+    device_envs = {
+        k: v for k, v in allocated.envs.items() if not k.startswith("CUDA_MPS_") and k != "MPSFLOW_SLICE"
+    }
     assert (device_envs, allocated.annotations, allocated.cdi_devices) == (envs, annotations, cdi_devices)
     assert allocated.envs["CUDA_MPS_PIPE_DIRECTORY"] == PIPE_DIR  # MPS itself is the same in every mode
+    assert allocated.envs["MPSFLOW_SLICE"] == "mps-g1-10gb-0"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ipc", ["host", "shm-directory"])
+async def test_allocate_mounts_each_gpu_its_own_dev_shm_only_in_shm_directory_mode(ipc: MpsIpcMode) -> None:
+    async with node(ipc=ipc) as n:
+        await n.serve([_slice(0, 10, 0), _slice(1, 10, 0)], {GB10: 2})
+        allocated = await n.manager.allocate(_pod("a"), [("first", GB10), ("second", GB10)])
+
+    for container, uuid in (("first", GPU0_UUID), ("second", GPU1_UUID)):
+        pipe = (PIPE_DIR, f"{n.pipe_root}/{uuid}/pipe", False)
+        shm = ("/dev/shm", f"{n.pipe_root}/{uuid}/shm", False)
+        assert allocated[container].mounts == ([pipe] if ipc == "host" else [pipe, shm]), container
+        assert allocated[container].envs["CUDA_MPS_PIPE_DIRECTORY"] == PIPE_DIR  # MPS itself is the same
 
 
 @pytest.mark.anyio
@@ -322,6 +344,19 @@ async def test_plugin_rpcs_called_directly() -> None:
                 ["mps-g1-10gb-0", "mps-g0-10gb-0"],
                 ["mps-g0-10gb-1"],
             ]
+            # GPU 0 turns unhealthy: the kubelet is asked to give out GPU 1's slices first.
+            await n.plugin.set_devices(list(n.plugin._devices.values()), avoided_gpus=frozenset({0}))
+            preferred = await stub.GetPreferredAllocation(
+                api.PreferredAllocationRequest(
+                    container_requests=[
+                        api.ContainerPreferredAllocationRequest(
+                            available_deviceIDs=["mps-g0-10gb-0", "mps-g1-10gb-0", "mps-g0-10gb-1"],
+                            allocation_size=1,
+                        )
+                    ]
+                )
+            )
+            assert [list(r.deviceIDs) for r in preferred.container_responses] == [["mps-g1-10gb-0"]]
 
             options = await stub.GetDevicePluginOptions(api.Empty())
             assert options.get_preferred_allocation_available

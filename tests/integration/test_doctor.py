@@ -69,7 +69,7 @@ async def test_on_simulated_gpus_it_checks_nvml_and_a_daemon_and_stops_at_the_cu
     assert "compute capability 9.0, MIG off" in checks["gpus"].detail
     # The daemon runs on the first GPU not in MIG mode, with the limit set and read back.
     assert checks["mps daemon"].detail.startswith("GPU 1: started in /tmp/mpsdoc-")
-    assert "pinned limit 3072 MiB read back as '3072M'" in checks["mps daemon"].detail
+    assert "pinned limit 3072 MiB read back as '3G'" in checks["mps daemon"].detail
     # Without libcuda nothing can be a CUDA client: the check fails, and the report says not ready.
     assert checks["cuda client"].status == "fail"
     assert report(list(checks.values())).endswith("not ready: cuda client")

@@ -28,7 +28,7 @@ import pytest
 from events import subjects
 from events.envelope import Event
 from events.memory import MemoryBroker, MemoryBus, MemoryConfigStore
-from events.nodes import NodeGpusReported
+from events.nodes import NodeGpusReported, SliceOverused
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from node_agent.agent import AgentSettings, NodeAgent
 from node_agent.daemons import DaemonKeeper
@@ -42,6 +42,8 @@ from node_agent.mps import (
     parse_server_list,
 )
 from node_agent.nvml import NvmlInventory
+from node_agent.processes import ProcEnvironment, ProcessSlices
+from node_agent.slices import SLICE_ENV
 from simulation.fake_nvml import FakeDeviceHandle, FakeNvml, SimulatedGpu
 from simulation.kubelet_devices import DeviceManager, PodRef
 from tests.memorybus import MemoryLog
@@ -97,6 +99,16 @@ class AgentLog(MemoryLog):
             event
             for event in self._after(subjects.gpus_subject(NODE), since)
             if isinstance(event, NodeGpusReported)
+        ]
+
+    def overuses(self, since: int = 0) -> list[SliceOverused]:
+        return [event for _, event in self.broker_events(since) if isinstance(event, SliceOverused)]
+
+    def broker_events(self, since: int) -> list[tuple[int, Event]]:
+        return [
+            (message.sequence, envelope.event)
+            for message in self.broker.stored(subjects.OVERUSE_EVENTS)
+            if message.sequence > since and (envelope := message.envelope()) is not None
         ]
 
     def outcomes(self, since: int = 0) -> list[NodeConfigApplied | NodeConfigFailed]:
@@ -220,6 +232,8 @@ async def running_agent(
     allocation_grace_seconds: float = 0.3,
     own_daemons: bool = True,
     alive_file: Path | None = None,
+    daemon_check_seconds: float = 30.0,
+    processes: ProcessSlices | None = None,
 ) -> AsyncIterator[NodeAgent]:
     plugin = SliceDevicePlugin(plugin_dir=node.plugin_dir, pipe_root=node.mps_root)
     settings = AgentSettings(
@@ -231,8 +245,9 @@ async def running_agent(
         allocation_grace_seconds=allocation_grace_seconds,
         own_daemons=own_daemons,
         alive_file=alive_file,
+        daemon_check_seconds=daemon_check_seconds,
     )
-    agent = NodeAgent(settings, node.bus, node.inventory, node.control, plugin)
+    agent = NodeAgent(settings, node.bus, node.inventory, node.control, plugin, processes=processes)
     try:
         async with anyio.create_task_group() as group:
             group.start_soon(agent.run)
@@ -431,8 +446,11 @@ async def test_a_config_that_drops_an_in_use_slice_keeps_it(broker: MemoryBroker
         )
 
 
-async def test_a_killed_daemon_is_started_again_by_the_heartbeat(broker: MemoryBroker) -> None:
-    async with simulated_node(broker, [A100, H100]) as node, running_agent(node, heartbeat_seconds=0.3):
+async def test_a_killed_daemon_is_started_again_by_the_daemon_check(broker: MemoryBroker) -> None:
+    async with (
+        simulated_node(broker, [A100, H100]) as node,
+        running_agent(node, daemon_check_seconds=0.3, heartbeat_seconds=0.3),
+    ):
         await started(node)
         daemon = node.daemon(1)
         killed = _daemon_pid(daemon)
@@ -446,14 +464,16 @@ async def test_a_killed_daemon_is_started_again_by_the_heartbeat(broker: MemoryB
         assert _is_running(_daemon_pid(daemon))
         assert _daemon_pid(node.daemon(0)) == untouched, "the healthy GPU's daemon is left alone"
         mark = node.events.mark()
-        report = await node.events.report(lambda _: True, "a heartbeat report", mark)
-        assert [gpu.daemon_healthy for gpu in report.gpus] == [True, True]
+        report = await node.events.report(
+            lambda r: all(gpu.daemon_healthy for gpu in r.gpus), "a report with both daemons answering", mark
+        )
+        assert [gpu.fault for gpu in report.gpus] == [None, None]
 
 
 async def test_each_daemon_caps_future_clients_at_its_largest_slice_also_after_a_restart(
     broker: MemoryBroker,
 ) -> None:
-    async with simulated_node(broker, [A100, H100]) as node, running_agent(node, heartbeat_seconds=0.3):
+    async with simulated_node(broker, [A100, H100]) as node, running_agent(node, daemon_check_seconds=0.3):
         await started(node)
         await node.apply("plan-1", {0: (10, 20), 1: (5,)})
         for index, limit in ((0, 20480), (1, 5120)):
@@ -603,14 +623,14 @@ async def test_with_an_external_daemon_keeper_restarting_the_agent_stops_no_daem
         keeper = DaemonKeeper(node.inventory, node.control, node.mps_root)
         async with anyio.create_task_group() as group:
             group.start_soon(keeper.run, 0.1)
-            async with running_agent(node, own_daemons=False, heartbeat_seconds=0.2):
+            async with running_agent(node, own_daemons=False, daemon_check_seconds=0.2):
                 first = await started(node)
                 assert all(gpu.daemon_healthy for gpu in first.gpus)
                 pids = [_daemon_pid(node.daemon(index)) for index in range(len(first.gpus))]
             # The agent is gone (as its container would be); no daemon went with it.
             assert all(_is_running(pid) for pid in pids)
             mark = node.events.mark()
-            async with running_agent(node, own_daemons=False, heartbeat_seconds=0.2) as agent:
+            async with running_agent(node, own_daemons=False, daemon_check_seconds=0.2) as agent:
                 again = await node.events.report(lambda _: True, "the new agent's first report", since=mark)
                 assert all(gpu.daemon_healthy for gpu in again.gpus)
                 assert [_daemon_pid(node.daemon(index)) for index in range(len(again.gpus))] == pids
@@ -630,3 +650,107 @@ async def test_the_agent_touches_its_alive_file_after_every_heartbeat(broker: Me
             await eventually(alive.exists, "the first touch")
             first = alive.stat().st_mtime_ns
             await eventually(lambda: alive.stat().st_mtime_ns > first, "a later heartbeat's touch")
+
+
+async def test_a_critical_xid_takes_its_gpu_out_and_its_slices_turn_unhealthy_as_containers_end(
+    broker: MemoryBroker,
+) -> None:
+    """Nothing is marked while held or free (the planner withdraws free slices where no pod may be
+    given them); a slice whose container ends on the failed GPU turns Unhealthy and stays so."""
+    async with simulated_node(broker, [A100, A100]) as node, running_agent(node):
+        await started(node)
+        await node.apply("plan-1", {0: (10, 10), 1: (10,)})
+        await node.manager.allocate(_pod("a"), [("main", GB10)])  # mps-g0-10gb-0
+        mark = node.events.mark()
+
+        node.nvml.raise_xid(1, 31)  # an application's page fault: the GPU is fine
+        node.nvml.raise_xid(0, 79)
+        report = await node.events.report(lambda r: r.gpus[0].fault is not None, "GPU 0's fault", mark)
+
+        assert report.gpus[0].fault == "Xid 79 (the GPU has fallen off the bus) reported by the driver"
+        assert report.gpus[1].fault is None and report.gpus[0].daemon_healthy
+        assert set(node.manager.devices()[GB10].values()) == {"Healthy"}
+
+        node.manager.release("uid-a")
+        await eventually(
+            lambda: (
+                node.manager.devices()[GB10]
+                == {"mps-g0-10gb-0": "Unhealthy", "mps-g0-10gb-1": "Healthy", "mps-g1-10gb-0": "Healthy"}
+            ),
+            "the kubelet seeing the freed slice of GPU 0 Unhealthy",
+        )
+
+
+async def test_a_gpu_whose_daemon_stops_answering_is_out_until_it_answers_again(broker: MemoryBroker) -> None:
+    async with simulated_node(broker, [A100, A100]) as node:
+        keeper = DaemonKeeper(node.inventory, node.control, node.mps_root)
+        await keeper.keep_all(await node.inventory.read())
+        async with running_agent(node, own_daemons=False, daemon_check_seconds=0.1):
+            await started(node)
+            await node.apply("plan-1", {0: (10, 10), 1: (10,)})
+            await node.manager.allocate(_pod("a"), [("main", GB10)])  # mps-g0-10gb-0
+            killed = _daemon_pid(node.daemon(0))
+            mark = node.events.mark()
+
+            os.kill(killed, signal.SIGKILL)
+            wait_until_gone(killed)
+            down = await node.events.report(lambda r: not r.gpus[0].daemon_healthy, "GPU 0 down", mark)
+            assert down.gpus[1].daemon_healthy and down.gpus[0].fault is None
+            node.manager.release("uid-a")
+            await eventually(
+                lambda: node.manager.devices()[GB10]["mps-g0-10gb-0"] == "Unhealthy",
+                "the freed slice Unhealthy",
+            )
+            assert node.manager.devices()[GB10]["mps-g0-10gb-1"] == "Healthy"
+
+            mark = node.events.mark()
+            await keeper.keep_all(await node.inventory.read())  # the keeper starts it again
+            await node.events.report(lambda r: r.gpus[0].daemon_healthy, "GPU 0 answering again", mark)
+            await eventually(
+                lambda: set(node.manager.devices()[GB10].values()) == {"Healthy"}, "every slice Healthy again"
+            )
+        _kill_fake_daemons(node.mps_root)
+
+
+async def test_a_container_using_more_memory_than_its_slice_is_told_once_per_set_of_processes(
+    broker: MemoryBroker,
+) -> None:
+    async with simulated_node(broker, [A100]) as node:
+        proc = node.root / "proc"
+
+        def container_process(pid: int, mib: int, environment: dict[str, str]) -> None:
+            (proc / str(pid)).mkdir(parents=True)
+            (proc / str(pid) / "environ").write_bytes(
+                b"".join(f"{name}={value}".encode() + b"\0" for name, value in environment.items())
+            )
+            node.nvml.start_process(0, pid, mib, mps_client=True)
+
+        async with running_agent(node, heartbeat_seconds=0.1, processes=ProcEnvironment(proc)):
+            await started(node)
+            await node.apply("plan-1", {0: (10, 20)})
+            given = (await node.manager.allocate(_pod("a"), [("main", GB10)]))["main"].envs
+            assert given[SLICE_ENV] == "mps-g0-10gb-0"
+            mark = node.events.mark()
+            container_process(5001, 6000, given)  # within the slice alone,
+            container_process(5002, 6000, given)  # over it together
+            overuse = await node.events._first(lambda: node.events.overuses(mark), "an overuse")
+            assert overuse == SliceOverused(
+                node=NODE,
+                namespace="team-a",
+                name="a",
+                slice_id="mps-g0-10gb-0",
+                gpu_index=0,
+                size_gb=10,
+                used_mib=12000,
+                pids=(5001, 5002),
+            )
+            report = await node.events.report(lambda r: bool(r.gpus[0].processes), "the processes", mark)
+            assert {p.pid: p.slice_id for p in report.gpus[0].processes} == {
+                5001: "mps-g0-10gb-0",
+                5002: "mps-g0-10gb-0",
+            }
+            # Heartbeats later, the same processes over the same slice are not told again.
+            seen = node.events.mark()
+            await node.events.report(lambda _: True, "a later heartbeat", seen)
+            await node.events.report(lambda _: True, "one more", node.events.mark())
+            assert node.events.overuses(mark) == [overuse]

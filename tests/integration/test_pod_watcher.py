@@ -25,7 +25,7 @@ from events import subjects
 from events.base import Model
 from events.envelope import Event
 from events.memory import MemoryBroker, MemoryBus
-from events.nodes import GfdFacts, NodeObserved, NodeOptedOut
+from events.nodes import GfdFacts, NodeObserved, NodeOptedOut, SliceOverused
 from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
 from events.vocabulary import RELEASED_TO_ANNOTATION, SLICE_GATE, OptInLabel, PodEventReason, RejectionRule
 from services.cli import build_parser
@@ -33,6 +33,7 @@ from services.kit.kube import api_client
 from services.kit.watching import list_and_watch
 from services.pod_watcher.service import (
     DEFAULT_SETTINGS,
+    OVERUSE_DURABLE,
     RELEASE_DURABLE,
     UNPLACED_DURABLE,
     PodWatcherService,
@@ -585,6 +586,51 @@ async def test_an_unplaced_pod_gets_one_event_even_when_published_twice(
     assert event.reason == "MpsSliceNotPlaced"  # the reason users filter on: part of the interface
 
 
+async def test_a_pod_whose_processes_overuse_its_slice_gets_a_warning_event_once_per_reading(
+    bus: MemoryBus, log: WatcherLog, api: client.ApiClient, core: Any
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    created = await core.create_namespaced_pod(NAMESPACE, slice_pod("greedy", "nvidia.com/gpu-10gb"))
+    overuse = SliceOverused(
+        node="a100-1",
+        namespace=NAMESPACE,
+        name="greedy",
+        slice_id="mps-g1-10gb-0",
+        gpu_index=1,
+        size_gb=10,
+        used_mib=12800,
+        pids=(4242, 4243),
+    )
+    subject = subjects.overuse_subject(NAMESPACE, "greedy")
+
+    async with watching(bus, api):
+        await log.pod(PodObserved, "greedy")
+        await bus.publish(subject, overuse, message_id="overuse-1")
+        await wait_for_events(core, "greedy")
+        again = await bus.publish(
+            subject, overuse, message_id="overuse-2"
+        )  # redelivered, or an agent restart
+        await handled(bus, again, OVERUSE_DURABLE)
+        # Told of a pod it does not know, the watcher tells nobody and moves on.
+        stranger = overuse.model_copy(update={"name": "stranger"})
+        last = await bus.publish(subjects.overuse_subject(NAMESPACE, "stranger"), stranger, message_id="o-3")
+        await handled(bus, last, OVERUSE_DURABLE)
+        events = await pod_events(core, "greedy")
+
+    assert len(events) == 1
+    event = events[0]
+    assert (event.reason, event.type, event.involved_object.uid) == (
+        "MpsSliceOverused",
+        "Warning",
+        created.metadata.uid,
+    )
+    assert event.message.startswith(
+        "its processes (4242, 4243) use 12800 MiB of GPU 1 on node a100-1, more than its 10 GiB slice "
+        "(10240 MiB)"
+    )
+    assert await pod_events(core, "stranger") == []
+
+
 async def test_a_failed_unplaced_event_post_is_retried(
     bus: MemoryBus, api: client.ApiClient, core: Any, apiserver: ApiServer
 ) -> None:
@@ -720,7 +766,7 @@ async def test_list_and_watch_resumes_after_the_last_change_it_delivered(
 def test_the_watcher_flags_default_to_the_nos_label_and_host_ipc_only() -> None:
     args = build_parser().parse_args(["run", "pod-watcher"])
 
-    assert (args.opt_in_label, args.require_host_ipc, args.mps_user) == (OptInLabel(), True, None)
+    assert (args.opt_in_label, args.mps_ipc, args.mps_user) == (OptInLabel(), "host", None)
 
 
 def test_the_watcher_flags_set_the_label_and_the_client_rules(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -732,16 +778,17 @@ def test_the_watcher_flags_set_the_label_and_the_client_rules(monkeypatch: pytes
             "pod-watcher",
             "--opt-in-label",
             "example.com/mps=on",
-            "--no-require-host-ipc",
+            "--mps-ipc",
+            "shm-directory",
             "--mps-user",
             "1000",
         ]
     )
 
     assert from_env.opt_in_label == OptInLabel("example.com/from-env", "yes")
-    assert (given.opt_in_label, given.require_host_ipc, given.mps_user) == (
+    assert (given.opt_in_label, given.mps_ipc, given.mps_user) == (
         OptInLabel("example.com/mps", "on"),
-        False,
+        "shm-directory",
         1000,
     )
 
@@ -752,8 +799,10 @@ def test_the_watcher_flags_set_the_label_and_the_client_rules(monkeypatch: pytes
         (["--opt-in-label", "nos.nebuly.com/gpu-partitioning"], "argument --opt-in-label: "),
         (["--mps-user", "root"], "argument --mps-user: 'root' is not a user id"),
         (["--mps-user", "-5"], "argument --mps-user: '-5' is not a user id"),
+        (["--mps-ipc", "none"], "argument --mps-ipc: 'none' is not one of host, shm-directory"),
+        (["--no-require-host-ipc"], "unrecognized arguments: --no-require-host-ipc"),
     ],
-    ids=["label-without-value", "user-name", "negative-user"],
+    ids=["label-without-value", "user-name", "negative-user", "ipc-mode", "replaced-by-mps-ipc"],
 )
 def test_a_bad_watcher_flag_exits_2_naming_it(
     argv: list[str], named: str, capsys: pytest.CaptureFixture[str]

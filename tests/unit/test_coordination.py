@@ -11,7 +11,9 @@ is its own step, which Hypothesis interleaves at will:
   further), and the scheduler binds from that allocatable and its own assumptions;
 - admission is two steps, as in the kubelet: choosing a free device from its own list, then the
   plugin's Allocate for it;
-- the pod watcher lifts the gate of a released pod, and pods finish.
+- the pod watcher lifts the gate of a released pod, and pods finish;
+- GPUs fail (a critical Xid error) and recover, at any moment: the agent marks slices as
+  `node_agent.health` says, and the kubelet counts and gives out only Healthy ones.
 
 Pods are created behind the scheduling gate, as the admission webhook makes them. The properties:
 admission always finds a free device, Allocate never names a device the plugin no longer offers,
@@ -38,6 +40,7 @@ from events.nodes import NodeGpusReported, NodeObserved
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from events.pods import PodDeleted, PodObserved, PodPhase, PodReleased
 from node_agent.gpus import GpuReading
+from node_agent.health import gpu_health, with_health
 from node_agent.reconcile import Refused, SliceUsage, gpu_report, reconcile
 from node_agent.slices import SliceDevice
 from services.planner.core import state
@@ -92,6 +95,8 @@ class Node:
     config: NodeMpsConfig | None = None
     applied_config: NodeMpsConfig | None = None
     last_report: NodeGpusReported | None = None
+    faults: dict[int, str] = field(default_factory=dict)  # GPU index -> its critical Xid error
+    seen_in_use: frozenset[str] = frozenset()  # the slices held at the agent's last look
     # kubelet
     listed: dict[str, int] = field(default_factory=dict)  # device -> size, the kubelet's device list
     held: dict[str, str] = field(default_factory=dict)  # device -> pod, admitted containers
@@ -162,6 +167,7 @@ class Cluster:
             return
         node.offered = outcome.devices
         node.allocated = {d: pod for d, pod in node.allocated.items() if d in {x.id for x in node.offered}}
+        self.agent_marks_health(node)
         self.agent_report(node)
         self.publish(NodeConfigApplied(node=node.name, plan_id=desired.plan_id, gpus=desired.gpus))
 
@@ -172,10 +178,28 @@ class Cluster:
         in_use = frozenset(node.held) | {d for d, pod in node.allocated.items() if d not in node.held}
         return SliceUsage(in_use, dict(node.held), frozenset(offered & set(node.listed)))
 
+    def agent_marks_health(self, node: Node) -> None:
+        """The agent's look at usage: slices freed since its last look may turn Unhealthy."""
+        in_use = self.usage(node).in_use
+        freed, node.seen_in_use = node.seen_in_use - in_use, in_use
+        answering = {gpu.index: True for gpu in node.gpus}
+        node.offered = with_health(node.offered, freed, gpu_health(answering, answering, node.faults))
+
+    def gpu_fails(self, node: Node, index: int) -> None:
+        node.faults[index] = "Xid 79"
+        self.agent_marks_health(node)
+
+    def gpu_recovers(self, node: Node, index: int) -> None:
+        node.faults.pop(index, None)
+        self.agent_marks_health(node)
+
     def agent_report(self, node: Node) -> bool:
         """Report the node's slices when they changed since the last report (True then)."""
+        self.agent_marks_health(node)
         healthy = {gpu.index: True for gpu in node.gpus}
-        report = gpu_report(node.name, node.gpus, node.offered, self.usage(node), healthy, None)
+        report = gpu_report(
+            node.name, node.gpus, node.offered, self.usage(node), healthy, None, faults=node.faults
+        )
         if report == node.last_report:
             return False
         node.last_report = report
@@ -183,7 +207,8 @@ class Cluster:
         return True
 
     def kubelet_takes_device_list(self, node: Node) -> None:
-        node.listed = {device.id: device.size_gb for device in node.offered}
+        """The kubelet's list: the Healthy devices, the only ones it counts and gives out."""
+        node.listed = healthy_devices(node)
 
     def kubelet_syncs_status(self, node: Node) -> None:
         """The node-status sync: the API's allocatable follows the kubelet's list, and the pod
@@ -252,7 +277,7 @@ class Cluster:
         for node in self.nodes.values():
             if node.config is not None and node.config is not node.applied_config:
                 steps.append(("agent_apply", node))
-            if node.listed != {d.id: d.size_gb for d in node.offered}:
+            if node.listed != healthy_devices(node):
                 steps.append(("kubelet_takes_device_list", node))
             if node.allocatable != Counter(node.listed.values()):
                 steps.append(("kubelet_syncs_status", node))
@@ -292,6 +317,10 @@ class Cluster:
         raise AssertionError("the cluster never came to rest")
 
 
+def healthy_devices(node: Node) -> dict[str, int]:
+    return {device.id: device.size_gb for device in node.offered if device.healthy}
+
+
 def gpu(index: int, gib: int) -> GpuReading:
     return GpuReading(
         index=index,
@@ -321,8 +350,9 @@ def clusters(draw: st.DrawFn) -> Cluster:
     return cluster
 
 
-def play_then_settle(cluster: Cluster, data: st.DataObject) -> None:
-    """Play an interleaving Hypothesis draws, let the cluster come to rest, and check the properties."""
+def play_then_settle(cluster: Cluster, data: st.DataObject, *, faults: bool = False) -> None:
+    """Play an interleaving Hypothesis draws (with GPUs failing and recovering when `faults`), let
+    the cluster come to rest, and check the properties."""
     for _ in range(data.draw(st.integers(10, 120), label="steps")):
         choice = data.draw(st.integers(0, 9), label="kind")
         if choice == 0 and len(cluster.pods) < 10:
@@ -331,6 +361,14 @@ def play_then_settle(cluster: Cluster, data: st.DataObject) -> None:
         running = [pod for pod in cluster.pods.values() if pod.phase == "Running"]
         if choice == 1 and running:
             cluster.finish(data.draw(st.sampled_from(running), label="finishing"))
+            continue
+        if choice == 2 and faults:
+            node = data.draw(st.sampled_from(list(cluster.nodes.values())), label="node")
+            index = data.draw(st.sampled_from([gpu.index for gpu in node.gpus]), label="gpu")
+            if index in node.faults:
+                cluster.gpu_recovers(node, index)
+            else:
+                cluster.gpu_fails(node, index)
             continue
         step, target = data.draw(st.sampled_from(cluster.enabled()), label="step")
         cluster.run(step, target)
@@ -357,6 +395,20 @@ def test_no_interleaving_fails_a_pod_and_every_pod_ends_running_or_told_why(
     cluster: Cluster, data: st.DataObject
 ) -> None:
     play_then_settle(cluster, data)
+
+
+@settings(
+    max_examples=int(os.environ.get("MPSFLOW_PROPERTY_EXAMPLES", "100")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(clusters(), st.data())
+def test_gpus_failing_and_recovering_at_any_moment_fail_no_pod_and_strand_none(
+    cluster: Cluster, data: st.DataObject
+) -> None:
+    """The same properties while GPUs fail and recover: a pod may wait for a healthy GPU, but none
+    fails admission, and none released to a node is left unable to bind there."""
+    play_then_settle(cluster, data, faults=True)
 
 
 def reclaim_racing_admission(cluster: Cluster) -> Pod:

@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 from events import subjects
 from events.envelope import Envelope, Event, UndecodableMessageError, content_id, decode, encode
-from events.nodes import GfdFacts, GpuReport, NodeGpusReported, NodeObserved, NodeOptedOut, SliceState
+from events.nodes import (
+    GfdFacts,
+    GpuReport,
+    NodeGpusReported,
+    NodeObserved,
+    NodeOptedOut,
+    SliceOverused,
+    SliceState,
+)
 from events.plans import (
     NodeConfigApplied,
     NodeConfigFailed,
@@ -79,6 +87,16 @@ EVERY_KIND: list[Event] = [
                 ),
             ),
         ),
+    ),
+    SliceOverused(
+        node="a100-1",
+        namespace="ml",
+        name="train-1",
+        slice_id="mps-g0-10gb-0",
+        gpu_index=0,
+        size_gb=10,
+        used_mib=11000,
+        pids=(4242,),
     ),
     PlanComputed(
         plan_id="p1",

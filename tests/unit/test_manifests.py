@@ -145,9 +145,12 @@ def test_the_mps_daemons_outlive_the_agent_on_the_same_nodes_and_pipes() -> None
     assert "--mps-daemons" not in agent_container["args"]  # external, the default: the agent starts none
 
     def pipes(spec: dict[str, Any], container: dict[str, Any]) -> set[tuple[str, str]]:
+        """The writable MPS mounts (the read-only ones are other daemons' pipes, only probed)."""
         host = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
         return {
-            (host[m["name"]], m["mountPath"]) for m in container["volumeMounts"] if "mps" in m["mountPath"]
+            (host[m["name"]], m["mountPath"])
+            for m in container["volumeMounts"]
+            if "mps" in m["mountPath"] and not m.get("readOnly")
         }
 
     assert (

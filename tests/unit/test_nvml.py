@@ -10,7 +10,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from node_agent.gpus import GpuProcess, GpuReading
+from node_agent.gpus import GpuProcess, GpuReading, XidError
 from node_agent.nvml import NvmlInventory, NvmlUnavailable
 from simulation.fake_nvml import FakeNvml, SimulatedGpu, simulated_gpu_uuid
 
@@ -294,3 +294,39 @@ async def test_a_gpu_with_mig_pending_is_left_alone_like_one_in_mig_mode() -> No
     gpus = await NvmlInventory(FakeNvml([pending, leaving, plain], node_name="mig")).read()
 
     assert [gpu.mig_enabled for gpu in gpus] == [True, True, False]
+
+
+@pytest.mark.anyio
+async def test_critical_xid_errors_are_reported_once_each_with_their_gpu() -> None:
+    nvml = FakeNvml([a100(), tesla_t4()], node_name="gpu-node-1")
+    inventory = NvmlInventory(nvml)
+    assert await inventory.xid_errors(0.01) == []  # watching starts here: nothing reported yet
+    nvml.raise_xid(1, 79)
+    nvml.raise_xid(0, 31)
+    t4 = simulated_gpu_uuid("gpu-node-1", 1)
+    assert await inventory.xid_errors(0.01) == [XidError(gpu_uuid=t4, xid=79)]
+    assert await inventory.xid_errors(0.01) == [XidError(gpu_uuid=A100_UUID, xid=31)]
+    assert await inventory.xid_errors(0.01) == []
+
+
+@pytest.mark.anyio
+async def test_gpus_that_cannot_report_xid_errors_are_not_watched() -> None:
+    nvml = FakeNvml([a100()], node_name="gpu-node-1", xid_events=False)
+    inventory = NvmlInventory(nvml)
+    nvml.raise_xid(0, 79)
+    assert await inventory.xid_errors(0.01) == []
+
+
+def test_the_fake_event_set_waits_like_nvml() -> None:
+    nvml = FakeNvml([a100()], node_name="n")
+    nvml.nvmlInit()
+    event_set = nvml.nvmlEventSetCreate()
+    nvml.raise_xid(0, 48)  # before the GPU is registered: not in the set
+    nvml.nvmlDeviceRegisterEvents(
+        nvml.nvmlDeviceGetHandleByIndex(0), nvml.nvmlEventTypeXidCriticalError, event_set
+    )
+    with pytest.raises(nvml.NVMLError_Timeout):
+        nvml.nvmlEventSetWait_v2(event_set, 1)
+    nvml.raise_xid(0, 48)
+    event = nvml.nvmlEventSetWait_v2(event_set, 1)
+    assert (event.eventType, event.eventData, nvml.nvmlDeviceGetUUID(event.device)) == (8, 48, A100_UUID)

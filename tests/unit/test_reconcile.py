@@ -672,3 +672,25 @@ def test_what_the_kubelet_holds_is_in_use_and_only_offered_slices_are_listed(
     )
     assert set(held) <= usage.in_use <= set(held) | set(allocations)
     assert usage.listed <= offered
+
+
+@pytest.mark.parametrize(
+    ("memory_mib", "reserve_mib", "capacity"),
+    [(A100_40GB_MIB, 0, 40), (A100_40GB_MIB, 1, 39), (A100_40GB_MIB, 1024, 39), (H100_80GB_MIB, 1024, 78)],
+)
+def test_the_reserve_is_kept_back_before_whole_gib_are_counted(
+    memory_mib: int, reserve_mib: int, capacity: int
+) -> None:
+    assert capacity_gb(gpu(0, memory_mib), reserve_mib) == capacity
+
+
+def test_slices_that_would_eat_into_the_reserve_are_refused_saying_so() -> None:
+    assert isinstance(reconcile([GPU0], [], set(), config({0: (39,)}), reserve_mib=1024), Reconciled)
+    assert reconcile([GPU0], [], set(), config({0: (40,)}), reserve_mib=1024) == Refused(
+        "GPU 0: slices would add up to 40 GiB but the GPU has 39 GiB once 1024 MiB are kept back for MPS"
+    )
+
+
+def test_the_report_tells_the_reserve_of_every_gpu() -> None:
+    report = gpu_report("node-a", [GPU0, GPU1], [], SliceUsage(), {0: True, 1: True}, None, reserve_mib=512)
+    assert [g.reserved_mib for g in report.gpus] == [512, 512]

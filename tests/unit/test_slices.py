@@ -8,14 +8,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from events.vocabulary import slice_resource, slice_size
+from events.vocabulary import MpsIpcMode, slice_resource, slice_size
 from node_agent.slices import (
+    CONTAINER_SHM_DIRECTORY,
     MAX_DEVICE_ID_LENGTH,
     DeviceListStrategy,
     MountSpec,
     SliceDevice,
     ThreadPolicy,
     container_allocation,
+    mps_pipe_directory,
+    mps_shm_directory,
     parse_slice_device_id,
     slice_device_id,
 )
@@ -172,6 +175,7 @@ def test_container_allocation_limits_device_zero_of_the_slice_gpu(gpu_index: int
         "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=10240M",
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "12",
         "CUDA_MPS_PIPE_DIRECTORY": "/run/mpsflow/mps",
+        "MPSFLOW_SLICE": f"mps-g{gpu_index}-10gb-2",
     }
     assert allocation.mounts == [
         MountSpec(
@@ -203,6 +207,7 @@ def test_device_list_strategies(
         **envs,
         "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=10240M",
         "CUDA_MPS_PIPE_DIRECTORY": "/run/mpsflow/mps",
+        "MPSFLOW_SLICE": "mps-g0-10gb-2",  # the agent tells its processes' slice by it
     }
     assert (allocation.annotations, allocation.cdi_devices) == (annotations, cdi_devices)
 
@@ -237,3 +242,62 @@ def test_container_allocation_needs_at_least_one_slice_on_the_gpu() -> None:
         container_allocation(
             _slice(0, 10, 0, GPU0_UUID), slices_on_gpu=0, pipe_root=Path("/p"), thread_policy="equal"
         )
+
+
+# The IPC mode adds the GPU's shm directory as /dev/shm in `shm-directory` mode and nothing in `host`
+# mode, whatever the GPU, the MPS root and the way the container gets its GPU.
+IPC_MOUNTS: list[tuple[MpsIpcMode, str, str, list[tuple[str, str]]]] = [
+    ("host", GPU0_UUID, "/run/mpsflow/mps", [("/run/mpsflow/mps", f"/run/mpsflow/mps/{GPU0_UUID}/pipe")]),
+    (
+        "shm-directory",
+        GPU0_UUID,
+        "/run/mpsflow/mps",
+        [
+            ("/run/mpsflow/mps", f"/run/mpsflow/mps/{GPU0_UUID}/pipe"),
+            ("/dev/shm", f"/run/mpsflow/mps/{GPU0_UUID}/shm"),
+        ],
+    ),
+    ("host", GPU1_UUID, "/var/mps", [("/run/mpsflow/mps", f"/var/mps/{GPU1_UUID}/pipe")]),
+    (
+        "shm-directory",
+        GPU1_UUID,
+        "/var/mps",
+        [("/run/mpsflow/mps", f"/var/mps/{GPU1_UUID}/pipe"), ("/dev/shm", f"/var/mps/{GPU1_UUID}/shm")],
+    ),
+]
+
+
+@pytest.mark.parametrize("strategy", ["envvar", "cdi-annotations", "cdi-cri"])
+@pytest.mark.parametrize(
+    ("ipc", "gpu_uuid", "root", "mounts"),
+    IPC_MOUNTS,
+    ids=[f"{ipc}-{uuid[:12]}-{root}" for ipc, uuid, root, _ in IPC_MOUNTS],
+)
+def test_the_ipc_mode_decides_the_dev_shm_mount(
+    ipc: MpsIpcMode, gpu_uuid: str, root: str, mounts: list[tuple[str, str]], strategy: DeviceListStrategy
+) -> None:
+    device = _slice(1, 10, 0, gpu_uuid)
+    allocation = container_allocation(
+        device, slices_on_gpu=2, pipe_root=Path(root), thread_policy="equal", strategy=strategy, ipc=ipc
+    )
+    host_ipc = container_allocation(
+        device, slices_on_gpu=2, pipe_root=Path(root), thread_policy="equal", strategy=strategy
+    )
+
+    assert [(m.container_path, m.host_path) for m in allocation.mounts] == mounts
+    assert all(not mount.read_only for mount in allocation.mounts)  # clients write in both
+    # Everything but the mounts is the same in both modes.
+    assert (allocation.envs, allocation.annotations, allocation.cdi_devices) == (
+        host_ipc.envs,
+        host_ipc.annotations,
+        host_ipc.cdi_devices,
+    )
+
+
+def test_the_shm_directory_sits_beside_the_pipe_directory_of_the_same_gpu() -> None:
+    root = Path("/run/mpsflow/mps")
+
+    assert mps_shm_directory(root, GPU0_UUID) == root / GPU0_UUID / "shm"
+    assert mps_shm_directory(root, GPU0_UUID).parent == mps_pipe_directory(root, GPU0_UUID).parent
+    assert mps_shm_directory(root, GPU0_UUID) != mps_shm_directory(root, GPU1_UUID)
+    assert CONTAINER_SHM_DIRECTORY == "/dev/shm"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 
 from events.nodes import GfdFacts, NodeObserved, Taint
 from events.pods import NodeRules, NodeSelectorTerm, PodObserved, PodRejected, Requirement, Toleration
-from events.vocabulary import RELEASED_TO_ANNOTATION, SLICE_GATE, OptInLabel, RejectionRule
+from events.vocabulary import RELEASED_TO_ANNOTATION, SLICE_GATE, MpsIpcMode, OptInLabel, RejectionRule
 from services.pod_watcher.translate import MpsClientRules, translate_node, translate_pod
 
 CREATED = "2026-11-22T10:00:00Z"
@@ -318,7 +319,7 @@ def test_a_pod_that_cannot_be_an_mps_client_is_rejected_with_the_rule_as_reason(
 @pytest.mark.parametrize(
     ("manifest", "rules"),
     [
-        (pod(container(limits=TEN), host_ipc=None), MpsClientRules(require_host_ipc=False)),
+        (pod(container(limits=TEN), host_ipc=None), MpsClientRules(ipc="shm-directory")),
         (pod(container(limits=TEN)), MpsClientRules()),
         (pod(container(limits=TEN), user=1000), USER_1000),
         (pod(container(limits=TEN, user=1000)), USER_1000),
@@ -327,7 +328,7 @@ def test_a_pod_that_cannot_be_an_mps_client_is_rejected_with_the_rule_as_reason(
         (pod(container(limits=TEN, user=0)), MpsClientRules(mps_user=0)),
     ],
     ids=[
-        "host-ipc-not-required",
+        "host-ipc-not-required-in-shm-directory-mode",
         "user-not-checked-by-default",
         "pod-user-matches",
         "container-user-matches",
@@ -338,6 +339,49 @@ def test_a_pod_that_cannot_be_an_mps_client_is_rejected_with_the_rule_as_reason(
 )
 def test_a_pod_that_can_be_an_mps_client_is_observed(manifest: dict[str, Any], rules: MpsClientRules) -> None:
     assert observed(translate_pod(manifest, 80, rules)).size_gb == 10
+
+
+# hostIPC as a pod may set it (absent, false, true) against each IPC mode: None means accepted.
+HOST_IPC_BY_MODE: list[tuple[MpsIpcMode, bool | None, str | None]] = [
+    ("host", None, "hostIPC unset"),
+    ("host", False, "hostIPC false"),
+    ("host", True, None),
+    ("shm-directory", None, None),
+    ("shm-directory", False, None),
+    ("shm-directory", True, None),  # not needed, but harmless to MPS and left to Pod Security
+]
+
+
+@pytest.mark.parametrize(
+    ("ipc", "host_ipc", "complaint"),
+    HOST_IPC_BY_MODE,
+    ids=[f"{ipc}-hostIPC-{json.dumps(host_ipc)}" for ipc, host_ipc, _ in HOST_IPC_BY_MODE],
+)
+def test_the_host_ipc_rule_follows_the_ipc_mode(
+    ipc: MpsIpcMode, host_ipc: bool | None, complaint: str | None
+) -> None:
+    result = translate_pod(pod(container(limits=TEN), host_ipc=host_ipc), 80, MpsClientRules(ipc=ipc))
+
+    if complaint is None:
+        assert observed(result).size_gb == 10
+    else:
+        refusal = rejected(result)
+        assert refusal.reason == RejectionRule.HOST_IPC_REQUIRED
+        assert complaint in refusal.message
+        assert "host IPC mode" in refusal.message
+
+
+def test_the_shm_directory_mode_still_checks_the_user() -> None:
+    rules = MpsClientRules(ipc="shm-directory", mps_user=1000)
+
+    assert rejected(translate_pod(pod(container(limits=TEN), host_ipc=None), 80, rules)).reason == (
+        RejectionRule.USER_MISMATCH
+    )
+    assert observed(translate_pod(pod(container(limits=TEN), host_ipc=None, user=1000), 80, rules))
+
+
+def test_the_client_rules_default_to_the_host_ipc_mode_without_a_user() -> None:
+    assert MpsClientRules() == MpsClientRules(ipc="host", mps_user=None)
 
 
 @pytest.mark.parametrize(

@@ -42,9 +42,13 @@ class Gpu:
     memory_mib: int
     slices: tuple[Slice, ...] = ()
     max_slices: int = MAX_CLIENTS_VOLTA_AND_NEWER
+    reserved_mib: int = 0
+    """Memory its node agent keeps back for MPS itself (the planner's `reserve_mib`, when larger,
+    counts instead)."""
 
     def capacity_gb(self, reserve_mib: int = 0) -> int:
-        return max(0, (self.memory_mib - reserve_mib) // MIB_PER_GIB)
+        """Whole GiB its slices may share, with `reserve_mib` or its own reserve kept back."""
+        return max(0, (self.memory_mib - max(reserve_mib, self.reserved_mib)) // MIB_PER_GIB)
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,9 @@ class Node:
     earlier, or when the layout it would get is one it refused). `protected`: slice sizes whose free
     slices must stay, because a pod that the planner does not place may be bound to one of them at
     any moment (a pod that bypassed the scheduling gate, or one bound here whose slice the node has
-    not reported yet).
+    not reported yet). `withdrawn`: GPUs that cannot serve slices now (their MPS daemon does not
+    answer, or they reported a fault), each with the slices it keeps; they are neither carved nor
+    placed on, and appear in the node's layout as they are.
     """
 
     name: str
@@ -64,6 +70,7 @@ class Node:
     can_carve: bool = True
     can_host: bool = True
     protected: frozenset[int] = frozenset()
+    withdrawn: tuple[Gpu, ...] = ()
 
     def __post_init__(self) -> None:
         if self.can_carve and not self.can_host:

@@ -5,7 +5,9 @@ never add up to more than its capacity; no GPU gets more slices than MPS allows 
 that cannot host pods (cordoned, stale) gets none, and one that cannot carve now (it is applying
 its last layout) keeps its slices, though pods may be placed on its free ones; a free slice of a
 size the node protects (`Node.protected`: a pod the planner does not place may be bound to it) is
-never reclaimed; a pod released to a node (`PendingPod.pinned`) is served there first. Within
+never reclaimed; a GPU that cannot serve slices now (`Node.withdrawn`) is neither carved nor placed
+on, and keeps the slices its node gives it; a pod released to a node (`PendingPod.pinned`) is served
+there first. Within
 those, the objective is, in this order: serve as many pending pods as possible, higher priority
 first (then older, then namespace/name); change as few GPUs as possible; keep free memory in
 large whole regions.
@@ -27,11 +29,11 @@ I/O.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from services.planner.core.cluster import Cluster, GpuPlan, gpu_plans
-from services.planner.core.model import Node, PendingPod, Placement, PlanResult, PlanSettings, Slice
+from services.planner.core.model import Gpu, Node, PendingPod, Placement, PlanResult, PlanSettings, Slice
 from services.planner.core.strategy import pod_order, serve, trivial_reason, waiting_reasons
 
 
@@ -54,6 +56,7 @@ class PlanRun:
     largest: int
     last_pod: tuple[int, float, str, str] | None
     extendable: bool
+    withdrawn: dict[str, tuple[Gpu, ...]]
 
 
 def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: PlanSettings) -> PlanRun:
@@ -84,11 +87,13 @@ def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: Pla
     if waiting:
         unplaced.update(waiting_reasons(waiting, cluster))
 
+    withdrawn = {node.name: node.withdrawn for node in plannable if node.withdrawn}
     result = PlanResult(
-        layouts=_layouts(cluster.gpus), placed=placed, unplaced=unplaced, excluded_nodes=excluded
+        layouts=_layouts(cluster.gpus, withdrawn), placed=placed, unplaced=unplaced, excluded_nodes=excluded
     )
     last_pod = pod_order(servable[-1]) if servable else None
-    return PlanRun(result, cluster, largest, last_pod, extendable=not waiting and not cluster.reclaimed)
+    extendable = not waiting and not cluster.reclaimed
+    return PlanRun(result, cluster, largest, last_pod, extendable, withdrawn)
 
 
 def excluded_reason(node: Node, settings: PlanSettings) -> str | None:
@@ -104,10 +109,16 @@ def excluded_reason(node: Node, settings: PlanSettings) -> str | None:
     return None
 
 
-def _layouts(gpus: Iterable[GpuPlan]) -> dict[str, dict[int, tuple[Slice, ...]]]:
+def _layouts(
+    gpus: Iterable[GpuPlan], withdrawn: Mapping[str, tuple[Gpu, ...]]
+) -> dict[str, dict[int, tuple[Slice, ...]]]:
+    """The planned slices of `gpus`, and of every withdrawn GPU of their nodes and of `withdrawn`'s."""
     layouts: dict[str, dict[int, tuple[Slice, ...]]] = {}
     for gpu_plan in gpus:
         layouts.setdefault(gpu_plan.node, {})[gpu_plan.gpu.index] = tuple(gpu_plan.slices)
+    for node, kept in withdrawn.items():
+        for gpu in kept:
+            layouts.setdefault(node, {})[gpu.index] = gpu.slices
     return layouts
 
 
@@ -148,4 +159,7 @@ def extend_run(run: PlanRun, pods: Sequence[PendingPod]) -> Extension | None:
     if servable:
         run.last_pod = pod_order(servable[-1])
     unplaced = {pod.key: reason for pod in ordered if (reason := trivial_reason(pod, run.largest, any_gpu))}
-    return Extension(placed, unplaced, _layouts(g for g in run.cluster.gpus if g.node in touched))
+    withdrawn = {node: kept for node, kept in run.withdrawn.items() if node in touched}
+    return Extension(
+        placed, unplaced, _layouts((g for g in run.cluster.gpus if g.node in touched), withdrawn)
+    )

@@ -9,8 +9,9 @@ batch window to close, or publish what changed (node layouts, the plan, pod rele
 
 How it never fails a pod: a gated pod is released only to a node whose agent reports a free slice
 of its size that the kubelet lists; a node gets one layout change at a time; a free slice that a
-pod outside the planner's control may be bound to is never reclaimed (`planning_nodes`); a layout
-a node refused is not asked again while its report stays the same. Time comes in as an argument
+pod outside the planner's control may be bound to is never reclaimed (`planning_nodes`), nor
+withdrawn from a GPU that cannot serve slices (`_withdrawn_gpus`); a layout a node refused is not
+asked again while its report stays the same. Time comes in as an argument
 and from event times, never from a clock, so replaying a recorded stream reproduces every
 decision. Nothing here performs I/O.
 """
@@ -435,7 +436,7 @@ def _ready_slices(report: NodeGpusReported, holders: Iterable[PodObserved], size
     free = sum(
         1
         for gpu in report.gpus
-        if gpu.daemon_healthy
+        if gpu.serves_slices
         for s in gpu.slices
         if s.size_gb == size_gb and not s.used and s.listed_by_kubelet
     )
@@ -714,16 +715,50 @@ def planning_nodes(
                 without_slice[pod.size_gb] -= 1
                 pinned.append(_pinned(pod, name))
         can_host = _can_host(level, now, settings)
+        can_carve = can_host and not level.applying
+        protected = ungated | {pod.size_gb for pod in unnamed}
         nodes.append(
             Node(
                 name=name,
                 gpus=gpus,
-                can_carve=can_host and not level.applying,
+                can_carve=can_carve,
                 can_host=can_host,
-                protected=ungated | {pod.size_gb for pod in unnamed},
+                protected=protected,
+                withdrawn=_withdrawn_gpus(level.report, protected if can_carve else None),
             )
         )
     return nodes, never_reported, pinned
+
+
+def _withdrawn_gpus(report: NodeGpusReported, keep_free: frozenset[int] | None) -> tuple[Gpu, ...]:
+    """The node's GPUs that cannot serve slices now (a daemon that does not answer, a fault), each
+    with the slices it keeps: the used ones, and the free ones of the sizes in `keep_free` (sizes
+    a pod the planner does not place may be given; None: every free slice, as the node cannot
+    change its layout now). A GPU in MIG mode is left out: mpsflow never asks anything of it.
+
+    Withdrawing a free slice goes through a layout like any other removal, so the kubelet never
+    loses a slice that a pod bound to the node may be given; the agent marks the used ones
+    Unhealthy itself.
+    """
+    withdrawn: list[Gpu] = []
+    for gpu in sorted(report.gpus, key=lambda g: g.index):
+        if gpu.serves_slices or gpu.mig_enabled:
+            continue
+        kept = tuple(
+            Slice(size_gb=s.size_gb, used=s.used)
+            for s in sorted(gpu.slices, key=lambda s: s.size_gb)
+            if s.used or keep_free is None or s.size_gb in keep_free
+        )
+        withdrawn.append(
+            Gpu(
+                index=gpu.index,
+                model=gpu.model,
+                memory_mib=gpu.memory_mib,
+                slices=kept,
+                max_slices=gpu.max_slices,
+            )
+        )
+    return tuple(withdrawn)
 
 
 def _pinned(pod: PodObserved, node: str) -> PendingPod:
@@ -744,7 +779,7 @@ def _expected_gpus(
     to_mark = Counter({size: count - untied_used[size] for size, count in unnamed.items()})
     gpus: list[Gpu] = []
     for gpu in sorted(report.gpus, key=lambda g: g.index):
-        if gpu.mig_enabled or not gpu.daemon_healthy:  # left alone: no MPS to serve slices on it now
+        if not gpu.serves_slices:  # no MPS to serve slices on it now: see `_withdrawn_gpus`
             continue
         used = Counter(s.size_gb for s in gpu.slices if s.used)
         if desired is not None and gpu.index in desired:
@@ -769,6 +804,7 @@ def _expected_gpus(
                 memory_mib=gpu.memory_mib,
                 slices=tuple(slices),
                 max_slices=gpu.max_slices,
+                reserved_mib=gpu.reserved_mib,
             )
         )
     return tuple(gpus), +to_mark

@@ -943,12 +943,59 @@ def test_a_pod_that_waited_long_is_told_why_even_while_some_node_applies_a_layou
     assert state.nodes["n"].applying and late.plan.unplaced["default/b"] != exhausted
 
 
-def test_a_gpu_whose_mps_daemon_is_down_is_left_alone_and_its_slices_are_not_released_onto() -> None:
-    down = gpu_report(0, 40, "10f").model_copy(update={"daemon_healthy": False})
-    state = state_of(*ready_node("n", down, gpu_report(1, 40)), env(gated("a")))
+def unhealthy(gpu: GpuReport, how: str) -> GpuReport:
+    if how == "daemon down":
+        return gpu.model_copy(update={"daemon_healthy": False})
+    return gpu.model_copy(update={"fault": "Xid 79 (the GPU has fallen off the bus) reported by the driver"})
+
+
+@pytest.mark.parametrize("how", ["daemon down", "fault"])
+def test_a_gpu_that_cannot_serve_slices_is_not_carved_nor_released_onto_and_its_free_slices_go(
+    how: str,
+) -> None:
+    down = unhealthy(gpu_report(0, 40, "10f 20u@x"), how)
+    state = state_of(
+        *ready_node("n", down, gpu_report(1, 40)), env(observed("x", 20, node="n")), env(gated("a"))
+    )
     decision = decided(state)
-    assert sizes(decision.plan) == {"n": {1: "10f"}} and decision.plan.placed["default/a"].gpu == 1
-    assert decision.releases == ()  # the only free 10 GiB slice is on the GPU whose daemon is down
+    # Its used slice stays; its free one goes, since no pod may be given it; the pod goes to GPU 1.
+    assert sizes(decision.plan) == {"n": {0: "20u", 1: "10f"}} and decision.plan.placed["default/a"].gpu == 1
+    assert decision.releases == ()  # the only free 10 GiB slice is on the GPU that cannot serve
+
+
+@pytest.mark.parametrize("how", ["daemon down", "fault"])
+def test_the_free_slices_of_an_unhealthy_gpu_that_a_bound_pod_may_be_given_stay(how: str) -> None:
+    down = unhealthy(gpu_report(0, 40, "10f 20f"), how)
+    # b is bound to n and the report names no holder for it: the kubelet may give it either slice
+    # of its size, even the one on GPU 0.
+    state = state_of(*ready_node("n", down, gpu_report(1, 40, "10f")), env(observed("b", 10, node="n")))
+    decision = decided(state)
+    assert sizes(decision.plan)["n"] == {0: "10f", 1: "10u"}
+
+
+def test_a_node_applying_a_layout_keeps_the_slices_of_its_unhealthy_gpu_for_now() -> None:
+    state = state_of(*ready_node("n", gpu_report(0, 40, "10f"), gpu_report(1, 40)), env(gated("a", 30)))
+    first = decided(state)
+    state.commit(first)
+    assert state.nodes["n"].applying
+    for envelope in synced("n", unhealthy(gpu_report(0, 40, "10f"), "fault"), gpu_report(1, 40), at=LATER):
+        state.apply(envelope)
+    nodes, _, _ = planning_nodes(state, LATER, SETTINGS)
+    assert [(g.index, [s.size_gb for s in g.slices]) for g in nodes[0].withdrawn] == [(0, [10])]
+
+
+def test_a_gpu_whose_daemon_answers_again_is_carved_again() -> None:
+    state = state_of(*ready_node("n", unhealthy(gpu_report(0, 40), "daemon down")), env(gated("a")))
+    assert "default/a" in decided(state).plan.unplaced
+    for envelope in synced("n", gpu_report(0, 40), at=LATER):
+        state.apply(envelope)
+    again = decided(state, LATER + timedelta(seconds=1))
+    assert sizes(again.plan) == {"n": {0: "10f"}} and again.plan.placed["default/a"].gpu == 0
+
+
+def test_a_gpu_in_mig_mode_is_not_in_any_layout() -> None:
+    state = state_of(*ready_node("n", gpu_report(0, 40, mig=True), gpu_report(1, 40)), env(gated("a")))
+    assert sizes(decided(state).plan) == {"n": {1: "10f"}}
 
 
 def test_a_pod_goes_only_to_a_node_its_selector_and_tolerations_allow() -> None:
@@ -977,3 +1024,11 @@ def test_a_pod_goes_only_to_a_node_its_selector_and_tolerations_allow() -> None:
         "tolerations"
     )
     assert released(decision) == {"default/picky": "a100", "default/anyone": "h100"}
+
+
+def test_the_planner_keeps_back_the_memory_each_agent_reserves_for_mps() -> None:
+    reserved = gpu_report(0, 40).model_copy(update={"reserved_mib": 1024})
+    state = state_of(*ready_node("n", reserved), env(gated("a", 40)), env(gated("b", 39)))
+    decision = decided(state)
+    assert sizes(decision.plan) == {"n": {0: "39f"}}
+    assert decision.plan.placed["default/b"].gpu == 0 and "default/a" in decision.plan.unplaced
