@@ -56,7 +56,7 @@ ROUTES: dict[str, Route] = {
     "NodeObserved": Route(subjects.node_subject, ("name",), "pod watcher"),
     "NodeOptedOut": Route(subjects.node_subject, ("name",), "pod watcher"),
     "NodeGpusReported": Route(subjects.gpus_subject, ("node",), "node agent"),
-    "SliceOverused": Route(subjects.overuse_subject, _POD, "node agent"),
+    "SliceOverused": Route(subjects.overuse_subject, ("node", *_POD), "node agent"),
     "PlanComputed": Route(subjects.plan_subject, (), "planner"),
     "NodePlanned": Route(subjects.planned_subject, ("node",), "planner"),
     "NodeConfigPublished": Route(subjects.config_subject, ("node",), "config publisher"),

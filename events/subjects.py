@@ -97,9 +97,10 @@ def release_subject(namespace: str, name: str) -> str:
     return f"{PREFIX}.release.{encode_token(namespace)}.{encode_token(name)}"
 
 
-def overuse_subject(namespace: str, name: str) -> str:
-    """A node agent saying one pod's processes use more GPU memory than its slice."""
-    return f"{PREFIX}.overuse.{encode_token(namespace)}.{encode_token(name)}"
+def overuse_subject(node: str, namespace: str, name: str) -> str:
+    """A node agent saying one pod's processes use more GPU memory than its slice (under the node's
+    name first, so that an agent's rights can stop at its own node)."""
+    return f"{PREFIX}.overuse.{encode_token(node)}.{encode_token(namespace)}.{encode_token(name)}"
 
 
 def config_subject(node: str) -> str:

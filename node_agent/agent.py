@@ -383,7 +383,7 @@ class NodeAgent:
             pids=found.pids,
         )
         await self.bus.publish(
-            subjects.overuse_subject(namespace, name),
+            subjects.overuse_subject(self.settings.node, namespace, name),
             event,
             message_id=content_id("overuse", self.settings.node, found.device.id, holder, str(found.pids)),
         )

@@ -601,7 +601,7 @@ async def test_a_pod_whose_processes_overuse_its_slice_gets_a_warning_event_once
         used_mib=12800,
         pids=(4242, 4243),
     )
-    subject = subjects.overuse_subject(NAMESPACE, "greedy")
+    subject = subjects.overuse_subject("a100-1", NAMESPACE, "greedy")
 
     async with watching(bus, api):
         await log.pod(PodObserved, "greedy")
@@ -613,7 +613,9 @@ async def test_a_pod_whose_processes_overuse_its_slice_gets_a_warning_event_once
         await handled(bus, again, OVERUSE_DURABLE)
         # Told of a pod it does not know, the watcher tells nobody and moves on.
         stranger = overuse.model_copy(update={"name": "stranger"})
-        last = await bus.publish(subjects.overuse_subject(NAMESPACE, "stranger"), stranger, message_id="o-3")
+        last = await bus.publish(
+            subjects.overuse_subject("a100-1", NAMESPACE, "stranger"), stranger, message_id="o-3"
+        )
         await handled(bus, last, OVERUSE_DURABLE)
         events = await pod_events(core, "greedy")
 
