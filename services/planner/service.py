@@ -2,7 +2,8 @@
 
 On start it rebuilds its state from the last message of every subject it reads (its durable
 consumer is recreated at "last per subject"): pods, nodes, GPU reports, what node agents applied
-or refused, and its own node layouts and pod releases, so a restart loses nothing. Every decision,
+or refused, and its own node layouts and pod releases, so a restart loses nothing; and the last
+plan it published, so that it does not publish the same plan again. Every decision,
 down to each message's subject and id, is the core's (`Planner` in `core/step.py`, which
 `mpsflow replay` drives too): this shell observes events, asks for a step when woken, publishes
 the step's messages and reports them published. It never decides, never talks to Kubernetes or
@@ -19,6 +20,7 @@ from opentelemetry.trace import Link
 
 from events import subjects
 from events.bus import Bus, BusUnavailableError, Delivery
+from events.plans import PlanComputed
 from events.tracing import link_to, tracer
 from services.kit.retry import BUS, retrying
 from services.kit.signal import Wakeup
@@ -65,6 +67,9 @@ class PlannerService:
             self._wakeup.set()
 
     async def consume(self) -> None:
+        for envelope in await self.bus.current_levels(subjects.plan_subject()):
+            if isinstance(envelope.event, PlanComputed):
+                self.core.recall_plan(envelope.event.plan_id)
         await self.bus.consume(
             durable=DURABLE,
             filter_subjects=[

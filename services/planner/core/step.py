@@ -66,16 +66,28 @@ def published_plan(plan: PlanComputed) -> PlanComputed:
 
 
 def messages_of(decision: PublishPlan) -> tuple[Outgoing, ...]:
-    """The messages a decision publishes, in the order that `PublishPlan` gives."""
+    """The messages a decision publishes, in the order that `PublishPlan` gives.
+
+    A plan and a node's layout are identified by their content and by the state revision they were
+    decided at: the same decision published twice (a retry) is stored once, while the same plan
+    decided again later (the cluster came back to where it was) is a new message. Its content alone
+    would make the bus drop it as a duplicate, and a node asked again for a layout it had before
+    would never hear of it.
+    """
     plan = decision.plan
+    at = str(decision.at_revision)
     out = [
         Outgoing(
-            subjects.planned_subject(planned.node), planned, content_id("planned", planned.node, plan.plan_id)
+            subjects.planned_subject(planned.node),
+            planned,
+            content_id("planned", planned.node, plan.plan_id, at),
         )
         for planned in decision.node_plans
     ]
     if decision.plan_is_new:
-        out.append(Outgoing(subjects.plan_subject(), published_plan(plan), plan.plan_id))
+        out.append(
+            Outgoing(subjects.plan_subject(), published_plan(plan), content_id("plan", plan.plan_id, at))
+        )
     out.extend(
         Outgoing(
             subjects.release_subject(release.namespace, release.name),
@@ -107,6 +119,11 @@ class Planner:
 
     def observe(self, envelope: Envelope) -> None:
         self.state.apply(envelope)
+
+    def recall_plan(self, plan_id: str) -> None:
+        """The plan published last (by this planner before it restarted): the same plan decided
+        again is not published again."""
+        self.state.last_plan_id = plan_id
 
     def step(self, now: datetime) -> Step:
         """What to do at `now`. Time passing is an input too: a node whose report went stale since

@@ -37,6 +37,7 @@ from services.planner.core.state import (
     layout_of,
     planning_nodes,
 )
+from services.planner.core.step import Planner, messages_of
 from services.planner.replay import replay
 from tests.unit.planner.invariants import assert_plan_invariants
 
@@ -1032,3 +1033,25 @@ def test_the_planner_keeps_back_the_memory_each_agent_reserves_for_mps() -> None
     decision = decided(state)
     assert sizes(decision.plan) == {"n": {0: "39f"}}
     assert decision.plan.placed["default/b"].gpu == 0 and "default/a" in decision.plan.unplaced
+
+
+def test_a_plan_decided_again_after_another_is_a_new_message_and_a_retry_is_not() -> None:
+    """The cluster comes back to where it was (pod a deleted, then created again under the same
+    name): the same plan is decided again and must reach the bus, which drops a message whose id it
+    has seen; the same decision published twice (a retry) keeps its ids."""
+    planner = Planner(SETTINGS)
+    for envelope in ready_node("n", gpu_report(0, 40, "10f")):
+        planner.observe(envelope)
+    plans: list[tuple[str, str]] = []  # (plan id, message id)
+    at = LATER
+    for event in (gated("a"), deleted("a"), gated("a")):
+        planner.observe(env(event, at))
+        at += timedelta(seconds=1)
+        step = planner.step(at)
+        assert step.decision is not None
+        assert messages_of(step.decision) == step.messages  # the same decision, the same ids
+        [message] = [m for m in step.messages if m.subject == "mpsflow.plan"]
+        plans.append((step.decision.plan.plan_id, message.message_id))
+        planner.published(step)
+    (first_plan, first_id), _, (again_plan, again_id) = plans
+    assert first_plan == again_plan and first_id != again_id
