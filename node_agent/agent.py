@@ -12,6 +12,7 @@ talks to the Kubernetes API.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -29,9 +30,10 @@ from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from events.tracing import extract, tracer
 from events.vocabulary import MIB_PER_GIB
 from node_agent.daemons import DaemonKeeper
-from node_agent.device_plugin import SliceDevicePlugin
+from node_agent.device_plugin import SliceServer
 from node_agent.gpus import GpuReading
 from node_agent.health import APPLICATION_ERRORS_ONLY, GpuHealth, XidPolicy, gpu_health, with_health
+from node_agent.link import SliceServerUnavailable
 from node_agent.mps import (
     DaemonSpec,
     MpsCommandError,
@@ -87,7 +89,7 @@ class NodeAgent:
         bus: Bus,
         inventory: GpuInventory,
         mps: MpsControl,
-        plugin: SliceDevicePlugin,
+        plugin: SliceServer,
         *,
         processes: ProcessSlices | None = None,
     ) -> None:
@@ -115,6 +117,7 @@ class NodeAgent:
         self.daemon_health: dict[int, bool] = {}
         self.faults: dict[int, str] = {}  # GPU index -> the critical Xid error that took it out
         self._avoided_gpus: frozenset[int] = frozenset()  # the kubelet is asked to give these out last
+        self._seen_allocations: int | None = None  # the plugin's allocation count at the last look
         self.applied_plan_id: str | None = None
         # Applied/failed events name this run of the agent: a restarted agent applying the same
         # config again says so, while a retried publish within one run is stored once.
@@ -125,15 +128,17 @@ class NodeAgent:
         self._last_report: str | None = None
 
     async def run(self) -> None:
-        """Start the daemons, offer the slices containers still hold (after a restart), report, and
-        serve until cancelled; on the way out, say that the kubelet lists none of this node's slices
-        any more, so that no pod is released here while the agent is gone."""
+        """Start the daemons, take up the slices served (the keeper's, after a restart) and those
+        containers still hold, report, and serve until cancelled. On the way out, when the slices
+        go with the agent, say that the kubelet lists none of them any more, so that no pod is
+        released here while the agent is gone; when the keeper serves them, they stay."""
         self.gpus = await self.inventory.read()
         await self.start_daemons()
+        self.devices, self._avoided_gpus = await self.served_slices()
         self.usage = await self.current_usage()
         adopted = adopted_devices(self.gpus, self.devices, self.usage.in_use)
         if adopted:
-            await self.offer((*self.devices, *adopted))
+            await self.offer_if_served((*self.devices, *adopted))
         await self.report(force=True)
         try:
             async with anyio.create_task_group() as group:
@@ -144,9 +149,26 @@ class NodeAgent:
                 group.start_soon(self.watch_xid_errors)
                 group.start_soon(self.heartbeat)
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(WITHDRAW_TIMEOUT):
-                self.usage = replace(self.usage, listed=frozenset())
-                await self.report(force=True)
+            if not self.plugin.outlives_agent:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(WITHDRAW_TIMEOUT):
+                    self.usage = replace(self.usage, listed=frozenset())
+                    await self.report(force=True)
+
+    async def served_slices(self) -> tuple[tuple[SliceDevice, ...], frozenset[int]]:
+        """What the slice server serves now, waiting for it as long as for the daemons (the keeper
+        may be starting too); nothing when it does not answer by then."""
+        with anyio.move_on_after(self.settings.daemon_wait_seconds):
+            while True:
+                try:
+                    return await self.plugin.served()
+                except SliceServerUnavailable as error:
+                    log.info("%s; asking again", error)
+                    await anyio.sleep(DAEMON_POLL_SECONDS)
+        log.error(
+            "the slice server did not answer within %.0fs: starting with no slices",
+            self.settings.daemon_wait_seconds,
+        )
+        return (), frozenset()
 
     def daemon(self, gpu: GpuReading) -> DaemonSpec:
         return DaemonSpec.under(self.settings.mps_root, gpu.index, gpu.uuid)
@@ -198,9 +220,15 @@ class NodeAgent:
                 reserve_mib=self.settings.memory_reserve_mib,
             )
             subject = subjects.config_subject(self.settings.node)
+            if not isinstance(outcome, Refused):
+                try:
+                    await self.offer(outcome.devices, freed)
+                except SliceServerUnavailable as error:
+                    outcome = Refused(f"its slices could not be served: {error}")
             if isinstance(outcome, Refused):
                 log.warning("config of plan %s refused: %s", desired.plan_id, outcome.reason)
-                await self.offer(self.devices, freed)
+                with contextlib.suppress(SliceServerUnavailable):
+                    await self.offer(self.devices, freed)
                 # The report first: the planner then plans from what made the node refuse.
                 await self.report()
                 await self.bus.publish(
@@ -216,12 +244,12 @@ class NodeAgent:
                     ),
                 )
                 return
-            await self.offer(outcome.devices, freed)
             offered = anyio.current_time()
             self._offered_at = {d.id: self._offered_at.get(d.id, offered) for d in self.devices}
             self.applied_plan_id = desired.plan_id
             await self.apply_daemon_limits()
-            await self.offer(self.devices, await self.observe_usage())
+            with contextlib.suppress(SliceServerUnavailable):  # applied; the next look marks health
+                await self.offer(self.devices, await self.observe_usage())
             await self.report()
             await self.bus.publish(
                 subject,
@@ -247,7 +275,13 @@ class NodeAgent:
         kubelet cannot list its devices (older than 1.23), a slice counts as listed once it has been
         offered for `listing_grace_seconds`.
         """
-        allocations = self.plugin.allocations()
+        try:
+            handed_out = await self.plugin.allocations()
+        except SliceServerUnavailable as error:
+            log.warning("%s; keeping the last known usage", error)
+            return self.usage
+        self._seen_allocations = handed_out.count
+        allocations = handed_out.at
         offered = frozenset(device.id for device in self.devices)
         if self.settings.pod_resources_socket is None:
             return SliceUsage(frozenset(allocations), {}, offered)
@@ -280,8 +314,19 @@ class NodeAgent:
         marked = with_health(devices, freed, health)
         avoided = frozenset(index for index, gpu in health.items() if not gpu.healthy)
         if marked != self.devices or avoided != self._avoided_gpus:
-            await self.plugin.set_devices(marked, avoided_gpus=avoided)
-            self.devices, self._avoided_gpus = marked, avoided
+            self.devices = await self.plugin.set_devices(
+                marked, avoided_gpus=avoided, seen_allocations=self._seen_allocations
+            )
+            self._avoided_gpus = avoided
+
+    async def offer_if_served(
+        self, devices: tuple[SliceDevice, ...], freed: frozenset[str] = frozenset()
+    ) -> None:
+        """`offer`, where a slice server that does not answer now only delays it to the next look."""
+        try:
+            await self.offer(devices, freed)
+        except SliceServerUnavailable as error:
+            log.warning("%s; offering again at the next look", error)
 
     def health(self) -> dict[int, GpuHealth]:
         return gpu_health((gpu.index for gpu in self.gpus), self.daemon_health, self.faults)
@@ -291,7 +336,7 @@ class NodeAgent:
             before = self.usage
             freed = await self.observe_usage()
             if self.usage != before:
-                await self.offer(self.devices, freed)
+                await self.offer_if_served(self.devices, freed)
                 await self.report()
             await anyio.sleep(self.settings.usage_poll_seconds)
 
@@ -299,7 +344,7 @@ class NodeAgent:
         while True:
             await anyio.sleep(self.settings.daemon_check_seconds)
             await self.check_daemons()
-            await self.offer(self.devices)
+            await self.offer_if_served(self.devices)
             await self.report()
 
     async def watch_xid_errors(self) -> None:
@@ -325,7 +370,7 @@ class NodeAgent:
                     self.faults[index] = fault
                     new_faults = True
             if new_faults:
-                await self.offer(self.devices)
+                await self.offer_if_served(self.devices)
                 await self.report()
 
     async def heartbeat(self) -> None:

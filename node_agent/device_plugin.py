@@ -10,7 +10,12 @@ and, in the ``shm-directory`` IPC mode, the GPU's ``/dev/shm`` mount, from
 
 It never decides what the slices are, never touches NVML or the MPS daemons, and never
 withdraws a resource once served: a resource whose slices all disappear keeps its socket and
-lists no devices, so pods already bound to it are not orphaned by a re-registration.
+lists no devices, so pods already bound to it are not orphaned by a re-registration. Nor does it
+drop a slice it handed out after the list it is given was decided (`set_devices`'s
+`seen_allocations`): the kubelet may be starting a container on it.
+
+It runs where the slices must outlive the agent's restarts: in `mpsflow run mps-daemons`, which the
+agent reaches through `node_agent.link`, or, with `--mps-daemons own`, in the agent itself.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import grpc.aio
@@ -76,6 +83,40 @@ def foreign_gpu_plugins(plugin_dir: Path) -> list[str]:
     return serving
 
 
+@dataclass(frozen=True)
+class Allocations:
+    """What Allocate handed out: device ID -> the event loop's time of its last allocation, and how
+    many allocations there have been in all (`count`), which `set_devices` takes back as
+    `seen_allocations` to tell which allocations its caller had not seen."""
+
+    at: dict[str, float]
+    count: int
+
+
+class SliceServer(Protocol):
+    """What the node agent needs of whatever serves its slices to the kubelet: `SliceDevicePlugin`
+    in its own process, or `node_agent.link.RemotePlugin`, the one the keeper runs."""
+
+    outlives_agent: bool
+    """Whether the slices stay served once the agent has stopped."""
+
+    async def set_devices(
+        self,
+        devices: Sequence[SliceDevice],
+        *,
+        avoided_gpus: frozenset[int] = frozenset(),
+        seen_allocations: int | None = None,
+    ) -> tuple[SliceDevice, ...]: ...
+
+    async def allocations(self) -> Allocations: ...
+
+    async def served(self) -> tuple[tuple[SliceDevice, ...], frozenset[int]]: ...
+
+    async def run(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 def _file_identity(path: Path) -> FileIdentity | None:
     try:
         status = path.stat()
@@ -92,6 +133,9 @@ def _device_order(device_id: str, avoided_gpus: frozenset[int] = frozenset()) ->
 
 class SliceDevicePlugin:
     """Serves every slice resource of this node to the kubelet and keeps it registered."""
+
+    outlives_agent = False
+    """In the agent's own process, the slices go when the agent goes."""
 
     def __init__(
         self,
@@ -116,14 +160,22 @@ class SliceDevicePlugin:
         self._avoided_gpus: frozenset[int] = frozenset()
         self._servers: dict[str, _ResourceServer] = {}
         self._allocations: dict[str, float] = {}
+        self._allocation_count = 0
+        self._allocated_as: dict[str, int] = {}  # device ID -> the count its last allocation made
         # Serialises set_devices, the supervision loop and close around the servers.
         self._lock = asyncio.Lock()
 
     async def set_devices(
-        self, devices: Sequence[SliceDevice], *, avoided_gpus: frozenset[int] = frozenset()
-    ) -> None:
+        self,
+        devices: Sequence[SliceDevice],
+        *,
+        avoided_gpus: frozenset[int] = frozenset(),
+        seen_allocations: int | None = None,
+    ) -> tuple[SliceDevice, ...]:
         """Make ``devices`` the full slice list; serves and registers resources seen first here.
         The kubelet is asked to give out the slices of ``avoided_gpus`` (unhealthy ones) last.
+        With ``seen_allocations`` (the `Allocations.count` the list was decided from), a slice that
+        ``devices`` leaves out but that was allocated since stays. Returns the list now served.
 
         A failed registration does not raise: :meth:`run` retries it.
         """
@@ -131,10 +183,18 @@ class SliceDevicePlugin:
         if len(by_id) != len(devices):
             raise ValueError("duplicate slice device IDs")
         async with self._lock:
+            if seen_allocations is not None:
+                for device_id, device in self._devices.items():
+                    if device_id not in by_id and self._allocated_as.get(device_id, 0) > seen_allocations:
+                        logger.info("%s was allocated since the new slice list was decided: kept", device_id)
+                        by_id[device_id] = device
             self._devices = by_id
             self._avoided_gpus = avoided_gpus
             self._allocations = {
                 device_id: at for device_id, at in self._allocations.items() if device_id in by_id
+            }
+            self._allocated_as = {
+                device_id: count for device_id, count in self._allocated_as.items() if device_id in by_id
             }
             for device in devices:
                 if device.resource not in self._servers:
@@ -144,6 +204,7 @@ class SliceDevicePlugin:
                     await self._register(server)
             for server in self._servers.values():
                 server.devices_changed()
+            return tuple(by_id.values())
 
     async def run(self) -> None:
         """Keep every resource served and registered until cancelled; never raises otherwise.
@@ -175,12 +236,16 @@ class SliceDevicePlugin:
             self._servers.clear()
             await asyncio.gather(*(server.stop() for server in servers))
 
-    def allocations(self) -> Mapping[str, float]:
+    async def allocations(self) -> Allocations:
         """Device IDs handed out by Allocate, with the event loop's time of their last allocation.
 
         Entries are dropped when their device leaves the slice list.
         """
-        return dict(self._allocations)
+        return Allocations(dict(self._allocations), self._allocation_count)
+
+    async def served(self) -> tuple[tuple[SliceDevice, ...], frozenset[int]]:
+        """The slice list served now, and the GPUs whose slices the kubelet is asked to give out last."""
+        return tuple(self._devices.values()), self._avoided_gpus
 
     async def _reconcile_registrations(self) -> bool:
         kubelet_identity = _file_identity(self._kubelet_socket)
@@ -296,7 +361,9 @@ class SliceDevicePlugin:
             allocated.append(device.id)
         now = asyncio.get_running_loop().time()
         for device_id in allocated:
+            self._allocation_count += 1
             self._allocations[device_id] = now
+            self._allocated_as[device_id] = self._allocation_count
         return api.AllocateResponse(container_responses=responses)
 
 

@@ -18,6 +18,7 @@ from events.vocabulary import DEFAULT_MPS_IPC, DEFAULT_OPT_IN, MPS_IPC_MODES, Mp
 from services.kit.lifecycle import close_all
 
 if TYPE_CHECKING:
+    from node_agent.device_plugin import SliceDevicePlugin
     from node_agent.health import XidPolicy
     from node_agent.nvml import GpuInventory
 
@@ -102,6 +103,36 @@ def _foreign_mps_dirs(parser: argparse.ArgumentParser) -> None:
         help="refuse to start while another MPS control daemon answers on a control socket in these "
         "directories or below them (default: /tmp/nvidia-mps, CUDA's default pipe directory, and "
         "/run/nvidia/mps, NVIDIA's device plugin and GPU Operator); give the flag alone to skip the check",
+    )
+
+
+def _slice_serving(parser: argparse.ArgumentParser, role: str) -> None:
+    """The flags of whoever serves the slices to the kubelet, and of the link to the keeper."""
+    parser.add_argument(
+        "--plugin-dir",
+        type=Path,
+        default=Path("/var/lib/kubelet/device-plugins"),
+        help=f"the kubelet's device-plugin directory ({role})",
+    )
+    parser.add_argument("--thread-policy", choices=["proportional", "equal", "off"], default="proportional")
+    parser.add_argument(
+        "--device-list-strategy",
+        choices=["envvar", "cdi-annotations", "cdi-cri"],
+        default="cdi-cri",
+        help="how a slice container gets its GPU: cdi-cri for CDI-enabled containerd or CRI-O (the GPU "
+        "Operator's default from v25.10), cdi-annotations for the nvidia runtime in CDI mode, envvar "
+        "(NVIDIA_VISIBLE_DEVICES) for the nvidia runtime in legacy mode",
+    )
+    parser.add_argument(
+        "--cdi-kind",
+        default="nvidia.com/gpu",
+        help="the CDI kind of the node's GPUs; the CDI spec must name them by UUID (<kind>=<uuid>)",
+    )
+    parser.add_argument(
+        "--link-socket",
+        type=Path,
+        default=Path("/run/mpsflow/link/slices.sock"),
+        help="where the agent asks the mps-daemons keeper to serve its slices (node_agent.link)",
     )
 
 
@@ -194,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keeper = services.add_parser(
         "mps-daemons",
-        help="keep one MPS control daemon per GPU running (its own DaemonSet, so that "
-        "restarting the node agent never stops a daemon)",
+        help="keep one MPS control daemon per GPU running and serve the node's slices to the kubelet "
+        "(its own DaemonSet, so that restarting the node agent stops no daemon and no slice)",
     )
     keeper.add_argument("--node", required=True, help="the Kubernetes name of this node")
     keeper.add_argument(
@@ -215,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         "in shm-directory mode, each daemon is started with its GPU's tmpfs mounted (the MPS root "
         "needs Bidirectional mount propagation) and bound over /dev/shm, in a mount namespace of its own",
     )
+    _slice_serving(keeper, "serves the node's slices to the kubelet, as the agent asks over --link-socket")
     keeper.add_argument("--check-seconds", type=float, default=5.0, help="seconds between daemon checks")
     keeper.add_argument(
         "--alive-file", type=Path, help="touched after every check, for a liveness probe to check its age"
@@ -225,7 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(agent)
     agent.add_argument("--node", required=True, help="the Kubernetes name of this node")
-    agent.add_argument("--plugin-dir", type=Path, default=Path("/var/lib/kubelet/device-plugins"))
     agent.add_argument(
         "--pod-resources-socket", type=Path, default=Path("/var/lib/kubelet/pod-resources/kubelet.sock")
     )
@@ -246,20 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "in shm-directory mode, Allocate mounts the GPU's tmpfs as the container's /dev/shm, and MPS "
         "commands run with it as theirs (the MPS root needs HostToContainer mount propagation)",
     )
-    agent.add_argument("--thread-policy", choices=["proportional", "equal", "off"], default="proportional")
-    agent.add_argument(
-        "--device-list-strategy",
-        choices=["envvar", "cdi-annotations", "cdi-cri"],
-        default="cdi-cri",
-        help="how a slice container gets its GPU: cdi-cri for CDI-enabled containerd or CRI-O (the GPU "
-        "Operator's default from v25.10), cdi-annotations for the nvidia runtime in CDI mode, envvar "
-        "(NVIDIA_VISIBLE_DEVICES) for the nvidia runtime in legacy mode",
-    )
-    agent.add_argument(
-        "--cdi-kind",
-        default="nvidia.com/gpu",
-        help="the CDI kind of the node's GPUs; the CDI spec must name them by UUID (<kind>=<uuid>)",
-    )
+    _slice_serving(agent, "with --mps-daemons own only: the agent then serves the slices itself")
     agent.add_argument("--heartbeat", type=float, default=10.0, help="seconds between GPU reports")
     agent.add_argument(
         "--memory-reserve-mib",
@@ -284,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mps-daemons",
         choices=["external", "own"],
         default="external",
-        help="external: `mpsflow run mps-daemons` keeps the daemons (restarting the agent stops none); "
-        "own: the agent starts them itself",
+        help="external: `mpsflow run mps-daemons` keeps the daemons and serves the slices (restarting "
+        "the agent stops neither); own: the agent starts the daemons and serves the slices itself",
     )
 
     plan = commands.add_parser(
@@ -427,25 +445,30 @@ def run_command(args: argparse.Namespace) -> int:
     elif service == "config-publisher":
         run_service("mpsflow-config-publisher", lambda: _config_publisher(args))
     elif service == "mps-daemons":
-        if refuses_for_foreign_mps_daemon(args):
+        if refuses_for_foreign_gpu_plugin(args) or refuses_for_foreign_mps_daemon(args):
             return 3
         run_service("mpsflow-mps-daemons", lambda: serve_mps_daemons(args), **{"k8s.node.name": args.node})
     else:
-        from node_agent.device_plugin import foreign_gpu_plugins
-
-        serving = foreign_gpu_plugins(args.plugin_dir)
-        if serving:
-            print(
-                f"mpsflow run node-agent: another GPU device plugin serves this node ({', '.join(serving)} "
-                f"in {args.plugin_dir}); it would hand out the GPUs whole and reset their compute mode. "
-                "With the GPU Operator, label the node nvidia.com/gpu.deploy.device-plugin=false",
-                file=sys.stderr,
-            )
-            return 3
-        if refuses_for_foreign_mps_daemon(args):
+        serves_slices = args.mps_daemons == "own"
+        if (serves_slices and refuses_for_foreign_gpu_plugin(args)) or refuses_for_foreign_mps_daemon(args):
             return 3
         run_service("mpsflow-node-agent", lambda: serve_node_agent(args), **{"k8s.node.name": args.node})
     return 0
+
+
+def refuses_for_foreign_gpu_plugin(args: argparse.Namespace) -> bool:
+    """True, after saying why on stderr, when another GPU device plugin serves this node."""
+    from node_agent.device_plugin import foreign_gpu_plugins
+
+    serving = foreign_gpu_plugins(args.plugin_dir)
+    if serving:
+        print(
+            f"mpsflow run {args.service}: another GPU device plugin serves this node ({', '.join(serving)} "
+            f"in {args.plugin_dir}); it would hand out the GPUs whole and reset their compute mode. "
+            "With the GPU Operator, label the node nvidia.com/gpu.deploy.device-plugin=false",
+            file=sys.stderr,
+        )
+    return bool(serving)
 
 
 def refuses_for_foreign_mps_daemon(args: argparse.Namespace) -> bool:
@@ -548,29 +571,33 @@ def mps_control_command(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 async def serve_mps_daemons(args: argparse.Namespace, inventory: GpuInventory | None = None) -> None:
-    """Keep this node's MPS daemons running, on its GPUs (NVML) or on `inventory` where simulated."""
+    """Keep this node's MPS daemons running, on its GPUs (NVML) or on `inventory` where simulated,
+    and serve the slices the node agent asks for to the kubelet, restarts of the agent or not."""
+    import anyio
+
     from node_agent.daemons import DaemonKeeper
+    from node_agent.link import LinkServer
     from node_agent.mps import SubprocessMpsControl
     from node_agent.nvml import NvmlInventory
 
     mps = SubprocessMpsControl(mps_control_command(args))
-    await DaemonKeeper(inventory or NvmlInventory(), mps, args.mps_root).run(
-        args.check_seconds, args.alive_file
-    )
+    keeper = DaemonKeeper(inventory or NvmlInventory(), mps, args.mps_root)
+    plugin = _slice_plugin(args)
+    link = LinkServer(plugin, args.link_socket, args.link_socket.with_name("served-slices.json"))
+    try:
+        await link.restore()
+        async with anyio.create_task_group() as group:
+            group.start_soon(plugin.run)
+            group.start_soon(link.run)
+            group.start_soon(keeper.run, args.check_seconds, args.alive_file)
+    finally:
+        await plugin.close()
 
 
-async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | None = None) -> None:
-    """The node agent on this node's GPUs (NVML), or on `inventory` where the GPUs are simulated."""
-    from events.jetstream import EventBus
-    from node_agent.agent import AgentSettings, NodeAgent
+def _slice_plugin(args: argparse.Namespace) -> SliceDevicePlugin:
     from node_agent.device_plugin import SliceDevicePlugin
-    from node_agent.mps import SubprocessMpsControl
-    from node_agent.nvml import NvmlInventory
-    from node_agent.processes import ProcEnvironment
 
-    inventory = inventory or NvmlInventory()
-    bus = await EventBus.connect(args.nats_url, source=f"node-agent/{args.node}")
-    plugin = SliceDevicePlugin(
+    return SliceDevicePlugin(
         plugin_dir=args.plugin_dir,
         pipe_root=args.mps_root,
         thread_policy=args.thread_policy,
@@ -578,6 +605,21 @@ async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | N
         cdi_kind=args.cdi_kind,
         ipc=args.mps_ipc,
     )
+
+
+async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | None = None) -> None:
+    """The node agent on this node's GPUs (NVML), or on `inventory` where the GPUs are simulated."""
+    from events.jetstream import EventBus
+    from node_agent.agent import AgentSettings, NodeAgent
+    from node_agent.device_plugin import SliceServer
+    from node_agent.link import RemotePlugin
+    from node_agent.mps import SubprocessMpsControl
+    from node_agent.nvml import NvmlInventory
+    from node_agent.processes import ProcEnvironment
+
+    inventory = inventory or NvmlInventory()
+    bus = await EventBus.connect(args.nats_url, source=f"node-agent/{args.node}")
+    plugin: SliceServer = _slice_plugin(args) if args.mps_daemons == "own" else RemotePlugin(args.link_socket)
     settings = AgentSettings(
         node=args.node,
         mps_root=args.mps_root,

@@ -272,16 +272,33 @@ def _start_agent(cluster: Cluster, node: ScenarioNode) -> None:
     gpus_file = node_dir / "gpus.json"
     gpus_file.write_text(simulated_gpus_file(node))
     simulated = [sys.executable, "-m", "simulation.simulated_agent", "--simulated-gpus", str(gpus_file)]
-    mps = ["--mps-root", str(node_dir / "mps"), "--mps-control", FAKE_MPS_CONTROL]
+    mps = [
+        "--mps-root",
+        str(node_dir / "mps"),
+        "--mps-control",
+        FAKE_MPS_CONTROL,
+        "--link-socket",
+        str(node_dir / "link.sock"),
+    ]
+    kubelet = cluster.kubelets[node.name]
     keeper = cluster.processes.get(_keeper_name(node.name))
     if keeper is None or keeper.poll() is not None:
         _start_process(
             cluster,
             _keeper_name(node.name),
-            [*simulated, "mps-daemons", "--node", node.name, *mps, "--check-seconds", "2"],
+            [
+                *simulated,
+                "mps-daemons",
+                "--node",
+                node.name,
+                *mps,
+                "--plugin-dir",
+                str(kubelet.plugin_dir),
+                "--check-seconds",
+                "2",
+            ],
             f"mpsflow-mps-daemons-{node.name}",
         )
-    kubelet = cluster.kubelets[node.name]
     _start_process(
         cluster,
         _agent_name(node.name),
@@ -290,8 +307,6 @@ def _start_agent(cluster: Cluster, node: ScenarioNode) -> None:
             "node-agent",
             "--node",
             node.name,
-            "--plugin-dir",
-            str(kubelet.plugin_dir),
             "--pod-resources-socket",
             str(kubelet.pod_resources_socket),
             *mps,

@@ -11,14 +11,10 @@ While the demo runs, the test also watches the node from outside, as someone on 
 MPS control daemons' pid files and the commands each daemon was sent, and which agent and daemon
 keeper processes the demo runs.
 
-What this test does not cover: the agent is killed when the first pods have long been running and
-nothing is in flight to the node (no pod waits for a slice, is released, or is bound and not yet
-admitted; the test checks from the summary that this held rather than assuming it), and the next
-pods come only after the agent serves the node again. A pod released or bound to the node just before
-the kill, or released there while the agent is down (its last report still shows free slices listed,
-and the node's allocatable counts them until the next node-status sync), reaches the kubelet while the
-agent's device plugin is gone and fails admission: pods created around the kill in a variant of this
-scenario do. Keeping the plugin's endpoint alive across agent restarts is a later issue.
+What this test leaves to another: the agent is killed when the first pods have long been running and
+nothing is in flight to the node (the test checks from the summary that this held rather than assuming
+it), and the next pods come only after the agent serves the node again. Pods in flight around the kill
+are `tests/e2e/test_agent_kill_in_flight.py`'s.
 """
 
 from __future__ import annotations

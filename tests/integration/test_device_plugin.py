@@ -213,7 +213,7 @@ async def test_list_and_watch_follows_reconfiguration_and_a_used_slice_keeps_its
         second = await n.manager.allocate(_pod("c"), [("main", GB10)])
         assert second["main"].device_ids == ["mps-g1-10gb-0"]
         assert n.manager.assignments()["uid-a"] == {"main": ["mps-g0-10gb-0"]}
-        assert set(n.plugin.allocations()) == {"mps-g0-10gb-0", "mps-g1-10gb-0"}
+        assert set((await n.plugin.allocations()).at) == {"mps-g0-10gb-0", "mps-g1-10gb-0"}
 
 
 @pytest.mark.anyio
@@ -324,7 +324,7 @@ async def test_plugin_rpcs_called_directly() -> None:
                     )
                 assert not_found.value.code() == grpc.StatusCode.NOT_FOUND
                 assert not_found.value.details() == f"nvidia.com/gpu-10gb has no device {unknown!r}"
-            assert n.plugin.allocations() == {}
+            assert (await n.plugin.allocations()).at == {}
 
             preferred = await stub.GetPreferredAllocation(
                 api.PreferredAllocationRequest(
@@ -345,7 +345,8 @@ async def test_plugin_rpcs_called_directly() -> None:
                 ["mps-g0-10gb-1"],
             ]
             # GPU 0 turns unhealthy: the kubelet is asked to give out GPU 1's slices first.
-            await n.plugin.set_devices(list(n.plugin._devices.values()), avoided_gpus=frozenset({0}))
+            served, _ = await n.plugin.served()
+            await n.plugin.set_devices(served, avoided_gpus=frozenset({0}))
             preferred = await stub.GetPreferredAllocation(
                 api.PreferredAllocationRequest(
                     container_requests=[

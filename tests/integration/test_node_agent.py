@@ -32,7 +32,8 @@ from events.nodes import NodeGpusReported, SliceOverused
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from node_agent.agent import AgentSettings, NodeAgent
 from node_agent.daemons import DaemonKeeper
-from node_agent.device_plugin import SliceDevicePlugin
+from node_agent.device_plugin import SliceDevicePlugin, SliceServer
+from node_agent.link import LinkServer, RemotePlugin
 from node_agent.mps import (
     PID_FILE_NAME,
     DaemonSpec,
@@ -234,8 +235,9 @@ async def running_agent(
     alive_file: Path | None = None,
     daemon_check_seconds: float = 30.0,
     processes: ProcessSlices | None = None,
+    slice_server: SliceServer | None = None,
 ) -> AsyncIterator[NodeAgent]:
-    plugin = SliceDevicePlugin(plugin_dir=node.plugin_dir, pipe_root=node.mps_root)
+    plugin = slice_server or SliceDevicePlugin(plugin_dir=node.plugin_dir, pipe_root=node.mps_root)
     settings = AgentSettings(
         node=NODE,
         mps_root=node.mps_root,
@@ -754,3 +756,43 @@ async def test_a_container_using_more_memory_than_its_slice_is_told_once_per_set
             await node.events.report(lambda _: True, "a later heartbeat", seen)
             await node.events.report(lambda _: True, "one more", node.events.mark())
             assert node.events.overuses(mark) == [overuse]
+
+
+async def test_with_the_keeper_serving_the_slices_a_stopped_agent_leaves_them_and_the_next_takes_them_up(
+    broker: MemoryBroker,
+) -> None:
+    """The arrangement of `k8s/`: the mps-daemons keeper serves the slices and the agent asks it over
+    the link. An agent that stops withdraws nothing (the kubelet keeps every device, so no pod in
+    flight loses its slice), and the next one starts from the keeper's list: free slices keep their
+    device IDs too, and applying the same config again changes nothing."""
+    async with simulated_node(broker, [A100]) as node:
+        keeper_plugin = SliceDevicePlugin(plugin_dir=node.plugin_dir, pipe_root=node.mps_root)
+        link = LinkServer(keeper_plugin, node.root / "link.sock", node.root / "served-slices.json")
+        async with anyio.create_task_group() as keeper:
+            keeper.start_soon(keeper_plugin.run)
+            keeper.start_soon(link.run)
+            await eventually((node.root / "link.sock").exists, "the link socket")
+            remote = RemotePlugin(node.root / "link.sock")
+            async with running_agent(node, slice_server=remote):
+                await started(node)
+                await node.apply("plan-1", {0: (10, 10)})
+                await node.manager.allocate(_pod("a"), [("main", GB10)])  # mps-g0-10gb-0
+            listed = node.kubelet_device_ids()
+            assert listed == {GB10: {"mps-g0-10gb-0", "mps-g0-10gb-1"}}
+            await anyio.sleep(0.3)
+            assert node.kubelet_device_ids() == listed
+            assert set(node.manager.devices()[GB10].values()) == {"Healthy"}  # nothing withdrawn
+
+            mark = node.events.mark()
+            async with running_agent(node, slice_server=remote):
+                first = await node.events.report(lambda _: True, "the new agent's first report", mark)
+                assert [(s.id, s.used) for s in first.gpus[0].slices] == [
+                    ("mps-g0-10gb-0", True),
+                    ("mps-g0-10gb-1", False),
+                ]
+                again = await node.events.report(
+                    lambda r: r.applied_plan_id == "plan-1", "plan-1 again", mark
+                )
+                assert [s.id for s in again.gpus[0].slices] == ["mps-g0-10gb-0", "mps-g0-10gb-1"]
+            keeper.cancel_scope.cancel()
+        await keeper_plugin.close()

@@ -117,7 +117,20 @@ def test_the_node_agent_only_runs_on_opted_in_nodes() -> None:
     spec = agent["spec"]["template"]["spec"]
     assert spec["nodeSelector"] == {"nos.nebuly.com/gpu-partitioning": "mps"}
     mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
-    assert {"/var/lib/kubelet/device-plugins", "/var/lib/kubelet/pod-resources", "/run/mpsflow/mps"} <= mounts
+    assert {"/run/mpsflow/link", "/var/lib/kubelet/pod-resources", "/run/mpsflow/mps"} <= mounts
+
+
+def test_the_keeper_serves_the_slices_to_the_kubelet_and_shares_the_link_with_the_agent() -> None:
+    by_name = {w["metadata"]["name"]: w for w in workloads()}
+    keeper, agent = by_name["mpsflow-mps-daemons"], by_name["mpsflow-node-agent"]
+    keeper_mounts = {
+        m["mountPath"] for m in keeper["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
+    agent_mounts = {
+        m["mountPath"] for m in agent["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
+    assert {"/var/lib/kubelet/device-plugins", "/run/mpsflow/link", "/run/mpsflow/mps"} <= keeper_mounts
+    assert "/var/lib/kubelet/device-plugins" not in agent_mounts  # it serves nothing to the kubelet itself
 
 
 def test_the_node_agent_gets_the_driver_lands_on_tainted_gpu_pools_and_is_bounded() -> None:
@@ -156,7 +169,7 @@ def test_the_mps_daemons_outlive_the_agent_on_the_same_nodes_and_pipes() -> None
     assert (
         pipes(keeper_spec, keeper_container)
         == pipes(agent_spec, agent_container)
-        == {("/run/mpsflow/mps", "/run/mpsflow/mps")}
+        == {("/run/mpsflow/mps", "/run/mpsflow/mps"), ("/run/mpsflow/link", "/run/mpsflow/link")}
     )
 
 
