@@ -103,6 +103,10 @@ FIELD_NOTES: dict[str, str] = {
     "NodeOptedOut.reason": "`opt-in label removed` or `the node is gone`.",
     "NodeGpusReported.node": "The node the agent runs on.",
     "NodeGpusReported.gpus": "Every GPU of the node, by index.",
+    "NodeGpusReported.mps_ipc": "How its MPS clients share /dev/shm with their server (`--mps-ipc`): "
+    "`host` needs pods with `hostIPC: true`; `shm-directory` gives each GPU a directory of its own.",
+    "PodObserved.host_ipc": "It sets `hostIPC: true`. A pod that does not is placed only on nodes whose "
+    "agents run the `shm-directory` IPC mode.",
     "NodeGpusReported.applied_plan_id": "Plan of the last config this agent applied since it started, "
     "if any.",
     "PlanComputed.nodes": "Desired layout of every planned node (empty when the plan is sent summarized).",

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from events.base import Model
+from events.vocabulary import DEFAULT_MPS_IPC, MpsIpcMode
 
 
 class GfdFacts(Model):
@@ -143,3 +144,4 @@ class NodeGpusReported(Model):
     node: str
     gpus: tuple[GpuReport, ...]
     applied_plan_id: str | None = None
+    mps_ipc: MpsIpcMode = DEFAULT_MPS_IPC

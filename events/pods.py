@@ -53,7 +53,9 @@ class PodObserved(Model):
     `gated`: the pod still carries mpsflow's scheduling gate, so no scheduler will bind it until
     mpsflow releases it. `released_to`: mpsflow released it to that node (gate removed, pinned there
     by node affinity) and it is not bound yet. A pod that bypassed the gate has neither. `rules`: the
-    nodes it may run on, which the planner keeps to.
+    nodes it may run on, which the planner keeps to. `host_ipc`: it shares the host's IPC namespace,
+    so an MPS server in the `host` IPC mode can reach it; one that does not can run only where the
+    node agents give each GPU a shared-memory directory (`shm-directory`).
     """
 
     kind: Literal["PodObserved"] = "PodObserved"
@@ -69,6 +71,7 @@ class PodObserved(Model):
     gated: bool = False
     released_to: str | None = None
     rules: NodeRules = NodeRules()
+    host_ipc: bool = True
 
     @property
     def key(self) -> str:

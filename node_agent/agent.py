@@ -28,7 +28,7 @@ from events.envelope import content_id
 from events.nodes import SliceOverused
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from events.tracing import extract, tracer
-from events.vocabulary import MIB_PER_GIB
+from events.vocabulary import DEFAULT_MPS_IPC, MIB_PER_GIB, MpsIpcMode
 from node_agent.daemons import DaemonKeeper
 from node_agent.device_plugin import SliceServer
 from node_agent.gpus import GpuReading
@@ -80,6 +80,9 @@ class AgentSettings:
     """Which critical Xid errors make a GPU unhealthy."""
     memory_reserve_mib: int = 0
     """Memory kept back on every GPU for the MPS server's and its clients' own contexts."""
+    mps_ipc: MpsIpcMode = DEFAULT_MPS_IPC
+    """How this node's MPS clients share /dev/shm with their server; reported, so that a pod without
+    hostIPC is placed only where it can reach its server."""
 
 
 class NodeAgent:
@@ -490,6 +493,7 @@ class NodeAgent:
             faults=self.faults,
             reserve_mib=self.settings.memory_reserve_mib,
             slice_of=self.slice_of,
+            mps_ipc=self.settings.mps_ipc,
         )
         body = report.model_dump_json()
         if body == self._last_report and not force:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from events.nodes import GpuProcessReport, GpuReport, NodeGpusReported, SliceState
 from events.plans import NodeMpsConfig
-from events.vocabulary import MIB_PER_GIB
+from events.vocabulary import DEFAULT_MPS_IPC, MIB_PER_GIB, MpsIpcMode
 from node_agent.gpus import GpuReading
 from node_agent.slices import SliceDevice, parse_slice_device_id, slice_device_id
 
@@ -207,6 +207,7 @@ def gpu_report(
     faults: Mapping[int, str] | None = None,
     reserve_mib: int = 0,
     slice_of: Mapping[int, str] | None = None,
+    mps_ipc: MpsIpcMode = DEFAULT_MPS_IPC,
 ) -> NodeGpusReported:
     reports = []
     for gpu in sorted(gpus, key=lambda g: g.index):
@@ -242,4 +243,4 @@ def gpu_report(
                 slices=slices,
             )
         )
-    return NodeGpusReported(node=node, gpus=tuple(reports), applied_plan_id=applied_plan_id)
+    return NodeGpusReported(node=node, gpus=tuple(reports), applied_plan_id=applied_plan_id, mps_ipc=mps_ipc)

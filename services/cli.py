@@ -629,6 +629,7 @@ async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | N
         alive_file=args.alive_file,
         xid_policy=args.ignore_xids,
         memory_reserve_mib=args.memory_reserve_mib,
+        mps_ipc=args.mps_ipc,
     )
     agent = NodeAgent(
         settings,

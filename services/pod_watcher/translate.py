@@ -219,6 +219,7 @@ def translate_pod(
         phase=phase,
         node=spec.get("nodeName") or None,
         rules=_node_rules(spec),
+        host_ipc=spec.get("hostIPC") is True,
         gated=is_gated(pod),
         # Only the release lifts the gate: an annotation on a gated pod (copied from another pod's
         # manifest, say) says nothing.

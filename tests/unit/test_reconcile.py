@@ -694,3 +694,12 @@ def test_slices_that_would_eat_into_the_reserve_are_refused_saying_so() -> None:
 def test_the_report_tells_the_reserve_of_every_gpu() -> None:
     report = gpu_report("node-a", [GPU0, GPU1], [], SliceUsage(), {0: True, 1: True}, None, reserve_mib=512)
     assert [g.reserved_mib for g in report.gpus] == [512, 512]
+
+
+def test_the_report_tells_the_nodes_ipc_mode() -> None:
+    usage, health = SliceUsage(), {0: True}
+    assert gpu_report("node-a", [GPU0], [], usage, health, None).mps_ipc == "host"
+    assert (
+        gpu_report("node-a", [GPU0], [], usage, health, None, mps_ipc="shm-directory").mps_ipc
+        == "shm-directory"
+    )

@@ -838,3 +838,9 @@ def test_a_pods_node_rules_and_a_nodes_labels_and_taints_are_read() -> None:
     assert observed_node is not None and observed_node.taints == (
         Taint(key="dedicated", value="ml", effect="NoSchedule"),
     )
+
+
+@pytest.mark.parametrize(("host_ipc", "shares"), [(True, True), (False, False), (None, False)])
+def test_whether_a_pod_shares_the_host_ipc_namespace_is_observed(host_ipc: bool | None, shares: bool) -> None:
+    manifest = pod(container(limits=TEN), host_ipc=host_ipc)
+    assert observed(translate_pod(manifest, 80, MpsClientRules(ipc="shm-directory"))).host_ipc is shares

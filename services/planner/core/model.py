@@ -90,6 +90,8 @@ class PendingPod:
     created: datetime | None = None
     pinned: str | None = None
     eligible: frozenset[str] | None = None
+    needs_shm_directory: bool = False
+    """It does not set hostIPC: `eligible` holds only nodes in the shm-directory IPC mode."""
 
     @property
     def restricted_to(self) -> frozenset[str] | None:

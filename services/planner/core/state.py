@@ -186,9 +186,11 @@ class ClusterState:
                 known.observed = None
         elif isinstance(event, NodeGpusReported):
             level = self.nodes.setdefault(event.node, _NodeLevel())
-            changed = level.report is None or [g.planned_fields() for g in level.report.gpus] != [
-                g.planned_fields() for g in event.gpus
-            ]
+            changed = (
+                level.report is None
+                or level.report.mps_ipc != event.mps_ipc
+                or [g.planned_fields() for g in level.report.gpus] != [g.planned_fields() for g in event.gpus]
+            )
             level.report = event
             if changed:
                 level.report_revision += 1
@@ -656,22 +658,37 @@ NO_RULES = NodeRules()
 
 def _pending_pods(state: ClusterState, pods: Iterable[PodObserved]) -> list[PendingPod]:
     """`pods` as pods waiting for a slice, each with the nodes its rules let it run on when not all
-    (a pod that tolerates the taint every GPU node carries is as free as one without rules)."""
+    (a pod that tolerates the taint every GPU node carries is as free as one without rules). A pod
+    without `hostIPC` may run only on nodes whose agents report the `shm-directory` IPC mode: in the
+    `host` mode its MPS client could not reach the server's shared memory."""
     observed = {name: level.observed for name, level in state.nodes.items() if level.observed is not None}
-    eligible: dict[str, frozenset[str] | None] = {}  # by the rules' JSON: most pods share theirs
+    shm_directory = frozenset(
+        name
+        for name, level in state.nodes.items()
+        if level.observed is not None and level.report is not None and level.report.mps_ipc == "shm-directory"
+    )
+    eligible: dict[tuple[str, bool], frozenset[str] | None] = {}  # most pods share their rules
     pending = []
     for pod in pods:
-        rules = pod.rules.model_dump_json() if pod.rules != NO_RULES else ""
-        if rules not in eligible:
+        key = (pod.rules.model_dump_json() if pod.rules != NO_RULES else "", pod.host_ipc)
+        if key not in eligible:
             allowed = (
                 frozenset(name for name, node in observed.items() if admits(pod.rules, node))
                 if has_effect(pod.rules, observed)
                 else None
             )
-            eligible[rules] = None if allowed is not None and len(allowed) == len(observed) else allowed
+            if not pod.host_ipc:
+                allowed = shm_directory if allowed is None else allowed & shm_directory
+            eligible[key] = None if allowed is not None and len(allowed) == len(observed) else allowed
         pending.append(
             PendingPod(
-                pod.namespace, pod.name, pod.size_gb, pod.priority, pod.created, eligible=eligible[rules]
+                pod.namespace,
+                pod.name,
+                pod.size_gb,
+                pod.priority,
+                pod.created,
+                eligible=eligible[key],
+                needs_shm_directory=not pod.host_ipc,
             )
         )
     return pending

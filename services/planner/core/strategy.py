@@ -84,6 +84,24 @@ def serve(
     return cluster, placed, waiting
 
 
+_SHM_DIRECTORY_ONLY = (
+    "the shm-directory IPC mode, the only one for a pod without hostIPC: true (set it, or run the node "
+    "agents with --mps-ipc shm-directory)"
+)
+
+
+def _allows(pod: PendingPod) -> str:
+    """What the nodes `pod.eligible` lists have in common, as the end of a sentence about one node."""
+    rules = "matches the pod's node selector, node affinity and tolerations"
+    return f"{rules} and runs MPS in {_SHM_DIRECTORY_ONLY}" if pod.needs_shm_directory else rules
+
+
+def _allow(pod: PendingPod) -> str:
+    """The same, about several nodes."""
+    rules = "its node selector, node affinity and tolerations allow"
+    return f"{rules} and that run MPS in {_SHM_DIRECTORY_ONLY}" if pod.needs_shm_directory else rules
+
+
 def waiting_reasons(waiting: list[PendingPod], cluster: Cluster) -> dict[str, str]:
     """Why each pod of `waiting` waits, given the cluster as planned."""
     reasons: dict[str, str] = {}
@@ -100,16 +118,12 @@ def waiting_reasons(waiting: list[PendingPod], cluster: Cluster) -> dict[str, st
                 f"released to node {pod.pinned}, which has no room for a {pod.size_gb} GiB slice now"
             )
         elif pod.eligible is not None and not any(g.node in pod.eligible for g in cluster.gpus):
-            reasons[pod.key] = (
-                "no opted-in node that mpsflow plans on matches the pod's node selector, node "
-                "affinity and tolerations"
-            )
+            reasons[pod.key] = f"no opted-in node that mpsflow plans on {_allows(pod)}"
         elif pod.eligible is not None:
             most_there = max((g.potential for g in carvable if g.node in pod.eligible), default=0)
             reasons[pod.key] = (
-                f"capacity exhausted on the {len(pod.eligible)} node(s) its node selector, node "
-                f"affinity and tolerations allow: needs {pod.size_gb} GiB on one GPU; the most any "
-                f"of their GPUs could offer now is {most_there} GiB"
+                f"capacity exhausted on the {len(pod.eligible)} node(s) {_allow(pod)}: needs {pod.size_gb} "
+                f"GiB on one GPU; the most any of their GPUs could offer now is {most_there} GiB"
             )
         elif carvable:
             reasons[pod.key] = (

@@ -1055,3 +1055,27 @@ def test_a_plan_decided_again_after_another_is_a_new_message_and_a_retry_is_not(
         planner.published(step)
     (first_plan, first_id), _, (again_plan, again_id) = plans
     assert first_plan == again_plan and first_id != again_id
+
+
+def test_a_pod_without_host_ipc_goes_only_to_nodes_in_the_shm_directory_ipc_mode() -> None:
+    isolated = gated("isolated").model_copy(update={"host_ipc": False})
+    shared = gated("shared")
+    host_mode = synced("host-node", gpu_report(0, 40, "10f"))
+    shm_mode = [
+        env(NodeObserved(name="shm-node", allocatable={10: 1})),
+        env(report("shm-node", gpu_report(0, 40, "10f")).model_copy(update={"mps_ipc": "shm-directory"})),
+    ]
+    state = state_of(*host_mode, *shm_mode, env(isolated), env(shared))
+    decision = decided(state)
+    assert released(decision) == {"default/isolated": "shm-node", "default/shared": "host-node"}
+
+
+def test_a_pod_without_host_ipc_and_no_node_in_the_shm_directory_mode_is_told_how_to_run() -> None:
+    isolated = gated("isolated").model_copy(update={"host_ipc": False})
+    state = state_of(*ready_node("n", gpu_report(0, 40, "10f")), env(isolated))
+    reason = decided(state).plan.unplaced["default/isolated"]
+    assert reason == (
+        "no opted-in node that mpsflow plans on matches the pod's node selector, node affinity and "
+        "tolerations and runs MPS in the shm-directory IPC mode, the only one for a pod without hostIPC: "
+        "true (set it, or run the node agents with --mps-ipc shm-directory)"
+    )
