@@ -4,10 +4,14 @@ Where it sits: the effectful half of compatibility mode (the pure half is `rende
 publisher calls it after the node-config KV bucket, which stays the main path. It writes what
 clusters built around nebuly's device-plugin fork and GPU Operator read:
 
-- with a ConfigMap (`--compat-configmap NAMESPACE/NAME`): each node's device-plugin config under
-  its own key, then the node's `nvidia.com/device-plugin.config` label naming that key;
-- with node labels (default on): `nvidia.com/gpu.sharing-strategy`, `nvidia.com/gpu.replicas` and
-  nos's `nos.nebuly.com/status-gpu-*` annotations on each node.
+- with a ConfigMap (`--compat-configmap [NAMESPACE/NAME]`, by default nos's
+  `nebuly-nvidia/nos-device-plugin-configs`): each node's device-plugin config under its own key,
+  then the node's `nvidia.com/device-plugin.config` label naming that key;
+- with node labels (default on): mpsflow's sharing labels `mpsflow.dev/gpu.sharing-strategy` and
+  `mpsflow.dev/gpu.replicas`, and nos's `nos.nebuly.com/status-gpu-*` annotations on each node;
+  with `gfd_labels` (`--gfd-labels`) also GPU Feature Discovery's `nvidia.com/gpu.sharing-strategy`
+  and `nvidia.com/gpu.replicas`, for nodes where GFD does not write them: where it does, the two
+  writers would undo each other's values.
 
 For a batch of nodes it (1) reads every node, skipping with a warning a node that does not exist,
 so a missing node never gets a key; (2) sets each node's key in the ConfigMap, creating the
@@ -22,9 +26,11 @@ rendering this writer already applied, or one from an older plan, costs no reque
 
 It never deletes a ConfigMap key it cannot attribute to a node by exact name (never by prefix, so
 `node-1` never touches `node-10`'s key, nor the fork's `default`), never touches other labels or
-annotations, and never sleeps to wait for anyone. A failure on one node never stops the others;
-an unreachable API server ends the batch at once (every other node would wait out the same
-timeout) and is logged once per outage. The ConfigMap only reaches the API server: the kubelet
+annotations (k8s/config-publisher-policy.yaml makes the API server refuse a node write that does,
+and a refusal is logged with the policy's message), never removes GFD's labels when it does not
+write them, and never sleeps to wait for anyone. A failure on one node never stops the others; an
+unreachable API server ends the batch at once (every other node would wait out the same timeout)
+and is logged once per outage. The ConfigMap only reaches the API server: the kubelet
 copies it into the device plugin's volume later, and the fork's config-manager restarts (and so
 retries) while its volume lacks the key (docs/nos-compatibility.md §2.4); nothing here can
 observe that copy.
@@ -32,6 +38,7 @@ observe that copy.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -91,16 +98,28 @@ def _keep(key: str, wanted: Mapping[str, str], selected: Mapping[str, str]) -> b
 
 def _reason(error: Exception) -> str:
     if isinstance(error, ApiException):
-        return f"API answered {error.status} {error.reason}"
+        return f"API answered {error.status} {error.reason}{_status_message(error)}"
     return str(error) or type(error).__name__
+
+
+def _status_message(error: ApiException) -> str:
+    """`: <message>` of the Status the API server answered with, or "" without one: a refusal by an
+    admission policy names the policy and the rule there."""
+    try:
+        status = json.loads(error.body or "")
+    except (TypeError, ValueError):
+        return ""
+    message = status.get("message") if isinstance(status, dict) else None
+    return f": {message}" if isinstance(message, str) and message else ""
 
 
 class CompatibilityWriter:
     """Writes the compatibility view of nodes' layouts; see the module docstring.
 
     `namespace` and `configmap_name` (both or neither) select the device-plugin ConfigMap;
-    `node_labels` writes the GPU Operator labels and nos status annotations. The
-    `nvidia.com/device-plugin.config` label is written exactly when there is a ConfigMap.
+    `node_labels` writes mpsflow's sharing labels and nos's status annotations, and `gfd_labels`
+    (only with them) GFD's sharing labels too. The `nvidia.com/device-plugin.config` label is
+    written exactly when there is a ConfigMap.
     `conflicts` is the schedule of the compare-and-set retries (its `attempts` bounds them).
     """
 
@@ -111,16 +130,20 @@ class CompatibilityWriter:
         configmap_name: str | None = None,
         *,
         node_labels: bool = True,
+        gfd_labels: bool = False,
         conflicts: Backoff = CONFLICT,
     ) -> None:
         if (namespace is None) != (configmap_name is None):
             raise ValueError("give both the ConfigMap's namespace and its name, or neither")
         if namespace is None and not node_labels:
             raise ValueError("nothing to write: no ConfigMap and no node labels")
+        if gfd_labels and not node_labels:
+            raise ValueError("GFD's sharing labels are written only beside the node labels")
         self.core = client.CoreV1Api(api)
         self.namespace = namespace
         self.configmap_name = configmap_name
         self.node_labels = node_labels
+        self.gfd_labels = gfd_labels
         self.conflicts = conflicts
         self._applied: dict[str, tuple[int, NodeRendering]] = {}
         self._unreachable = False
@@ -133,7 +156,7 @@ class CompatibilityWriter:
         """The renderings that differ from what this writer applied, unless from an older plan."""
         pending = {}
         for node, layout in sorted(layouts.items()):
-            rendering = render_node(node, layout)
+            rendering = render_node(node, layout, gfd_labels=self.gfd_labels)
             applied = self._applied.get(node)
             if applied is None or (version >= applied[0] and applied[1] != rendering):
                 pending[node] = rendering

@@ -21,19 +21,26 @@ effectful half is `kube_writer`. From one node's `NodeLayout` it renders:
   the part before the last `_` names the owning node exactly (`key_owner`): `node-1` never matches
   `node-10_…`. A label value holds at most 63 characters; a node name longer than 52 is shortened
   to its first 41 characters plus `_` and 8 hex digits of the SHA-256 of the whole name;
-- the labels GPU Operator users select on: `nvidia.com/gpu.sharing-strategy` (`mps`, or `none`
-  when the node has no slice) and `nvidia.com/gpu.replicas`. GPU Feature Discovery defines
-  replicas per GPU (a node offers `gpu.count * gpu.replicas` shares); with slices of mixed counts
-  we write the largest number of slices on any one GPU of the node. That equals GFD's value for
-  every layout GFD can describe (the same count on every GPU), keeps `gpu.count * gpu.replicas` an
-  upper bound of the node's slices, and keeps `gpu.replicas > 1` meaning "some GPU is shared". A
-  node without slices gets `1`, as GFD writes for unshared GPUs;
+- the node's sharing labels, under mpsflow's own keys `mpsflow.dev/gpu.sharing-strategy` (`mps`, or
+  `none` when the node has no slice) and `mpsflow.dev/gpu.replicas`, the facts GPU Feature
+  Discovery states in `nvidia.com/gpu.sharing-strategy` and `nvidia.com/gpu.replicas`. Those two
+  keys are GFD's, which rewrites them on every pass, so they are rendered only when asked
+  (`gfd_labels`, for nodes where GFD does not write them). GFD defines replicas per GPU (a node
+  offers `gpu.count * gpu.replicas` shares); with slices of mixed counts we write the largest
+  number of slices on any one GPU of the node. That equals GFD's value for every layout GFD can
+  describe (the same count on every GPU), keeps `gpu.count * gpu.replicas` an upper bound of the
+  node's slices, and keeps `gpu.replicas > 1` meaning "some GPU is shared". A node without slices
+  gets `1`, as GFD writes for unshared GPUs;
 - nos's status annotations `nos.nebuly.com/status-gpu-<i>-<N>gb-<used|free>: "<count>"`
   (docs/nos-compatibility.md §2.2), counted from the plan's `SliceSpec.used`; as with nos's
   gpu-agent, only non-zero counts appear, and every other annotation under
   `nos.nebuly.com/status-gpu` is stale (`metadata_patch` removes it).
 
 It never performs I/O and never decides anything about placement: it only re-expresses a layout.
+It never renders a node key that the admission policy of k8s/config-publisher-policy.yaml does not
+let the config publisher change (its sharing labels, `nvidia.com/device-plugin.config`, annotations
+under `nos.nebuly.com/status-gpu`; GFD's two labels only where the policy is widened for
+`--gfd-labels`): a key added here is refused by the API server until it is added there too.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ import yaml
 from events.plans import NodeLayout
 from events.vocabulary import (
     DEVICE_PLUGIN_CONFIG_LABEL,
+    GFD_REPLICAS_LABEL,
+    GFD_SHARING_STRATEGY_LABEL,
     REPLICAS_LABEL,
     SHARING_STRATEGY_LABEL,
     STATUS_ANNOTATION_PREFIX,
@@ -73,7 +82,7 @@ class NodeRendering:
     config_key: str
     config_yaml: str
     labels: Mapping[str, str]
-    """The GPU Operator sharing labels (not `nvidia.com/device-plugin.config`)."""
+    """The sharing labels: mpsflow's, and GFD's too when asked (not `nvidia.com/device-plugin.config`)."""
     status_annotations: Mapping[str, str]
 
 
@@ -131,11 +140,14 @@ def key_owner(key: str) -> str | None:
     return None
 
 
-def sharing_labels(layout: NodeLayout) -> dict[str, str]:
+def sharing_labels(layout: NodeLayout, *, gfd_labels: bool = False) -> dict[str, str]:
+    """mpsflow's sharing labels of the layout; with `gfd_labels`, GFD's two keys with the same values."""
     most = max((len(slices) for slices in layout.gpus.values()), default=0)
-    if most == 0:
-        return {SHARING_STRATEGY_LABEL: "none", REPLICAS_LABEL: "1"}
-    return {SHARING_STRATEGY_LABEL: "mps", REPLICAS_LABEL: str(most)}
+    strategy, replicas = ("mps", str(most)) if most else ("none", "1")
+    labels = {SHARING_STRATEGY_LABEL: strategy, REPLICAS_LABEL: replicas}
+    if gfd_labels:
+        labels |= {GFD_SHARING_STRATEGY_LABEL: strategy, GFD_REPLICAS_LABEL: replicas}
+    return labels
 
 
 def status_annotations(layout: NodeLayout) -> dict[str, str]:
@@ -147,13 +159,13 @@ def status_annotations(layout: NodeLayout) -> dict[str, str]:
     return {key: str(count) for key, count in sorted(counts.items())}
 
 
-def render_node(node: str, layout: NodeLayout) -> NodeRendering:
+def render_node(node: str, layout: NodeLayout, *, gfd_labels: bool = False) -> NodeRendering:
     text = device_plugin_config_yaml(layout)
     return NodeRendering(
         node=node,
         config_key=config_key(node, text),
         config_yaml=text,
-        labels=sharing_labels(layout),
+        labels=sharing_labels(layout, gfd_labels=gfd_labels),
         status_annotations=status_annotations(layout),
     )
 

@@ -9,7 +9,8 @@ sequence), so a redelivered old ask is harmless. It never talks to a GPU.
 
 With a `CompatibilityWriter` it also writes, after the KV bucket (which stays the main path),
 the Kubernetes view of every node whose KV config is the asked layout: the device-plugin ConfigMap
-key and label of nebuly's fork, and the GPU Operator labels and nos status annotations. The
+key and label of nebuly's fork, the node's sharing labels (mpsflow's own; GFD's only when asked)
+and nos status annotations, and nothing else on the node (docs/nos-compatibility.md §1.1). The
 writer costs no request for a node whose rendering it already applied, so only nodes whose
 layout (or, for the status annotations, slice usage) changed are touched. That write runs
 beside the KV path, so a slow or unreachable API server never delays the node agents; a node
@@ -21,6 +22,7 @@ services/kit/retry.py.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import anyio
 
@@ -62,7 +64,8 @@ class ConfigPublisherService:
             self._kv = await self.bus.node_configs()
         return self._kv
 
-    async def consume(self) -> None:
+    async def consume(self, ready: Callable[[], None] | None = None) -> None:
+        """Write what is asked until cancelled; `ready` once its consumer is set up and serving."""
         async with anyio.create_task_group() as group:
             if self.writer is not None:
                 await self._recall_latest_plan()
@@ -73,6 +76,7 @@ class ConfigPublisherService:
                 handle=self.handle,
                 deliver_from="last_per_subject",
                 batch=16,
+                ready=ready,
             )
 
     async def _recall_latest_plan(self) -> None:

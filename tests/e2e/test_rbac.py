@@ -3,11 +3,13 @@
 The demo gives every process its own bearer token, and a service's token is its ServiceAccount's
 name (`mpsflow-pod-watcher`; a node agent's is `mpsflow-node-agent-<node>`). The API emulator
 records each request's verb, resource (with subresource), namespace and path; the checker here
-decides each one from the Roles, ClusterRoles and bindings of k8s/ as the Kubernetes RBAC
-authorizer does: a Role grants in its namespace; a ClusterRole grants everywhere through a
-ClusterRoleBinding and in the binding's namespace through a RoleBinding; `resourceNames` admit
-only requests whose URL names one of them (never a list, a watch or a create). The emulator serves
-only the core API group, so every request is of group "".
+decides each one from the Roles, ClusterRoles and bindings of k8s/ with its nos-compat component
+(the demo runs compatibility mode, which that component switches on: the publisher writes nos's
+ConfigMap in nos's namespace), as the Kubernetes RBAC authorizer does: a Role grants in its
+namespace; a ClusterRole grants everywhere through a ClusterRoleBinding and in the binding's
+namespace through a RoleBinding; `resourceNames` admit only requests whose URL names one of them
+(never a list, a watch or a create). The emulator serves only the core API group, so every request
+is of group "".
 """
 
 from __future__ import annotations
@@ -19,12 +21,19 @@ from typing import Any
 
 import pytest
 
+from events.vocabulary import NOS_DEVICE_PLUGIN_CONFIGMAP
 from tests.unit.test_manifests import documents
+from tests.unit.test_manifests_nos_compat import nos_compat_documents
 
 SERVICE_PREFIX = "mpsflow-"
 WATCHER = "mpsflow-pod-watcher"
 PUBLISHER = "mpsflow-config-publisher"
-CONFIGMAP = "nos-device-plugin-configs"
+NOS_NAMESPACE, CONFIGMAP = NOS_DEVICE_PLUGIN_CONFIGMAP
+
+
+def manifests() -> list[dict[str, Any]]:
+    """k8s/ with compatibility mode on (the nos-compat component's objects)."""
+    return [*documents(), *nos_compat_documents()]
 
 
 @dataclass(frozen=True)
@@ -138,9 +147,9 @@ def test_every_api_request_of_every_service_is_granted_by_its_rbac(
 ) -> None:
     requests = [Request.from_record(record) for record in demo_requests]
 
-    assert denied(requests, documents()) == []
+    assert denied(requests, manifests()) == []
     # the audit saw both services at work: the watcher's lists, watches and the Events of the
-    # invalid pods; the publisher's node labels and its device-plugin ConfigMap
+    # invalid pods; the publisher's node labels and its device-plugin ConfigMap, in nos's namespace
     assert {(r.verb, r.resource) for r in requests if r.identity == WATCHER} >= {
         ("list", "pods"),
         ("watch", "pods"),
@@ -154,6 +163,9 @@ def test_every_api_request_of_every_service_is_granted_by_its_rbac(
         ("create", "configmaps"),
         ("get", "configmaps"),
         ("update", "configmaps"),
+    }
+    assert {r.namespace for r in requests if r.identity == PUBLISHER and r.resource == "configmaps"} == {
+        NOS_NAMESPACE
     }
 
 
@@ -171,24 +183,34 @@ DECISIONS: list[tuple[str, Request, bool]] = [
     ("watcher-binds-a-pod", Request(WATCHER, "create", "pods/binding", "ml", "train"), False),
     ("watcher-reads-configmaps", Request(WATCHER, "list", "configmaps", "mpsflow"), False),
     ("publisher-patches-a-node", Request(PUBLISHER, "patch", "nodes", None, "gpu-1"), True),
-    ("publisher-gets-its-configmap", Request(PUBLISHER, "get", "configmaps", "mpsflow", CONFIGMAP), True),
+    ("publisher-gets-nos-configmap", Request(PUBLISHER, "get", "configmaps", NOS_NAMESPACE, CONFIGMAP), True),
     (
-        "publisher-updates-its-configmap",
-        Request(PUBLISHER, "update", "configmaps", "mpsflow", CONFIGMAP),
+        "publisher-updates-nos-configmap",
+        Request(PUBLISHER, "update", "configmaps", NOS_NAMESPACE, CONFIGMAP),
         True,
     ),
-    ("publisher-creates-a-configmap", Request(PUBLISHER, "create", "configmaps", "mpsflow"), True),
+    ("publisher-creates-a-configmap", Request(PUBLISHER, "create", "configmaps", NOS_NAMESPACE), True),
     (
         "publisher-updates-another-configmap",
-        Request(PUBLISHER, "update", "configmaps", "mpsflow", "x"),
+        Request(PUBLISHER, "update", "configmaps", NOS_NAMESPACE, "x"),
         False,
     ),
     (
-        "publisher-patches-its-configmap",
-        Request(PUBLISHER, "patch", "configmaps", "mpsflow", CONFIGMAP),
+        "publisher-patches-nos-configmap",
+        Request(PUBLISHER, "patch", "configmaps", NOS_NAMESPACE, CONFIGMAP),
         False,
     ),
-    ("publisher-lists-configmaps", Request(PUBLISHER, "list", "configmaps", "mpsflow"), False),
+    ("publisher-lists-configmaps", Request(PUBLISHER, "list", "configmaps", NOS_NAMESPACE), False),
+    (
+        "publisher-its-configmap-in-its-own-namespace",
+        Request(PUBLISHER, "get", "configmaps", "mpsflow", CONFIGMAP),
+        False,
+    ),
+    (
+        "publisher-creates-a-configmap-in-its-own-namespace",
+        Request(PUBLISHER, "create", "configmaps", "mpsflow"),
+        False,
+    ),
     (
         "publisher-its-configmap-in-another-namespace",
         Request(PUBLISHER, "get", "configmaps", "kube-system", CONFIGMAP),
@@ -207,7 +229,12 @@ DECISIONS: list[tuple[str, Request, bool]] = [
     ("request_", "allowed"), [case[1:] for case in DECISIONS], ids=[case[0] for case in DECISIONS]
 )
 def test_the_checker_allows_exactly_what_the_manifests_grant(request_: Request, allowed: bool) -> None:
-    assert denied([request_], documents()) == ([] if allowed else [request_])
+    assert denied([request_], manifests()) == ([] if allowed else [request_])
+
+
+def test_without_compatibility_mode_the_publisher_gets_no_configmap() -> None:
+    request_ = Request(PUBLISHER, "get", "configmaps", NOS_NAMESPACE, CONFIGMAP)
+    assert denied([request_], documents()) == [request_]
 
 
 def test_requests_of_others_than_mpsflow_services_are_not_audited() -> None:

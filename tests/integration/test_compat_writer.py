@@ -2,14 +2,16 @@
 
 The writer keeps one key per node in the device-plugin ConfigMap (exact keys, never by prefix),
 replaces it compare-and-set (a stale resourceVersion is retried), flips the node's
-`nvidia.com/device-plugin.config` label only after reading the key back, writes the GPU Operator
-labels and nos status annotations (removing stale ones), skips a node that does not exist, and
-never lets one node's failure stop the others. The last tests run it inside the config publisher,
-on a real nats-server: only nodes whose rendering changed cost a request.
+`nvidia.com/device-plugin.config` label only after reading the key back, writes mpsflow's sharing
+labels and nos status annotations (removing stale ones) and GFD's sharing labels only when asked,
+skips a node that does not exist, and never lets one node's failure stop the others. The last
+tests run it inside the config publisher, on a real nats-server: only nodes whose rendering
+changed cost a request.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -17,13 +19,22 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from events import subjects
 from events.bus import Delivery
 from events.envelope import decode
 from events.jetstream import EventBus
 from events.plans import NodeLayout, NodePlanned, SliceSpec
-from events.vocabulary import DEVICE_PLUGIN_CONFIG_LABEL, REPLICAS_LABEL, SHARING_STRATEGY_LABEL
+from events.vocabulary import (
+    DEVICE_PLUGIN_CONFIG_LABEL,
+    GFD_REPLICAS_LABEL,
+    GFD_SHARING_STRATEGY_LABEL,
+    NOS_DEVICE_PLUGIN_CONFIGMAP,
+    REPLICAS_LABEL,
+    SHARING_STRATEGY_LABEL,
+)
+from services.cli import build_parser
 from services.config_publisher.kube_writer import CompatibilityWriter, parse_configmap
 from services.config_publisher.render import (
     key_owner,
@@ -36,8 +47,7 @@ from tests.unit.test_render import fork_schema_problems
 
 pytestmark = pytest.mark.anyio
 
-NAMESPACE = "nebuly-nvidia"
-CONFIGMAP = "nos-device-plugin-configs"
+NAMESPACE, CONFIGMAP = NOS_DEVICE_PLUGIN_CONFIGMAP
 
 
 @pytest.fixture
@@ -61,10 +71,14 @@ FAST_CONFLICTS = Backoff(first=0.001, longest=0.001, attempts=CONFLICT.attempts)
 """The writer's compare-and-set schedule, as many attempts but no time to speak of."""
 
 
-def compat_writer(kube: client.ApiClient, *, configmap: bool = True) -> CompatibilityWriter:
+def compat_writer(
+    kube: client.ApiClient, *, configmap: bool = True, gfd_labels: bool = False
+) -> CompatibilityWriter:
     if configmap:
-        return CompatibilityWriter(kube, NAMESPACE, CONFIGMAP, conflicts=FAST_CONFLICTS)
-    return CompatibilityWriter(kube, conflicts=FAST_CONFLICTS)
+        return CompatibilityWriter(
+            kube, NAMESPACE, CONFIGMAP, gfd_labels=gfd_labels, conflicts=FAST_CONFLICTS
+        )
+    return CompatibilityWriter(kube, gfd_labels=gfd_labels, conflicts=FAST_CONFLICTS)
 
 
 def layout(*gpus: tuple[int, ...], used: int = 0) -> NodeLayout:
@@ -378,6 +392,61 @@ async def test_labels_only_mode_never_touches_a_configmap(
     assert annotations == {"nos.nebuly.com/status-gpu-0-20gb-free": "2"}
 
 
+async def test_gfds_labels_are_left_to_gfd_unless_asked(
+    api: ApiServer, kube: client.ApiClient, core: client.CoreV1Api
+) -> None:
+    """GPU Feature Discovery keeps `nvidia.com/gpu.sharing-strategy` and `nvidia.com/gpu.replicas` to
+    its own values: by default the writer neither writes nor removes them; `--gfd-labels` mirrors
+    mpsflow's sharing labels there, for nodes where GFD does not write them."""
+    gfd = {GFD_SHARING_STRATEGY_LABEL: "none", GFD_REPLICAS_LABEL: "1", "nvidia.com/gpu.product": "A100"}
+    await add_node(core, "gpu-a", labels=gfd)
+    await add_node(core, "gpu-b")
+
+    await write_ok(compat_writer(kube, configmap=False), {"gpu-a": layout((20, 20))}, version=1)
+    await write_ok(
+        compat_writer(kube, configmap=False, gfd_labels=True), {"gpu-b": layout((20, 20))}, version=1
+    )
+
+    assert node_metadata(api, "gpu-a")[0] == {**gfd, SHARING_STRATEGY_LABEL: "mps", REPLICAS_LABEL: "2"}
+    assert node_metadata(api, "gpu-b")[0] == {
+        SHARING_STRATEGY_LABEL: "mps",
+        REPLICAS_LABEL: "2",
+        GFD_SHARING_STRATEGY_LABEL: "mps",
+        GFD_REPLICAS_LABEL: "2",
+    }
+
+
+async def test_a_refused_node_write_is_logged_with_the_api_servers_reason(
+    api: ApiServer,
+    kube: client.ApiClient,
+    core: client.CoreV1Api,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An admission policy's refusal (k8s/config-publisher-policy.yaml) names the rule broken in
+    the Status message: the failure and the log carry it."""
+    await add_node(core, "gpu-a")
+    writer = compat_writer(kube, configmap=False, gfd_labels=True)
+    message = (
+        "nodes \"gpu-a\" is forbidden: ValidatingAdmissionPolicy 'mpsflow-config-publisher-node-writes' "
+        "denied request: the config publisher may change only the node labels ..."
+    )
+
+    async def refuse(*args: Any, **kwargs: Any) -> None:
+        refused = ApiException(status=422, reason="Unprocessable Entity")
+        refused.body = json.dumps(
+            {"kind": "Status", "status": "Failure", "message": message, "code": 422}
+        ).encode()
+        raise refused
+
+    monkeypatch.setattr(writer.core, "patch_node", refuse)
+    with caplog.at_level(logging.WARNING):
+        failures = await writer.write({"gpu-a": layout((10,))}, version=1)
+
+    assert failures == {"gpu-a": f"patching the node: API answered 422 Unprocessable Entity: {message}"}
+    assert message in caplog.text
+
+
 async def test_a_conflict_on_the_node_patch_is_retried_after_a_fresh_read(
     api: ApiServer, kube: client.ApiClient, core: client.CoreV1Api
 ) -> None:
@@ -463,6 +532,33 @@ async def test_configmap_references_and_modes_are_checked(kube: client.ApiClient
         CompatibilityWriter(kube, NAMESPACE)
     with pytest.raises(ValueError, match="nothing to write"):
         CompatibilityWriter(kube, node_labels=False)
+    with pytest.raises(ValueError, match="beside the node labels"):
+        CompatibilityWriter(kube, NAMESPACE, CONFIGMAP, node_labels=False, gfd_labels=True)
+
+
+@pytest.mark.parametrize(
+    ("flags", "configmap", "node_labels", "gfd_labels"),
+    [
+        ([], None, True, False),
+        (["--compat-configmap"], NOS_DEVICE_PLUGIN_CONFIGMAP, True, False),
+        (["--compat-configmap", "gpu-ops/plugin-configs"], ("gpu-ops", "plugin-configs"), True, False),
+        (["--compat-configmap", "--gfd-labels"], NOS_DEVICE_PLUGIN_CONFIGMAP, True, True),
+        (["--no-node-labels", "--compat-configmap"], NOS_DEVICE_PLUGIN_CONFIGMAP, False, False),
+    ],
+    ids=["default", "nos-configmap", "other-configmap", "gfd-labels", "configmap-only"],
+)
+def test_the_config_publishers_flags(
+    flags: list[str], configmap: tuple[str, str] | None, node_labels: bool, gfd_labels: bool
+) -> None:
+    """`--compat-configmap` without a value is nos's ConfigMap, where nebuly's plugin reads it."""
+    args = build_parser().parse_args(["run", "config-publisher", *flags])
+    assert (args.compat_configmap, args.node_labels, args.gfd_labels) == (configmap, node_labels, gfd_labels)
+
+
+def test_gfd_labels_need_the_node_labels(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "config-publisher", "--no-node-labels", "--gfd-labels"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 # --- inside the config publisher ----------------------------------------------------------------

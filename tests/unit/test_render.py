@@ -1,10 +1,11 @@
 """Rendering a node's layout for nebuly's device-plugin fork and GPU Operator users.
 
 Tables pin the formats (the fork's config, the ConfigMap key, the labels, nos's status
-annotations, the node metadata patch); a Hypothesis property checks that every rendered config
-parses back as YAML and satisfies the fork's schema rules, and that every key is a valid label
-value owned by exactly its node. `fork_schema_problems` is the schema oracle, written from the
-fork's rules (docs/nos-compatibility.md §2.3) rather than from the renderer; the integration tests use it too.
+annotations, the node metadata patch; GFD's labels only when asked); a Hypothesis property checks
+that every rendered config parses back as YAML and satisfies the fork's schema rules, and that
+every key is a valid label value owned by exactly its node. `fork_schema_problems` is the schema
+oracle, written from the fork's rules (docs/nos-compatibility.md §2.3) rather than from the renderer;
+the integration tests use it too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from events.plans import NodeLayout, SliceSpec
-from events.vocabulary import DEVICE_PLUGIN_CONFIG_LABEL, REPLICAS_LABEL, SHARING_STRATEGY_LABEL
+from events.vocabulary import (
+    DEVICE_PLUGIN_CONFIG_LABEL,
+    GFD_REPLICAS_LABEL,
+    GFD_SHARING_STRATEGY_LABEL,
+    REPLICAS_LABEL,
+    SHARING_STRATEGY_LABEL,
+)
 from services.config_publisher.render import (
     device_plugin_config,
     key_owner,
@@ -268,6 +275,30 @@ def test_a_long_node_name_is_shortened_to_fit_a_label_value() -> None:
 )
 def test_sharing_labels(gpus: dict[int, list[tuple[int, bool]]], strategy: str, replicas: str) -> None:
     assert sharing_labels(layout(gpus)) == {SHARING_STRATEGY_LABEL: strategy, REPLICAS_LABEL: replicas}
+    assert sharing_labels(layout(gpus), gfd_labels=True) == {
+        SHARING_STRATEGY_LABEL: strategy,
+        REPLICAS_LABEL: replicas,
+        GFD_SHARING_STRATEGY_LABEL: strategy,
+        GFD_REPLICAS_LABEL: replicas,
+    }
+
+
+def test_the_sharing_labels_are_mpsflows_own_keys_and_gfds_only_when_asked() -> None:
+    """GPU Feature Discovery owns `nvidia.com/gpu.*` and rewrites them: by default nothing of it is
+    rendered, so that mpsflow and GFD never write the same key."""
+    assert SHARING_STRATEGY_LABEL.startswith("mpsflow.dev/") and REPLICAS_LABEL.startswith("mpsflow.dev/")
+    plain = render_node("gpu-a", A100)
+    assert set(plain.labels) == {SHARING_STRATEGY_LABEL, REPLICAS_LABEL}
+    patch = metadata_patch(plain, {}, {}, config_label=True, node_labels=True)
+    assert not [key for key in patch["labels"] if key.startswith("nvidia.com/gpu.")]
+    mirrored = render_node("gpu-a", A100, gfd_labels=True)
+    assert metadata_patch(mirrored, {}, {}, config_label=False, node_labels=True)["labels"] == {
+        SHARING_STRATEGY_LABEL: "mps",
+        REPLICAS_LABEL: "4",
+        GFD_SHARING_STRATEGY_LABEL: "mps",
+        GFD_REPLICAS_LABEL: "4",
+    }
+    assert mirrored.config_key == plain.config_key
 
 
 def test_status_annotations_count_used_and_free_slices_per_gpu_and_size() -> None:
