@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint env clean golden demo-runs lock docs
+.PHONY: demo test lint env clean golden demo-runs chaos-runs fuzz lock docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ demo-runs: $(STAMP) ## the demo RUNS times, built-in then hostile, each also wit
 	$(BIN)/python -m benchmarks.demo_runs --runs $(RUNS) --hog
 	$(BIN)/python -m benchmarks.demo_runs --runs $(RUNS) --scenario simulation/scenarios/hostile.yaml
 	$(BIN)/python -m benchmarks.demo_runs --runs $(RUNS) --scenario simulation/scenarios/hostile.yaml --hog
+
+ROUNDS ?= 1
+chaos-runs: $(STAMP) ## ten chaos plans (every part killed, alone and together) ROUNDS times, then with one core busy (long)
+	$(BIN)/python -m benchmarks.chaos_runs --rounds $(ROUNDS)
+	$(BIN)/python -m benchmarks.chaos_runs --rounds $(ROUNDS) --hog
+
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP) ## every fuzz property of tests/fuzz at volume, FUZZ_EXAMPLES examples each (long; make test runs a bounded profile)
+	MPSFLOW_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/fuzz --hypothesis-show-statistics
 
 golden: $(STAMP) ## re-derive tests/golden/*.plans.jsonl from the recorded streams (review the diff!)
 	$(BIN)/python -m tests.golden.regenerate

@@ -67,7 +67,9 @@ def decode(data: bytes) -> Envelope:
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "(message)"
-        raise UndecodableMessageError(f"{where}: {first['msg']}") from error
+        # One line whatever the sender wrote: an unknown field's name may hold a newline.
+        reason = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in f"{where}: {first['msg']}")
+        raise UndecodableMessageError(reason) from error
 
 
 def content_id(*parts: str) -> str:

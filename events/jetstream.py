@@ -1,9 +1,16 @@
-"""The JetStream adapter of the bus port (`events.bus.Bus`): streams, KV, publishing, consumers.
+"""The JetStream adapter of the bus port (`events.bus.Bus`): connecting, publishing, consumers, KV.
 
 Publishing sets `Nats-Msg-Id` so a retried publish is stored once, and `traceparent` so the trace
 crosses the bus. Consumers are durable pull consumers; how a message is settled (ack after the
 effect, retry, dead letter) is `events.bus.deliver`, shared with the in-memory adapter. The
 node-config bucket is a JetStream KV bucket behind `events.bus.ConfigStore`.
+
+A process connects as one identity (`NatsOptions`: its credentials, TLS, and the inbox prefix that is
+its alone) and creates only consumers whose names and filters `events.access` grants it: a durable's
+single filter travels in the consumer-create subject; a stream is read to its end through a reader
+consumer named after the identity and the filter; a node watches its key through a consumer whose
+filter is that key. It creates no stream: `mpsflow bootstrap` (`events.bootstrap`) does, and
+`EventBus.connect` stops, naming that command, when they are missing.
 
 This module never decides anything about GPUs; it moves envelopes.
 """
@@ -11,10 +18,13 @@ This module never decides anything about GPUs; it moves envelopes.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import anyio
 import nats
@@ -25,7 +35,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
-from events import subjects
+from events import access, subjects
 from events.bus import (
     BusUnavailableError,
     ConfigStore,
@@ -40,12 +50,15 @@ from events.tracing import inject, publishing
 
 log = logging.getLogger(__name__)
 
-STREAM_LIMITS = {"max_msgs_per_subject": 64, "max_age": 7 * 24 * 3600, "duplicate_window": 120}
-"""The event stream keeps a subject's last 64 messages for a week; ids de-duplicate for 2 minutes."""
-
 RECONNECT_WAIT = 0.5
 """Seconds between the NATS client's reconnect attempts, and so before a fetch that failed for
 connection trouble is tried again (the failure policy: services/kit/retry.py)."""
+READER_IDLE_S = 60.0
+"""A reader consumer that a dead process left behind is gone after this long."""
+WATCHER_IDLE_S = 3600.0
+"""A key watcher that nobody fetches from (its node is gone) is gone after this long; a live watcher
+whose consumer went (its server lost it, or it idled while the connection was down) makes a new one."""
+_STREAM_NOT_FOUND = 10059
 
 _DELIVER_POLICIES = {
     "all": api.DeliverPolicy.ALL,
@@ -54,70 +67,128 @@ _DELIVER_POLICIES = {
 }
 
 
+class NotBootstrappedError(Exception):
+    """The streams or the bucket are missing: `mpsflow bootstrap` has not run with admin credentials."""
+
+
+@dataclass(frozen=True)
+class NatsOptions:
+    """How a process reaches NATS and as whom: the server, its identity (`events.access`: it names the
+    inbox prefix and the reader consumers), the identity's credentials file (`.creds`, a user JWT and
+    its seed) and TLS (a CA to check the server with, and a client certificate and key)."""
+
+    url: str
+    identity: str
+    credentials: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS settings, or None for a plain connection."""
+        if self.tls_ca is None and self.tls_cert is None:
+            return None
+        context = ssl.create_default_context(cafile=None if self.tls_ca is None else str(self.tls_ca))
+        if self.tls_cert is not None:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
+
+
+async def open_connection(options: NatsOptions, *, name: str) -> NatsClient:
+    """A NATS connection as `options` say, which reconnects for ever; a permission the server refuses
+    is logged as an error (it is a bug in `events.access` or a misused credential)."""
+
+    async def on_error(error: Exception) -> None:
+        if "permissions violation" in str(error).lower():
+            log.error("nats: %s (identity %s; grants: docs/security.md)", error, options.identity)
+        else:
+            log.warning("nats: %s", error)
+
+    return await nats.connect(
+        servers=[options.url],
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=RECONNECT_WAIT,
+        connect_timeout=2,
+        error_cb=on_error,
+        inbox_prefix=access.inbox_prefix(options.identity),
+        user_credentials=None if options.credentials is None else str(options.credentials),
+        tls=options.tls_context(),
+    )
+
+
 class EventBus:
     """A connection to NATS with the project's streams, KV bucket and conventions."""
 
-    def __init__(self, connection: NatsClient, *, source: str) -> None:
+    def __init__(self, connection: NatsClient, *, source: str, identity: str) -> None:
         self._nc = connection
         self.js: JetStreamContext = connection.jetstream(timeout=5)
         self.source = source
+        self.identity = identity
         self.published = 0
 
     @classmethod
-    async def connect(cls, url: str, *, source: str) -> EventBus:
-        async def on_error(error: Exception) -> None:
-            log.warning("nats: %s", error)
-
-        connection = await nats.connect(
-            servers=[url],
-            name=source,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=RECONNECT_WAIT,
-            connect_timeout=2,
-            error_cb=on_error,
-        )
-        bus = cls(connection, source=source)
-        await bus.ensure_streams()
+    async def connect(cls, options: NatsOptions, *, source: str) -> EventBus:
+        """Connect as `options.identity` and check that the bootstrap made the streams and the bucket."""
+        bus = cls(await open_connection(options, name=source), source=source, identity=options.identity)
+        try:
+            await bus.check_bootstrapped()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await bus._nc.close()
+            raise
         return bus
 
-    async def ensure_streams(self) -> None:
-        """Create the event stream, the dead-letter stream and the node-config bucket if absent."""
-        await self._add_or_update_stream(
-            api.StreamConfig(
-                name=subjects.STREAM,
-                subjects=[subjects.ALL_EVENTS],
-                storage=api.StorageType.FILE,
-                retention=api.RetentionPolicy.LIMITS,
-                max_msgs_per_subject=STREAM_LIMITS["max_msgs_per_subject"],
-                max_age=STREAM_LIMITS["max_age"],
-                duplicate_window=STREAM_LIMITS["duplicate_window"],
-            )
-        )
-        await self._add_or_update_stream(
-            api.StreamConfig(
-                name=subjects.DEAD_LETTER_STREAM,
-                subjects=[f"{subjects.DEAD_LETTER_PREFIX}.>"],
-                storage=api.StorageType.FILE,
-                max_age=30 * 24 * 3600,
-            )
-        )
+    async def check_bootstrapped(self) -> None:
+        """Raise NotBootstrappedError, naming `mpsflow bootstrap`, unless every stream exists."""
         try:
-            await self.js.key_value(subjects.NODE_CONFIG_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            await self.js.create_key_value(
-                bucket=subjects.NODE_CONFIG_BUCKET, history=8, storage=api.StorageType.FILE
+            reply = await self._nc.request(f"{access.JS_API}.STREAM.NAMES", b"", timeout=5)
+        except nats.errors.NoRespondersError as error:
+            raise NotBootstrappedError("JetStream does not answer: is it enabled on the server?") from error
+        except nats.errors.TimeoutError as error:
+            raise BusUnavailableError(
+                f"JetStream did not answer {access.JS_API}.STREAM.NAMES within 5 s (does identity "
+                f"{self.identity} lack the right? docs/security.md)"
+            ) from error
+        answer = json.loads(reply.data)
+        if "error" in answer:
+            raise NotBootstrappedError(f"JetStream refused to list the streams: {answer['error']}")
+        missing = sorted(set(access.STREAMS) - set(answer.get("streams") or ()))
+        if missing:
+            raise NotBootstrappedError(
+                f"JetStream has no {', '.join(missing)}: run `mpsflow bootstrap` with the admin "
+                "credentials before the services (docs/security.md)"
             )
 
-    async def _add_or_update_stream(self, config: api.StreamConfig) -> None:
+    async def _add_consumer(self, stream: str, config: api.ConsumerConfig) -> api.ConsumerInfo:
         try:
-            await self.js.add_stream(config)
-        except nats.js.errors.BadRequestError as error:
-            if error.err_code != 10058:  # already exists with another configuration
+            return await self.js.add_consumer(stream, config)
+        except nats.js.errors.NotFoundError as error:
+            if error.err_code != _STREAM_NOT_FOUND:
                 raise
-            await self.js.update_stream(config)
+            raise NotBootstrappedError(f"stream {stream} is missing: run `mpsflow bootstrap`") from error
 
     async def node_configs(self) -> ConfigStore:
-        return JetStreamConfigStore(await self.js.key_value(subjects.NODE_CONFIG_BUCKET))
+        """The node-config bucket, without asking for its stream's info (a node agent may not)."""
+        bucket = KeyValue(
+            name=subjects.NODE_CONFIG_BUCKET,
+            stream=access.KV_STREAM,
+            pre=f"{access.KV_SUBJECT_PREFIX}.",
+            js=self.js,
+            direct=True,  # the bootstrap allows direct gets on the bucket
+        )
+        return JetStreamConfigStore(bucket, self.js)
+
+    async def leases(self) -> ConfigStore:
+        """The lease bucket (get, create and update of one key; no watch)."""
+        bucket = KeyValue(
+            name=subjects.LEASE_BUCKET,
+            stream=access.LEASE_STREAM,
+            pre=f"{access.LEASE_SUBJECT_PREFIX}.",
+            js=self.js,
+            direct=True,
+        )
+        return JetStreamConfigStore(bucket, self.js, subjects.LEASE_BUCKET)
 
     async def publish(
         self, subject: str, event: Event, *, message_id: str | None = None, time: datetime | None = None
@@ -164,10 +235,13 @@ class EventBus:
         in-memory state from the stream on start (with `deliver_from="last_per_subject"`).
         `after_batch` runs after every fetched batch was handled and acked.
         """
+        # One filter goes into the consumer-create subject, where a grant can name it.
+        [single, *more] = filter_subjects
         config = api.ConsumerConfig(
             durable_name=durable,
             name=durable,
-            filter_subjects=list(filter_subjects),
+            filter_subject=None if more else single,
+            filter_subjects=list(filter_subjects) if more else None,
             ack_policy=api.AckPolicy.EXPLICIT,
             deliver_policy=_DELIVER_POLICIES[deliver_from],
             ack_wait=ack_wait,
@@ -177,7 +251,7 @@ class EventBus:
         if reset:
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await self.js.delete_consumer(subjects.STREAM, durable)
-        await self.js.add_consumer(subjects.STREAM, config)
+        await self._add_consumer(subjects.STREAM, config)
         subscription = await self.js.pull_subscribe_bind(durable=durable, stream=subjects.STREAM)
         if ready is not None:
             ready()
@@ -224,53 +298,57 @@ class EventBus:
 
     async def current_levels(self, filter_subject: str) -> list[Envelope]:
         """The last decodable event of every subject under `filter_subject`: what was last said of each."""
-        return await self._read_all(filter_subject, api.DeliverPolicy.LAST_PER_SUBJECT)
-
-    async def _read_all(self, filter_subject: str, policy: api.DeliverPolicy) -> list[Envelope]:
-        """Read what the stream holds under `filter_subject` (by `policy`) until caught up."""
-        subscription = await self.js.subscribe(
-            filter_subject, ordered_consumer=True, config=api.ConsumerConfig(deliver_policy=policy)
+        messages = await self._read_to_end(
+            subjects.STREAM, filter_subject, api.DeliverPolicy.LAST_PER_SUBJECT
         )
-        levels: list[Envelope] = []
-        try:
-            # The server pushes at once: messages already delivered to this client are no longer
-            # pending, so nothing to read means none pending and none delivered.
-            info = await subscription.consumer_info()
-            if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
-                return levels
-            while True:
-                try:
-                    message = await subscription.next_msg(timeout=0.5)
-                except TimeoutError:
-                    return levels
-                with contextlib.suppress(UndecodableMessageError):
-                    levels.append(decode(message.data))
-                if message.metadata.num_pending == 0:
-                    return levels
-        finally:
-            await subscription.unsubscribe()
+        return _decodable(messages)
 
     async def everything(self, filter_subject: str) -> list[Envelope]:
         """Every decodable event under `filter_subject` still in the stream, in stream order."""
-        return await self._read_all(filter_subject, api.DeliverPolicy.ALL)
+        return _decodable(await self._read_to_end(subjects.STREAM, filter_subject, api.DeliverPolicy.ALL))
 
     async def dead_letters(self, consumer: str) -> list[DeadLetter]:
         """Every dead letter a consumer recorded (for tests and `mpsflow` diagnostics)."""
-        subscription = await self.js.subscribe(
-            subjects.dead_letter_subject(consumer),
-            ordered_consumer=True,
-            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
+        messages = await self._read_to_end(
+            subjects.DEAD_LETTER_STREAM, subjects.dead_letter_subject(consumer), api.DeliverPolicy.ALL
         )
-        letters: list[DeadLetter] = []
+        return [DeadLetter.model_validate_json(message.data) for message in messages]
+
+    async def _read_to_end(self, stream: str, filter_subject: str, policy: api.DeliverPolicy) -> list[Msg]:
+        """What `stream` holds under `filter_subject` (by `policy`), read through this identity's
+        reader consumer for that filter, which is made afresh and deleted after."""
+        name = access.reader(self.identity, filter_subject)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.js.delete_consumer(stream, name)  # left behind by a reader that died mid-read
+        info = await self._add_consumer(
+            stream,
+            api.ConsumerConfig(
+                name=name,
+                filter_subject=filter_subject,
+                deliver_policy=policy,
+                ack_policy=api.AckPolicy.NONE,
+                inactive_threshold=READER_IDLE_S,
+                mem_storage=True,
+                num_replicas=1,
+            ),
+        )
+        subscription = await self.js.pull_subscribe_bind(durable=name, stream=stream)
+        messages: list[Msg] = []
         try:
-            while True:
+            remaining = info.num_pending or 0
+            while remaining > 0:
                 try:
-                    message = await subscription.next_msg(timeout=0.3)
-                except nats.errors.TimeoutError:
-                    return letters
-                letters.append(DeadLetter.model_validate_json(message.data))
+                    batch = await subscription.fetch(min(remaining, 256), timeout=2)
+                except TimeoutError:
+                    break
+                messages.extend(batch)
+                remaining = batch[-1].metadata.num_pending or 0
         finally:
-            await subscription.unsubscribe()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await subscription.unsubscribe()
+                with contextlib.suppress(nats.errors.Error):
+                    await self.js.delete_consumer(stream, name)
+        return messages
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(3):
@@ -319,17 +397,38 @@ class _Received:
         await self.message.term()
 
 
-class JetStreamConfigStore:
-    """The node-config bucket as a JetStream KV bucket."""
+def _decodable(messages: list[Msg]) -> list[Envelope]:
+    envelopes = []
+    for message in messages:
+        with contextlib.suppress(UndecodableMessageError):
+            envelopes.append(decode(message.data))
+    return envelopes
 
-    def __init__(self, kv: KeyValue) -> None:
+
+class JetStreamConfigStore:
+    """The node-config bucket as a JetStream KV bucket.
+
+    Reads go by direct get of one key; writes are compare-and-set publishes on the key's subject.
+    `watch` reads through the key's own watcher consumer (`access.key_watcher`), whose filter is the
+    key, rather than through the client's KV watch, whose ephemeral consumer's create subject names no
+    filter: a grant for that would let a node watch every key."""
+
+    def __init__(self, kv: KeyValue, js: JetStreamContext, bucket: str = subjects.NODE_CONFIG_BUCKET) -> None:
         self._kv = kv
+        self._js = js
+        self._bucket = bucket
 
     async def get(self, key: str) -> StoredValue | None:
         try:
             entry = await self._kv.get(key)
         except nats.js.errors.KeyNotFoundError:  # also raised for a deleted or purged key
             return None
+        except nats.errors.NoRespondersError as error:
+            raise NotBootstrappedError(
+                f"bucket {self._bucket} is missing: run `mpsflow bootstrap`"
+            ) from error
+        except (nats.errors.Error, TimeoutError) as error:
+            raise BusUnavailableError(f"reading {key} from {self._bucket}: {error!r}") from error
         return StoredValue(key, entry.value or b"", entry.revision or 0)
 
     async def create(self, key: str, value: bytes) -> int:
@@ -337,24 +436,71 @@ class JetStreamConfigStore:
             return await self._kv.create(key, value)
         except nats.js.errors.KeyWrongLastSequenceError as error:
             raise RevisionConflictError(f"{key} exists") from error
+        except (nats.errors.Error, TimeoutError) as error:
+            raise BusUnavailableError(f"creating {key} in {self._bucket}: {error!r}") from error
 
     async def update(self, key: str, value: bytes, *, last: int) -> int:
         try:
             return await self._kv.update(key, value, last=last)
         except nats.js.errors.KeyWrongLastSequenceError as error:
             raise RevisionConflictError(f"{key} is not at revision {last}") from error
+        except (nats.errors.Error, TimeoutError) as error:
+            raise BusUnavailableError(f"writing {key} in {self._bucket}: {error!r}") from error
 
     async def watch(self, key: str) -> AsyncIterator[StoredValue]:
-        watcher = await self._kv.watch(key)
+        seen = 0
+        while True:
+            subscription = await self._start_watching(key)
+            try:
+                while True:
+                    try:
+                        messages = await subscription.fetch(16, timeout=5)
+                    except TimeoutError:  # nothing new (nats-py raises both its own and asyncio's)
+                        continue
+                    except nats.js.errors.ServiceUnavailableError:  # the watcher is gone: a new one
+                        log.warning("the watcher of %s is gone; watching again", key)
+                        break
+                    except nats.errors.Error as error:  # connection trouble: the client reconnects
+                        log.warning("watching %s failed (%s), retrying in %.1fs", key, error, RECONNECT_WAIT)
+                        await anyio.sleep(RECONNECT_WAIT)
+                        continue
+                    for message in messages:
+                        revision = message.metadata.sequence.stream
+                        if revision <= seen:  # a new watcher starts from the current value again
+                            continue
+                        seen = revision
+                        if message.data and not _is_removal(message):
+                            yield StoredValue(key, message.data, revision)
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    await subscription.unsubscribe()
+
+    async def _start_watching(self, key: str) -> JetStreamContext.PullSubscription:
+        """A fresh watcher of `key`, starting at its current value (an old one may be anywhere)."""
+        name = access.key_watcher(key)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._js.delete_consumer(access.KV_STREAM, name)
+        config = api.ConsumerConfig(
+            name=name,
+            filter_subject=access.kv_subject(key),
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=WATCHER_IDLE_S,
+            mem_storage=True,
+            num_replicas=1,
+        )
         try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
-                except nats.errors.TimeoutError:
-                    continue
-                if entry is None or entry.value is None or entry.operation in ("DEL", "PURGE"):
-                    continue  # None marks the end of the initial values
-                yield StoredValue(entry.key, entry.value, entry.revision or 0)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+            await self._js.add_consumer(access.KV_STREAM, config)
+        except nats.js.errors.NotFoundError as error:
+            if error.err_code != _STREAM_NOT_FOUND:
+                raise
+            raise NotBootstrappedError(
+                f"bucket {subjects.NODE_CONFIG_BUCKET} is missing: run `mpsflow bootstrap`"
+            ) from error
+        return await self._js.pull_subscribe_bind(durable=name, stream=access.KV_STREAM)
+
+
+def _is_removal(message: Msg) -> bool:
+    """A delete or purge of the key, or a marker the server left (none carries a config)."""
+    headers = message.headers or {}
+    return headers.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers

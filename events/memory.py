@@ -97,6 +97,7 @@ class MemoryBroker:
         self.last_sequence = 0
         self.dead: list[DeadLetter] = []
         self.configs = MemoryConfigStore()
+        self.leases = MemoryConfigStore()
         self._ids: dict[str, tuple[int, float]] = {}
         self._consumers: dict[str, _Consumer] = {}
         self._changed = anyio.Event()
@@ -330,6 +331,9 @@ class MemoryBus:
 
     async def node_configs(self) -> MemoryConfigStore:
         return self.broker.configs
+
+    async def leases(self) -> MemoryConfigStore:
+        return self.broker.leases
 
     async def close(self) -> None:
         await anyio.lowlevel.checkpoint()

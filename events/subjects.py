@@ -17,6 +17,8 @@ STREAM = "MPSFLOW"
 DEAD_LETTER_STREAM = "MPSFLOW_DEAD_LETTERS"
 DEAD_LETTER_PREFIX = "mpsflow-dead"
 NODE_CONFIG_BUCKET = "mpsflow-node-config"
+LEASE_BUCKET = "mpsflow-leases"
+"""One key per service, its active replica's lease (`services.kit.lease`)."""
 
 _PLAIN = frozenset(string.ascii_letters + string.digits + "-")
 _ESCAPE = "_"

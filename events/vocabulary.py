@@ -149,6 +149,12 @@ SLICE_GATE = "mpsflow.dev/slice"
 """The scheduling gate mpsflow's admission webhook puts on every pod that asks for a slice."""
 RELEASED_TO_ANNOTATION = "mpsflow.dev/released-to"
 """Set, with the node's name, in the patch that lifts the gate and pins the pod to that node."""
+SHARING_STRATEGY_LABEL = "mpsflow.dev/gpu.sharing-strategy"
+"""On each node the config publisher writes: `mps`, or `none` when the node has no slice. The fact GPU
+Feature Discovery's `nvidia.com/gpu.sharing-strategy` states, under mpsflow's own key (GFD owns its)."""
+REPLICAS_LABEL = "mpsflow.dev/gpu.replicas"
+"""Beside it: the largest number of slices on one GPU of the node (`1` without slices), as GFD's
+`nvidia.com/gpu.replicas` counts shares per GPU."""
 WEBHOOK_PATH = "/mutate-pods"
 """Where the pod watcher's admission webhook takes AdmissionReviews (the manifests point there)."""
 WEBHOOK_HEALTH_PATH = "/healthz"
@@ -182,8 +188,12 @@ class PodEventReason(StrEnum):
     """Warning: its processes use more GPU memory than its slice (MPS did not stop them)."""
 
 
-# Compatibility with nebuly's device-plugin fork and nos (written only in compatibility mode).
+# What nebuly's device-plugin fork, nos and GFD read (when each is written: docs/nos-compatibility.md).
 DEVICE_PLUGIN_CONFIG_LABEL = "nvidia.com/device-plugin.config"
-SHARING_STRATEGY_LABEL = "nvidia.com/gpu.sharing-strategy"
-REPLICAS_LABEL = "nvidia.com/gpu.replicas"
+NOS_DEVICE_PLUGIN_CONFIGMAP = ("nebuly-nvidia", "nos-device-plugin-configs")
+"""(namespace, name) of the ConfigMap nebuly's device-plugin fork reads, as nos's Helm chart names it."""
+GFD_SHARING_STRATEGY_LABEL = "nvidia.com/gpu.sharing-strategy"
+GFD_REPLICAS_LABEL = "nvidia.com/gpu.replicas"
+"""GPU Feature Discovery's own labels: the config publisher mirrors its sharing labels there only
+with `--gfd-labels`, for nodes where GFD does not write them."""
 STATUS_ANNOTATION_PREFIX = f"{NOS_DOMAIN}status-gpu"

@@ -9,15 +9,24 @@ import argparse
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from events.vocabulary import DEFAULT_MPS_IPC, DEFAULT_OPT_IN, MPS_IPC_MODES, MpsIpcMode, OptInLabel
+from events.vocabulary import (
+    DEFAULT_MPS_IPC,
+    DEFAULT_OPT_IN,
+    MPS_IPC_MODES,
+    NOS_DEVICE_PLUGIN_CONFIGMAP,
+    MpsIpcMode,
+    OptInLabel,
+)
 from services.kit.lifecycle import close_all
 
 if TYPE_CHECKING:
+    from events.bus import Bus
+    from events.jetstream import NatsOptions
     from node_agent.device_plugin import SliceDevicePlugin
     from node_agent.health import XidPolicy
     from node_agent.nvml import GpuInventory
@@ -43,12 +52,65 @@ def plugin_commands() -> dict[str, PluginCommand]:
     return {entry.name: entry.load() for entry in sorted(entry_points(group=COMMAND_PLUGINS))}
 
 
+def _replicated(parser: argparse.ArgumentParser) -> None:
+    """The flags of a service that runs as replicas, one active at a time by a lease."""
+    parser.add_argument(
+        "--ready-file",
+        type=Path,
+        help="written `active` once this replica holds the service's lease and has caught up, `standby` "
+        "while it waits for the lease (for a probe; replicas are told apart by env POD_NAME)",
+    )
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
+    """Where NATS is and how to prove who we are: the standard credentials file and TLS."""
     parser.add_argument(
         "--nats-url",
         default=os.environ.get("MPSFLOW_NATS_URL", DEFAULT_NATS_URL),
-        help="NATS server with JetStream (env MPSFLOW_NATS_URL)",
+        help="NATS server with JetStream (env MPSFLOW_NATS_URL); tls:// for TLS",
     )
+    for flag, environment, what in (
+        (
+            "--nats-creds",
+            "MPSFLOW_NATS_CREDS",
+            "this identity's NATS credentials file (.creds: user JWT and seed)",
+        ),
+        (
+            "--nats-tls-ca",
+            "MPSFLOW_NATS_TLS_CA",
+            "CA certificates (PEM) to check the NATS server's certificate",
+        ),
+        (
+            "--nats-tls-cert",
+            "MPSFLOW_NATS_TLS_CERT",
+            "client certificate (PEM) for NATS servers that ask for one",
+        ),
+        ("--nats-tls-key", "MPSFLOW_NATS_TLS_KEY", "the client certificate's private key (PEM)"),
+    ):
+        parser.add_argument(
+            flag, type=Path, default=os.environ.get(environment), help=f"{what} (env {environment})"
+        )
+
+
+def nats_options(args: argparse.Namespace, identity: str) -> NatsOptions:
+    """How this process connects to NATS, as `identity` (docs/security.md)."""
+    from events.jetstream import NatsOptions
+
+    return NatsOptions(
+        args.nats_url,
+        identity,
+        credentials=args.nats_creds,
+        tls_ca=args.nats_tls_ca,
+        tls_cert=args.nats_tls_cert,
+        tls_key=args.nats_tls_key,
+    )
+
+
+def _nats_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the NATS options of a command that takes them, if anything."""
+    if "nats_tls_cert" in args and (args.nats_tls_cert is None) != (args.nats_tls_key is None):
+        return "give both --nats-tls-cert and --nats-tls-key, or neither"
+    return None
 
 
 def _kube(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     services = run.add_subparsers(dest="service", required=True)
     watcher = services.add_parser("pod-watcher", help="watch pods and nodes, publish their state")
     _common(watcher)
+    _replicated(watcher)
     _kube(watcher)
     watcher.add_argument(
         "--opt-in-label",
@@ -205,23 +268,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     webhook.add_argument("--tls-cert-file", type=Path, help="serve https with this certificate (PEM)")
     webhook.add_argument("--tls-key-file", type=Path, help="the certificate's private key (PEM)")
-    _common(services.add_parser("planner", help="fold events into state and publish plans"))
+    planner = services.add_parser("planner", help="fold events into state and publish plans")
+    _common(planner)
+    _replicated(planner)
     publisher = services.add_parser("config-publisher", help="write each node's desired MPS config")
     _common(publisher)
+    _replicated(publisher)
     _kube(publisher)
     publisher.add_argument(
         "--compat-configmap",
         type=_configmap,
+        nargs="?",
+        const=NOS_DEVICE_PLUGIN_CONFIGMAP,
         metavar="NAMESPACE/NAME",
-        help="also write each node's config for nebuly's device-plugin fork into this ConfigMap and "
+        help="also write each node's config for nebuly's device-plugin fork into this ConfigMap (without "
+        f"a value: {'/'.join(NOS_DEVICE_PLUGIN_CONFIGMAP)}, where nos's chart has the fork read it) and "
         "point the node's nvidia.com/device-plugin.config label at it (default: off)",
     )
-    publisher.add_argument(
+    node_labels = publisher.add_mutually_exclusive_group()
+    node_labels.add_argument(
         "--no-node-labels",
         dest="node_labels",
         action="store_false",
-        help="do not write the nvidia.com/gpu.sharing-strategy and nvidia.com/gpu.replicas labels "
+        help="do not write the mpsflow.dev/gpu.sharing-strategy and mpsflow.dev/gpu.replicas labels "
         "and the nos.nebuly.com/status-gpu-* annotations on nodes",
+    )
+    node_labels.add_argument(
+        "--gfd-labels",
+        action="store_true",
+        help="also write GPU Feature Discovery's nvidia.com/gpu.sharing-strategy and nvidia.com/gpu.replicas "
+        "labels: only where GFD does not run on the nodes or its sharing labels are off (GFD rewrites "
+        "them), and with the two keys added to k8s/config-publisher-policy.yaml",
     )
     keeper = services.add_parser(
         "mps-daemons",
@@ -324,9 +401,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--slice-gb", type=int, default=2, help="the pinned limit to set and hold a CUDA client to (GiB)"
     )
 
-    record = commands.add_parser("record", help="write every event of the stream to a JSON-lines file")
+    record = commands.add_parser(
+        "record", help="write every event of the stream to a JSON-lines file (admin credentials)"
+    )
     _common(record)
     record.add_argument("out", type=Path, help="file to write (one envelope per line)")
+
+    bootstrap = commands.add_parser(
+        "bootstrap",
+        help="create or update the streams and the node-config bucket, with their limits (admin credentials; "
+        "run before the services, and again to change a limit)",
+    )
+    _common(bootstrap)
+    bootstrap.add_argument(
+        "--replicas", type=int, default=1, help="servers that keep each stream (1, 3 or 5)"
+    )
+    for stream, default_mib in (("events", 1024), ("dead-letters", 256), ("node-configs", 64)):
+        bootstrap.add_argument(
+            f"--{stream}-max-mib",
+            type=int,
+            default=default_mib,
+            help=f"the most the {stream} stream stores, MiB",
+        )
+
+    credentials = commands.add_parser(
+        "credentials",
+        help="issue NATS credentials: the server's trust (nats-auth.conf) and one .creds per identity",
+    )
+    credentials.add_argument(
+        "directory", type=Path, help="where the keys (keys/), nats-auth.conf and *.creds go"
+    )
+    credentials.add_argument(
+        "--node", action="append", default=[], help="issue the node agent's credentials of this node (repeat)"
+    )
 
     replay = commands.add_parser("replay", help="replay recorded events through the planner, print its plans")
     replay.add_argument("events", type=Path, help="JSON-lines file of envelopes (from `mpsflow record`)")
@@ -338,12 +445,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = _nats_problem(args)
+    if problem is not None:
+        print(f"mpsflow {args.command}: {problem}", file=sys.stderr)
+        return 2
     if args.command == "plan":
         return plan_command(args.snapshot, args.indent)
     if args.command == "record":
         import anyio
 
-        return anyio.run(record_command, args.nats_url, args.out, backend="asyncio")
+        from events.access import ADMIN
+
+        return anyio.run(record_command, nats_options(args, ADMIN), args.out, backend="asyncio")
+    if args.command == "bootstrap":
+        return bootstrap_command(args)
+    if args.command == "credentials":
+        return credentials_command(args.directory, args.node)
     if args.command == "replay":
         return replay_command(args.events)
     if args.command == "doctor":
@@ -376,6 +493,11 @@ def plan_command(source: str, indent: int | None = None) -> int:
     except OSError as error:
         print(f"mpsflow plan: {source}: {error.strerror}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as error:
+        print(
+            f"mpsflow plan: {source}: not UTF-8 text ({error.reason} at byte {error.start})", file=sys.stderr
+        )
+        return 2
     try:
         nodes, pods = parse_snapshot(text)
     except SnapshotError as error:
@@ -385,11 +507,42 @@ def plan_command(source: str, indent: int | None = None) -> int:
     return 0
 
 
-async def record_command(nats_url: str, out: Path) -> int:
+def bootstrap_command(args: argparse.Namespace) -> int:
+    import anyio
+
+    from events.access import ADMIN
+    from events.bootstrap import MIB, BusLimits, bootstrap
+    from events.jetstream import NotBootstrappedError
+
+    limits = BusLimits(
+        replicas=args.replicas,
+        events_max_bytes=args.events_max_mib * MIB,
+        dead_letters_max_bytes=args.dead_letters_max_mib * MIB,
+        node_configs_max_bytes=args.node_configs_max_mib * MIB,
+    )
+    try:
+        done = anyio.run(bootstrap, nats_options(args, ADMIN), limits, backend="asyncio")
+    except (NotBootstrappedError, OSError) as error:
+        print(f"mpsflow bootstrap: {error}", file=sys.stderr)
+        return 1
+    for line in done:
+        print(f"mpsflow bootstrap: {line}")
+    return 0
+
+
+def credentials_command(directory: Path, nodes: list[str]) -> int:
+    from events.credentials import issue
+
+    for path in issue(directory, nodes):
+        print(f"mpsflow credentials: wrote {path}")
+    return 0
+
+
+async def record_command(options: NatsOptions, out: Path) -> int:
     from events.jetstream import EventBus
     from events.subjects import ALL_EVENTS
 
-    bus = await EventBus.connect(nats_url, source="record")
+    bus = await EventBus.connect(options, source="record")
     try:
         envelopes = await bus.everything(ALL_EVENTS)
     finally:
@@ -441,7 +594,7 @@ def run_command(args: argparse.Namespace) -> int:
             return 2
         run_service("mpsflow-admission-webhook", lambda: _admission_webhook(args))
     elif service == "planner":
-        run_service("mpsflow-planner", lambda: _planner(args.nats_url))
+        run_service("mpsflow-planner", lambda: _planner(args))
     elif service == "config-publisher":
         run_service("mpsflow-config-publisher", lambda: _config_publisher(args))
     elif service == "mps-daemons":
@@ -483,17 +636,24 @@ def refuses_for_foreign_mps_daemon(args: argparse.Namespace) -> bool:
 
 
 async def _pod_watcher(args: argparse.Namespace) -> None:
+    from events.access import POD_WATCHER
     from events.jetstream import EventBus
     from services.kit.kube import api_client
     from services.pod_watcher.service import PodWatcherService, WatcherSettings
     from services.pod_watcher.translate import MpsClientRules
 
     settings = WatcherSettings(args.opt_in_label, MpsClientRules(ipc=args.mps_ipc, mps_user=args.mps_user))
-    bus = await EventBus.connect(args.nats_url, source="pod-watcher")
+    bus = await EventBus.connect(nats_options(args, POD_WATCHER), source="pod-watcher")
     api = await api_client(args.kube_url, os.environ.get("MPSFLOW_KUBE_TOKEN"))
     api.user_agent = "mpsflow-pod-watcher"
+
+    async def watch(ready: Callable[[], None]) -> None:
+        service = PodWatcherService(bus, api, settings)
+        service.on_caught_up = ready
+        await service.run()
+
     try:
-        await PodWatcherService(bus, api, settings).run()
+        await _one_active(bus, POD_WATCHER, watch, args.ready_file)
     finally:
         await close_all(api.close, bus.close)
 
@@ -515,18 +675,24 @@ async def _admission_webhook(args: argparse.Namespace) -> None:
         await close_all(runner.cleanup)
 
 
-async def _planner(nats_url: str) -> None:
+async def _planner(args: argparse.Namespace) -> None:
     import anyio
 
+    from events.access import PLANNER
     from events.jetstream import EventBus
     from services.planner.service import PlannerService
 
-    bus = await EventBus.connect(nats_url, source="planner")
-    try:
+    bus = await EventBus.connect(nats_options(args, PLANNER), source="planner")
+
+    async def plan(ready: Callable[[], None]) -> None:  # afresh each time: it rebuilds its state
         planner = PlannerService(bus)
+        planner.on_caught_up = ready
         async with anyio.create_task_group() as group:
             group.start_soon(planner.consume)
             group.start_soon(planner.decide_forever)
+
+    try:
+        await _one_active(bus, PLANNER, plan, args.ready_file)
     finally:
         await close_all(bus.close)
 
@@ -536,6 +702,7 @@ async def _config_publisher(args: argparse.Namespace) -> None:
 
     from kubernetes_asyncio.config import ConfigException
 
+    from events.access import CONFIG_PUBLISHER
     from events.jetstream import EventBus
     from services.config_publisher.kube_writer import CompatibilityWriter
     from services.config_publisher.service import ConfigPublisherService
@@ -550,15 +717,51 @@ async def _config_publisher(args: argparse.Namespace) -> None:
             logging.getLogger(__name__).warning(
                 "no Kubernetes API configured (%s): publishing to the node-config KV bucket only", error
             )
-    writer = None
     if api is not None:
         api.user_agent = "mpsflow-config-publisher"
-        writer = CompatibilityWriter(api, namespace, name, node_labels=args.node_labels)
-    bus = await EventBus.connect(args.nats_url, source="config-publisher")
+    bus = await EventBus.connect(nats_options(args, CONFIG_PUBLISHER), source="config-publisher")
+
+    async def publish(ready: Callable[[], None]) -> None:  # a fresh writer: what it wrote may be stale
+        writer = None
+        if api is not None:
+            writer = CompatibilityWriter(
+                api, namespace, name, node_labels=args.node_labels, gfd_labels=args.gfd_labels
+            )
+        await ConfigPublisherService(bus, writer).consume(ready)
+
     try:
-        await ConfigPublisherService(bus, writer).consume()
+        await _one_active(bus, CONFIG_PUBLISHER, publish, args.ready_file)
     finally:
         await close_all(bus.close, *([api.close] if api is not None else []))
+
+
+async def _one_active(
+    bus: Bus,
+    service: str,
+    work: Callable[[Callable[[], None]], Awaitable[None]],
+    ready_file: Path | None,
+) -> None:
+    """Run `work` while this replica holds `service`'s lease: with two replicas, one is active and
+    the other takes over within seconds of it dying (`services.kit.lease`). `work` calls the function
+    it is given once it has caught up and serves; `ready_file` then says `active`, and `standby`
+    while this replica waits for the lease (for a probe, and for the demo's chaos)."""
+    import socket
+    import time
+
+    from services.kit.lease import Lease, lead
+
+    def say(state: str) -> None:
+        if ready_file is not None:
+            ready_file.with_suffix(".tmp").write_text(f"{state}\n")
+            ready_file.with_suffix(".tmp").replace(ready_file)
+
+    me = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    say("standby")
+    await lead(
+        Lease(await bus.leases(), service, me, time.time),
+        lambda: work(lambda: say("active")),
+        lambda active: None if active else say("standby"),
+    )
 
 
 def mps_control_command(args: argparse.Namespace) -> tuple[str, ...]:
@@ -609,6 +812,7 @@ def _slice_plugin(args: argparse.Namespace) -> SliceDevicePlugin:
 
 async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | None = None) -> None:
     """The node agent on this node's GPUs (NVML), or on `inventory` where the GPUs are simulated."""
+    from events.access import node_agent_identity
     from events.jetstream import EventBus
     from node_agent.agent import AgentSettings, NodeAgent
     from node_agent.device_plugin import SliceServer
@@ -618,7 +822,9 @@ async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | N
     from node_agent.processes import ProcEnvironment
 
     inventory = inventory or NvmlInventory()
-    bus = await EventBus.connect(args.nats_url, source=f"node-agent/{args.node}")
+    bus = await EventBus.connect(
+        nats_options(args, node_agent_identity(args.node)), source=f"node-agent/{args.node}"
+    )
     plugin: SliceServer = _slice_plugin(args) if args.mps_daemons == "own" else RemotePlugin(args.link_socket)
     settings = AgentSettings(
         node=args.node,

@@ -31,14 +31,22 @@ class DemoCommand:
         parser.add_argument(
             "--compat",
             action="store_true",
-            help="also write nebuly's device-plugin ConfigMap (mpsflow/nos-device-plugin-configs) and "
+            help="also write nebuly's device-plugin ConfigMap (nebuly-nvidia/nos-device-plugin-configs) and "
             "each node's nvidia.com/device-plugin.config label, and print them at the end",
         )
         parser.add_argument(
             "--chaos",
             metavar="SPEC",
-            help="kill:node-agent/NODE@SECONDS, comma-separated: SIGKILL that node's agent SECONDS into the "
-            "workload and start it again one second later (its MPS daemons live on)",
+            help="kill:TARGET@SECONDS, comma-separated, TARGET one of pod-watcher, planner, config-publisher "
+            "(its active replica), nats, node-agent/NODE: SIGKILL it SECONDS into the workload and start it "
+            "again one second later",
+        )
+        parser.add_argument(
+            "--replicas",
+            type=int,
+            choices=[1, 2, 3],
+            default=1,
+            help="replicas of the pod watcher, the planner and the config publisher, one active by a lease",
         )
 
     def run(self, args: argparse.Namespace) -> int:
@@ -52,7 +60,7 @@ class DemoCommand:
             )
             return 2
         return demo_command(
-            args.scenario, args.json_out, args.record, args.audit_log, args.compat, args.chaos
+            args.scenario, args.json_out, args.record, args.audit_log, args.compat, args.chaos, args.replicas
         )
 
 

@@ -37,7 +37,8 @@ import anyio.to_thread
 import nats.errors
 from kubernetes_asyncio import client
 
-from events import subjects
+from events import access, subjects
+from events.bootstrap import BusLimits, bootstrap
 from events.envelope import UndecodableMessageError, decode
 from events.jetstream import EventBus
 from events.nodes import NodeGpusReported, NodeObserved, NodeOptedOut
@@ -45,6 +46,7 @@ from events.plans import NodeConfigFailed, PlanComputed
 from events.pods import PodRejected
 from events.vocabulary import (
     DEVICE_PLUGIN_CONFIG_LABEL,
+    NOS_DEVICE_PLUGIN_CONFIGMAP,
     WEBHOOK_HEALTH_PATH,
     WEBHOOK_PATH,
     asks_for_a_slice,
@@ -53,6 +55,7 @@ from events.vocabulary import (
 )
 from node_agent.mps import DaemonSpec
 from services.kit.kube import api_client
+from services.kit.lease import LeaseRecord
 from services.kit.watching import list_and_watch
 from simulation.apiserver import AdmissionWebhook, ApiServer
 from simulation.chaos import RESTART_DELAY_S, ChaosError, Kill, check_chaos, parse_chaos
@@ -72,7 +75,7 @@ from simulation.scheduler import Scheduler
 SERVICES = ("pod-watcher", "planner", "config-publisher", "admission-webhook")
 READY_TIMEOUT = 30.0
 FAKE_MPS_CONTROL = f"{sys.executable} -m simulation.fake_mps_control"
-COMPAT_CONFIGMAP = ("mpsflow", "nos-device-plugin-configs")
+COMPAT_CONFIGMAP = NOS_DEVICE_PLUGIN_CONFIGMAP  # where `--compat-configmap` without a value writes
 COMPAT_SETTLE_TIMEOUT = 5.0
 AGENT_STOP_GRACE = 5.0
 GATE_WEBHOOK = "gate.mpsflow.dev"
@@ -101,9 +104,12 @@ class ChaosRecord:
     kill: Kill
     at_kill: dict[str, Any] = field(default_factory=dict)
     on_recovery: dict[str, Any] = field(default_factory=dict)
+    killed_at: float | None = None
     restarted_at: float | None = None
     recovered_at: float | None = None
     note: str | None = None
+    killed: str | None = None
+    """The process killed (of a service with replicas: the one that held its lease)."""
 
     @property
     def done(self) -> bool:
@@ -111,7 +117,7 @@ class ChaosRecord:
 
     def summary(self) -> dict[str, Any]:
         recovered = (
-            round(self.recovered_at - self.restarted_at, 3)
+            round(max(0.0, self.recovered_at - self.restarted_at), 3)
             if self.recovered_at is not None and self.restarted_at is not None
             else None
         )
@@ -120,6 +126,11 @@ class ChaosRecord:
             "at": self.kill.at,
             "recovered_seconds": recovered,
         }
+        if self.kill.node is None and self.killed_at is not None and self.recovered_at is not None:
+            # From the kill until the target served again: a standby may take over before the restart.
+            entry["takeover_seconds"] = round(self.recovered_at - self.killed_at, 3)
+        if self.killed is not None:
+            entry["killed"] = self.killed
         if self.note is not None:
             entry["note"] = self.note
         if self.at_kill:
@@ -235,6 +246,7 @@ def _start_process(cluster: Cluster, name: str, command: list[str], token: str) 
         "MPSFLOW_KUBE_URL": cluster.api.url,
         "MPSFLOW_KUBE_TOKEN": token,
         "PYTHONUNBUFFERED": "1",
+        "POD_NAME": name,  # a replica's name, as the downward API would give it
     }
     with (logs / f"{name}.log").open("ab") as log_file:
         cluster.processes[name] = subprocess.Popen(
@@ -312,9 +324,15 @@ def _start_agent(cluster: Cluster, node: ScenarioNode) -> None:
             *mps,
             "--heartbeat",
             "5",
+            *_credentials_flag(cluster, access.node_agent_role(node.name)),
         ],
         f"mpsflow-node-agent-{node.name}",
     )
+
+
+def _credentials_flag(cluster: Cluster, role: access.Role) -> list[str]:
+    """The credentials of the process's own identity, which grant its role and nothing more."""
+    return ["--nats-creds", str(cluster.nats.options_as(role).credentials)]
 
 
 def _keeper_name(node: str) -> str:
@@ -413,7 +431,104 @@ async def _play_chaos(cluster: Cluster, start: float, say: Callable[[str], None]
     """Play every kill of `cluster.chaos`, each at its time after `start`."""
     async with anyio.create_task_group() as group:
         for record in cluster.chaos:
-            group.start_soon(_kill_node_agent, cluster, record, start, say)
+            if record.kill.node is not None:
+                group.start_soon(_kill_node_agent, cluster, record, start, say)
+            elif record.kill.target == "nats":
+                group.start_soon(_kill_nats, cluster, record, start, say)
+            else:
+                group.start_soon(_kill_service, cluster, record, start, say)
+
+
+async def _kill_service(
+    cluster: Cluster, record: ChaosRecord, start: float, say: Callable[[str], None]
+) -> None:
+    """Kill the replica of a service that holds its lease (the active one), start it again one second
+    later, and measure when a replica serves again: its ready file says `active`, written once it
+    holds the lease and has caught up with the stream (`services.cli._one_active`)."""
+    service = record.kill.target
+
+    def tell(what: str) -> None:
+        say(f"  {time.monotonic() - start:5.1f}s  chaos: {what}")
+
+    await anyio.sleep(max(0.0, start + record.kill.at - time.monotonic()))
+    replicas = _replicas(cluster, service)
+    lease = await (await cluster.bus.leases()).get(service)
+    holder = LeaseRecord.decode(lease.value) if lease is not None else None
+    name = holder.holder if holder is not None and holder.holder in replicas else replicas[0]
+    process = cluster.processes[name]
+    record.killed = name
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    await anyio.to_thread.run_sync(process.wait)
+    record.killed_at = time.monotonic()
+    killed_wall = time.time()
+    tell(f"{name} (pid {process.pid}, {'active' if holder else 'no lease seen'}) killed with SIGKILL")
+
+    async def restart() -> None:
+        await anyio.sleep(RESTART_DELAY_S)
+        command, token = cluster.launches[name]
+        _start_process(cluster, name, command, token)
+        record.restarted_at = time.monotonic()
+        tell(f"{name} started again (pid {cluster.processes[name].pid})")
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(restart)
+        while True:
+            serving = [r for r in replicas if _ready_since(cluster, r, killed_wall)]
+            if serving:
+                record.recovered_at = time.monotonic()
+                tell(
+                    f"{service} served again by {serving[0]}, "
+                    f"{record.recovered_at - record.killed_at:.2f}s after the kill"
+                )
+                break
+            await anyio.sleep(RECOVERY_POLL_S)
+
+
+def _replicas(cluster: Cluster, service: str) -> list[str]:
+    """The process names of `service`'s replicas."""
+    return sorted(name for name in cluster.launches if name == service or name.startswith(f"{service}-"))
+
+
+def _ready_since(cluster: Cluster, name: str, since: float) -> bool:
+    """The replica's ready file says `active`, written after `since` (wall-clock seconds)."""
+    path = cluster.base / "logs" / f"{name}.ready"
+    try:
+        return path.stat().st_mtime > since and path.read_text().strip() == "active"
+    except OSError:
+        return False
+
+
+async def _kill_nats(cluster: Cluster, record: ChaosRecord, start: float, say: Callable[[str], None]) -> None:
+    """Kill the NATS server, start it again one second later on the same port and store, and measure
+    when events flow again: the first event stored after the restart."""
+
+    def tell(what: str) -> None:
+        say(f"  {time.monotonic() - start:5.1f}s  chaos: {what}")
+
+    await anyio.sleep(max(0.0, start + record.kill.at - time.monotonic()))
+    await anyio.to_thread.run_sync(cluster.nats.kill)
+    record.killed_at = time.monotonic()
+    record.killed = "nats-server"
+    tell("nats-server killed with SIGKILL (its store stays)")
+    await anyio.sleep(RESTART_DELAY_S)
+    await anyio.to_thread.run_sync(cluster.nats.start)
+    record.restarted_at = time.monotonic()
+    tell("nats-server started again")
+    first: int | None = None
+    while True:
+        try:
+            last = (await cluster.bus.js.stream_info(subjects.STREAM)).state.last_seq
+        except Exception:  # the observer's connection is still coming back
+            last = None
+        if last is not None:
+            if first is None:
+                first = last
+            elif last > first:
+                record.recovered_at = time.monotonic()
+                tell(f"events flow again, {record.recovered_at - record.restarted_at:.2f}s after the restart")
+                return
+        await anyio.sleep(RECOVERY_POLL_S)
 
 
 async def _kill_node_agent(
@@ -559,12 +674,19 @@ async def _webhook_answers(url: str) -> bool:
 
 
 async def start_cluster(
-    scenario: Scenario, stack: AsyncExitStack, say: Callable[[str], None], *, compat: bool = False
+    scenario: Scenario,
+    stack: AsyncExitStack,
+    say: Callable[[str], None],
+    *,
+    compat: bool = False,
+    replicas: int = 1,
 ) -> Cluster:
     """Start the cluster and every service; the agents start with `run_agents_where_opted_in`.
 
     `compat` makes the config publisher also write nebuly's device-plugin ConfigMap
-    (`COMPAT_CONFIGMAP`) and point each node's `nvidia.com/device-plugin.config` label at it."""
+    (`COMPAT_CONFIGMAP`) and point each node's `nvidia.com/device-plugin.config` label at it.
+    `replicas` of each of the pod watcher, the planner and the config publisher run (`<service>-<n>`
+    when more than one), one of them active by the service's lease."""
     base = Path(tempfile.mkdtemp(prefix="mpsflow-", dir="/tmp"))
     stack.callback(shutil.rmtree, base, True)
     (base / "logs").mkdir()
@@ -575,18 +697,21 @@ async def start_cluster(
     logging.getLogger().setLevel(logging.INFO)
     stack.callback(logging.getLogger().removeHandler, cluster_log)
     stack.callback(cluster_log.close)
-    nats_server = LocalNatsServer(base / "nats").start()
+    # Authentication on, as in production (docs/security.md): every process its own identity.
+    nats_server = LocalNatsServer(base / "nats", secured=True).start()
     stack.callback(nats_server.stop)
     webhook_url = f"http://127.0.0.1:{free_port()}"
     api = ApiServer(
         watch_delay=scenario.timing.watch_delay_s,
+        faults=scenario.api_faults.emulator_faults() if scenario.api_faults else None,
         admission_webhooks=[
             AdmissionWebhook(GATE_WEBHOOK, webhook_url + WEBHOOK_PATH, "Fail", 10.0, matches=asks_for_a_slice)
         ],
     )
     await api.start()
     stack.push_async_callback(api.stop)
-    bus = await EventBus.connect(nats_server.url, source="demo")
+    await bootstrap(nats_server.options_as_admin(), BusLimits())
+    bus = await EventBus.connect(nats_server.options_as_admin(), source="demo")
     stack.push_async_callback(bus.close)
     admin = await api_client(api.url, "demo")
     stack.push_async_callback(admin.close)
@@ -600,15 +725,28 @@ async def start_cluster(
         await kubelets[node.name].register_node()
     cluster = Cluster(scenario, base, nats_server, api, bus, admin, kubelets, webhook_url)
     stack.callback(_stop_processes, cluster)
-    say(f"started nats-server on {nats_server.url} and the API emulator on {api.url}")
+    say(
+        f"started nats-server on {nats_server.url} (authentication on: one identity per process) "
+        f"and the API emulator on {api.url}"
+    )
     for service in SERVICES:
         extra: tuple[str, ...] = ()
         if service == "config-publisher" and compat:
-            extra = ("--compat-configmap", "/".join(COMPAT_CONFIGMAP))
+            extra = ("--compat-configmap",)  # nos's default, COMPAT_CONFIGMAP
         elif service == "admission-webhook":
             extra = ("--listen", webhook_url.removeprefix("http://"))
-        _start_process(cluster, service, _service_command(service, *extra), f"mpsflow-{service}")
-    say(f"started {len(SERVICES)} services (logs in {base / 'logs'})")
+        if service not in access.SERVICE_ROLES:
+            _start_process(cluster, service, _service_command(service, *extra), f"mpsflow-{service}")
+            continue
+        extra += tuple(_credentials_flag(cluster, access.SERVICE_ROLES[service]))
+        names = [service] if replicas == 1 else [f"{service}-{n}" for n in range(1, replicas + 1)]
+        for name in names:
+            ready = ("--ready-file", str(base / "logs" / f"{name}.ready"))
+            _start_process(cluster, name, _service_command(service, *extra, *ready), f"mpsflow-{service}")
+    shown = f"{len(SERVICES)} services" + (
+        f", {replicas} replicas of each with a lease" if replicas > 1 else ""
+    )
+    say(f"started {shown} (logs in {base / 'logs'})")
     return cluster
 
 
@@ -790,12 +928,13 @@ async def run_demo(
     audit_log: Path | None = None,
     compat: bool = False,
     chaos: tuple[Kill, ...] = (),
+    replicas: int = 1,
 ) -> int:
     def say(line: str) -> None:
         print(line, file=out, flush=True)
 
     async with AsyncExitStack() as stack:
-        cluster = await start_cluster(scenario, stack, say, compat=compat)
+        cluster = await start_cluster(scenario, stack, say, compat=compat, replicas=replicas)
         cluster.chaos = [ChaosRecord(kill) for kill in chaos]
         if audit_log is not None:
             stack.callback(_write_request_log, cluster.api, audit_log)
@@ -925,6 +1064,7 @@ def demo_command(
     audit_log: Path | None = None,
     compat: bool = False,
     chaos_spec: str | None = None,
+    replicas: int = 1,
 ) -> int:
     try:
         scenario = load_scenario(scenario_path)
@@ -935,7 +1075,15 @@ def demo_command(
         return 2
     try:
         return anyio.run(
-            _until_signalled, scenario, json_out, record, audit_log, compat, chaos, backend="asyncio"
+            _until_signalled,
+            scenario,
+            json_out,
+            record,
+            audit_log,
+            compat,
+            chaos,
+            replicas,
+            backend="asyncio",
         )
     except KeyboardInterrupt:
         print("\ninterrupted; everything the demo started has been stopped", file=sys.stderr)
@@ -949,6 +1097,7 @@ async def _until_signalled(
     audit_log: Path | None,
     compat: bool,
     chaos: tuple[Kill, ...],
+    replicas: int,
 ) -> int:
     """`run_demo`, stopped cleanly by SIGTERM too (exit status 143): a demo never leaves a process,
     a daemon or a file behind, however it ends."""
@@ -964,7 +1113,9 @@ async def _until_signalled(
 
         async def demo() -> None:
             nonlocal result
-            result = await run_demo(scenario, sys.stdout, json_out, record, audit_log, compat, chaos)
+            result = await run_demo(
+                scenario, sys.stdout, json_out, record, audit_log, compat, chaos, replicas
+            )
             group.cancel_scope.cancel()
 
         group.start_soon(stop_on_sigterm)

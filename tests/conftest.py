@@ -8,6 +8,7 @@ import pytest
 
 from events.jetstream import EventBus
 from simulation.nats_server import LocalNatsServer
+from tests.natsbus import bootstrapped_bus
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def nats_server() -> Iterator[LocalNatsServer]:
 
 @pytest.fixture
 async def bus(nats_server: LocalNatsServer) -> AsyncIterator[EventBus]:
-    connected = await EventBus.connect(nats_server.url, source="tests")
+    connected = await bootstrapped_bus(nats_server)
     try:
         yield connected
     finally:

@@ -16,11 +16,13 @@ Errors (the taxonomy is `events/bus.py`'s):
 Schedules: `first` seconds after the first failure, doubling after each further one up to
 `longest`; `attempts` tries in all (None: until it works). The delays are stamina's formula
 (`first * 2 ** (failure - 1)`, capped), whether stamina waits (`retrying`, `keep_running`) or a
-loop that must cut its wait short waits by itself (`Backoff.delay`).
+loop that must cut its wait short waits by itself (`Backoff.delay`). A failure that says how long
+to wait (a `TransientError` with `retry_after`: an API's 429 with `Retry-After`) waits exactly that
+instead, in `retrying` and `keep_running` as on the bus; it still counts as a failure.
 
 - `KUBERNETES_API` (0.2 s to 10 s, forever): lists and watches (`kit.watching.list_and_watch`,
-  starting over once a change was delivered); the config publisher's compatibility writes (waits
-  by itself: a new ask cuts the wait short).
+  starting over once a change was delivered, and waiting a 429's `Retry-After`); the config
+  publisher's compatibility writes (waits by itself: a new ask cuts the wait short).
 - `KUBERNETES_EVENT` (0.2 s to 10 s, 5 tries): the pod watcher's rejection Events, then given up,
   since the watch must go on.
 - `CONFLICT` (0.05 s to 0.4 s plus up to 0.05 s of jitter, 5 tries): compare-and-set that lost to
@@ -51,6 +53,8 @@ from typing import NoReturn, TypeVar
 
 import stamina
 
+from events.bus import TransientError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -80,9 +84,21 @@ KUBELET = Backoff(first=0.1, longest=5.0)
 MPS_DAEMON = Backoff(first=1.0, longest=60.0)
 
 
+def _asked_wait(error: Exception) -> float | None:
+    """The wait a failure asked for (a `TransientError`'s `retry_after`), if any."""
+    return error.retry_after if isinstance(error, TransientError) else None
+
+
 def _attempts(on: Retryable, backoff: Backoff, attempts: int | None) -> AsyncIterable[stamina.Attempt]:
+    def retry_or_wait(error: Exception) -> bool | float:
+        """stamina's backoff hook: whether to retry `error`, or after how long when it asked."""
+        if not isinstance(error, on):
+            return False
+        asked = _asked_wait(error)
+        return True if asked is None else asked
+
     return stamina.retry_context(
-        on=on,
+        on=retry_or_wait,
         attempts=attempts,
         timeout=None,
         wait_initial=backoff.first,
@@ -93,7 +109,9 @@ def _attempts(on: Retryable, backoff: Backoff, attempts: int | None) -> AsyncIte
 
 def _log_retry(level: int, what: str, error: Exception, attempt: stamina.Attempt) -> None:
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    log.log(level, "%s failed (%s); trying again in %.2fs", what, reason, attempt.next_wait)
+    asked = _asked_wait(error)
+    wait = attempt.next_wait if asked is None else asked
+    log.log(level, "%s failed (%s); trying again in %.2fs", what, reason, wait)
 
 
 async def retrying(

@@ -50,11 +50,18 @@ class PlannerService:
         self._wakeup = Wakeup()
         self._caught_up = False
         self._links: list[Link] = []
+        self.on_caught_up: Callable[[], None] = lambda: None
+        """Called once, when the state is rebuilt and the planner decides from it (it is ready)."""
+
+    def _now_caught_up(self) -> None:
+        if not self._caught_up:
+            self._caught_up = True
+            self.on_caught_up()
 
     async def handle(self, delivery: Delivery) -> None:
         self.core.observe(delivery.envelope)
         if delivery.pending == 0:
-            self._caught_up = True
+            self._now_caught_up()
         link = link_to(delivery.headers)
         if link is not None and len(self._links) < MAX_LINKS:
             self._links.append(link)
@@ -63,7 +70,7 @@ class PlannerService:
     async def _check_caught_up(self) -> None:
         """Caught up also when the backlog ended with messages that were dead-lettered, not handled."""
         if not self._caught_up and await self.bus.pending(DURABLE) == 0:
-            self._caught_up = True
+            self._now_caught_up()
             self._wakeup.set()
 
     async def consume(self) -> None:

@@ -15,6 +15,7 @@ output. No I/O here: the CLI reads and writes.
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime
 from typing import Annotated, Any, cast
 
@@ -92,9 +93,9 @@ def _pod_once(pod: _Pod, info: ValidationInfo) -> _Pod:
     seen = _seen(info)
     key = f"{pod['namespace']}/{pod['name']}"
     if key in seen.pod_keys:
-        # pydantic's messages are UTF-8: a lone surrogate (valid JSON: "\\ud800") goes in as
-        # the escape that standard error would write for it.
-        printable = key.encode("utf-8", "backslashreplace").decode("utf-8")
+        # The message is one line of UTF-8: a newline or a lone surrogate (valid JSON: "\\ud800")
+        # goes in as its escape.
+        printable = "".join(char if char.isprintable() else ascii(char)[1:-1] for char in key)
         raise PydanticCustomError("duplicate", "pod {key} appears twice", {"key": printable})
     seen.pod_keys.add(key)
     return pod
@@ -237,6 +238,13 @@ def parse_snapshot(text: str) -> tuple[list[Node], list[PendingPod]]:
     except json.JSONDecodeError as error:
         raise SnapshotError(
             f"snapshot: not JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from None
+    except RecursionError:
+        raise SnapshotError("snapshot: not JSON that can be read (nested too deeply)") from None
+    except ValueError:  # json.loads converts numbers with int(), which refuses very long ones
+        longest = sys.get_int_max_str_digits()
+        raise SnapshotError(
+            f"snapshot: not JSON that can be read (a number longer than {longest} digits)"
         ) from None
     try:
         snapshot = _SNAPSHOT.validate_python(document, context=_Seen())

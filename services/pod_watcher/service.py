@@ -16,6 +16,7 @@ of events (audited by tests/e2e/test_rbac.py).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -32,13 +33,14 @@ from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUn
 from events.vocabulary import (
     DEFAULT_OPT_IN,
     MIB_PER_GIB,
+    RELEASED_TO_ANNOTATION,
     SLICE_GATE,
     OptInLabel,
     PodEventReason,
     RejectionRule,
 )
 from services.kit.retry import CONFLICT, KUBERNETES_EVENT, retrying
-from services.kit.watching import as_json, list_and_watch
+from services.kit.watching import as_json, list_and_watch, refused
 from services.pod_watcher.gate import release_patch
 from services.pod_watcher.translate import (
     DEFAULT_CLIENT_RULES,
@@ -54,6 +56,9 @@ COMPONENT = "mpsflow-pod-watcher"
 UNPLACED_DURABLE = "pod-watcher-unplaced"
 RELEASE_DURABLE = "pod-watcher-release"
 OVERUSE_DURABLE = "pod-watcher-overuse"
+RELEASE_MAX_DELIVER = 300
+"""Deliveries of a release before it is dead-lettered: with the bus's 15 s between late tries (or a
+429's Retry-After), over an hour of an API that refuses."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,9 @@ class PodWatcherService:
         self.nodes: dict[str, NodeObserved] = {}
         self.pods: dict[str, str] = {}  # pod key -> uid, for pods we published
         self.too_large: dict[str, dict[str, Any]] = {}  # rejected only for their size: checked again
+        self.on_caught_up: Callable[[], None] = lambda: None
+        """Called after the first complete list of pods has been published (it is ready)."""
+        self._listed_pods = False
 
     @property
     def largest_gpu_gb(self) -> int | None:
@@ -133,6 +141,9 @@ class PodWatcherService:
                     filter_subjects=[subjects.RELEASE_EVENTS],
                     handle=self.released,
                     deliver_from="last_per_subject",
+                    # A release given up leaves its pod gated for good: an API that refuses for
+                    # an hour (throttled, down) only delays it.
+                    max_deliver=RELEASE_MAX_DELIVER,
                 )
             )
             group.start_soon(
@@ -181,6 +192,9 @@ class PodWatcherService:
         for key in sorted(set(self.pods) - present):
             namespace, name = key.split("/", 1)
             await self._deleted(namespace, name, self.pods[key])
+        if not self._listed_pods:
+            self._listed_pods = True
+            self.on_caught_up()
 
     async def pod_changed(self, change: str, pod: dict[str, Any]) -> None:
         metadata = pod["metadata"]
@@ -288,9 +302,15 @@ class PodWatcherService:
         except ApiException as error:
             if error.status == 404:
                 return
-            raise TransientError(f"reading {event.key}: API answered {error.status}") from error
+            raise refused(error, f"reading {event.key}") from error
         metadata, spec = pod.get("metadata") or {}, pod.get("spec") or {}
-        if metadata.get("uid") != event.uid or spec.get("nodeName") or not is_gated(pod):
+        if metadata.get("uid") != event.uid:
+            return
+        released_here = (metadata.get("annotations") or {}).get(RELEASED_TO_ANNOTATION) == event.node
+        if not is_gated(pod) and released_here:  # released before: its Event may be what failed then
+            await self._tell_ready(event)
+            return
+        if spec.get("nodeName") or not is_gated(pod):
             return
         try:
             await self.core.patch_namespaced_pod(
@@ -316,8 +336,11 @@ class PodWatcherService:
                     f"{SLICE_GATE}; delete the gate by hand to let any scheduler place it",
                 )
                 return
-            raise TransientError(f"releasing {event.key}: API answered {error.status}") from error
+            raise refused(error, f"releasing {event.key}") from error
         log.info("%s released to node %s", event.key, event.node)
+        await self._tell_ready(event)
+
+    async def _tell_ready(self, event: PodReleased) -> None:
         await self.post_event(
             event.namespace,
             event.name,
@@ -357,4 +380,4 @@ class PodWatcherService:
             if error.status == 404:
                 log.info("pod %s/%s is gone; no event", namespace, name)
                 return
-            raise TransientError(f"event for {namespace}/{name}: API answered {error.status}") from error
+            raise refused(error, f"event for {namespace}/{name}") from error

@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 
 from events.nodes import GfdFacts, NodeObserved, Taint
 from events.pods import (
@@ -115,10 +115,22 @@ def _slice_counts(resources: Mapping[str, object]) -> dict[int, int]:
     """Slices per size among a node's resources (`nvidia.com/gpu-<N>gb: count`); others are ignored."""
     counts: dict[int, int] = {}
     for name, quantity in resources.items():
-        size = slice_size(name)
-        if size is not None and str(quantity).isdigit():
-            counts[size] = int(str(quantity))
+        size, count = slice_size(name), _count(quantity)
+        if size is not None and count is not None:
+            counts[size] = count
     return dict(sorted(counts.items()))
+
+
+def _count(quantity: object) -> int | None:
+    """A whole count in ASCII digits, as the kubelet reports devices, or None for anything else
+    (`²` is a digit to `str.isdigit` but not to `int`; thousands of digits are beyond `int` too)."""
+    text = str(quantity)
+    if not (text.isascii() and text.isdigit()):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def _quantity_is_one(value: object) -> bool:
@@ -212,6 +224,8 @@ def translate_pod(
         return PodRejected(reason=reason, message=message, **common)
     status = pod.get("status") or {}
     phase: PodPhase = status.get("phase") or "Pending"
+    if phase not in get_args(PodPhase):  # one this version does not know: it cannot reason about it
+        phase = "Unknown"
     return PodObserved(
         size_gb=slices[0][1],
         priority=int(spec.get("priority") or 0),

@@ -9,7 +9,8 @@ makes are the calls to the admission webhooks a test gives it.
 
 Its modules, each importing only those listed before it: `common` (the resources served, `Status`
 errors), `selectors`, `patches`, `pod_rules`, `store` (objects, resourceVersions, history, watches),
-`admission` and `server` (`ApiServer`: HTTP, the verbs, watch streams, the test hooks).
+`faults` (which request gets which injected fault; it imports none of the others), `admission` and
+`server` (`ApiServer`: HTTP, the verbs, watch streams, the faults applied, the test hooks).
 
 What it emulates (core/v1 only): pods, configmaps and events (namespaced) and nodes
 (cluster-scoped); the subresources pods/binding, pods/status and nodes/status; the verbs get, list,
@@ -28,6 +29,16 @@ from the pod is refused.
 Timing: with `watch_delay` every event a watch delivers (synthetic ADDED and history replays
 included) is written no earlier than that many seconds after it was queued for that watch, in
 order, as from a watch cache lagging behind etcd; a BOOKMARK is only sent when nothing is held back.
+
+Faults (`Faults`, from a demo scenario's `api_faults` section or given by a test), injected into the
+requests of chosen identities and resources the way a real API server shows them: latency before a
+request is handled; 429 with `Retry-After`, in plain text as API Priority and Fairness writes it (the
+one error that is not a `Status`), and 500 with an InternalError `Status`, both before anything is
+done and on every verb, watch included; for a watch from a resourceVersion older than the current
+one, 410 as the real watch cache answers a resourceVersion it forgot (HTTP 200, one ERROR event with
+an Expired `Status`, end of stream); and open watches ended on a period without a final event,
+cleanly or by a connection reset.
+A refused write never happened: the real API's 500 after a commit (a timeout) is not emulated.
 
 Mutating admission webhooks (`AdmissionWebhook`) on pod CREATE, as the real API server calls them:
 `admission` says how. Pod validation, as the real API's ValidatePodCreate/ValidatePodUpdate, for
@@ -61,9 +72,10 @@ What it does NOT emulate:
   waits, then answers 504 "Too large resource version");
 - any controller: no scheduler, kubelet, node heartbeats, event aggregation or TTL.
 
-Test hooks on `ApiServer`: `request_log` (webhook calls are not in it), `bookmarks_sent`,
-`fail_next`, `drop_watches` (aborts the TCP connections: the client sees
-`aiohttp.ClientPayloadError`), `expire_history`, `objects` and the settable `watch_delay`.
+Test hooks on `ApiServer`: `request_log` (webhook calls are not in it; each record says when the
+request came and which faults it got), `bookmarks_sent`, `fail_next`, `drop_watches` (aborts the TCP
+connections: the client sees `aiohttp.ClientPayloadError`), `expire_history`, `objects`,
+`faults_injected` (counts by kind) and the settable `watch_delay`.
 
 Concurrency: everything runs on one asyncio loop; every store operation is synchronous, hence atomic,
 and each open watch gets its changes through its own asyncio.Queue, in resourceVersion order. A pod
@@ -71,6 +83,7 @@ create awaits its webhooks before its synchronous store operation, so other requ
 """
 
 from simulation.apiserver.admission import AdmissionWebhook
+from simulation.apiserver.faults import Faults
 from simulation.apiserver.server import ApiServer, RequestRecord
 
-__all__ = ["AdmissionWebhook", "ApiServer", "RequestRecord"]
+__all__ = ["AdmissionWebhook", "ApiServer", "Faults", "RequestRecord"]

@@ -9,6 +9,7 @@ never check credentials: a bearer token is only recorded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import random
@@ -31,9 +32,11 @@ from simulation.apiserver.common import (
     Kind,
     checked_object,
     failure_status,
+    internal_error,
     invalid,
     now,
 )
+from simulation.apiserver.faults import FaultInjector, Faults, RequestFaults
 from simulation.apiserver.patches import (
     JSON_PATCH,
     MERGE_PATCH,
@@ -62,8 +65,10 @@ _GENERATED_SUFFIX_ALPHABET: Final = "bcdfghjklmnpqrstvwxz2456789"
 class RequestRecord:
     """One request to a resource path, as `ApiServer.request_log` keeps it for audits in tests.
 
-    `identity` is the bearer token of the request, if any. Requests to unknown paths (404) or with a
-    method the path does not allow (405) are not recorded."""
+    `identity` is the bearer token of the request, if any; `at` the event loop's clock when it
+    arrived; `faults` what the emulator injected into it (`faults.RequestFaults.names`: "slow",
+    "throttled", "error", "gone"). Requests to unknown paths (404) or with a method the path does
+    not allow (405) are not recorded."""
 
     method: str
     path: str
@@ -72,6 +77,8 @@ class RequestRecord:
     namespace: str | None
     user_agent: str
     identity: str | None
+    at: float
+    faults: tuple[str, ...]
 
 
 def _json_response(body: JsonObject, status: int = 200) -> web.Response:
@@ -150,6 +157,18 @@ def _check_resource_version(target: _Target, current: JsonObject, resource_versi
         )
 
 
+def _too_many_requests(retry_after_s: int) -> web.Response:
+    """The real API server's 429 (API Priority and Fairness, max-in-flight): plain text, not a
+    Status, with the seconds to wait in `Retry-After`."""
+    return web.Response(
+        text="Too many requests, please try again later.\n",
+        status=429,
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"Retry-After": str(retry_after_s), "X-Content-Type-Options": "nosniff"},
+    )
+
+
 def _bookmark(kind: str, resource_version: int) -> JsonObject:
     return {"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": str(resource_version)}}
 
@@ -180,10 +199,11 @@ class ApiServer:
     `history_limit` is how many writes a watch can replay; `bookmark_interval` how often an idle
     watch that asked for bookmarks gets one; `watch_delay` (seconds, also settable later as an
     attribute) how long every watch event is held back after it was queued for its watch;
-    `admission_webhooks` the mutating webhooks every pod create goes through, in order.
+    `admission_webhooks` the mutating webhooks every pod create goes through, in order; `faults`
+    what to inject into which requests (`faults.Faults`; None: nothing).
 
     Besides HTTP it offers test hooks: `request_log`, `fail_next`, `drop_watches`,
-    `expire_history`, `objects` and `watch_delay`."""
+    `expire_history`, `objects`, `watch_delay` and `faults_injected`."""
 
     def __init__(
         self,
@@ -192,6 +212,7 @@ class ApiServer:
         bookmark_interval: float = 1.0,
         watch_delay: float = 0.0,
         admission_webhooks: Sequence[AdmissionWebhook] = (),
+        faults: Faults | None = None,
     ) -> None:
         self.request_log: list[RequestRecord] = []
         self.bookmarks_sent = 0
@@ -200,6 +221,8 @@ class ApiServer:
         self._bookmark_interval = bookmark_interval
         self._webhooks = tuple(admission_webhooks)
         self._failures: list[tuple[str, str, int]] = []
+        self._faults = FaultInjector(faults or Faults())
+        self._dropping_watches: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._webhook_client: aiohttp.ClientSession | None = None
         self._url: str | None = None
@@ -229,10 +252,19 @@ class ApiServer:
         bound_port = self._runner.addresses[0][1]
         self._webhook_client = aiohttp.ClientSession()
         self._url = f"http://{host}:{bound_port}"
+        if self._faults.faults.drop_watch_every_s is not None:
+            self._dropping_watches = asyncio.create_task(
+                self._drop_watches_every(self._faults.faults.drop_watch_every_s)
+            )
         return self._url
 
     async def stop(self) -> None:
         """Ends every watch cleanly, then stops serving."""
+        if self._dropping_watches is not None:
+            self._dropping_watches.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dropping_watches
+            self._dropping_watches = None
         for watch in self._store.watches:
             watch.queue.put_nowait(None)
         if self._runner is not None:
@@ -264,6 +296,12 @@ class ApiServer:
     def expire_history(self) -> None:
         """Forgets the retained history: a watch from any older resourceVersion then gets 410."""
         self._store.expire_history()
+
+    @property
+    def faults_injected(self) -> dict[str, int]:
+        """How many of each fault `faults` injected so far: per request "slow", "throttled",
+        "error" and "gone"; per watch dropped "watch_ended" and "watch_reset"."""
+        return dict(self._faults.counts)
 
     def fail_next(self, verb: str, resource: str, status: int) -> None:
         """Makes the next request with this verb on this resource (e.g. "pods/binding") fail with `status`."""
@@ -337,6 +375,9 @@ class ApiServer:
         verb = target.verb(request.method, request.query)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         identity = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+        since = request.query.get("resourceVersion", "")
+        behind = since.isdigit() and 0 < int(since) < self._store.resource_version
+        faults = self._faults.for_request(identity, target.audited_resource, verb, behind)
         self.request_log.append(
             RequestRecord(
                 method=request.method,
@@ -346,14 +387,22 @@ class ApiServer:
                 namespace=target.namespace,
                 user_agent=request.headers.get("User-Agent", ""),
                 identity=identity,
+                at=asyncio.get_running_loop().time(),
+                faults=faults.names,
             )
         )
         for index, (failing_verb, resource, status) in enumerate(self._failures):
             if (failing_verb, resource) == (verb, target.audited_resource):
                 del self._failures[index]
                 raise ApiError(status, f"injected failure of {verb} {resource}")
+        if faults.delay_s:
+            await asyncio.sleep(faults.delay_s)
+        if faults.refusal == "throttled":
+            return _too_many_requests(self._faults.faults.retry_after_s)
+        if faults.refusal == "error":
+            raise internal_error(f"injected fault (error_rate) on {verb} {target.audited_resource}")
         if verb == "watch":
-            return await self._watch(request, target)
+            return await self._watch(request, target, identity, faults)
         if verb == "list":
             return _json_response(self._list(target, request.query))
         if verb == "get":
@@ -519,12 +568,15 @@ class ApiServer:
         self._store.commit("pods", "MODIFIED", bound, pod)
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
 
-    async def _watch(self, request: web.Request, target: _Target) -> web.StreamResponse:
+    async def _watch(
+        self, request: web.Request, target: _Target, identity: str | None, faults: RequestFaults
+    ) -> web.StreamResponse:
         watch = Watch(
             target.resource,
             Filter.from_query(target.namespace, target.kind, request.query),
             asyncio.Queue(),
             request.transport,
+            identity,
         )
         bookmarks = _bool_param(request.query, "allowWatchBookmarks")
         try:
@@ -536,6 +588,9 @@ class ApiServer:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         try:
+            if faults.gone:
+                current = self._store.resource_version
+                raise ApiError(410, f"too old resource version: {since} ({current})", "Expired")
             self._store.open_watch(watch, since)
         except ApiError as expired:
             await response.prepare(request)
@@ -549,6 +604,20 @@ class ApiServer:
         finally:
             self._store.watches.discard(watch)
         return response
+
+    async def _drop_watches_every(self, period_s: float) -> None:
+        """The `drop_watch_every_s` fault: every `period_s`, ends every targeted open watch without
+        a final event, cleanly or by resetting its connection (`FaultInjector.drop`)."""
+        while True:
+            await asyncio.sleep(period_s)
+            for watch in list(self._store.watches):
+                if not self._faults.faults.targets(watch.identity, watch.resource):
+                    continue
+                self._store.watches.discard(watch)
+                if self._faults.drop() == "watch_reset" and watch.transport is not None:
+                    watch.transport.abort()
+                else:
+                    watch.end_now()
 
     async def _stream(
         self, response: web.StreamResponse, watch: Watch, kind: str, lifetime: float | None, bookmarks: bool

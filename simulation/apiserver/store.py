@@ -40,16 +40,24 @@ class _Queued:
 
 @dataclass(eq=False)
 class Watch:
-    """One open watch: the resource and filter it asked for, its queue of changes to send, and its
-    connection (which `ApiServer.drop_watches` aborts)."""
+    """One open watch: the resource and filter it asked for, its queue of changes to send, its
+    connection (which `ApiServer.drop_watches` aborts) and who opened it (the bearer token, if any)."""
 
     resource: str
     filter: Filter
     queue: asyncio.Queue[_Queued | None]  # None ends the stream cleanly
     transport: asyncio.Transport | None
+    identity: str | None = None
 
     def push(self, change: _Change) -> None:
         self.queue.put_nowait(_Queued(change, asyncio.get_running_loop().time()))
+
+    def end_now(self) -> None:
+        """Ends the stream cleanly after at most the change it is sending: what is still queued
+        is never sent, as when a real API server ends a watch; the client resumes to get it."""
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
 
     def event_for(self, change: _Change) -> tuple[str, JsonObject] | None:
         matches_now = self.filter.matches(change.obj)

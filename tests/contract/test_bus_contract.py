@@ -14,11 +14,11 @@ import pytest
 
 from events import subjects
 from events.bus import Bus, Delivery, PermanentError, RevisionConflictError, StoredValue, TransientError
-from events.jetstream import EventBus
 from events.memory import MemoryBroker
 from events.nodes import NodeOptedOut
 from events.pods import PodDeleted
 from simulation.nats_server import LocalNatsServer
+from tests.natsbus import bootstrapped_bus
 from tests.support import eventually
 
 pytestmark = pytest.mark.anyio
@@ -32,7 +32,7 @@ async def any_bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
         yield MemoryBroker().bus("tests")
         return
     with LocalNatsServer() as server:
-        connected = await EventBus.connect(server.url, source="tests")
+        connected = await bootstrapped_bus(server)
         try:
             yield connected
         finally:

@@ -212,9 +212,9 @@ def test_every_pod_runs_or_succeeds_and_nothing_went_wrong(run: Run) -> None:
             "kill:node-agent/gpu-9@3",
             "--chaos: 'kill:node-agent/gpu-9@3': 'gpu-9' is not one of the scenario's nodes",
         ),
-        ("kill:planner@2", "--chaos: 'kill:planner@2': killing planner is not supported yet"),
+        ("kill:scheduler@2", "--chaos: 'kill:scheduler@2': TARGET must be one of"),
     ],
-    ids=["bad-seconds", "unknown-node", "unsupported-target"],
+    ids=["bad-seconds", "unknown-node", "unknown-target"],
 )
 def test_a_chaos_spec_the_demo_cannot_play_is_refused_naming_the_part(spec: str, message: str) -> None:
     finished = subprocess.run(

@@ -85,10 +85,10 @@ async def test_a_failed_handling_is_redelivered_and_then_acked(bus: EventBus) ->
 DYING_CONSUMER = """
 import sys, anyio
 from events import subjects
-from events.jetstream import EventBus
+from events.jetstream import EventBus, NatsOptions
 
 async def main() -> None:
-    bus = await EventBus.connect(sys.argv[1], source="dying")
+    bus = await EventBus.connect(NatsOptions(sys.argv[1], "admin"), source="dying")
     async def handle(delivery):
         print("handling", flush=True)
         await anyio.sleep_forever()

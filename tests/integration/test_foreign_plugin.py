@@ -1,4 +1,5 @@
-"""The node agent refuses to start beside another GPU device plugin that serves the node's GPUs."""
+"""Whoever serves the slices to the kubelet (the MPS daemon keeper, or an agent with `--mps-daemons own`)
+refuses to start beside another GPU device plugin that serves the node's GPUs."""
 
 from __future__ import annotations
 
@@ -35,16 +36,28 @@ def test_only_a_serving_nvidia_plugin_counts(plugin_dir: Path) -> None:
     assert foreign_gpu_plugins(plugin_dir) == []
 
 
-def test_the_agent_refuses_to_start_and_says_which_label_turns_the_other_off(plugin_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run", "mps-daemons", "--node", "gpu-1"],  # it serves the slices to the kubelet
+        ["run", "node-agent", "--node", "gpu-1", "--mps-daemons", "own"],  # so does the agent, then
+    ],
+    ids=["keeper", "agent-serving-its-own-slices"],
+)
+def test_whoever_serves_the_slices_refuses_to_start_and_says_which_label_turns_the_other_off(
+    plugin_dir: Path, command: list[str]
+) -> None:
     with serve_on(plugin_dir / "nvidia-gpu.sock"):
-        command = ["run", "node-agent", "--node", "gpu-1", "--plugin-dir", str(plugin_dir)]
         result = subprocess.run(
-            [sys.executable, "-m", "services.cli", *command],
+            [sys.executable, "-m", "services.cli", *command, "--plugin-dir", str(plugin_dir)],
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
         )
-    assert result.returncode == 3
-    assert "another GPU device plugin serves this node (nvidia-gpu.sock" in result.stderr
+    assert result.returncode == 3, result.stderr
+    assert (
+        f"mpsflow run {command[1]}: another GPU device plugin serves this node (nvidia-gpu.sock"
+        in result.stderr
+    )
     assert "nvidia.com/gpu.deploy.device-plugin=false" in result.stderr

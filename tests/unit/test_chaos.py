@@ -66,11 +66,10 @@ def test_a_malformed_spec_is_refused_naming_its_part(spec: str, message: str) ->
     ("spec", "message"),
     [
         (
-            "kill:node-agent/a100-1@2,kill:planner@2",
-            "--chaos: 'kill:planner@2': killing planner is not supported yet, only node-agent/NODE is "
-            "(the demo cannot tell yet when a restarted planner has recovered)",
+            "kill:node-agent/a100-1@2,kill:planner@30",
+            "--chaos: 'kill:planner@30': the run ends at the scenario's timeout, 30s, before it",
         ),
-        ("kill:nats@1", "--chaos: 'kill:nats@1': killing nats is not supported yet"),
+        ("kill:nats@1,kill:nats@1.5", "--chaos: 'kill:nats@1.5': nats is killed at 1s and started again"),
         (
             "kill:node-agent/gpu-9@1",
             "--chaos: 'kill:node-agent/gpu-9@1': 'gpu-9' is not one of the scenario's nodes",

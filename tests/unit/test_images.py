@@ -100,7 +100,7 @@ def test_the_manifests_run_the_images_the_dockerfile_builds() -> None:
     control_plane = {name for name, c in ours.items() if c["image"] == CONTROL_PLANE_IMAGE}
     assert agents == {name for name in ours if "node-agent" in name or "mps-daemons" in name}
     assert control_plane == set(ours) - agents
-    assert len(control_plane) == 4
+    assert len(control_plane) == 5  # four services and the bootstrap Job
     for name in control_plane:
         context = ours[name]["securityContext"]
         assert isinstance(context, dict)

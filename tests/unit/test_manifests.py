@@ -182,3 +182,15 @@ def test_the_node_services_are_probed_on_the_file_they_touch() -> None:
         command = container["livenessProbe"]["exec"]["command"]
         assert command[0] == "python" and command[-1] == alive, name
         assert "getmtime" in command[2], name
+
+
+def test_the_control_plane_services_run_two_replicas_one_active_by_a_lease() -> None:
+    by_name = {w["metadata"]["name"]: w for w in workloads()}
+    for service in ("planner", "pod-watcher", "config-publisher"):
+        deployment = by_name[f"mpsflow-{service}"]
+        assert deployment["spec"]["replicas"] == 2, service
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["args"][:4] == ["run", service, "--ready-file", "/tmp/mpsflow-ready"], service
+        env = {e["name"]: e for e in container["env"]}
+        assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, service
+        assert container["readinessProbe"]["exec"]["command"] == ["test", "-s", "/tmp/mpsflow-ready"]
