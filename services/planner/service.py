@@ -101,7 +101,8 @@ class PlannerService:
                 on=BusUnavailableError,
                 backoff=BUS,
                 what="publishing a step",
-                level=logging.ERROR,
+                # NATS restarting (a rollout, a crash) is an outage it rides out: not an error yet.
+                level=logging.WARNING,
             )
             if not published:
                 await self._wakeup.wait(timeout)
