@@ -47,7 +47,7 @@ chaos-runs: $(STAMP) ## ten chaos plans (every part killed, alone and together) 
 
 FUZZ_EXAMPLES ?= 20000
 fuzz: $(STAMP) ## every fuzz property of tests/fuzz at volume, FUZZ_EXAMPLES examples each (long; make test runs a bounded profile)
-	MPSFLOW_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/fuzz --hypothesis-show-statistics
+	$(BIN)/python -m tests.fuzz.volume --examples $(FUZZ_EXAMPLES) --per-round 2000
 
 golden: $(STAMP) ## re-derive tests/golden/*.plans.jsonl from the recorded streams (review the diff!)
 	$(BIN)/python -m tests.golden.regenerate

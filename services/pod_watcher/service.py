@@ -45,6 +45,7 @@ from services.pod_watcher.gate import release_patch
 from services.pod_watcher.translate import (
     DEFAULT_CLIENT_RULES,
     MpsClientRules,
+    UnreadablePodError,
     is_gated,
     translate_node,
     translate_pod,
@@ -187,7 +188,7 @@ class PodWatcherService:
     async def relist_pods(self, items: list[dict[str, Any]]) -> None:
         present = set()
         for item in items:
-            present.add(f"{item['metadata'].get('namespace', 'default')}/{item['metadata']['name']}")
+            present.add(_pod_key(item))
             await self.pod_changed("MODIFIED", item)
         for key in sorted(set(self.pods) - present):
             namespace, name = key.split("/", 1)
@@ -197,20 +198,24 @@ class PodWatcherService:
             self.on_caught_up()
 
     async def pod_changed(self, change: str, pod: dict[str, Any]) -> None:
-        metadata = pod["metadata"]
-        namespace, name = metadata.get("namespace", "default"), metadata["name"]
-        key = f"{namespace}/{name}"
+        key = _pod_key(pod)
         self.too_large.pop(key, None)
         if change == "DELETED":
             if key in self.pods:
-                await self._deleted(namespace, name, metadata["uid"])
+                namespace, name = key.split("/", 1)
+                uid = (pod.get("metadata") or {}).get("uid")
+                await self._deleted(namespace, name, uid if isinstance(uid, str) else self.pods[key])
             return
-        event = translate_pod(pod, self.largest_gpu_gb, self.settings.client_rules)
+        try:
+            event = translate_pod(pod, self.largest_gpu_gb, self.settings.client_rules)
+        except UnreadablePodError as error:
+            log.warning("pod %s not read (%s): %s", key, change, error)
+            return
         if event is None:
             return
         self.pods[key] = event.uid
         await self.bus.publish(
-            subjects.pod_subject(namespace, name),
+            subjects.pod_subject(event.namespace, event.name),
             event,
             message_id=content_id(event.uid, event.resource_version, event.model_dump_json()),
         )
@@ -381,3 +386,10 @@ class PodWatcherService:
                 log.info("pod %s/%s is gone; no event", namespace, name)
                 return
             raise refused(error, f"event for {namespace}/{name}") from error
+
+
+def _pod_key(pod: dict[str, Any]) -> str:
+    """NAMESPACE/NAME of a pod as the API serves it (a pod without a name: "NAMESPACE/None", which
+    no slice pod has, as `translate_pod` refuses it)."""
+    metadata = pod.get("metadata") or {}
+    return f"{metadata.get('namespace', 'default')}/{metadata.get('name')}"

@@ -137,12 +137,61 @@ def _quantity_is_one(value: object) -> bool:
     return str(value).strip() == "1"
 
 
+class UnreadablePodError(ValueError):
+    """A pod that is not the API's Pod schema where mpsflow reads it; the message names the field.
+
+    The API server never serves one; a proxy, an emulator or a future API version might. The pod
+    watcher logs it and goes on with the others."""
+
+
+def _absent_as_empty(value: Any, kind: type[Any]) -> Any:
+    """`value`, an empty `kind` when it is absent (null), or None when it is something else."""
+    if value is None:
+        return {} if kind is Mapping else kind()
+    return value if isinstance(value, kind) else None
+
+
+def _unreadable_field(pod: object) -> str | None:
+    """The first field of `pod` whose type is not what the Pod schema says, where mpsflow reads it."""
+    if not isinstance(pod, Mapping):
+        return "the pod is not a JSON object"
+    metadata = pod.get("metadata")
+    if not isinstance(metadata, Mapping):
+        return "metadata: not an object"
+    for field in ("name", "uid"):
+        if not isinstance(metadata.get(field), str):
+            return f"metadata.{field}: missing or not a string"
+    spec = _absent_as_empty(pod.get("spec"), Mapping)
+    if spec is None:
+        return "spec: not an object"
+    for list_name in ("initContainers", "containers"):
+        containers = _absent_as_empty(spec.get(list_name), list)
+        if containers is None:
+            return f"spec.{list_name}: not a list"
+        for i, container in enumerate(containers):
+            where = f"spec.{list_name}[{i}]"
+            if not isinstance(container, Mapping):
+                return f"{where}: not an object"
+            resources = _absent_as_empty(container.get("resources"), Mapping)
+            if resources is None:
+                return f"{where}.resources: not an object"
+            for part in ("requests", "limits"):
+                if _absent_as_empty(resources.get(part), Mapping) is None:
+                    return f"{where}.resources.{part}: not an object"
+    return None
+
+
 def translate_pod(
     pod: Mapping[str, Any], largest_gpu_gb: int | None, rules: MpsClientRules = DEFAULT_CLIENT_RULES
 ) -> PodObserved | PodRejected | None:
-    """Validate a pod's slice request; `largest_gpu_gb` is None while no opted-in GPU is known."""
-    metadata = pod.get("metadata", {})
-    spec = pod.get("spec", {})
+    """Validate a pod's slice request; `largest_gpu_gb` is None while no opted-in GPU is known.
+
+    Raises `UnreadablePodError`, naming the field, for a pod outside the API's schema."""
+    unreadable = _unreadable_field(pod)
+    if unreadable is not None:
+        raise UnreadablePodError(unreadable)
+    metadata = pod["metadata"]
+    spec = pod.get("spec") or {}
     containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
     slices: list[tuple[Mapping[str, Any], int]] = []
     problems: list[tuple[str, str]] = []

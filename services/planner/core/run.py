@@ -88,12 +88,20 @@ def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: Pla
         unplaced.update(waiting_reasons(waiting, cluster))
 
     withdrawn = {node.name: node.withdrawn for node in plannable if node.withdrawn}
+    layouts = _layouts(cluster.gpus, withdrawn)
+    for node in plannable:
+        if node.name not in layouts:
+            excluded[node.name] = NO_USABLE_GPU
     result = PlanResult(
-        layouts=_layouts(cluster.gpus, withdrawn), placed=placed, unplaced=unplaced, excluded_nodes=excluded
+        layouts=layouts, placed=placed, unplaced=unplaced, excluded_nodes=dict(sorted(excluded.items()))
     )
     last_pod = pod_order(servable[-1]) if servable else None
     extendable = not waiting and not cluster.reclaimed
     return PlanRun(result, cluster, largest, last_pod, extendable, withdrawn)
+
+
+NO_USABLE_GPU = "reports no GPU mpsflow can partition (none found, or every one in MIG mode)"
+"""Why an opted-in node whose agent reported is not planned on when it has no GPU to plan."""
 
 
 def excluded_reason(node: Node, settings: PlanSettings) -> str | None:
