@@ -34,6 +34,7 @@ from typing import Literal, Protocol
 import anyio
 
 from events.envelope import DeadLetter, Envelope, Event, UndecodableMessageError, decode
+from events.metrics import CONSUMER_PENDING, DEAD_LETTERS, DELIVERIES
 from events.tracing import handling
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,11 @@ async def deliver(
     now: Callable[[], datetime],
 ) -> None:
     """Hand one message to `handle` and settle it by the policy in this module's docstring."""
+    CONSUMER_PENDING.labels(consumer).set(message.pending)
 
     async def dead(error: str) -> None:
+        DEAD_LETTERS.labels(consumer, error.partition(" ")[0].rstrip(":")).inc()
+        DELIVERIES.labels(consumer, "dead").inc()
         await record(
             DeadLetter(
                 consumer=consumer,
@@ -144,7 +148,7 @@ async def deliver(
         message.deliveries,
         message.pending,
     )
-    with handling(message.subject, envelope.kind, message.headers, consumer) as span:
+    with handling(message.subject, envelope.kind, message.headers, consumer, envelope.event) as span:
         try:
             with anyio.fail_after(ack_wait):
                 await handle(delivery)
@@ -159,8 +163,10 @@ async def deliver(
             else:
                 delay = retry_delay(error, message.deliveries)
                 log.warning("%s: %s failed (%s), retrying in %.1fs", consumer, message.subject, error, delay)
+                DELIVERIES.labels(consumer, "retried").inc()
                 await message.nak(delay)
             return
+    DELIVERIES.labels(consumer, "handled").inc()
     await message.ack()
 
 

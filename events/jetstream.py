@@ -197,7 +197,7 @@ class EventBus:
         when = time or datetime.now(UTC)
         envelope_id = message_id or content_id(subject, event.model_dump_json(), when.isoformat())
         envelope = Envelope(id=envelope_id, time=when, source=self.source, event=event)
-        with publishing(subject, event.kind, envelope_id):
+        with publishing(subject, event.kind, envelope_id, event):
             headers = inject({"Nats-Msg-Id": envelope_id})
             try:
                 ack = await self.js.publish(subject, encode(envelope), headers=headers, timeout=5)
@@ -302,6 +302,17 @@ class EventBus:
             subjects.STREAM, filter_subject, api.DeliverPolicy.LAST_PER_SUBJECT
         )
         return _decodable(messages)
+
+    async def current_levels_with_headers(self, filter_subject: str) -> list[tuple[Envelope, dict[str, str]]]:
+        """`current_levels`, each with its message's headers (the trace context it was published in)."""
+        messages = await self._read_to_end(
+            subjects.STREAM, filter_subject, api.DeliverPolicy.LAST_PER_SUBJECT
+        )
+        received = []
+        for message in messages:
+            with contextlib.suppress(UndecodableMessageError):
+                received.append((decode(message.data), dict(message.headers or {})))
+        return received
 
     async def everything(self, filter_subject: str) -> list[Envelope]:
         """Every decodable event under `filter_subject` still in the stream, in stream order."""

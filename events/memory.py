@@ -256,7 +256,7 @@ class MemoryBus:
         when = time or self.broker.clock()
         envelope_id = message_id or content_id(subject, event.model_dump_json(), when.isoformat())
         envelope = Envelope(id=envelope_id, time=when, source=self.source, event=event)
-        with publishing(subject, event.kind, envelope_id):
+        with publishing(subject, event.kind, envelope_id, event):
             sequence = self.broker.store(subject, encode(envelope), inject({"Nats-Msg-Id": envelope_id}))
         self.published += 1
         await anyio.lowlevel.checkpoint()

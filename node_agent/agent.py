@@ -17,14 +17,16 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import grpc.aio
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 
 from events import subjects
 from events.bus import Bus
 from events.envelope import content_id
+from events.metrics import CONFIG_REFUSALS, RECONFIGURE_SECONDS, SLICE_OVERUSE
 from events.nodes import SliceOverused
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeMpsConfig
 from events.tracing import extract, tracer
@@ -48,6 +50,9 @@ from node_agent.pod_resources import kubelet_view
 from node_agent.processes import ProcessSlices
 from node_agent.reconcile import Refused, SliceUsage, adopted_devices, gpu_report, observed_usage, reconcile
 from node_agent.slices import SliceDevice
+
+if TYPE_CHECKING:
+    from services.kit.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +100,16 @@ class NodeAgent:
         plugin: SliceServer,
         *,
         processes: ProcessSlices | None = None,
+        status: Status | None = None,
     ) -> None:
         """`processes`: where the agent learns which slice a GPU process belongs to; without it,
-        nothing watches for containers that use more memory than their slice."""
+        nothing watches for containers that use more memory than their slice. `status`: told when
+        the agent serves and at every heartbeat (its /readyz and /healthz)."""
         self.settings = settings
+        self.status = status
         self.processes = processes
         self.slice_of: dict[int, str] = {}  # host PID of a GPU process -> its slice, at the last look
         self._overuse_told: dict[str, tuple[str, tuple[int, ...]]] = {}  # slice -> (holder, pids) told
-        self._overuse_counter = metrics.get_meter("mpsflow.node_agent").create_counter(
-            "mpsflow.slice.overuse",
-            description="Slices found with their containers using more GPU memory than the slice holds",
-        )
         self.bus = bus
         self.inventory = inventory
         self.mps = mps
@@ -143,6 +147,9 @@ class NodeAgent:
         if adopted:
             await self.offer_if_served((*self.devices, *adopted))
         await self.report(force=True)
+        if self.status is not None:
+            self.status.watch("heartbeat", within=max(60.0, 6 * self.settings.heartbeat_seconds))
+            self.status.ready("serving")
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self.plugin.run)
@@ -213,6 +220,7 @@ class NodeAgent:
             kind=trace.SpanKind.CONSUMER,
             attributes={"mpsflow.node": self.settings.node, "mpsflow.plan_id": desired.plan_id},
         ):
+            started = time.monotonic()
             # Usage right now, not as of the last poll: a slice allocated since must not be dropped.
             freed = await self.observe_usage()
             outcome = reconcile(
@@ -246,6 +254,8 @@ class NodeAgent:
                         "failed", self.settings.node, desired.plan_id, str(revision), self._incarnation
                     ),
                 )
+                CONFIG_REFUSALS.labels(self.settings.node).inc()
+                RECONFIGURE_SECONDS.labels(self.settings.node, "refused").observe(time.monotonic() - started)
                 return
             offered = anyio.current_time()
             self._offered_at = {d.id: self._offered_at.get(d.id, offered) for d in self.devices}
@@ -261,6 +271,7 @@ class NodeAgent:
                     "applied", self.settings.node, desired.plan_id, str(revision), self._incarnation
                 ),
             )
+            RECONFIGURE_SECONDS.labels(self.settings.node, "applied").observe(time.monotonic() - started)
 
     async def observe_usage(self) -> frozenset[str]:
         """Take in the node's usage now; the slices whose containers ended since the last look."""
@@ -387,6 +398,8 @@ class NodeAgent:
             await self.report(force=True)
             if self.settings.alive_file is not None:
                 await anyio.to_thread.run_sync(self.settings.alive_file.touch)
+            if self.status is not None:
+                self.status.beat("heartbeat")
 
     async def check_overuse(self) -> None:
         """Tell of every slice whose container now uses more GPU memory than the slice holds, once
@@ -419,7 +432,7 @@ class NodeAgent:
             found.device.size_gb,
             found.device.id,
         )
-        self._overuse_counter.add(1, {"mpsflow.node": self.settings.node})
+        SLICE_OVERUSE.labels(self.settings.node).inc()
         event = SliceOverused(
             node=self.settings.node,
             namespace=namespace,

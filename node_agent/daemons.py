@@ -3,7 +3,7 @@
 Why a service of its own: a daemon is a process of the container that started it, and when that
 container stops (a rollout, an eviction, an OOM kill) the runtime kills every process in it, MPS
 servers and their clients' channel included. The node agent is updated and restarted often; the
-daemons must not be. So a separate DaemonSet (`k8s/mps-daemons.yaml`, updated only `OnDelete`) owns
+daemons must not be. So a separate DaemonSet (`k8s/base/mps-daemons.yaml`, updated only `OnDelete`) owns
 them, and the agent (`--mps-daemons external`) only talks to them through their pipe directories.
 `--mps-daemons own` keeps the older arrangement (the agent starts them) for a single-container setup.
 
@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
+from events.metrics import DAEMON_RESTARTS
 from node_agent.gpus import GpuReading
 from node_agent.mps import DaemonSpec, MpsControl
 from node_agent.nvml import GpuInventory
 from services.kit.retry import MPS_DAEMON
+
+if TYPE_CHECKING:
+    from services.kit.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,7 @@ class DaemonKeeper:
         self.mps = mps
         self.mps_root = mps_root
         self._failures: dict[int, tuple[int, float]] = {}  # GPU index -> (failures in a row, next try)
+        self._started: set[str] = set()  # GPUs (uuid) this keeper started a daemon on
 
     def daemon(self, gpu: GpuReading) -> DaemonSpec:
         return DaemonSpec.under(self.mps_root, gpu.index, gpu.uuid)
@@ -58,6 +64,9 @@ class DaemonKeeper:
             log.error("GPU %d: MPS daemon did not start (%s); next try in %.0fs", gpu.index, error, delay)
             return False
         self._failures.pop(gpu.index, None)
+        if gpu.uuid in self._started:
+            DAEMON_RESTARTS.labels(gpu.uuid).inc()
+        self._started.add(gpu.uuid)
         log.info("GPU %d: MPS daemon answers on %s", gpu.index, daemon.pipe_dir)
         return True
 
@@ -65,9 +74,13 @@ class DaemonKeeper:
         """`keep` for every GPU not in MIG mode (those are left alone); GPU index -> daemon answers."""
         return {gpu.index: await self.keep(gpu) for gpu in gpus if not gpu.mig_enabled}
 
-    async def run(self, check_seconds: float, alive_file: Path | None = None) -> None:
+    async def run(
+        self, check_seconds: float, alive_file: Path | None = None, status: Status | None = None
+    ) -> None:
         """Keep every GPU's daemon running, reading the GPUs again at every check, until cancelled;
-        `alive_file` is touched after every check (the liveness probe checks its age)."""
+        `alive_file` is touched and `status` told after every check (the liveness probe checks their age)."""
+        if status is not None:
+            status.watch("daemon checks", within=max(60.0, 6 * check_seconds))
         while True:
             try:
                 gpus = await self.inventory.read()
@@ -77,4 +90,7 @@ class DaemonKeeper:
                 await self.keep_all(gpus)
             if alive_file is not None:
                 await anyio.to_thread.run_sync(alive_file.touch)
+            if status is not None:
+                status.beat("daemon checks")
+                status.ready("keeping daemons")
             await anyio.sleep(check_seconds)

@@ -30,9 +30,11 @@ if TYPE_CHECKING:
     from node_agent.device_plugin import SliceDevicePlugin
     from node_agent.health import XidPolicy
     from node_agent.nvml import GpuInventory
+    from services.kit.status import Status
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_MEMORY_RESERVE_MIB = 1024
+DEFAULT_STATUS_PORT = 8080
 """Kept back on every GPU for MPS itself: the server's context and each client's own (the pinned limit
 caps only what a client allocates). A guess to be measured on real GPUs: docs/mps.md."""
 COMMAND_PLUGINS = "mpsflow.commands"
@@ -141,6 +143,21 @@ def _address(text: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
+def _status_address(text: str) -> tuple[str, int] | None:
+    return None if text.strip().lower() == "none" else _address(text)
+
+
+def _status(parser: argparse.ArgumentParser) -> None:
+    """Where the process serves /healthz, /readyz and /metrics (`services.kit.status`)."""
+    parser.add_argument(
+        "--status-address",
+        type=_status_address,
+        default=("0.0.0.0", DEFAULT_STATUS_PORT),
+        metavar="HOST:PORT",
+        help=f"serve /healthz, /readyz and /metrics here (default 0.0.0.0:{DEFAULT_STATUS_PORT}; none: off)",
+    )
+
+
 def _mib(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB (0 or more)")
@@ -238,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     watcher = services.add_parser("pod-watcher", help="watch pods and nodes, publish their state")
     _common(watcher)
     _replicated(watcher)
+    _status(watcher)
     _kube(watcher)
     watcher.add_argument(
         "--opt-in-label",
@@ -266,14 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="(default 0.0.0.0:8443)",
     )
+    _status(webhook)
     webhook.add_argument("--tls-cert-file", type=Path, help="serve https with this certificate (PEM)")
     webhook.add_argument("--tls-key-file", type=Path, help="the certificate's private key (PEM)")
     planner = services.add_parser("planner", help="fold events into state and publish plans")
     _common(planner)
     _replicated(planner)
+    _status(planner)
     publisher = services.add_parser("config-publisher", help="write each node's desired MPS config")
     _common(publisher)
     _replicated(publisher)
+    _status(publisher)
     _kube(publisher)
     publisher.add_argument(
         "--compat-configmap",
@@ -298,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write GPU Feature Discovery's nvidia.com/gpu.sharing-strategy and nvidia.com/gpu.replicas "
         "labels: only where GFD does not run on the nodes or its sharing labels are off (GFD rewrites "
-        "them), and with the two keys added to k8s/config-publisher-policy.yaml",
+        "them), and with the two keys added to k8s/base/config-publisher-policy.yaml",
     )
     keeper = services.add_parser(
         "mps-daemons",
@@ -306,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(its own DaemonSet, so that restarting the node agent stops no daemon and no slice)",
     )
     keeper.add_argument("--node", required=True, help="the Kubernetes name of this node")
+    _status(keeper)
     keeper.add_argument(
         "--mps-root",
         type=Path,
@@ -333,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         "node-agent", help="apply a node's MPS config and serve its slices to the kubelet"
     )
     _common(agent)
+    _status(agent)
     agent.add_argument("--node", required=True, help="the Kubernetes name of this node")
     agent.add_argument(
         "--pod-resources-socket", type=Path, default=Path("/var/lib/kubelet/pod-resources/kubelet.sock")
@@ -407,6 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(record)
     record.add_argument("out", type=Path, help="file to write (one envelope per line)")
 
+    why = commands.add_parser(
+        "explain",
+        help="why a slice pod waits or where it went, from the live stream: its request, the planner's "
+        "reason, the candidate GPUs and the trace id (admin credentials)",
+    )
+    _common(why)
+    why.add_argument("pod", type=_pod_key, metavar="NAMESPACE/POD", help="the pod, e.g. default/train")
+
     bootstrap = commands.add_parser(
         "bootstrap",
         help="create or update the streams and the node-config bucket, with their limits (admin credentials; "
@@ -438,6 +469,19 @@ def build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", help="replay recorded events through the planner, print its plans")
     replay.add_argument("events", type=Path, help="JSON-lines file of envelopes (from `mpsflow record`)")
 
+    waterfall = commands.add_parser(
+        "trace", help="print a pod's path through mpsflow as a waterfall of spans (`mpsflow demo --traces`)"
+    )
+    waterfall.add_argument("pod", type=_pod_key, metavar="NAMESPACE/POD", help="the pod, e.g. default/train")
+    waterfall.add_argument(
+        "--traces",
+        type=Path,
+        metavar="DIR",
+        help="the directory of span files the processes wrote (env MPSFLOW_TRACES_DIR; default: "
+        "mpsflow-traces in the temporary directory, where `mpsflow demo` writes them)",
+    )
+    waterfall.add_argument("--width", type=int, metavar="N", help="columns to fit (default: the terminal's)")
+
     for name, command in plugin_commands().items():
         command.configure(commands.add_parser(name, help=command.help))
     return parser
@@ -457,12 +501,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from events.access import ADMIN
 
         return anyio.run(record_command, nats_options(args, ADMIN), args.out, backend="asyncio")
+    if args.command == "explain":
+        import anyio
+
+        from events.access import ADMIN
+
+        return anyio.run(explain_command, nats_options(args, ADMIN), args.pod, backend="asyncio")
     if args.command == "bootstrap":
         return bootstrap_command(args)
     if args.command == "credentials":
         return credentials_command(args.directory, args.node)
     if args.command == "replay":
         return replay_command(args.events)
+    if args.command == "trace":
+        return trace_command(args.pod, args.traces, args.width)
     if args.command == "doctor":
         return doctor_command(tuple(shlex.split(args.mps_control)), args.slice_gb)
     if args.command != "run":
@@ -554,6 +606,82 @@ async def record_command(options: NatsOptions, out: Path) -> int:
     return 0
 
 
+def _pod_key(text: str) -> str:
+    namespace, slash, name = text.partition("/")
+    if not (namespace and slash and name) or "/" in name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAMESPACE/POD")
+    return text
+
+
+def trace_command(pod: str, traces: Path | None, width: int | None) -> int:
+    """Print `pod`'s waterfall (`services.traceview`): exit 1 when no span is about it, 2 when the
+    directory cannot be read."""
+    import shutil
+    import tempfile
+
+    from services.traceview import TracesDirError, default_traces_dir, read_spans, waterfall
+
+    directory = traces or default_traces_dir(os.environ, tempfile.gettempdir())
+    try:
+        spans, _ = read_spans(directory)
+    except TracesDirError as error:
+        print(f"mpsflow trace: {error}", file=sys.stderr)
+        return 2
+    columns = width if width is not None else shutil.get_terminal_size((100, 24)).columns
+    encoding = (sys.stdout.encoding or "").lower().replace("-", "").replace("_", "")
+    drawn = waterfall(spans, pod, width=columns, ascii_only=encoding != "utf8")
+    if drawn is None:
+        print(
+            f"mpsflow trace: no spans of {pod} in {directory} ({len(spans)} spans there); mpsflow's "
+            "processes write their spans there when MPSFLOW_TRACES_DIR names it, as `mpsflow demo` does",
+            file=sys.stderr,
+        )
+        return 1
+    sys.stdout.write(drawn)
+    return 0
+
+
+async def explain_command(options: NatsOptions, pod: str) -> int:
+    from events import subjects
+    from events.jetstream import EventBus
+    from events.nodes import NodeGpusReported
+    from events.plans import PlanComputed
+    from services.explain import Received, explain
+
+    namespace, name = pod.split("/", 1)
+    bus = await EventBus.connect(options, source="explain")
+    try:
+        pod_levels = [
+            Received(envelope, headers)
+            for subject in (
+                subjects.pod_subject(namespace, name),
+                subjects.unplaced_subject(namespace, name),
+                subjects.release_subject(namespace, name),
+            )
+            for envelope, headers in await bus.current_levels_with_headers(subject)
+        ]
+        plans = [e.event for e in await bus.current_levels(subjects.plan_subject())]
+        reports = [e.event for e in await bus.current_levels(subjects.GPU_EVENTS)]
+    finally:
+        await close_all(bus.close)
+    plan = next((p for p in plans if isinstance(p, PlanComputed)), None)
+    text = explain(
+        f"{namespace}/{name}",
+        pod_levels,
+        plan,
+        (report for report in reports if isinstance(report, NodeGpusReported)),
+    )
+    if text is None:
+        print(
+            f"mpsflow explain: no event names {namespace}/{name} in the stream: mpsflow sees only pods that "
+            "ask for an nvidia.com/gpu-<N>gb resource (check the name, and that the pod watcher runs)",
+            file=sys.stderr,
+        )
+        return 1
+    print(text, end="")
+    return 0
+
+
 def replay_command(source: Path) -> int:
     import json
 
@@ -581,10 +709,13 @@ def replay_command(source: Path) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     from services.kit.lifecycle import run_service
+    from services.kit.status import Status
 
     service: str = args.service
+    status = Status()
+    served = {"status": status, "status_address": args.status_address}
     if service == "pod-watcher":
-        run_service("mpsflow-pod-watcher", lambda: _pod_watcher(args))
+        run_service("mpsflow-pod-watcher", lambda: _pod_watcher(args, status), **served)
     elif service == "admission-webhook":
         if (args.tls_cert_file is None) != (args.tls_key_file is None):
             print(
@@ -592,20 +723,30 @@ def run_command(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        run_service("mpsflow-admission-webhook", lambda: _admission_webhook(args))
+        run_service("mpsflow-admission-webhook", lambda: _admission_webhook(args, status), **served)
     elif service == "planner":
-        run_service("mpsflow-planner", lambda: _planner(args))
+        run_service("mpsflow-planner", lambda: _planner(args, status), **served)
     elif service == "config-publisher":
-        run_service("mpsflow-config-publisher", lambda: _config_publisher(args))
+        run_service("mpsflow-config-publisher", lambda: _config_publisher(args, status), **served)
     elif service == "mps-daemons":
         if refuses_for_foreign_gpu_plugin(args) or refuses_for_foreign_mps_daemon(args):
             return 3
-        run_service("mpsflow-mps-daemons", lambda: serve_mps_daemons(args), **{"k8s.node.name": args.node})
+        run_service(
+            "mpsflow-mps-daemons",
+            lambda: serve_mps_daemons(args, status=status),
+            **served,
+            **{"k8s.node.name": args.node},
+        )
     else:
         serves_slices = args.mps_daemons == "own"
         if (serves_slices and refuses_for_foreign_gpu_plugin(args)) or refuses_for_foreign_mps_daemon(args):
             return 3
-        run_service("mpsflow-node-agent", lambda: serve_node_agent(args), **{"k8s.node.name": args.node})
+        run_service(
+            "mpsflow-node-agent",
+            lambda: serve_node_agent(args, status=status),
+            **served,
+            **{"k8s.node.name": args.node},
+        )
     return 0
 
 
@@ -635,7 +776,7 @@ def refuses_for_foreign_mps_daemon(args: argparse.Namespace) -> bool:
     return bool(live)
 
 
-async def _pod_watcher(args: argparse.Namespace) -> None:
+async def _pod_watcher(args: argparse.Namespace, status: Status) -> None:
     from events.access import POD_WATCHER
     from events.jetstream import EventBus
     from services.kit.kube import api_client
@@ -653,12 +794,12 @@ async def _pod_watcher(args: argparse.Namespace) -> None:
         await service.run()
 
     try:
-        await _one_active(bus, POD_WATCHER, watch, args.ready_file)
+        await _one_active(bus, POD_WATCHER, watch, args.ready_file, status)
     finally:
         await close_all(api.close, bus.close)
 
 
-async def _admission_webhook(args: argparse.Namespace) -> None:
+async def _admission_webhook(args: argparse.Namespace, status: Status) -> None:
     import anyio
 
     from services.pod_watcher.gate import keep_certificate_fresh, serve_webhook, tls_context
@@ -666,6 +807,7 @@ async def _admission_webhook(args: argparse.Namespace) -> None:
     host, port = args.listen
     tls = tls_context(args.tls_cert_file, args.tls_key_file) if args.tls_cert_file is not None else None
     runner = await serve_webhook(host, port, tls)
+    status.ready("serving")
     try:
         if tls is None:
             await anyio.sleep_forever()
@@ -675,7 +817,7 @@ async def _admission_webhook(args: argparse.Namespace) -> None:
         await close_all(runner.cleanup)
 
 
-async def _planner(args: argparse.Namespace) -> None:
+async def _planner(args: argparse.Namespace, status: Status) -> None:
     import anyio
 
     from events.access import PLANNER
@@ -692,12 +834,12 @@ async def _planner(args: argparse.Namespace) -> None:
             group.start_soon(planner.decide_forever)
 
     try:
-        await _one_active(bus, PLANNER, plan, args.ready_file)
+        await _one_active(bus, PLANNER, plan, args.ready_file, status)
     finally:
         await close_all(bus.close)
 
 
-async def _config_publisher(args: argparse.Namespace) -> None:
+async def _config_publisher(args: argparse.Namespace, status: Status) -> None:
     import logging
 
     from kubernetes_asyncio.config import ConfigException
@@ -730,7 +872,7 @@ async def _config_publisher(args: argparse.Namespace) -> None:
         await ConfigPublisherService(bus, writer).consume(ready)
 
     try:
-        await _one_active(bus, CONFIG_PUBLISHER, publish, args.ready_file)
+        await _one_active(bus, CONFIG_PUBLISHER, publish, args.ready_file, status)
     finally:
         await close_all(bus.close, *([api.close] if api is not None else []))
 
@@ -740,17 +882,21 @@ async def _one_active(
     service: str,
     work: Callable[[Callable[[], None]], Awaitable[None]],
     ready_file: Path | None,
+    status: Status,
 ) -> None:
     """Run `work` while this replica holds `service`'s lease: with two replicas, one is active and
     the other takes over within seconds of it dying (`services.kit.lease`). `work` calls the function
-    it is given once it has caught up and serves; `ready_file` then says `active`, and `standby`
-    while this replica waits for the lease (for a probe, and for the demo's chaos)."""
+    it is given once it has caught up and serves; `status` (and `ready_file`, for the demo's chaos)
+    then says `active`, and `standby` while this replica waits for the lease: both are ready."""
     import socket
     import time
 
+    from events.metrics import LEADER
     from services.kit.lease import Lease, lead
 
     def say(state: str) -> None:
+        status.ready(state)
+        LEADER.labels(service).set(1 if state == "active" else 0)
         if ready_file is not None:
             ready_file.with_suffix(".tmp").write_text(f"{state}\n")
             ready_file.with_suffix(".tmp").replace(ready_file)
@@ -773,7 +919,9 @@ def mps_control_command(args: argparse.Namespace) -> tuple[str, ...]:
     return shm_directory_control(control) if args.mps_ipc == "shm-directory" else control
 
 
-async def serve_mps_daemons(args: argparse.Namespace, inventory: GpuInventory | None = None) -> None:
+async def serve_mps_daemons(
+    args: argparse.Namespace, inventory: GpuInventory | None = None, status: Status | None = None
+) -> None:
     """Keep this node's MPS daemons running, on its GPUs (NVML) or on `inventory` where simulated,
     and serve the slices the node agent asks for to the kubelet, restarts of the agent or not."""
     import anyio
@@ -792,7 +940,7 @@ async def serve_mps_daemons(args: argparse.Namespace, inventory: GpuInventory | 
         async with anyio.create_task_group() as group:
             group.start_soon(plugin.run)
             group.start_soon(link.run)
-            group.start_soon(keeper.run, args.check_seconds, args.alive_file)
+            group.start_soon(keeper.run, args.check_seconds, args.alive_file, status)
     finally:
         await plugin.close()
 
@@ -810,7 +958,9 @@ def _slice_plugin(args: argparse.Namespace) -> SliceDevicePlugin:
     )
 
 
-async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | None = None) -> None:
+async def serve_node_agent(
+    args: argparse.Namespace, inventory: GpuInventory | None = None, status: Status | None = None
+) -> None:
     """The node agent on this node's GPUs (NVML), or on `inventory` where the GPUs are simulated."""
     from events.access import node_agent_identity
     from events.jetstream import EventBus
@@ -844,6 +994,7 @@ async def serve_node_agent(args: argparse.Namespace, inventory: GpuInventory | N
         SubprocessMpsControl(mps_control_command(args)),
         plugin,
         processes=ProcEnvironment(),
+        status=status,
     )
     try:
         await agent.run()

@@ -48,6 +48,20 @@ class DemoCommand:
             default=1,
             help="replicas of the pod watcher, the planner and the config publisher, one active by a lease",
         )
+        parser.add_argument(
+            "--traces",
+            type=Path,
+            metavar="DIR",
+            help="where every process writes its spans, one JSON-lines file each, for `mpsflow trace` "
+            "(default: $MPSFLOW_TRACES_DIR, else mpsflow-traces in the temporary directory; the span "
+            "files of an earlier run there are removed first)",
+        )
+        parser.add_argument(
+            "--otlp-endpoint",
+            metavar="URL",
+            help="also send every process's spans over OTLP/HTTP here, e.g. a local Jaeger's "
+            "http://localhost:4318 (sets OTEL_EXPORTER_OTLP_ENDPOINT)",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         try:
@@ -60,7 +74,15 @@ class DemoCommand:
             )
             return 2
         return demo_command(
-            args.scenario, args.json_out, args.record, args.audit_log, args.compat, args.chaos, args.replicas
+            args.scenario,
+            args.json_out,
+            args.record,
+            args.audit_log,
+            args.compat,
+            args.chaos,
+            args.replicas,
+            traces=args.traces,
+            otlp_endpoint=args.otlp_endpoint,
         )
 
 

@@ -4,7 +4,8 @@ It starts a local nats-server with JetStream, the Kubernetes API emulator, a sim
 per node (with the device-plugin API over gRPC), a simulated scheduler, and every mpsflow
 service as its own process (one node agent per node, over simulated GPUs and a fake MPS control
 daemon). Then it plays the scenario's workload, shows progress, prints the pods and GPU layouts,
-and writes the run's summary (docs/formats.md). With `--chaos` it also kills node agents with SIGKILL
+and writes the run's summary (docs/formats.md); every process writes its spans for `mpsflow trace`
+(`--traces`). With `--chaos` it also kills node agents with SIGKILL
 mid-workload and starts them again, as a kubelet restarts a crashed container, and measures how long
 each takes to serve its node again; it never kills a node's MPS daemon keeper or daemons, which
 outlive the agent by design. Everything it started is stopped when it ends, on failure and on Ctrl-C
@@ -18,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -57,6 +60,7 @@ from node_agent.mps import DaemonSpec
 from services.kit.kube import api_client
 from services.kit.lease import LeaseRecord
 from services.kit.watching import list_and_watch
+from services.traceview import SERVICE_PREFIX, TRACES_DIR_ENV, default_traces_dir
 from simulation.apiserver import AdmissionWebhook, ApiServer
 from simulation.chaos import RESTART_DELAY_S, ChaosError, Kill, check_chaos, parse_chaos
 from simulation.kubelet import RUNS_FOR_ANNOTATION, Kubelet
@@ -154,6 +158,8 @@ class Cluster:
     webhook_url: str
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     launches: dict[str, tuple[list[str], str]] = field(default_factory=dict)  # name -> (command, token)
+    environment: dict[str, str] = field(default_factory=dict)  # set for every process it starts (tracing)
+    status_ports: dict[str, int] = field(default_factory=dict)  # name -> its /healthz, /readyz, /metrics
     crashed: set[str] = field(default_factory=set)  # killed by chaos, to be started again by it
     chaos: list[ChaosRecord] = field(default_factory=list)
     observed: Observed = field(default_factory=Observed)
@@ -240,6 +246,9 @@ def _service_command(service: str, *extra: str) -> list[str]:
 
 def _start_process(cluster: Cluster, name: str, command: list[str], token: str) -> None:
     logs = cluster.base / "logs"
+    if "--status-address" not in command:  # each process its own port, kept across its restarts
+        port = cluster.status_ports.setdefault(name, free_port())
+        command = [*command, "--status-address", f"127.0.0.1:{port}"]
     environment = {
         **os.environ,
         "MPSFLOW_NATS_URL": cluster.nats.url,
@@ -247,6 +256,7 @@ def _start_process(cluster: Cluster, name: str, command: list[str], token: str) 
         "MPSFLOW_KUBE_TOKEN": token,
         "PYTHONUNBUFFERED": "1",
         "POD_NAME": name,  # a replica's name, as the downward API would give it
+        **cluster.environment,
     }
     with (logs / f"{name}.log").open("ab") as log_file:
         cluster.processes[name] = subprocess.Popen(
@@ -680,13 +690,15 @@ async def start_cluster(
     *,
     compat: bool = False,
     replicas: int = 1,
+    environment: dict[str, str] | None = None,
 ) -> Cluster:
     """Start the cluster and every service; the agents start with `run_agents_where_opted_in`.
 
     `compat` makes the config publisher also write nebuly's device-plugin ConfigMap
     (`COMPAT_CONFIGMAP`) and point each node's `nvidia.com/device-plugin.config` label at it.
     `replicas` of each of the pod watcher, the planner and the config publisher run (`<service>-<n>`
-    when more than one), one of them active by the service's lease."""
+    when more than one), one of them active by the service's lease. `environment` is set for every
+    process it starts (where to export spans)."""
     base = Path(tempfile.mkdtemp(prefix="mpsflow-", dir="/tmp"))
     stack.callback(shutil.rmtree, base, True)
     (base / "logs").mkdir()
@@ -724,6 +736,7 @@ async def start_cluster(
         )
         await kubelets[node.name].register_node()
     cluster = Cluster(scenario, base, nats_server, api, bus, admin, kubelets, webhook_url)
+    cluster.environment.update(environment or {})
     stack.callback(_stop_processes, cluster)
     say(
         f"started nats-server on {nats_server.url} (authentication on: one identity per process) "
@@ -831,6 +844,37 @@ def summary(cluster: Cluster, plans_while_idle: int) -> dict[str, Any]:
     }
 
 
+_METRIC_SUFFIX = re.compile(r"_(total|created|bucket|sum|count)$")
+
+
+async def scrape_status(cluster: Cluster) -> dict[str, dict[str, Any]]:
+    """What each running process's status endpoint says: its /readyz answer, and the mpsflow
+    metric families its /metrics serves with how many samples each."""
+    scraped: dict[str, dict[str, Any]] = {}
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for name, port in sorted(cluster.status_ports.items()):
+            process = cluster.processes.get(name)
+            if process is None or process.poll() is not None:
+                continue
+            base = f"http://127.0.0.1:{port}"
+            try:
+                async with session.get(f"{base}/readyz") as ready:
+                    readiness = f"{ready.status} {(await ready.text()).strip()}"
+                async with session.get(f"{base}/metrics") as metrics:
+                    text = await metrics.text()
+            except (aiohttp.ClientError, TimeoutError) as error:
+                scraped[name] = {"url": base, "error": str(error) or type(error).__name__}
+                continue
+            families = Counter(
+                _METRIC_SUFFIX.sub("", line.split("{")[0].split(" ")[0])
+                for line in text.splitlines()
+                if line.startswith("mpsflow_")
+            )
+            scraped[name] = {"url": base, "ready": readiness, "metrics": dict(sorted(families.items()))}
+    return scraped
+
+
 _ERROR_MARKS = (" ERROR ", " CRITICAL ", "Traceback (most recent call last)", "was never awaited")
 
 
@@ -929,12 +973,19 @@ async def run_demo(
     compat: bool = False,
     chaos: tuple[Kill, ...] = (),
     replicas: int = 1,
+    traces: Path | None = None,
+    otlp_endpoint: str | None = None,
 ) -> int:
     def say(line: str) -> None:
         print(line, file=out, flush=True)
 
+    environment = {TRACES_DIR_ENV: str(traces)} if traces is not None else {}
+    if otlp_endpoint is not None:
+        environment["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_endpoint
     async with AsyncExitStack() as stack:
-        cluster = await start_cluster(scenario, stack, say, compat=compat, replicas=replicas)
+        cluster = await start_cluster(
+            scenario, stack, say, compat=compat, replicas=replicas, environment=environment
+        )
         cluster.chaos = [ChaosRecord(kill) for kill in chaos]
         if audit_log is not None:
             stack.callback(_write_request_log, cluster.api, audit_log)
@@ -988,6 +1039,11 @@ async def run_demo(
                 await anyio.sleep(quiet)
                 plans_while_idle = cluster.observed.plans - plans_before
             result = summary(cluster, plans_while_idle)
+            result["status"] = await scrape_status(cluster)
+            ready = [
+                name for name, seen in result["status"].items() if seen.get("ready", "").startswith("200")
+            ]
+            say(f"  status endpoints: {len(ready)} of {len(result['status'])} processes ready (/readyz 200)")
             info = await cluster.bus.js.stream_info(subjects.STREAM)
             result["events_published"] = info.state.last_seq
             if record is not None:
@@ -1000,6 +1056,9 @@ async def run_demo(
         if json_out is not None:
             await anyio.Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
             say(f"\nsummary written to {json_out}")
+        if traces is not None:
+            pod = min(result["pods"], default="NAMESPACE/POD")
+            say(f"\ntraces in {traces}; one pod's path: mpsflow trace {pod} --traces {traces}")
         problems = []
         if not finished:
             problems.append(f"the workload did not settle within {scenario.timeout:g}s")
@@ -1065,13 +1124,25 @@ def demo_command(
     compat: bool = False,
     chaos_spec: str | None = None,
     replicas: int = 1,
+    traces: Path | None = None,
+    otlp_endpoint: str | None = None,
 ) -> int:
+    """`traces`: where every process writes its spans (default: `$MPSFLOW_TRACES_DIR`, else
+    mpsflow-traces in the temporary directory), the span files of an earlier run removed first."""
     try:
         scenario = load_scenario(scenario_path)
         chaos = parse_chaos(chaos_spec) if chaos_spec is not None else ()
         check_chaos(chaos, scenario)
     except (ScenarioError, ChaosError) as error:
         print(f"mpsflow demo: {error}", file=sys.stderr)
+        return 2
+    traces = (traces or default_traces_dir(os.environ, tempfile.gettempdir())).absolute()
+    try:
+        traces.mkdir(parents=True, exist_ok=True)
+        for old in traces.glob(f"{SERVICE_PREFIX}*.jsonl"):
+            old.unlink()
+    except OSError as error:
+        print(f"mpsflow demo: --traces {traces}: {error.strerror or error}", file=sys.stderr)
         return 2
     try:
         return anyio.run(
@@ -1083,6 +1154,8 @@ def demo_command(
             compat,
             chaos,
             replicas,
+            traces,
+            otlp_endpoint,
             backend="asyncio",
         )
     except KeyboardInterrupt:
@@ -1098,9 +1171,11 @@ async def _until_signalled(
     compat: bool,
     chaos: tuple[Kill, ...],
     replicas: int,
+    traces: Path | None = None,
+    otlp_endpoint: str | None = None,
 ) -> int:
     """`run_demo`, stopped cleanly by SIGTERM too (exit status 143): a demo never leaves a process,
-    a daemon or a file behind, however it ends."""
+    a daemon or a file behind, however it ends, but the spans its processes wrote to `traces`."""
     result = 143
     async with anyio.create_task_group() as group:
 
@@ -1114,7 +1189,16 @@ async def _until_signalled(
         async def demo() -> None:
             nonlocal result
             result = await run_demo(
-                scenario, sys.stdout, json_out, record, audit_log, compat, chaos, replicas
+                scenario,
+                sys.stdout,
+                json_out,
+                record,
+                audit_log,
+                compat,
+                chaos,
+                replicas,
+                traces=traces,
+                otlp_endpoint=otlp_endpoint,
             )
             group.cancel_scope.cancel()
 

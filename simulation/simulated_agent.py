@@ -16,6 +16,7 @@ from pathlib import Path
 from node_agent.nvml import NvmlInventory
 from services.cli import build_parser, serve_mps_daemons, serve_node_agent
 from services.kit.lifecycle import run_service
+from services.kit.status import Status
 from simulation.fake_nvml import FakeNvml
 
 
@@ -27,7 +28,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(["run", known.service, *options])
     inventory = NvmlInventory(FakeNvml.from_json(known.simulated_gpus, node_name=args.node))
     serve = serve_node_agent if known.service == "node-agent" else serve_mps_daemons
-    run_service(f"mpsflow-{known.service}", lambda: serve(args, inventory), **{"k8s.node.name": args.node})
+    status = Status()
+    run_service(
+        f"mpsflow-{known.service}",
+        lambda: serve(args, inventory, status),
+        status=status,
+        status_address=args.status_address,
+        **{"k8s.node.name": args.node},
+    )
     return 0
 
 

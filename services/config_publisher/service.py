@@ -29,6 +29,7 @@ import anyio
 from events import subjects
 from events.bus import Bus, ConfigStore, Delivery, RevisionConflictError, TransientError
 from events.envelope import content_id
+from events.metrics import NODE_CONFIGS_WRITTEN
 from events.plans import NodeConfigPublished, NodeLayout, NodeMpsConfig, NodePlanned
 from events.tracing import current_traceparent
 from services.config_publisher.decide import key_action
@@ -147,6 +148,7 @@ class ConfigPublisherService:
                 revision = await kv.create(key, desired.model_dump_json().encode())
             else:
                 revision = await kv.update(key, desired.model_dump_json().encode(), last=entry.revision)
+            NODE_CONFIGS_WRITTEN.labels(desired.node).inc()
             await self.bus.publish(
                 subjects.config_subject(desired.node),
                 NodeConfigPublished(node=desired.node, plan_id=desired.plan_id, revision=revision),

@@ -1,7 +1,9 @@
 """How every mpsflow process runs: logging, tracing, signals, and a clean stop.
 
 `run_service` runs one coroutine under anyio's asyncio backend until it returns or SIGTERM or
-SIGINT arrives; then it cancels it, lets shielded cleanups finish, and flushes the spans.
+SIGINT arrives; then it cancels it, lets shielded cleanups finish, and flushes the spans. Beside
+it, the process's `/healthz`, `/readyz` and `/metrics` (`services.kit.status`), where an address
+is given.
 """
 
 from __future__ import annotations
@@ -10,10 +12,14 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import anyio
 import stamina
 from anyio import CancelScope
+
+if TYPE_CHECKING:
+    from services.kit.status import Status
 
 
 def configure_logging(service: str) -> None:
@@ -46,17 +52,33 @@ async def close_all(*closers: Callable[[], Awaitable[object]]) -> None:
             await close()
 
 
-def run_service(service: str, main: Callable[[], Awaitable[None]], **resource: str) -> None:
+def run_service(
+    service: str,
+    main: Callable[[], Awaitable[None]],
+    *,
+    status: Status | None = None,
+    status_address: tuple[str, int] | None = None,
+    **resource: str,
+) -> None:
+    """Run `main` as the process's service; `status` is served on `status_address` if both are given."""
+    from services.kit.status import StatusServer
     from services.kit.telemetry import setup_tracing
 
     configure_logging(service)
     provider = setup_tracing(service, **resource)
 
     async def supervised() -> None:
-        async with anyio.create_task_group() as group:
-            group.start_soon(_stop_on_signal, group.cancel_scope)
-            await main()
-            group.cancel_scope.cancel()
+        server = StatusServer(status) if status is not None and status_address is not None else None
+        if server is not None and status_address is not None:
+            await server.start(*status_address)
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(_stop_on_signal, group.cancel_scope)
+                await main()
+                group.cancel_scope.cancel()
+        finally:
+            if server is not None:
+                await close_all(server.close)
 
     try:
         anyio.run(supervised, backend="asyncio")

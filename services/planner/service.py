@@ -13,6 +13,7 @@ to a GPU, and reads the clock only to tell the core what time it is.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -20,10 +21,20 @@ from opentelemetry.trace import Link
 
 from events import subjects
 from events.bus import Bus, BusUnavailableError, Delivery
+from events.metrics import (
+    DECISION_SECONDS,
+    GPU_MEMORY_FREE,
+    GPU_MEMORY_STRANDED,
+    NODES,
+    PODS,
+    PODS_UNPLACED,
+)
 from events.plans import PlanComputed
-from events.tracing import link_to, tracer
+from events.tracing import link_to, pods_attribute, tracer
+from events.vocabulary import MIB_PER_GIB
 from services.kit.retry import BUS, retrying
 from services.kit.signal import Wakeup
+from services.planner.core.figures import REASON_CLASSES, plan_figures
 from services.planner.core.state import PlannerSettings, PublishPlan
 from services.planner.core.step import Planner, Step
 
@@ -115,8 +126,10 @@ class PlannerService:
         if not self._caught_up:
             return False, None
         now = self.clock()
+        started = time.perf_counter()
         step = self.core.step(now)
         if step.decision is not None:
+            DECISION_SECONDS.labels(self.core.last_plan_mode).observe(time.perf_counter() - started)
             await self._publish(step, step.decision)
             return True, None
         if step.wake_at is not None:
@@ -136,11 +149,13 @@ class PlannerService:
                 "mpsflow.placed": len(plan.placed),
                 "mpsflow.unplaced": len(plan.unplaced),
                 "mpsflow.released": len(decision.releases),
+                "mpsflow.pods": pods_attribute(plan.placed),
             },
         ):
             for message in step.messages:
                 await self.bus.publish(message.subject, message.event, message_id=message.message_id)
         self.core.published(step)
+        self._report_figures(plan)
         log.info(
             "plan %s: %d placed, %d unplaced, %d node layouts, %d pods released",
             plan.plan_id,
@@ -149,3 +164,28 @@ class PlannerService:
             len(decision.node_plans),
             len(decision.releases),
         )
+
+    def _report_figures(self, plan: PlanComputed) -> None:
+        """Set the plan gauges of `events.metrics` from the plan just published."""
+        state, reserve = self.core.state, self.core.settings.plan.reserve_mib
+        gpus = {
+            (name, gpu.index): (
+                gpu.model,
+                max(0, gpu.memory_mib - max(reserve, gpu.reserved_mib)) // MIB_PER_GIB,
+            )
+            for name, level in state.nodes.items()
+            if level.report is not None
+            for gpu in level.report.gpus
+        }
+        sizes = {key: state.pods[key].size_gb for key in plan.unplaced if key in state.pods}
+        figures = plan_figures(plan, gpus, sizes)
+        PODS.labels("pending").set(figures.pending)
+        PODS.labels("placed").set(figures.placed)
+        PODS.labels("unplaced").set(sum(figures.unplaced.values()))
+        for label in {*figures.unplaced, *(label for _, label in REASON_CLASSES), "other"}:
+            PODS_UNPLACED.labels(label).set(figures.unplaced.get(label, 0))
+        for model in {model for model, _ in gpus.values()} | set(figures.free_gib):
+            GPU_MEMORY_FREE.labels(model).set(figures.free_gib.get(model, 0))
+            GPU_MEMORY_STRANDED.labels(model).set(figures.stranded_gib.get(model, 0))
+        NODES.labels("planned").set(figures.planned_nodes)
+        NODES.labels("excluded").set(figures.excluded_nodes)

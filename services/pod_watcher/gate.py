@@ -1,7 +1,7 @@
 """mpsflow's scheduling gate: put on every slice pod at creation, lifted when its slice is ready.
 
 Where it sits: the Kubernetes API server calls the admission webhook served here (a
-MutatingWebhookConfiguration, k8s/admission-webhook.yaml) when a pod is created, before any
+MutatingWebhookConfiguration, k8s/base/admission-webhook.yaml) when a pod is created, before any
 scheduler can see the pod. A pod that asks for an `nvidia.com/gpu-<N>gb` resource gets mpsflow's
 scheduling gate (`admission_review`), so no scheduler binds it until the planner has a slice ready
 for it on some node; then the pod watcher lifts the gate and pins the pod to that node in one patch
@@ -27,7 +27,9 @@ from typing import Any
 
 import anyio
 from aiohttp import web
+from opentelemetry.trace import SpanKind
 
+from events.tracing import POD, tracer
 from events.vocabulary import (
     RELEASED_TO_ANNOTATION,
     SLICE_GATE,
@@ -129,15 +131,29 @@ def release_patch(pod: Mapping[str, Any], node: str) -> dict[str, Any]:
 
 
 async def _review(request: web.Request) -> web.Response:
-    try:
-        body = json.loads(await request.read())
-        if not isinstance(body, Mapping):
-            raise UnreadableReviewError("the body is not a JSON object")
-        answer = admission_review(body)
-    except (ValueError, UnreadableReviewError) as error:
-        log.warning("refusing an unreadable admission review: %s", error)
-        return web.json_response({"error": str(error)}, status=400)
-    return web.json_response(answer)
+    with tracer().start_as_current_span("admit pod", kind=SpanKind.SERVER) as span:
+        try:
+            body = json.loads(await request.read())
+            if not isinstance(body, Mapping):
+                raise UnreadableReviewError("the body is not a JSON object")
+            answer = admission_review(body)
+        except (ValueError, UnreadableReviewError) as error:
+            log.warning("refusing an unreadable admission review: %s", error)
+            return web.json_response({"error": str(error)}, status=400)
+        pod = _reviewed_pod(body)
+        if pod is not None:
+            span.set_attribute(POD, pod)
+        span.set_attribute("mpsflow.gated", "patch" in answer["response"])
+        return web.json_response(answer)
+
+
+def _reviewed_pod(review: Mapping[str, Any]) -> str | None:
+    """The pod under review as "namespace/name", for the span (None while its name is still to be
+    generated)."""
+    request = review.get("request") or {}
+    name = request.get("name") or ((request.get("object") or {}).get("metadata") or {}).get("name")
+    namespace = request.get("namespace")
+    return f"{namespace}/{name}" if isinstance(namespace, str) and isinstance(name, str) and name else None
 
 
 async def _healthy(request: web.Request) -> web.Response:

@@ -9,7 +9,7 @@ the planner released gets its gate lifted and is pinned to its node in one patch
 an Event that says so. A pod whose processes a node agent found using more GPU memory than its slice
 gets a Warning Event with the figures. What opts a node in and what an MPS client pod needs come from
 `WatcherSettings` (`mpsflow run pod-watcher` flags). Its Kubernetes API use is exactly what
-`k8s/pod-watcher.yaml` grants: list and watch of pods and nodes, get and patch of pods, create
+`k8s/base/pod-watcher.yaml` grants: list and watch of pods and nodes, get and patch of pods, create
 of events (audited by tests/e2e/test_rbac.py).
 """
 
@@ -28,6 +28,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from events import subjects
 from events.bus import Bus, Delivery, TransientError
 from events.envelope import content_id
+from events.metrics import PODS_REJECTED, PODS_RELEASED
 from events.nodes import NodeObserved, NodeOptedOut, SliceOverused
 from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
 from events.vocabulary import (
@@ -220,6 +221,7 @@ class PodWatcherService:
             message_id=content_id(event.uid, event.resource_version, event.model_dump_json()),
         )
         if isinstance(event, PodRejected):
+            PODS_REJECTED.labels(event.reason).inc()
             if event.reason == RejectionRule.TOO_LARGE:
                 self.too_large[key] = pod
             await self._post_rejection(event)
@@ -342,6 +344,7 @@ class PodWatcherService:
                 )
                 return
             raise refused(error, f"releasing {event.key}") from error
+        PODS_RELEASED.labels(event.node).inc()
         log.info("%s released to node %s", event.key, event.node)
         await self._tell_ready(event)
 

@@ -127,3 +127,36 @@ def test_an_invalid_scenario_is_refused_naming_the_field(tmp_path: Path) -> None
         finished.stderr.strip() == "mpsflow demo: nodes[0].gpus[0].memory_mib: Input should be greater than 0"
     )
     assert finished.stdout == ""
+
+
+# What each process's /metrics must serve once the built-in workload ran (a family only appears
+# once set: every metric has labels).
+SERVED_METRICS = {
+    "pod-watcher": {"mpsflow_leader", "mpsflow_consumer_pending_messages", "mpsflow_pods_rejected"},
+    "planner": {
+        "mpsflow_leader",
+        "mpsflow_consumer_deliveries",
+        "mpsflow_planner_decision_seconds",
+        "mpsflow_pods",
+        "mpsflow_pods_unplaced",
+        "mpsflow_gpu_memory_free_gib",
+        "mpsflow_gpu_memory_stranded_gib",
+        "mpsflow_nodes",
+    },
+    "config-publisher": {"mpsflow_leader", "mpsflow_node_configs_written", "mpsflow_consumer_deliveries"},
+    "node-agent-a100-1": {"mpsflow_node_reconfigure_seconds"},
+    "admission-webhook": set(),
+    "mps-daemons-a100-1": set(),
+}
+
+
+def test_every_process_serves_its_status_and_metrics(summary: dict[str, Any]) -> None:
+    status = summary["status"]
+    assert set(SERVED_METRICS) <= set(status), sorted(status)
+    for name, seen in status.items():
+        assert seen.get("ready", "").startswith("200 "), (name, seen)
+    for name, families in SERVED_METRICS.items():
+        assert families <= set(status[name]["metrics"]), (name, sorted(status[name]["metrics"]))
+    # The planner's own figures, not another process's: only the planner plans.
+    assert not {"mpsflow_pods", "mpsflow_planner_decision_seconds"} & set(status["pod-watcher"]["metrics"])
+    assert status["planner"]["ready"] == "200 active"

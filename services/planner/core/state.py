@@ -545,6 +545,8 @@ class IncrementalPlanner:
 
     def __init__(self, settings: PlannerSettings) -> None:
         self.settings = settings
+        self.last_mode = "full"
+        """`incremental` when the last plan extended the one before, `full` when computed afresh."""
         self._basis: _Basis | None = None
         self._rendered: dict[str, tuple[dict[int, tuple[Slice, ...]], NodeLayout, int]] = {}
 
@@ -558,7 +560,9 @@ class IncrementalPlanner:
         return layout, item
 
     def compute(self, state: ClusterState, now: datetime) -> PlanComputed:
-        return self._extended(state, now) or self._full(state, now)
+        extended = self._extended(state, now)
+        self.last_mode = "full" if extended is None else "incremental"
+        return extended or self._full(state, now)
 
     def _full(self, state: ClusterState, now: datetime) -> PlanComputed:
         nodes, waiting_for_report, pinned = planning_nodes(state, now, self.settings)

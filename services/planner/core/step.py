@@ -120,6 +120,11 @@ class Planner:
     def observe(self, envelope: Envelope) -> None:
         self.state.apply(envelope)
 
+    @property
+    def last_plan_mode(self) -> str:
+        """How the last plan was computed: `incremental` on top of the one before, or `full`."""
+        return self._plans.last_mode
+
     def recall_plan(self, plan_id: str) -> None:
         """The plan published last (by this planner before it restarted): the same plan decided
         again is not published again."""
