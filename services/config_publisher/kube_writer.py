@@ -26,7 +26,7 @@ rendering this writer already applied, or one from an older plan, costs no reque
 
 It never deletes a ConfigMap key it cannot attribute to a node by exact name (never by prefix, so
 `node-1` never touches `node-10`'s key, nor the fork's `default`), never touches other labels or
-annotations (k8s/config-publisher-policy.yaml makes the API server refuse a node write that does,
+annotations (k8s/base/config-publisher-policy.yaml makes the API server refuse a node write that does,
 and a refusal is logged with the policy's message), never removes GFD's labels when it does not
 write them, and never sleeps to wait for anyone. A failure on one node never stops the others; an
 unreachable API server ends the batch at once (every other node would wait out the same timeout)

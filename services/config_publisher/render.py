@@ -37,7 +37,7 @@ effectful half is `kube_writer`. From one node's `NodeLayout` it renders:
   `nos.nebuly.com/status-gpu` is stale (`metadata_patch` removes it).
 
 It never performs I/O and never decides anything about placement: it only re-expresses a layout.
-It never renders a node key that the admission policy of k8s/config-publisher-policy.yaml does not
+It never renders a node key that the admission policy of k8s/base/config-publisher-policy.yaml does not
 let the config publisher change (its sharing labels, `nvidia.com/device-plugin.config`, annotations
 under `nos.nebuly.com/status-gpu`; GFD's two labels only where the policy is widened for
 `--gfd-labels`): a key added here is refused by the API server until it is added there too.

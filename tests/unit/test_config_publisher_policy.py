@@ -1,6 +1,6 @@
 """The admission policy that confines the config publisher's node writes, evaluated offline.
 
-k8s/config-publisher-policy.yaml is a ValidatingAdmissionPolicy; its schema is checked with every
+k8s/base/config-publisher-policy.yaml is a ValidatingAdmissionPolicy; its schema is checked with every
 manifest in test_manifests_schema.py. Here its CEL runs on cel-python (`celpy`) the way the API server
 runs it: the match conditions on the request, then the variables in order (each sees those before it
 as `variables`), then every validation, all on `request`, `object` (the node after the request) and

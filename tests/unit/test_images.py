@@ -84,7 +84,7 @@ def test_the_targets_run_the_cli_the_control_plane_as_a_user_and_the_agent_as_ro
 
 def manifests() -> list[dict[str, object]]:
     documents: list[dict[str, object]] = []
-    for path in sorted((ROOT / "k8s").glob("*.yaml")):
+    for path in sorted((ROOT / "k8s" / "base").glob("*.yaml")):
         documents.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     return documents
 

@@ -1,10 +1,16 @@
-"""The manifests in k8s/ hang together, start the commands that exist and grant least privilege.
+"""The manifests of k8s/base hang together, start the commands that exist and grant least privilege.
 
-Their schema is checked in test_manifests_schema.py; that each service uses only what its RBAC
-grants is audited in tests/e2e/test_rbac.py."""
+Their schema is checked in test_manifests_schema.py, the overlays built on them in test_overlays.py;
+that each service uses only what its RBAC grants is audited in tests/e2e/test_rbac.py. The base's
+objects are read from its files (no kubectl needed); `kustomize` and `base_with` build with
+`kubectl kustomize`, as a user does, for the tests that need it (skipped where kubectl is missing).
+"""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +20,51 @@ import yaml
 from services.cli import build_parser
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
+BASE = K8S / "base"
+COMPONENTS = K8S / "components"
+OVERLAYS = K8S / "overlays"
+CONTROL_PLANE_NAMESPACE = "mpsflow"
+NODE_NAMESPACE = "mpsflow-node"
+NODE_WORKLOADS = ("mpsflow-node-agent", "mpsflow-mps-daemons")
+STATUS_PORT = {"name": "status", "containerPort": 8080}
+needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 
 
 def documents() -> list[dict[str, Any]]:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    """The objects of k8s/base, read from the files its kustomization lists."""
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     loaded: list[dict[str, Any]] = []
     for resource in kustomization["resources"]:
-        loaded.extend(d for d in yaml.safe_load_all((K8S / resource).read_text()) if d)
+        loaded.extend(d for d in yaml.safe_load_all((BASE / resource).read_text()) if d)
     return loaded
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize DIRECTORY` builds."""
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(directory)], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    return [d for d in yaml.safe_load_all(built) if d]
+
+
+def base_with(*components: str) -> list[dict[str, Any]]:
+    """The objects of an overlay that adds these components of k8s/components to the base, as a user
+    writes one (`resources: [../../base]`, `components: [../../components/NAME]`), built from a copy."""
+    copied = Path(tempfile.mkdtemp(prefix="mpsflow-k8s-")) / "k8s"
+    try:
+        shutil.copytree(K8S, copied)
+        overlay = copied / "overlays" / "under-test"
+        overlay.mkdir()
+        kustomization = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": ["../../base"],
+            "components": [f"../../components/{name}" for name in components],
+        }
+        (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        return kustomize(overlay)
+    finally:
+        shutil.rmtree(copied.parent, ignore_errors=True)
 
 
 def workloads() -> list[dict[str, Any]]:
@@ -29,8 +72,27 @@ def workloads() -> list[dict[str, Any]]:
 
 
 def test_every_manifest_file_is_listed_in_the_kustomization() -> None:
-    listed = set(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"])
-    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    listed = set(yaml.safe_load((BASE / "kustomization.yaml").read_text())["resources"])
+    assert listed == {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert not list(K8S.glob("*.yaml")), "k8s/ holds base/, components/ and overlays/ only"
+
+
+def test_the_node_services_live_apart_in_the_privileged_namespace() -> None:
+    """The node agent and the keeper need root, host paths, hostPID and hostIPC; the control plane
+    needs none of it, so its namespace enforces Pod Security "restricted" and theirs "privileged"."""
+    namespaces = {d["metadata"]["name"]: d for d in documents() if d["kind"] == "Namespace"}
+    assert set(namespaces) == {CONTROL_PLANE_NAMESPACE, NODE_NAMESPACE}
+    enforced = {
+        name: namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+        for name, namespace in namespaces.items()
+    }
+    assert enforced == {CONTROL_PLANE_NAMESPACE: "restricted", NODE_NAMESPACE: "privileged"}
+    for document in documents():
+        namespace = document["metadata"].get("namespace")
+        if document["kind"] == "Namespace" or namespace is None:
+            continue
+        node_side = document["metadata"]["name"].startswith(NODE_WORKLOADS)
+        assert namespace == (NODE_NAMESPACE if node_side else CONTROL_PLANE_NAMESPACE), document["metadata"]
 
 
 def test_every_object_has_kind_api_version_and_name() -> None:
@@ -173,15 +235,56 @@ def test_the_mps_daemons_outlive_the_agent_on_the_same_nodes_and_pipes() -> None
     )
 
 
-def test_the_node_services_are_probed_on_the_file_they_touch() -> None:
-    by_name = {w["metadata"]["name"]: w for w in workloads()}
-    for name in ("mpsflow-node-agent", "mpsflow-mps-daemons"):
-        [container] = by_name[name]["spec"]["template"]["spec"]["containers"]
-        args = container["args"]
-        alive = args[args.index("--alive-file") + 1]
-        command = container["livenessProbe"]["exec"]["command"]
-        assert command[0] == "python" and command[-1] == alive, name
-        assert "getmtime" in command[2], name
+def service_containers() -> dict[str, dict[str, Any]]:
+    """The container of each `mpsflow run` service, by workload name."""
+    return {
+        w["metadata"]["name"]: w["spec"]["template"]["spec"]["containers"][0]
+        for w in workloads()
+        if w["spec"]["template"]["spec"]["containers"][0].get("args", [""])[0] == "run"
+    }
+
+
+def test_every_service_serves_its_status_on_the_port_its_probes_and_service_name() -> None:
+    """`mpsflow run` serves /healthz, /readyz and /metrics on --status-address, 0.0.0.0:8080 unless
+    told otherwise; each container declares that port as `status`, is probed there, and a headless
+    Service in its namespace exposes it for Prometheus."""
+    containers = service_containers()
+    assert set(containers) == {
+        "mpsflow-pod-watcher",
+        "mpsflow-admission-webhook",
+        "mpsflow-planner",
+        "mpsflow-config-publisher",
+        *NODE_WORKLOADS,
+    }
+    services = [d for d in documents() if d["kind"] == "Service"]
+    for name, container in containers.items():
+        args = [a.replace("$(NODE_NAME)", "gpu-1") for a in container["args"]]
+        assert build_parser().parse_args(args).status_address == ("0.0.0.0", STATUS_PORT["containerPort"])
+        assert STATUS_PORT in container["ports"], name
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "status"}, name
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "status"}, name
+        assert not {"--ready-file", "--alive-file"} & set(args), name  # the probes ask over HTTP
+        [workload] = [w for w in workloads() if w["metadata"]["name"] == name]
+        [status] = [
+            s
+            for s in services
+            if s["metadata"]["namespace"] == workload["metadata"]["namespace"]
+            and s["spec"]["selector"].items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+            and any(port["name"] == "status" for port in s["spec"]["ports"])
+        ]
+        assert status["metadata"]["name"] == f"{name}-status"
+        assert status["spec"]["clusterIP"] == "None"  # each replica scraped on its own
+        assert status["spec"]["ports"] == [{"name": "status", "port": 8080, "targetPort": "status"}]
+
+
+def test_the_node_services_are_unhealthy_after_the_minute_their_loops_may_stall() -> None:
+    """The agent's heartbeat and the keeper's daemon checks must beat within 60 s for /healthz to
+    answer 200; the probe gives a restarted container 30 s and restarts it after three failures."""
+    containers = service_containers()
+    for name in NODE_WORKLOADS:
+        probe = containers[name]["livenessProbe"]
+        assert probe["initialDelaySeconds"] >= 30, name
+        assert probe["periodSeconds"] * probe["failureThreshold"] >= 60, name
 
 
 def test_the_control_plane_services_run_two_replicas_one_active_by_a_lease() -> None:
@@ -190,7 +293,8 @@ def test_the_control_plane_services_run_two_replicas_one_active_by_a_lease() -> 
         deployment = by_name[f"mpsflow-{service}"]
         assert deployment["spec"]["replicas"] == 2, service
         [container] = deployment["spec"]["template"]["spec"]["containers"]
-        assert container["args"][:4] == ["run", service, "--ready-file", "/tmp/mpsflow-ready"], service
+        assert container["args"] == ["run", service], service
         env = {e["name"]: e for e in container["env"]}
         assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, service
-        assert container["readinessProbe"]["exec"]["command"] == ["test", "-s", "/tmp/mpsflow-ready"]
+        # A standby answers /readyz with 200 too: a rolling update must not wait for the lease.
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz", service

@@ -1,48 +1,25 @@
-"""The three-server NATS cluster component in k8s/: built with `kubectl kustomize` as a user enables it
-(skipped where kubectl is not installed), and checked against what the servers and the bootstrap need."""
+"""The three-server NATS cluster component, k8s/components/nats-cluster: built with `kubectl kustomize`
+on the base as an overlay lists it (skipped where kubectl is not installed), and checked against what
+the servers and the bootstrap need. The production overlay has it (test_overlays.py)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from events.credentials import Authority
 from services.cli import build_parser
 from simulation.nats_server import nats_server_binary
-from tests.unit.test_manifests import K8S
-
-COMMENTED = "#   - nats-cluster\n"
-needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+from tests.unit.test_manifests import base_with, needs_kubectl
 
 
 @pytest.fixture(scope="module")
-def built() -> Iterator[dict[tuple[str, str], dict[str, Any]]]:
-    copied = Path(tempfile.mkdtemp(prefix="mpsflow-k8s-")) / "k8s"
-    try:
-        shutil.copytree(K8S, copied)
-        kustomization = copied / "kustomization.yaml"
-        text = kustomization.read_text()
-        assert COMMENTED in text
-        kustomization.write_text(
-            text.replace("# components:\n", "components:\n").replace(COMMENTED, "  - nats-cluster\n")
-        )
-        # Only this component: the others need namespaces or switch modes this test is not about.
-        text = kustomization.read_text()
-        kustomization.write_text(text.replace("#   - shm-directory\n", "").replace("#   - nos-compat\n", ""))
-        output = subprocess.run(
-            ["kubectl", "kustomize", str(copied)], capture_output=True, text=True, check=True
-        ).stdout
-        yield {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(output) if o}
-    finally:
-        shutil.rmtree(copied.parent, ignore_errors=True)
+def built() -> dict[tuple[str, str], dict[str, Any]]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in base_with("nats-cluster")}
 
 
 @needs_kubectl

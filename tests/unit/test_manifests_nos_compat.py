@@ -1,22 +1,17 @@
-"""Nebuly compatibility mode in k8s/: the nos-compat kustomize component, offered commented out in
-k8s/kustomization.yaml, turns `--compat-configmap` on in the config publisher and grants it nos's
-device-plugin ConfigMap in nos's namespace, and changes nothing else.
+"""Nebuly compatibility mode: the kustomize component k8s/components/nos-compat, which an overlay adds,
+turns `--compat-configmap` on in the config publisher and grants it nos's device-plugin ConfigMap in
+nos's namespace, and changes nothing else.
 
-It is a component rather than part of the base because its Role lives in nos's namespace
-(`nebuly-nvidia`), which nos's chart creates and mpsflow does not own: a Role in a namespace that
-does not exist fails `kubectl apply -k k8s/`. Enabled, it is built with `kubectl kustomize` (skipped
-where kubectl is not installed), exactly as a user enables it; its own objects are read directly
+It is a component rather than part of the base or of an overlay because its Role lives in nos's
+namespace (`nebuly-nvidia`), which nos's chart creates and mpsflow does not own: a Role in a namespace
+that does not exist fails `kubectl apply -k`. Enabled, it is built with `kubectl kustomize` (skipped
+where kubectl is not installed) on the base, as an overlay lists it; its own objects are read directly
 too, and tests/e2e/test_rbac.py audits the demo's compatibility writes against them.
 """
 
 from __future__ import annotations
 
 import copy
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]
@@ -25,14 +20,11 @@ import yaml
 
 from events.vocabulary import NOS_DEVICE_PLUGIN_CONFIGMAP
 from services.cli import build_parser
-from tests.unit.test_manifests import K8S, documents
+from tests.unit.test_manifests import BASE, COMPONENTS, OVERLAYS, base_with, documents, needs_kubectl
 from tests.unit.test_manifests_schema import VERSIONS
 
-COMPONENT = K8S / "nos-compat"
-COMMENTED = "# components:\n#   - shm-directory\n#   - nos-compat\n"
-ENABLED = "components:\n  - nos-compat\n"
+COMPONENT = COMPONENTS / "nos-compat"
 PUBLISHER = "mpsflow-config-publisher"
-needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 
 
 def nos_compat_documents() -> list[dict[str, Any]]:
@@ -49,19 +41,9 @@ def object_key(document: dict[str, Any]) -> tuple[str, str | None, str]:
 
 
 @pytest.fixture(scope="module")
-def enabled() -> Iterator[list[dict[str, Any]]]:
-    """The objects `kubectl kustomize k8s/` builds once the component is uncommented."""
-    copied = Path(tempfile.mkdtemp(prefix="mpsflow-k8s-")) / "k8s"
-    try:
-        shutil.copytree(K8S, copied)
-        kustomization = copied / "kustomization.yaml"
-        kustomization.write_text(kustomization.read_text().replace(COMMENTED, ENABLED))
-        built = subprocess.run(
-            ["kubectl", "kustomize", str(copied)], capture_output=True, text=True, check=True, timeout=30
-        ).stdout
-        yield [d for d in yaml.safe_load_all(built) if d]
-    finally:
-        shutil.rmtree(copied.parent)
+def enabled() -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize` builds from the base with the component."""
+    return base_with("nos-compat")
 
 
 def _publisher_args(objects: list[dict[str, Any]]) -> list[str]:
@@ -70,10 +52,12 @@ def _publisher_args(objects: list[dict[str, Any]]) -> list[str]:
     return args
 
 
-def test_the_base_has_compatibility_mode_off_and_the_component_one_uncommenting_away() -> None:
-    kustomization = (K8S / "kustomization.yaml").read_text()
-    assert COMMENTED in kustomization
-    assert "components" not in yaml.safe_load(kustomization)
+def test_the_base_and_the_overlays_have_compatibility_mode_off() -> None:
+    """nos's namespace is not mpsflow's to assume: a user adds the component to an overlay."""
+    assert "components" not in yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    for overlay in OVERLAYS.iterdir():
+        components = yaml.safe_load((overlay / "kustomization.yaml").read_text()).get("components", [])
+        assert not [c for c in components if c.endswith("/nos-compat")], overlay.name
     assert build_parser().parse_args(_publisher_args(documents())).compat_configmap is None
     assert not [d for d in documents() if d["kind"] in ("Role", "RoleBinding") and PUBLISHER in str(d)]
 

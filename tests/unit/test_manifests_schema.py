@@ -1,30 +1,29 @@
-"""Every manifest in k8s/ is valid against the Kubernetes OpenAPI schema, checked offline.
+"""Every manifest in k8s/base is valid against the Kubernetes OpenAPI schema, checked offline.
 
 kubernetes-validate ships the JSON schemas of each Kubernetes version inside its wheel, so this
 needs neither network nor cluster. Strict mode also refuses fields the schema does not know, so a
 misspelt key fails here instead of being dropped by the API server. Where kubectl is installed,
-`kubectl kustomize k8s` must build exactly the objects the other manifest tests read.
+`kubectl kustomize k8s/base` must build exactly the objects the other manifest tests read. The
+overlays' objects are validated in test_overlays.py.
 """
 
 from __future__ import annotations
 
 import copy
-import shutil
-import subprocess
 from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
-import yaml
 
-from tests.unit.test_manifests import K8S, documents
+from tests.unit.test_manifests import BASE, documents, kustomize, needs_kubectl
 
 # the version the API emulator reports, and the one of the kubernetes-asyncio client
 VERSIONS = ("1.31", "1.36")
 
 
 def object_id(document: dict[str, Any]) -> str:
-    return f"{document['kind']}/{document['metadata']['name']}"
+    namespace = document["metadata"].get("namespace")
+    return f"{document['kind']}/{namespace + '/' if namespace else ''}{document['metadata']['name']}"
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -56,11 +55,8 @@ def test_a_broken_object_is_refused_naming_the_problem(
     assert complaint in caught.value.message
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@needs_kubectl
 def test_kustomize_builds_the_objects_of_the_manifests() -> None:
-    built = subprocess.run(
-        ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, check=True, timeout=30
-    ).stdout
-    objects = [d for d in yaml.safe_load_all(built) if d]
+    objects = kustomize(BASE)
 
     assert sorted(objects, key=object_id) == sorted(documents(), key=object_id)

@@ -1,19 +1,14 @@
-"""The shm-directory IPC mode in k8s/: a kustomize component, offered commented out in
-k8s/kustomization.yaml, that switches the pod watcher, the node agents and the MPS daemon keepers
-together and changes nothing else.
+"""The shm-directory IPC mode: the kustomize component k8s/components/shm-directory, which an overlay
+adds, switches the pod watcher, the node agents and the MPS daemon keepers together and changes
+nothing else.
 
-The component is built with `kubectl kustomize` (skipped where kubectl is not installed), exactly as a
-user enables it: k8s/ copied, the commented `components` lines uncommented.
+The component is built with `kubectl kustomize` (skipped where kubectl is not installed) on the base,
+as an overlay lists it.
 """
 
 from __future__ import annotations
 
 import copy
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]
@@ -22,14 +17,11 @@ import yaml
 
 from node_agent.slices import mps_shm_directory
 from services.cli import build_parser
-from tests.unit.test_manifests import K8S, documents
+from tests.unit.test_manifests import BASE, OVERLAYS, base_with, documents, needs_kubectl
 from tests.unit.test_manifests_schema import VERSIONS, object_id
 
-COMMENTED = "# components:\n#   - shm-directory\n"
-ENABLED = "components:\n  - shm-directory\n"
 SWITCHED = {"mpsflow-pod-watcher", "mpsflow-node-agent", "mpsflow-mps-daemons"}
 PROPAGATION = {"mpsflow-mps-daemons": "Bidirectional", "mpsflow-node-agent": "HostToContainer"}
-needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 
 
 def _container(workload: dict[str, Any]) -> dict[str, Any]:
@@ -50,27 +42,16 @@ def _mps_ipc(workload: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture(scope="module")
-def switched() -> Iterator[list[dict[str, Any]]]:
-    """The objects `kubectl kustomize k8s/` builds once the component is uncommented."""
-    copied = Path(tempfile.mkdtemp(prefix="mpsflow-k8s-")) / "k8s"
-    try:
-        shutil.copytree(K8S, copied)
-        kustomization = copied / "kustomization.yaml"
-        kustomization.write_text(kustomization.read_text().replace(COMMENTED, ENABLED))
-        built = subprocess.run(
-            ["kubectl", "kustomize", str(copied)], capture_output=True, text=True, check=True, timeout=30
-        ).stdout
-        yield [d for d in yaml.safe_load_all(built) if d]
-    finally:
-        shutil.rmtree(copied.parent)
+def switched() -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize` builds from the base with the component."""
+    return base_with("shm-directory")
 
 
-def test_host_mode_stays_the_default_and_the_component_is_one_uncommenting_away(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    kustomization = (K8S / "kustomization.yaml").read_text()
-    assert COMMENTED in kustomization
-    assert "components" not in yaml.safe_load(kustomization)
+def test_host_mode_stays_the_default_in_the_base_and_the_overlays(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "components" not in yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    for overlay in OVERLAYS.iterdir():
+        components = yaml.safe_load((overlay / "kustomization.yaml").read_text()).get("components", [])
+        assert not [c for c in components if c.endswith("/shm-directory")], overlay.name
     workloads = {d["metadata"]["name"]: d for d in documents() if d["kind"] in ("Deployment", "DaemonSet")}
     for name in SWITCHED:
         assert _mps_ipc(workloads[name], monkeypatch) == "host", name

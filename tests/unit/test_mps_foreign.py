@@ -124,10 +124,10 @@ def test_the_refusal_says_what_it_found_and_how_to_turn_it_off() -> None:
 
 
 def _daemon_set(name: str) -> dict[str, Any]:
-    for document in yaml.safe_load_all((REPO_ROOT / "k8s" / f"{name}.yaml").read_text()):
+    for document in yaml.safe_load_all((REPO_ROOT / "k8s" / "base" / f"{name}.yaml").read_text()):
         if document and document["kind"] == "DaemonSet":
             return dict(document)
-    raise AssertionError(f"no DaemonSet in k8s/{name}.yaml")
+    raise AssertionError(f"no DaemonSet in k8s/base/{name}.yaml")
 
 
 @pytest.mark.parametrize("name", ["node-agent", "mps-daemons"])
