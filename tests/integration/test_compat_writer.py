@@ -423,7 +423,7 @@ async def test_a_refused_node_write_is_logged_with_the_api_servers_reason(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """An admission policy's refusal (k8s/config-publisher-policy.yaml) names the rule broken in
+    """An admission policy's refusal (k8s/base/config-publisher-policy.yaml) names the rule broken in
     the Status message: the failure and the log carry it."""
     await add_node(core, "gpu-a")
     writer = compat_writer(kube, configmap=False, gfd_labels=True)
