@@ -31,6 +31,9 @@ DEFAULT_TRACES_DIR_NAME = "mpsflow-traces"
 """Under the temporary directory: where `mpsflow demo` writes by default, and `mpsflow trace` reads."""
 POD_ATTRIBUTE = "mpsflow.pod"
 PODS_ATTRIBUTE = "mpsflow.pods"
+NODE_ATTRIBUTE = "mpsflow.node"
+TRACE_IDS_SHOWN = 3
+"""Trace ids the header names in full (the pod's own first: the one to open in a tracing UI)."""
 NODE_RESOURCE = "k8s.node.name"
 SERVICE_PREFIX = "mpsflow-"
 MIN_BAR = 10
@@ -205,8 +208,11 @@ def _order(span: SpanRecord) -> tuple[int, int, str, str, str]:
 
 
 def select(spans: Iterable[SpanRecord], pod: str) -> list[SpanRecord]:
-    """The spans of `pod`'s path, by start: every trace with a span about the pod, every trace with a
-    span that links to a span of those, whole. A span written twice counts once."""
+    """The spans of `pod`'s path, by start: every trace with a span about the pod, and every trace
+    with a span that links to a span of those, less what is about something else. A plan decides
+    for many pods and nodes at once, so a span that names another pod, or (once the pod's own spans
+    name its node) another node, is left out with everything under it. A span written twice counts
+    once."""
     unique: dict[SpanRef, SpanRecord] = {}
     for span in spans:
         unique.setdefault(span.ref, span)
@@ -216,7 +222,41 @@ def select(spans: Iterable[SpanRecord], pod: str) -> list[SpanRecord]:
         for span in unique.values()
         if span.trace_id not in own and any(trace_id in own for trace_id, _ in span.links)
     }
-    return sorted((s for s in unique.values() if s.trace_id in own | linked), key=_order)
+    nodes = {
+        str(span.attributes[NODE_ATTRIBUTE])
+        for span in unique.values()
+        if concerns(span, pod) and NODE_ATTRIBUTE in span.attributes
+    }
+
+    def elsewhere(span: SpanRecord) -> bool:
+        if concerns(span, pod):
+            return False
+        other_pod = POD_ATTRIBUTE in span.attributes
+        node = span.attributes.get(NODE_ATTRIBUTE)
+        return other_pod or (bool(nodes) and node is not None and str(node) not in nodes)
+
+    candidates = {ref: s for ref, s in unique.items() if s.trace_id in own | linked}
+    left_out: dict[SpanRef, bool] = {}
+
+    def is_left_out(span: SpanRecord) -> bool:
+        """About something else, or under a span that is (an unwritten parent leaves nothing out)."""
+        chain: list[SpanRecord] = []
+        current: SpanRecord | None = span
+        verdict = False
+        while current is not None and current.ref not in left_out:
+            chain.append(current)
+            if elsewhere(current):
+                verdict = True
+                break
+            parent = current.parent_span_id
+            current = candidates.get((current.trace_id, parent)) if parent is not None else None
+        else:
+            verdict = left_out[current.ref] if current is not None else False
+        for seen in chain:
+            left_out[seen.ref] = verdict
+        return verdict
+
+    return sorted((s for s in candidates.values() if not is_left_out(s)), key=_order)
 
 
 # --- arranging and drawing -------------------------------------------------------------------------
@@ -338,7 +378,8 @@ def render(pod: str, rows: Sequence[Row], *, width: int = 100, ascii_only: bool 
     traces = list(dict.fromkeys(row.span.trace_id for row in rows))
     header = (
         f"{pod}: {len(rows)} spans in {len(traces)} trace{'s' if len(traces) != 1 else ''}, "
-        f"{_ms(total)} ms; trace ids {' '.join(traces)}"
+        f"{_ms(total)} ms; trace ids {' '.join(traces[:TRACE_IDS_SHOWN])}"
+        + (f" and {len(traces) - TRACE_IDS_SHOWN} more" if len(traces) > TRACE_IDS_SHOWN else "")
     )
     labels = [
         "  " * row.depth

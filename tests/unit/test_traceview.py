@@ -47,12 +47,15 @@ def span(
     service: str = "mpsflow-planner",
     pod: str | None = None,
     pods: tuple[str, ...] | None = None,
+    node: str | None = None,
     links: tuple[tuple[str, str], ...] = (),
     status: str = "UNSET",
 ) -> SpanRecord:
     attributes: dict[str, Attribute] = {}
     if pod is not None:
         attributes["mpsflow.pod"] = pod
+    if node is not None:
+        attributes["mpsflow.node"] = node
     if pods is not None:
         attributes["mpsflow.pods"] = pods
     return SpanRecord(
@@ -140,6 +143,46 @@ def test_only_one_hop_of_links_is_followed_and_a_span_written_twice_counts_once(
         span("plan", LATER, "9", start=50, end=51, links=((PLAN, "6"),)),  # links to the plan's trace
     ]
     assert names(select(spans, "ns/a")) == names(select(PATH, "ns/a"))
+
+
+# A plan decides for two pods on two nodes at once: ns/a's path keeps what concerns ns/a and its node.
+SHARED_PLAN = [
+    span("publish PodObserved", OBSERVED, "1", start=0, end=1, service="mpsflow-pod-watcher", pod="ns/a"),
+    span("plan", PLAN, "2", start=5, end=30, links=((OBSERVED, "1"),)),
+    span("publish NodePlanned", PLAN, "3", parent="2", start=6, end=7, node="x"),
+    span("apply node config", PLAN, "4", parent="3", start=8, end=20, service="mpsflow-node-agent", node="x"),
+    span("publish NodeConfigApplied", PLAN, "5", parent="4", start=19, end=20, node="x"),
+    span("publish NodePlanned", PLAN, "6", parent="2", start=7, end=8, node="y"),
+    span("apply node config", PLAN, "7", parent="6", start=9, end=25, service="mpsflow-node-agent", node="y"),
+    span("publish PodReleased", PLAN, "8", parent="2", start=26, end=27, pod="ns/a", node="x"),
+    span("publish PodReleased", PLAN, "9", parent="2", start=27, end=28, pod="ns/b", node="y"),
+    span("process PodReleased", PLAN, "10", parent="9", start=28, end=29, pod="ns/b"),
+]
+
+
+def test_what_a_shared_plan_did_for_other_pods_and_nodes_is_left_out() -> None:
+    assert names(select(SHARED_PLAN, "ns/a")) == [
+        ("a", "publish PodObserved"),
+        ("b", "plan"),
+        ("b", "publish NodePlanned"),
+        ("b", "apply node config"),
+        ("b", "publish NodeConfigApplied"),
+        ("b", "publish PodReleased"),
+    ]
+    assert {s.attributes.get("mpsflow.node") for s in select(SHARED_PLAN, "ns/a")} == {None, "x"}
+
+
+def test_before_the_pod_has_a_node_every_node_of_its_plans_is_shown() -> None:
+    unreleased = [s for s in SHARED_PLAN if s.name not in ("publish PodReleased", "process PodReleased")]
+    assert len(select(unreleased, "ns/a")) == len(unreleased)
+
+
+def test_the_header_names_the_first_trace_ids_and_counts_the_rest() -> None:
+    spans = [span("publish PodObserved", t * 32, "1", pod="ns/a") for t in "abcde"]
+    header = waterfall(spans, "ns/a", width=80)
+    assert header is not None
+    first = header.splitlines()[0]
+    assert first.endswith(f"trace ids {'a' * 32} {'b' * 32} {'c' * 32} and 2 more")
 
 
 def shape(rows: list[Row]) -> list[tuple[int, str, bool]]:
