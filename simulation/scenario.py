@@ -200,6 +200,23 @@ def _field_path(location: tuple[int | str, ...]) -> str:
     return path or "scenario"
 
 
+def _non_text_key(value: object, where: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], object] | None:
+    """A mapping key in `value` that is not a string (YAML allows `60:` or `true:`, and a flow
+    mapping's lone `60` is the key of a null), with where its mapping is; None when every key is a
+    string."""
+    pending: list[tuple[object, tuple[int | str, ...]]] = [(value, where)]
+    while pending:
+        current, path = pending.pop()
+        if isinstance(current, dict):
+            for key, item in current.items():
+                if not isinstance(key, str):
+                    return path, key
+                pending.append((item, (*path, key)))
+        elif isinstance(current, list):
+            pending.extend((item, (*path, index)) for index, item in enumerate(current))
+    return None
+
+
 def parse_scenario(text: str, source: str = "scenario") -> Scenario:
     try:
         document = yaml.safe_load(text)
@@ -209,6 +226,10 @@ def parse_scenario(text: str, source: str = "scenario") -> Scenario:
         raise ScenarioError(f"{source}: not valid YAML or JSON (nested too deeply)") from None
     if not isinstance(document, dict):
         raise ScenarioError(f"{source}: must be a mapping with nodes, workload and timeout")
+    odd_key = _non_text_key(document, ())
+    if odd_key is not None:
+        where, key = odd_key
+        raise ScenarioError(f"{_field_path(where) if where else source}: the key {key!r} is not a string")
     try:
         return Scenario.model_validate(document)
     except ValidationError as error:

@@ -153,6 +153,9 @@ NESTED = b"nodes: " + b"[" * 10_000 + b"]" * 10_000
 @example(data=b'nodes: ["\\UFFFFFFFF"]').via("yaml's chr() raised OverflowError")
 @example(data=b'{"\\ud800\\udc00": null}').via("a key pydantic cannot read gave a message naming no field")
 @example(data=b'{"nodes": [{"name": "a"}], "\\n": null}').via("an unknown key's newline broke the line")
+@example(data=b'{"nodes": [{"name": "a"}], 60, "timeout": 5}').via(
+    "a flow mapping's lone 60 became an int key, named as the index [60] (make fuzz, round 8)"
+)
 def test_a_scenario_is_refused_naming_the_field_or_accepted(data: bytes) -> None:
     text = data.decode("utf-8", "replace")
     try:
