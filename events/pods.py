@@ -113,7 +113,8 @@ class PodRejected(Model):
 
 
 class PodDeleted(Model):
-    """A pod that asked for a slice is gone from the API server."""
+    """A pod that asked for a slice is gone from the API server, or finished (Succeeded or Failed):
+    either way it holds no slice and never will again."""
 
     kind: Literal["PodDeleted"] = "PodDeleted"
     namespace: str

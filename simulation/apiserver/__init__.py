@@ -16,15 +16,22 @@ What it emulates (core/v1 only): pods, configmaps and events (namespaced) and no
 (cluster-scoped); the subresources pods/binding, pods/status and nodes/status; the verbs get, list,
 watch, create (with generateName), update, patch (merge, strategic merge, JSON patch) and delete;
 one global resourceVersion bumped on every write; optimistic concurrency (409 Conflict on a stale
-metadata.resourceVersion); label and field selectors on lists and watches; watches that replay
-retained history from a resourceVersion, send synthetic ADDED events without one, send BOOKMARK
-events, honour timeoutSeconds, turn selector transitions into ADDED/DELETED as the real watch cache
-does, and answer a resourceVersion older than the retained history with an ERROR event (410
-Expired). Errors are always `Status` objects. Behaviours of the real API kept on purpose: an update
-or patch that changes nothing is not a write (no new resourceVersion, no watch event); writes to a
-pod or node ignore `status` and writes to their `status` subresource change only `status`;
-binding answers `201` with a `Status` (not the Binding), and a Binding whose metadata.name differs
-from the pod is refused.
+metadata.resourceVersion); label and field selectors on lists and watches; lists in pages as the
+real API serves them (`limit` and `continue`: every page of one list from the first page's snapshot,
+rebuilt from the retained history, in namespace/name order, `limit` matching objects a page and a
+token while objects remain unscanned, so that with a selector the last page may hold none;
+`metadata.continue`, and `metadata.remainingItemCount` when no selector was given; a token whose
+snapshot the history no longer reaches answered 410 Expired with a token for an inconsistent
+continuation, as after etcd's compaction; `resourceVersion` "0" with a limit served whole, as the
+watch cache of a v1.31 API server does, and any other value with a limit as that exact snapshot);
+watches that replay retained history from a resourceVersion, send synthetic ADDED events without
+one, send BOOKMARK events, honour timeoutSeconds, turn selector transitions into ADDED/DELETED as
+the real watch cache does, and answer a resourceVersion older than the retained history with an
+ERROR event (410 Expired). Errors are always `Status` objects. Behaviours of the real API kept on
+purpose: an update or patch that changes nothing is not a write (no new resourceVersion, no watch
+event); writes to a pod or node ignore `status` and writes to their `status` subresource change only
+`status`; binding answers `201` with a `Status` (not the Binding), and a Binding whose
+metadata.name differs from the pod is refused.
 
 Timing: with `watch_delay` every event a watch delivers (synthetic ADDED and history replays
 included) is written no earlier than that many seconds after it was queued for that watch, in
@@ -64,9 +71,12 @@ What it does NOT emulate:
   are replaced whole rather than merged by key, and `$patch`/`$retainKeys` directives are not special;
 - server-side apply (`application/apply-patch+yaml` gets 415), protobuf, table output, dry run,
   managed fields, metadata.generation;
-- pagination (`limit`/`continue` are ignored: lists are complete) and the resourceVersion options of a
-  list (a list is always served at the current resourceVersion); `resourceVersionMatch`,
-  `sendInitialEvents`, the legacy `/api/v1/watch/...` paths, deletecollection;
+- the resourceVersion of a list without `limit` (it is always served at the current one; the real
+  API serves "0" from its watch cache, possibly older), a list with `limit` and a resourceVersion
+  newer than the current one answered 504 at once (the real API waits a while first), the
+  continue tokens' expiry by time (here only by the history kept: `history_limit` writes, or
+  `expire_history`), `resourceVersionMatch`, `sendInitialEvents`, the legacy `/api/v1/watch/...`
+  paths, deletecollection;
 - Namespace objects and every other resource or API group (any namespace name is accepted);
 - a watch from a resourceVersion newer than the current one just streams live changes (the real API
   waits, then answers 504 "Too large resource version");

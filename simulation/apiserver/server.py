@@ -9,6 +9,7 @@ never check credentials: a bearer token is only recorded.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import json
@@ -59,6 +60,7 @@ _TRUE: Final = frozenset({"1", "t", "T", "true", "True", "TRUE"})
 _FALSE: Final = frozenset({"", "0", "f", "F", "false", "False", "FALSE"})
 _NAME: Final = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _GENERATED_SUFFIX_ALPHABET: Final = "bcdfghjklmnpqrstvwxz2456789"
+CONTINUE_TOKEN_VERSION: Final = "meta.k8s.io/v1"
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,57 @@ def _too_many_requests(retry_after_s: int) -> web.Response:
         charset="utf-8",
         headers={"Retry-After": str(retry_after_s), "X-Content-Type-Options": "nosniff"},
     )
+
+
+def _list_limit(query: Mapping[str, str]) -> int | None:
+    """The `limit` of a list, None when absent or not positive (the real API then lists everything)."""
+    text = query.get("limit", "")
+    if not text:
+        return None
+    try:
+        limit = int(text)
+    except ValueError:
+        raise ApiError(400, f"limit: invalid integer {text!r}") from None
+    return limit if limit > 0 else None
+
+
+def _encode_continue(at: int, last: tuple[str, str]) -> str:
+    """A continue token as the real API's etcd3 storage makes one: base64 (URL alphabet, no padding)
+    of its version, the snapshot's resourceVersion and the key to start from, here the last key
+    served followed by a NUL (the next key in order)."""
+    raw = json.dumps({"v": CONTINUE_TOKEN_VERSION, "rv": at, "start": f"{last[0]}/{last[1]}\x00"})
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_continue(token: str) -> tuple[int, tuple[str, str]]:
+    """The snapshot's resourceVersion (-1: the latest) and the last key served, or 400."""
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        start, at = raw["start"], raw["rv"]
+        valid = raw["v"] == CONTINUE_TOKEN_VERSION and isinstance(at, int) and start.endswith("\x00")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        valid = False
+    if not valid:
+        raise ApiError(400, f"continue key is not valid: {token!r}")
+    namespace, _, name = start[:-1].partition("/")
+    return at, (namespace, name)
+
+
+def _continue_expired(last: tuple[str, str]) -> ApiError:
+    """The real API's 410 for a continue token whose snapshot was compacted away: reason Expired,
+    with a token in the Status's metadata that continues from the same key at the latest
+    resourceVersion (an inconsistent list, which a client needing consistency does not use)."""
+    error = ApiError(
+        410,
+        "The provided continue parameter is too old to display a consistent list result. You can start a "
+        "new list without the continue parameter, or use the continue token in this response to retrieve "
+        "the remainder of the results. Continuing with the provided token results in an inconsistent "
+        "list - objects that were created, modified, or deleted between the time the first chunk was "
+        "returned and now may show up in the list.",
+        "Expired",
+    )
+    error.body["metadata"]["continue"] = _encode_continue(-1, last)
+    return error
 
 
 def _bookmark(kind: str, resource_version: int) -> JsonObject:
@@ -419,17 +472,66 @@ class ApiServer:
         return _json_response(self._delete(target, raw))
 
     def _list(self, target: _Target, query: Mapping[str, str]) -> JsonObject:
+        """A list as the real API serves it (docs: API concepts, "Retrieving large results sets in
+        chunks" and "Resource versions"): without `limit`, or with resourceVersion "0" (the watch
+        cache ignores the limit), every matching object at the current resourceVersion; with
+        `limit`, at most that many, in namespace/name order, from one snapshot: the current one
+        ("Most Recent"), the one `resourceVersion` names ("Exact"), or the one the `continue`
+        token carries, rebuilt from the retained history (410 Expired once that is gone)."""
         selected = Filter.from_query(target.namespace, target.kind, query)
-        items = [
-            {key: value for key, value in obj.items() if key not in ("kind", "apiVersion")}
-            for obj in self._store.items(target.resource)
-            if selected.matches(obj)
-        ]
+        limit = _list_limit(query)
+        since = query.get("resourceVersion", "")
+        current = self._store.resource_version
+        token = query.get("continue", "")
+        after: tuple[str, str] | None = None
+        if token:
+            if since not in ("", "0"):
+                raise ApiError(400, "specifying resource version is not allowed when using continue")
+            at, after = _decode_continue(token)
+            if at < 0:  # the inconsistent continuation an expired token's 410 offered: the latest
+                at = current
+            try:
+                objects = self._store.snapshot(target.resource, at)
+            except ApiError:
+                raise _continue_expired(after) from None
+        elif limit is None or since == "0":
+            limit, at, objects = None, current, self._store.objects[target.resource]
+        elif since:
+            if not since.isdigit():
+                raise ApiError(400, f"invalid resource version: {since!r}")
+            at = int(since)
+            if at > current:
+                cause = {"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}
+                message = f"Too large resource version: {at}, current: {current}"
+                raise ApiError(504, message, "Timeout", {"causes": [cause]})
+            objects = self._store.snapshot(target.resource, at)
+        else:
+            at, objects = current, self._store.objects[target.resource]
+        keys = sorted(key for key in objects if after is None or key > after)
+        items: list[JsonObject] = []
+        scanned = 0
+        for key in keys:
+            if limit is not None and len(items) == limit:
+                break
+            scanned += 1
+            if selected.matches(objects[key]):
+                items.append(objects[key])
+        metadata: JsonObject = {"resourceVersion": str(at)}
+        if scanned < len(keys):  # the limit stopped the scan before the end of the snapshot
+            last = items[-1]["metadata"]
+            metadata["continue"] = _encode_continue(at, (last.get("namespace", ""), last["name"]))
+            if not query.get("labelSelector") and not query.get("fieldSelector"):
+                metadata["remainingItemCount"] = sum(
+                    1 for key in keys[scanned:] if selected.matches(objects[key])
+                )
         return {
             "kind": f"{target.kind.kind}List",
             "apiVersion": "v1",
-            "metadata": {"resourceVersion": str(self._store.resource_version)},
-            "items": items,
+            "metadata": metadata,
+            "items": [
+                {key: value for key, value in obj.items() if key not in ("kind", "apiVersion")}
+                for obj in items
+            ],
         }
 
     async def _create(

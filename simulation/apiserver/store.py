@@ -113,9 +113,32 @@ class Store:
         while len(self._history) > self._history_limit:
             self._history_floor = self._history.popleft().resource_version
         for watch in self.watches:
-            if watch.resource == resource:
+            # Only what the watch would send is queued for it, as the real watch cache hands a change
+            # only to the watchers it concerns: with a watch per kubelet, waking every one of them
+            # for every pod change cost more than the rest of the API together.
+            if watch.resource == resource and watch.event_for(change) is not None:
                 watch.push(change)
         return stored
+
+    def snapshot(self, resource: str, at: int) -> dict[tuple[str, str], JsonObject]:
+        """The objects of `resource` by (namespace, name) as they were at resourceVersion `at`, no
+        later than the current one: the current objects with every retained change after `at`
+        undone. 410 Expired when the retained history no longer reaches back to `at` (the real
+        API's compaction). The result is a new dict of the stored (never mutated) objects."""
+        if at < self._history_floor:
+            raise ApiError(410, f"too old resource version: {at} ({self._history_floor})", "Expired")
+        objects = dict(self.objects[resource])
+        for change in reversed(self._history):
+            if change.resource_version <= at:
+                break
+            if change.resource != resource:
+                continue
+            key = (change.obj["metadata"].get("namespace", ""), change.obj["metadata"]["name"])
+            if change.previous is None:  # created after `at`
+                objects.pop(key, None)
+            else:
+                objects[key] = change.previous
+        return objects
 
     def expire_history(self) -> None:
         self._history.clear()

@@ -28,7 +28,7 @@ accepts encodes and decodes again to the same envelope.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -601,9 +601,16 @@ class KubernetesStandIn:
         return any(e.involved_object.name == name and e.reason == reason for e in self.events)
 
 
-async def no_kubernetes_watch(api: object, list_function: object, on_relist: Any, on_event: object) -> None:
+async def no_kubernetes_watch(
+    api: object, list_function: object, on_relist: Any, on_event: object, **selectors: str
+) -> None:
     """`list_and_watch` for a cluster with no nodes and no pods: one empty list, then nothing."""
-    await on_relist([])
+
+    async def nothing() -> AsyncIterator[dict[str, Any]]:
+        return
+        yield
+
+    await on_relist(nothing())
     await anyio.sleep_forever()
 
 

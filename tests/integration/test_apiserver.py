@@ -279,6 +279,117 @@ async def test_field_selectors(core: Any) -> None:
     }
 
 
+async def page(core: Any, **options: Any) -> tuple[list[str], str, str | None, int | None]:
+    """One page of pods: the names, the list's resourceVersion, continue and remainingItemCount."""
+    listed = await core.list_namespaced_pod(NAMESPACE, **options)
+    names = [p.metadata.name for p in listed.items]
+    return (
+        names,
+        listed.metadata.resource_version,
+        listed.metadata._continue,
+        listed.metadata.remaining_item_count,
+    )
+
+
+async def test_a_limited_list_comes_in_pages_of_one_snapshot_whatever_is_written_meanwhile(
+    core: Any,
+) -> None:
+    for name in ("a", "b", "c", "d", "e"):
+        await core.create_namespaced_pod(NAMESPACE, pod(name))
+
+    first, version, token, remaining = await page(core, limit=2)
+    await core.delete_namespaced_pod("c", NAMESPACE)
+    await core.create_namespaced_pod(NAMESPACE, pod("bb"))
+    await core.patch_namespaced_pod("d", NAMESPACE, {"metadata": {"labels": {"changed": "yes"}}})
+    second = await core.list_namespaced_pod(NAMESPACE, limit=2, _continue=token)
+    third, third_version, end, none_left = await page(core, limit=2, _continue=second.metadata._continue)
+
+    assert (first, version, remaining) == (["a", "b"], "5", 3)
+    assert [p.metadata.name for p in second.items] == ["c", "d"]  # "c" deleted and "bb" created since
+    assert second.items[1].metadata.labels is None  # "d" as it was at resourceVersion 5
+    assert (second.metadata.resource_version, second.metadata.remaining_item_count) == ("5", 1)
+    assert (third, third_version, end, none_left) == (["e"], "5", None, None)
+    assert await page(core, limit=10) == (["a", "b", "bb", "d", "e"], "8", None, None)
+    assert await page(core) == (["a", "b", "bb", "d", "e"], "8", None, None)
+
+
+async def test_a_continue_token_older_than_the_history_gets_410_expired_with_an_inconsistent_token(
+    api: ApiServer, core: Any
+) -> None:
+    for name in ("a", "b", "c"):
+        await core.create_namespaced_pod(NAMESPACE, pod(name))
+    _, _, token, _ = await page(core, limit=1)
+    await core.delete_namespaced_pod("b", NAMESPACE)
+    api.expire_history()  # as etcd compacts: resourceVersion 3 is gone
+
+    with pytest.raises(ApiException) as expired:
+        await core.list_namespaced_pod(NAMESPACE, limit=1, _continue=token)
+
+    body = failure(expired.value)
+    assert (expired.value.status, body["reason"], body["code"]) == (410, "Expired", 410)
+    assert body["message"].startswith("The provided continue parameter is too old")
+    # The token it offers continues after "a" at the latest resourceVersion: "b" is gone from it.
+    assert await page(core, limit=1, _continue=body["metadata"]["continue"]) == (["c"], "4", None, None)
+    assert (await page(core, limit=1))[0:2] == (["a"], "4")  # a new list starts afresh
+
+
+async def test_a_paged_list_with_a_selector_may_end_on_an_empty_page_and_counts_nothing(core: Any) -> None:
+    for name, phase in (
+        ("a", "Running"),
+        ("b", "Succeeded"),
+        ("c", "Failed"),
+        ("d", "Running"),
+        ("e", "Failed"),
+    ):
+        await core.create_namespaced_pod(NAMESPACE, pod(name))
+        await core.patch_namespaced_pod_status(name, NAMESPACE, {"status": {"phase": phase}})
+    not_finished = "status.phase!=Succeeded,status.phase!=Failed"
+
+    first, _, token, remaining = await page(core, limit=1, field_selector=not_finished)
+    # b and c are scanned and filtered out on the way to d; e is still to scan after d
+    second, _, token_2, _ = await page(core, limit=1, field_selector=not_finished, _continue=token)
+    last = await page(core, limit=1, field_selector=not_finished, _continue=token_2)
+
+    assert (first, remaining) == (["a"], None)  # remainingItemCount is unknown with a selector
+    assert second == ["d"]
+    assert last == ([], "10", None, None)  # fewer items than the limit, down to none
+    assert (await page(core, limit=2, label_selector="absent!=x"))[0:4:3] == (["a", "b"], None)
+
+
+async def test_resource_version_semantics_of_a_limited_list(api: ApiServer, core: Any) -> None:
+    for name in ("a", "b", "c"):
+        await core.create_namespaced_pod(NAMESPACE, pod(name))
+    await core.delete_namespaced_pod("a", NAMESPACE)
+
+    # "0" means Any: served from the watch cache, which ignores the limit.
+    from_cache = await page(core, limit=1, resource_version="0")
+    # Another resourceVersion means Exact: that snapshot, in pages.
+    exact, version, token, remaining = await page(core, limit=1, resource_version="2")
+    rest = await page(core, limit=1, resource_version="0", _continue=token)  # "0" with a token: the token's
+    refusals = []
+    for options in (
+        {"resource_version": "2", "_continue": token},
+        {"_continue": "bm90IGEgdG9rZW4"},
+        {"resource_version": "99"},
+    ):
+        with pytest.raises(ApiException) as refused:
+            await core.list_namespaced_pod(NAMESPACE, limit=1, **options)
+        refusals.append((refused.value.status, failure(refused.value)["message"]))
+    api.expire_history()
+    with pytest.raises(ApiException) as too_old:
+        await core.list_namespaced_pod(NAMESPACE, limit=1, resource_version="2")
+
+    assert from_cache == (["b", "c"], "4", None, None)
+    assert (exact, version, remaining) == (["a"], "2", 1)
+    assert rest == (["b"], "2", None, None)
+    assert refusals == [
+        (400, "specifying resource version is not allowed when using continue"),
+        (400, "continue key is not valid: 'bm90IGEgdG9rZW4'"),
+        (504, "Too large resource version: 99, current: 4"),
+    ]
+    assert (too_old.value.status, failure(too_old.value)["reason"]) == (410, "Expired")
+
+
 async def test_watch_from_list_resource_version_sees_only_later_changes(core: Any) -> None:
     await core.create_namespaced_pod(NAMESPACE, pod("before"))
     listed = await core.list_namespaced_pod(NAMESPACE)

@@ -29,8 +29,10 @@ from events.nodes import GfdFacts, NodeObserved, NodeOptedOut, SliceOverused
 from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
 from events.vocabulary import RELEASED_TO_ANNOTATION, SLICE_GATE, OptInLabel, PodEventReason, RejectionRule
 from services.cli import build_parser
+from services.kit import watching as kit_watching
 from services.kit.kube import api_client
-from services.kit.watching import list_and_watch
+from services.kit.watching import Listing, list_and_watch
+from services.planner.core.state import ClusterState
 from services.pod_watcher.service import (
     DEFAULT_SETTINGS,
     OVERUSE_DURABLE,
@@ -500,6 +502,54 @@ async def test_a_restarted_watcher_publishes_the_deletion_of_a_pod_deleted_while
     assert deleted.name == "short-lived"
 
 
+async def test_a_pod_that_finishes_is_published_deleted_and_the_planner_frees_its_node(
+    bus: MemoryBus, broker: MemoryBroker, log: WatcherLog, api: client.ApiClient, core: Any
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    for name in ("done-before", "job"):
+        await core.create_namespaced_pod(NAMESPACE, slice_pod(name))
+        target = client.V1ObjectReference(kind="Node", name="a100-1")
+        binding = client.V1Binding(metadata=client.V1ObjectMeta(name=name), target=target)
+        await core.create_namespaced_pod_binding(name, NAMESPACE, binding, _preload_content=False)
+    await core.patch_namespaced_pod_status("done-before", NAMESPACE, {"status": {"phase": "Succeeded"}})
+    await core.patch_namespaced_pod_status("job", NAMESPACE, {"status": {"phase": "Running"}})
+
+    async with watching(bus, api):
+        running = await log.pod(PodObserved, "job")
+        # It leaves the watch's selection: the watch says DELETED, with the pod as it now is.
+        await core.patch_namespaced_pod_status("job", NAMESPACE, {"status": {"phase": "Succeeded"}})
+        finished = await log.pod(PodDeleted, "job")
+        await caught_up(core, log)
+
+    assert log.of_pod("done-before") == []  # finished before the list: never read
+    assert (running.phase, running.node) == ("Running", "a100-1")
+    assert finished == PodDeleted(namespace=NAMESPACE, name="job", uid=running.uid)
+    # What the planner makes of the pod's subject: a slice of a100-1 held, then none, nothing waiting.
+    state = ClusterState()
+    envelopes = [m.envelope() for m in broker.stored() if m.subject == subjects.pod_subject(NAMESPACE, "job")]
+    holders = []
+    for envelope in envelopes:
+        assert envelope is not None
+        state.apply(envelope)
+        holders.append({node: [pod.name for pod in pods] for node, pods in state.holders().items()})
+    assert holders == [{"a100-1": ["job"]}, {}]
+    assert state.waiting() == []
+
+
+async def test_a_restarted_watcher_publishes_the_deletion_of_a_pod_that_finished_while_it_was_down(
+    bus: MemoryBus, log: WatcherLog, api: client.ApiClient, core: Any
+) -> None:
+    await core.create_node(gpu_node("a100-1"))
+    await core.create_namespaced_pod(NAMESPACE, slice_pod("batch"))
+    async with watching(bus, api):
+        observed = await log.pod(PodObserved, "batch")
+    await core.patch_namespaced_pod_status("batch", NAMESPACE, {"status": {"phase": "Failed"}})
+    async with watching(bus, api):
+        deleted = await log.pod(PodDeleted, "batch")
+
+    assert deleted == PodDeleted(namespace=NAMESPACE, name="batch", uid=observed.uid)
+
+
 async def test_a_failed_first_list_is_retried_with_backoff(
     bus: MemoryBus,
     log: WatcherLog,
@@ -738,8 +788,8 @@ async def test_list_and_watch_resumes_after_the_last_change_it_delivered(
     changes: list[tuple[str, str]] = []
     relists: list[list[str]] = []
 
-    async def on_relist(items: list[dict[str, Any]]) -> None:
-        relists.append([item["metadata"]["name"] for item in items])
+    async def on_relist(items: Listing) -> None:
+        relists.append([item["metadata"]["name"] async for item in items])
 
     async def on_event(change: str, obj: dict[str, Any]) -> None:
         changes.append((change, obj["metadata"]["name"]))
@@ -760,6 +810,115 @@ async def test_list_and_watch_resumes_after_the_last_change_it_delivered(
 
     assert relists == [[]]
     assert changes == [("ADDED", "a"), ("ADDED", "b")]
+
+
+async def test_list_and_watch_reads_a_list_in_pages_of_one_snapshot_and_watches_from_it(
+    api: client.ApiClient, core: Any, apiserver: ApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kit_watching, "PAGE_SIZE", 2)
+    for name in ("a", "b", "c", "d", "e"):
+        await core.create_namespaced_pod(NAMESPACE, plain_pod(name))
+    listed: list[dict[str, Any]] = []
+    relists: list[list[str]] = []
+    changes: list[tuple[str, str]] = []
+
+    async def on_relist(items: Listing) -> None:
+        async for item in items:
+            listed.append(item)
+            if len(listed) == 1:  # while the list is read: changes it must not show, but the watch
+                await core.delete_namespaced_pod("d", NAMESPACE)
+                await core.create_namespaced_pod(NAMESPACE, plain_pod("bb"))
+                await core.patch_namespaced_pod("e", NAMESPACE, {"metadata": {"labels": {"late": "yes"}}})
+        relists.append([item["metadata"]["name"] for item in listed])
+
+    async def on_event(change: str, obj: dict[str, Any]) -> None:
+        changes.append((change, obj["metadata"]["name"]))
+
+    pods = client.CoreV1Api(api)
+    async with anyio.create_task_group() as group:
+        group.start_soon(lambda: list_and_watch(api, pods.list_pod_for_all_namespaces, on_relist, on_event))
+        await eventually(lambda: len(changes) == 3, "the changes made while listing", WAIT)
+        group.cancel_scope.cancel()
+
+    assert relists == [["a", "b", "c", "d", "e"]]
+    assert "labels" not in listed[-1]["metadata"]  # e as it was when the list began
+    assert {item["metadata"]["resourceVersion"] for item in listed} == {"1", "2", "3", "4", "5"}
+    assert changes == [("DELETED", "d"), ("ADDED", "bb"), ("MODIFIED", "e")]
+    assert verbs_on(apiserver, "list", "pods") == 3
+
+
+async def test_list_and_watch_lists_again_from_the_start_when_its_continue_token_expired(
+    api: client.ApiClient,
+    core: Any,
+    apiserver: ApiServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(kit_watching, "PAGE_SIZE", 2)
+    for name in ("a", "b", "c", "d", "e"):
+        await core.create_namespaced_pod(NAMESPACE, plain_pod(name))
+    relists: list[list[str]] = []
+    complete: list[list[str]] = []
+    changes: list[tuple[str, str]] = []
+
+    async def on_relist(items: Listing) -> None:
+        names: list[str] = []
+        relists.append(names)
+        async for item in items:
+            names.append(item["metadata"]["name"])
+            if len(relists) == 1 and len(names) == 2:  # the first page taken: its snapshot goes
+                await core.delete_namespaced_pod("c", NAMESPACE)
+                apiserver.expire_history()
+        complete.append(names)
+
+    async def on_event(change: str, obj: dict[str, Any]) -> None:
+        changes.append((change, obj["metadata"]["name"]))
+
+    pods = client.CoreV1Api(api)
+    with caplog.at_level(logging.INFO, logger="services.kit.watching"):
+        async with anyio.create_task_group() as group:
+            group.start_soon(
+                lambda: list_and_watch(api, pods.list_pod_for_all_namespaces, on_relist, on_event)
+            )
+            await eventually(lambda: bool(complete), "a complete list", WAIT)
+            await wait_watching(apiserver, "pods")
+            await core.create_namespaced_pod(NAMESPACE, plain_pod("f"))
+            await eventually(lambda: bool(changes), "pod f added", WAIT)
+            group.cancel_scope.cancel()
+
+    assert relists == [["a", "b"], ["a", "b", "d", "e"]]
+    assert complete == [["a", "b", "d", "e"]]
+    assert changes == [("ADDED", "f")]  # c's deletion came before the list it watches from
+    assert verbs_on(apiserver, "list", "pods") == 4  # page 1, page 2 (410), then pages 1 and 2 again
+    assert "history expired (410" in caplog.text
+
+
+async def test_list_and_watch_delivers_a_watch_event_that_comes_in_many_reads(
+    api: client.ApiClient, core: Any
+) -> None:
+    relisted = anyio.Event()
+    changes: list[dict[str, Any]] = []
+
+    async def on_relist(items: Listing) -> None:
+        async for _ in items:
+            pass
+        relisted.set()
+
+    async def on_event(change: str, obj: dict[str, Any]) -> None:
+        changes.append(obj)
+
+    large = plain_pod("large")
+    large.metadata.annotations = {"example.com/blob": "x" * 1_000_000}  # about the largest etcd keeps
+    pods = client.CoreV1Api(api)
+    async with anyio.create_task_group() as group:
+        group.start_soon(lambda: list_and_watch(api, pods.list_pod_for_all_namespaces, on_relist, on_event))
+        with anyio.fail_after(WAIT):
+            await relisted.wait()
+        await core.create_namespaced_pod(NAMESPACE, large)
+        await eventually(lambda: bool(changes), "the large pod added", WAIT)
+        group.cancel_scope.cancel()
+
+    assert len(changes[0]["metadata"]["annotations"]["example.com/blob"]) == 1_000_000
 
 
 # --- the command line ---------------------------------------------------------------------------

@@ -4,9 +4,10 @@ Each test plays one workload of pod and node changes through a fault-free client
 and label changes, deletions, nodes opting in and out, nodes deleted) while the emulator injects one
 kind of fault into the watcher's own requests (its token only), then all of them together, and checks
 that the bus ends with exactly the right level for every pod and node: the last message of each
-slice pod is its current state in the API (same uid, resourceVersion and phase) or its deletion, of
-each node its current `NodeObserved` or its opt-out, and nothing at all for a plain pod, a node never
-opted in, or a name that never existed. The workload goes on (40 changes at least) until every kind
+slice pod is its current state in the API (same uid, resourceVersion and phase) or its deletion (for
+a finished pod, its deletion or nothing: it left the watch's selection), of each node its current
+`NodeObserved` or its opt-out, and nothing at all for a plain pod, a node never opted in, or a name
+that never existed. The workload goes on (40 changes at least) until every kind
 of fault the test is about has fired. From the emulator's request log it also checks how the
 watcher met each fault: after a 429 its next request came no sooner than `Retry-After`, after a 500
 no sooner than the first backoff, and it listed again after a 410 and only then (a dropped watch was
@@ -197,6 +198,11 @@ def wrong_levels(api: ApiServer, log: MemoryLog, workload: Workload) -> list[str
         elif not asks_for_a_slice:
             if levels:
                 problems.append(f"pod {name} asks for no slice; published {levels!r}")
+        elif current["status"]["phase"] in ("Succeeded", "Failed"):  # it left the watch's selection
+            if last is not None and last != PodDeleted(
+                namespace=NAMESPACE, name=name, uid=current["metadata"]["uid"]
+            ):
+                problems.append(f"pod {name} finished; last level {last!r}")
         elif not (
             isinstance(last, PodObserved)
             and (last.uid, last.resource_version, last.phase)
