@@ -206,7 +206,9 @@ async def one_round(pods: int, nodes: int, concurrency: int) -> Round:
             if name in ("pod-watcher", "planner", "config-publisher", "admission-webhook")
         }
         cpu_before = {name: cpu_seconds(pid) for name, pid in services.items()}
-        stream_before = (await cluster.bus.js.stream_info(subjects.STREAM)).state.last_seq
+        planner_before = (
+            await cluster.bus.js.consumer_info(subjects.STREAM, "planner")
+        ).delivered.consumer_seq
 
         async def collect() -> None:
             async for message in observed.messages:
@@ -230,10 +232,9 @@ async def one_round(pods: int, nodes: int, concurrency: int) -> Round:
                 await poll(lambda: len(measured.observed_at) >= pods, 0.05)
                 while measured.planned_all is None or measured.planner_caught_up is None:
                     info = await cluster.bus.js.consumer_info(subjects.STREAM, "planner")
-                    last = (await cluster.bus.js.stream_info(subjects.STREAM)).state.last_seq
-                    if measured.planner_caught_up is None and info.ack_floor.stream_seq >= last:
+                    if measured.planner_caught_up is None and not (info.num_pending or info.num_ack_pending):
                         measured.planner_caught_up = time.monotonic()
-                        measured.planner_events = last - stream_before
+                        measured.planner_events = info.delivered.consumer_seq - planner_before
                     if measured.planned_all is None and await planner_pods(session, planner_port) >= pods:
                         measured.planned_all = time.monotonic()
                     await anyio.sleep(0.05)

@@ -6,7 +6,9 @@ virtual time). One behavioural suite (`tests/contract/test_bus_contract.py`) hol
 same rules:
 
 - `publish` stores a message once per `message_id` (within the de-duplication window) and
-  returns its stream sequence; a publish retried after a failure is harmless.
+  returns its stream sequence; a publish retried after a failure is harmless. `publish_soon` sends
+  at once and lets the caller wait for the stream's word later: messages sent one after the other
+  are stored in that order.
 - A consumer hands each message to its handler and acks only after the handler returned, so an
   effect is never lost; a handler that raises `TransientError` gets the message again after the
   error's delay; one that raises `PermanentError` (or gets a message that does not decode) has it
@@ -183,6 +185,15 @@ class RevisionConflictError(Exception):
     """A compare-and-set write lost: the key is not at the revision the writer read."""
 
 
+class Publishing(Protocol):
+    """An event sent by `Bus.publish_soon`, not yet known to be stored."""
+
+    async def stored(self) -> int:
+        """Its stream sequence once the stream stored it; BusUnavailableError when it did not say so
+        in time (it may or may not be stored: publishing it again with its id stores it once)."""
+        ...
+
+
 class ConfigStore(Protocol):
     """The node-config bucket: one desired config per node, written by compare-and-set."""
 
@@ -211,6 +222,13 @@ class Bus(Protocol):
     ) -> int:
         """Publish one event; its stream sequence. The same `message_id` is stored once.
         Raises BusUnavailableError when the bus cannot be reached."""
+        ...
+
+    async def publish_soon(self, subject: str, event: Event, *, message_id: str | None = None) -> Publishing:
+        """Send one event now, in call order, without waiting for the stream to store it: `stored()`
+        of what it returns waits for that (its stream sequence, or BusUnavailableError). A publisher
+        with many events keeps several in flight and must wait for each before it counts it as
+        published. Raises BusUnavailableError when it cannot even be sent."""
         ...
 
     async def publish_bytes(self, subject: str, data: bytes, *, message_id: str | None = None) -> int:

@@ -17,6 +17,7 @@ This module never decides anything about GPUs; it moves envelopes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -51,6 +52,8 @@ from events.tracing import inject, publishing
 log = logging.getLogger(__name__)
 
 RECONNECT_WAIT = 0.5
+PUBLISH_TIMEOUT_S = 5.0
+"""How long a publish waits to be sent (a full window) or acknowledged before the bus counts as down."""
 """Seconds between the NATS client's reconnect attempts, and so before a fetch that failed for
 connection trouble is tried again (the failure policy: services/kit/retry.py)."""
 READER_IDLE_S = 60.0
@@ -200,11 +203,33 @@ class EventBus:
         with publishing(subject, event.kind, envelope_id, event):
             headers = inject({"Nats-Msg-Id": envelope_id})
             try:
-                ack = await self.js.publish(subject, encode(envelope), headers=headers, timeout=5)
+                ack = await self.js.publish(
+                    subject, encode(envelope), headers=headers, timeout=PUBLISH_TIMEOUT_S
+                )
             except (nats.errors.Error, TimeoutError) as error:
                 raise BusUnavailableError(f"{type(error).__name__}: {error}") from error
         self.published += 1
         return ack.seq
+
+    async def publish_soon(
+        self, subject: str, event: Event, *, message_id: str | None = None
+    ) -> InFlightPublish:
+        """`publish` without waiting for the stream's acknowledgement: NATS keeps one connection's
+        messages in the order they were sent, so events sent one after the other are stored in that
+        order; `stored()` waits for the acknowledgement, up to `PUBLISH_TIMEOUT_S`."""
+        when = datetime.now(UTC)
+        envelope_id = message_id or content_id(subject, event.model_dump_json(), when.isoformat())
+        envelope = Envelope(id=envelope_id, time=when, source=self.source, event=event)
+        with publishing(subject, event.kind, envelope_id, event):
+            headers = inject({"Nats-Msg-Id": envelope_id})
+            try:
+                acknowledged = await self.js.publish_async(
+                    subject, encode(envelope), headers=headers, wait_stall=PUBLISH_TIMEOUT_S
+                )
+            except (nats.errors.Error, TimeoutError) as error:
+                raise BusUnavailableError(f"{type(error).__name__}: {error}") from error
+        self.published += 1
+        return InFlightPublish(acknowledged)
 
     async def publish_bytes(self, subject: str, data: bytes, *, message_id: str | None = None) -> int:
         headers = {"Nats-Msg-Id": message_id} if message_id is not None else None
@@ -406,6 +431,21 @@ class _Received:
 
     async def term(self) -> None:
         await self.message.term()
+
+
+@dataclass(frozen=True)
+class InFlightPublish:
+    """A message `EventBus.publish_soon` sent, and the stream's acknowledgement to come."""
+
+    acknowledgement: asyncio.Future[api.PubAck]
+
+    async def stored(self) -> int:
+        try:
+            with anyio.fail_after(PUBLISH_TIMEOUT_S):
+                ack = await self.acknowledgement
+        except (nats.errors.Error, TimeoutError) as error:
+            raise BusUnavailableError(f"{type(error).__name__}: {error}") from error
+        return ack.seq
 
 
 def _decodable(messages: list[Msg]) -> list[Envelope]:

@@ -242,6 +242,17 @@ class _Handed:
         self._consumer.deliveries.pop(self._message.sequence, None)
 
 
+@dataclass(frozen=True)
+class StoredAlready:
+    """What `MemoryBus.publish_soon` returns: a message the in-memory stream already stored."""
+
+    sequence: int
+
+    async def stored(self) -> int:
+        await anyio.lowlevel.checkpoint()
+        return self.sequence
+
+
 class MemoryBus:
     """One service's connection to a `MemoryBroker`; implements `events.bus.Bus`."""
 
@@ -261,6 +272,12 @@ class MemoryBus:
         self.published += 1
         await anyio.lowlevel.checkpoint()
         return sequence
+
+    async def publish_soon(
+        self, subject: str, event: Event, *, message_id: str | None = None
+    ) -> StoredAlready:
+        """`publish`: the in-memory stream stores at once, so there is nothing left to wait for."""
+        return StoredAlready(await self.publish(subject, event, message_id=message_id))
 
     async def publish_bytes(self, subject: str, data: bytes, *, message_id: str | None = None) -> int:
         sequence = self.broker.store(subject, data, {"Nats-Msg-Id": message_id} if message_id else {})

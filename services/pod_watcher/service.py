@@ -1,21 +1,23 @@
 """The pod watcher: the planner's eyes on the cluster, and the voice that tells users why.
 
-It lists and watches nodes and pods, publishes the level of every opted-in node and of every
-pod that asks for a slice, and after a relist publishes the deletion of what vanished
-meanwhile. A pod that breaks a rule gets one Warning Event naming the rule; a pod the planner
-cannot place yet gets one Event with the planner's reason. Events have names derived from the
-pod and the reason, so a restart or a redelivery never posts the same Event twice. A gated pod
-the planner released gets its gate lifted and is pinned to its node in one patch (`gate.py`), and
-an Event that says so. A pod whose processes a node agent found using more GPU memory than its slice
-gets a Warning Event with the figures. What opts a node in and what an MPS client pod needs come from
-`WatcherSettings` (`mpsflow run pod-watcher` flags). Its Kubernetes API use is exactly what
-`k8s/base/pod-watcher.yaml` grants: list and watch of pods and nodes, get and patch of pods, create
-of events (audited by tests/e2e/test_rbac.py).
+It lists and watches nodes and the pods not finished (`UNFINISHED_PODS`), publishes the level of
+every opted-in node and of every pod that asks for a slice, the deletion of one that is deleted or
+finishes, and after a relist the deletion of what vanished meanwhile. A pod that breaks a rule gets
+one Warning Event naming the rule; a pod the planner cannot place yet gets one Event with the
+planner's reason. Events have names derived from the pod and the reason, so a restart or a
+redelivery never posts the same Event twice. A gated pod the planner released gets its gate lifted
+and is pinned to its node in one patch (`gate.py`), and an Event that says so. A pod whose processes
+a node agent found using more GPU memory than its slice gets a Warning Event with the figures. What
+opts a node in and what an MPS client pod needs come from `WatcherSettings` (`mpsflow run
+pod-watcher` flags). Its Kubernetes API use is exactly what `k8s/base/pod-watcher.yaml` grants: list
+and watch of pods and nodes, get and patch of pods, create of events (audited by
+tests/e2e/test_rbac.py).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,8 +28,8 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from events import subjects
-from events.bus import Bus, Delivery, TransientError
-from events.envelope import content_id
+from events.bus import Bus, Delivery, Publishing, TransientError
+from events.envelope import Event, content_id
 from events.metrics import PODS_REJECTED, PODS_RELEASED
 from events.nodes import NodeObserved, NodeOptedOut, SliceOverused
 from events.pods import PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
@@ -41,7 +43,7 @@ from events.vocabulary import (
     RejectionRule,
 )
 from services.kit.retry import CONFLICT, KUBERNETES_EVENT, retrying
-from services.kit.watching import as_json, list_and_watch, refused
+from services.kit.watching import Listing, as_json, list_and_watch, refused
 from services.pod_watcher.gate import release_patch
 from services.pod_watcher.translate import (
     DEFAULT_CLIENT_RULES,
@@ -58,6 +60,14 @@ COMPONENT = "mpsflow-pod-watcher"
 UNPLACED_DURABLE = "pod-watcher-unplaced"
 RELEASE_DURABLE = "pod-watcher-release"
 OVERUSE_DURABLE = "pod-watcher-overuse"
+UNFINISHED_PODS = "status.phase!=Succeeded,status.phase!=Failed"
+IN_FLIGHT = 256
+"""Pod events sent and not yet known to be stored: a burst goes out at the pace of the connection,
+not one acknowledgement at a time."""
+CONFIRM_PERIOD_S = 0.1
+"""How often the watcher makes sure what it sent was stored, while no burst fills `IN_FLIGHT`."""
+"""The pods it lists and watches: a pod that finished holds no slice, and is never seen again (the
+API serves the selection, so that no finished pod of a large cluster is read or kept)."""
 RELEASE_MAX_DELIVER = 300
 """Deliveries of a release before it is dead-lettered: with the bus's 15 s between late tries (or a
 429's Retry-After), over an hour of an API that refuses."""
@@ -86,6 +96,7 @@ class PodWatcherService:
         self.core = client.CoreV1Api(api)
         self.nodes: dict[str, NodeObserved] = {}
         self.pods: dict[str, str] = {}  # pod key -> uid, for pods we published
+        self._in_flight: deque[Publishing] = deque()  # pod events sent, not yet known to be stored
         self.too_large: dict[str, dict[str, Any]] = {}  # rejected only for their size: checked again
         self.on_caught_up: Callable[[], None] = lambda: None
         """Called after the first complete list of pods has been published (it is ready)."""
@@ -110,9 +121,9 @@ class PodWatcherService:
         await self.recall()
         first_list = anyio.Event()
 
-        async def relist_nodes(items: list[dict[str, Any]]) -> None:
+        async def relist_nodes(items: Listing) -> None:
             seen = set()
-            for item in items:
+            async for item in items:
                 seen.add(item["metadata"]["name"])
                 await self.node_changed("MODIFIED", item)
             for gone in sorted(set(self.nodes) - seen):
@@ -120,13 +131,18 @@ class PodWatcherService:
             first_list.set()
 
         async with anyio.create_task_group() as group:
+            group.start_soon(self.confirm_forever)
             group.start_soon(
                 lambda: list_and_watch(self.api, self.core.list_node, relist_nodes, self.node_changed)
             )
             await first_list.wait()
             group.start_soon(
                 lambda: list_and_watch(
-                    self.api, self.core.list_pod_for_all_namespaces, self.relist_pods, self.pod_changed
+                    self.api,
+                    self.core.list_pod_for_all_namespaces,
+                    self.relist_pods,
+                    self.pod_changed,
+                    field_selector=UNFINISHED_PODS,
                 )
             )
             group.start_soon(
@@ -186,14 +202,15 @@ class PodWatcherService:
         self.nodes.pop(name, None)
         await self.bus.publish(subjects.node_subject(name), NodeOptedOut(name=name, reason=reason))
 
-    async def relist_pods(self, items: list[dict[str, Any]]) -> None:
+    async def relist_pods(self, items: Listing) -> None:
         present = set()
-        for item in items:
+        async for item in items:
             present.add(_pod_key(item))
             await self.pod_changed("MODIFIED", item)
         for key in sorted(set(self.pods) - present):
             namespace, name = key.split("/", 1)
             await self._deleted(namespace, name, self.pods[key])
+        await self.confirm()  # caught up means stored
         if not self._listed_pods:
             self._listed_pods = True
             self.on_caught_up()
@@ -202,6 +219,11 @@ class PodWatcherService:
         key = _pod_key(pod)
         self.too_large.pop(key, None)
         if change == "DELETED":
+            # Deleted, or finished: the watch selects UNFINISHED_PODS, so a pod that turns Succeeded
+            # or Failed arrives as DELETED, as it now is. PodDeleted is right for it too: a finished
+            # pod holds no slice and waits for none (`PodObserved.holder_node`, `waits_for_slice`),
+            # so the planner plans alike from both, and the slice is reused only once its node's
+            # report says no container holds it (architecture §3.7), whichever the pod watcher said.
             if key in self.pods:
                 namespace, name = key.split("/", 1)
                 uid = (pod.get("metadata") or {}).get("uid")
@@ -215,10 +237,10 @@ class PodWatcherService:
         if event is None:
             return
         self.pods[key] = event.uid
-        await self.bus.publish(
+        await self._send(
             subjects.pod_subject(event.namespace, event.name),
             event,
-            message_id=content_id(event.uid, event.resource_version, event.model_dump_json()),
+            content_id(event.uid, event.resource_version, event.model_dump_json()),
         )
         if isinstance(event, PodRejected):
             PODS_REJECTED.labels(event.reason).inc()
@@ -240,11 +262,30 @@ class PodWatcherService:
 
     async def _deleted(self, namespace: str, name: str, uid: str) -> None:
         self.pods.pop(f"{namespace}/{name}", None)
-        await self.bus.publish(
+        await self._send(
             subjects.pod_subject(namespace, name),
             PodDeleted(namespace=namespace, name=name, uid=uid),
-            message_id=f"{uid}/deleted",
+            f"{uid}/deleted",
         )
+
+    async def _send(self, subject: str, event: Event, message_id: str) -> None:
+        """Send a pod's event without waiting for the stream to store it, up to `IN_FLIGHT` at once
+        (one pod's events stay in order: they go out in order on one connection). `confirm_forever`
+        waits for them; one that is not stored raises there and stops the watcher, whose next start
+        lists every pod again, as a failed publish always did."""
+        self._in_flight.append(await self.bus.publish_soon(subject, event, message_id=message_id))
+        if len(self._in_flight) > IN_FLIGHT:
+            await self._in_flight.popleft().stored()
+
+    async def confirm(self) -> None:
+        """Return once every pod event sent so far is stored (BusUnavailableError if one is not)."""
+        while self._in_flight:
+            await self._in_flight.popleft().stored()
+
+    async def confirm_forever(self) -> None:
+        while True:
+            await self.confirm()
+            await anyio.sleep(CONFIRM_PERIOD_S)
 
     async def unplaced(self, delivery: Delivery) -> None:
         event = delivery.envelope.event

@@ -107,6 +107,19 @@ async def test_the_same_message_id_is_stored_once(any_bus: Bus) -> None:
     assert len(await any_bus.everything(subjects.POD_EVENTS)) == 2
 
 
+async def test_events_sent_without_waiting_are_stored_in_the_order_sent_once_per_id(any_bus: Bus) -> None:
+    sent = [  # three pods, 50 events each (the stream keeps 64 a subject)
+        await any_bus.publish_soon(pod(f"p{n % 3}"), deleted(f"a{n % 150}"), message_id=f"uid/{n % 150}")
+        for n in range(300)
+    ]
+    sequences = [await publishing.stored() for publishing in sent]
+
+    assert sequences[:150] == sorted(sequences[:150]) and len(set(sequences[:150])) == 150
+    assert sequences[150:] == sequences[:150]  # sent again with the same ids: stored once
+    stored = await any_bus.everything(subjects.POD_EVENTS)
+    assert [e.event.name for e in stored if isinstance(e.event, PodDeleted)] == [f"a{n}" for n in range(150)]
+
+
 async def test_an_unexpected_failure_is_handed_again_then_acked(any_bus: Bus) -> None:
     await any_bus.publish(pod("a"), deleted("a"))
     await any_bus.publish(pod("b"), deleted("b"))

@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             command = [sys.executable, "-m", "pytest", "tests/fuzz", "-q", f"--hypothesis-seed={seed}"]
             done = subprocess.run(command, check=False, env=environment, capture_output=True, text=True)
             if done.returncode != 0:
-                print(done.stdout[-6000:], done.stderr[-2000:], sep="\n")
+                kept = Path(tempfile.mkdtemp(prefix="mpsflow-fuzz-failed-")) / f"round-{number + 1}.log"
+                kept.write_text(done.stdout + done.stderr)
+                summary = [line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+                print(*summary, f"round {number + 1} failed; its whole output: {kept}", sep="\n")
                 return done.returncode
         for line in tally.read_text().splitlines():
             for boundary, counts in json.loads(line).items():
