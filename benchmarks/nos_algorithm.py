@@ -184,32 +184,57 @@ class NosNode:
 
 
 class _ClusterSnapshot:
-    """`clusterSnapshot`: committed data, an optional fork, cluster-wide lacking slices."""
+    """`clusterSnapshot`: committed data, cluster-wide lacking slices, and the fork of one main-loop
+    step, in which only the candidate node differs from the committed data.
+
+    nos forks by copying every node, and adds up every node's allocatable and requested slices for
+    every pod it tries. Here a fork copies only the candidate node (the only one a step changes),
+    and the committed sums are kept up to date as nodes change, so that a lacking check costs the
+    same whatever the cluster's size. What it decides is unchanged, object aliasing included: a
+    node updated in place while it was still in the committed data (no step had committed yet)
+    stays updated there when its step is reverted.
+    """
 
     def __init__(self, nodes: dict[str, NosNode]) -> None:
         self.data = nodes
-        self.forked: dict[str, NosNode] | None = None
+        self.committed = False  # until a step commits, the committed nodes are the candidates themselves
+        self.allocatable: Counter[int] = Counter()
+        self.requested: Counter[int] = Counter()
+        for node in nodes.values():
+            self._count(node, 1)
+        self.candidate: NosNode | None = None  # the fork: the node in the data ...
+        self.target: NosNode | None = None  # ... and the one in its place
 
-    def nodes(self) -> dict[str, NosNode]:
-        return self.forked if self.forked is not None else self.data
+    def _count(self, node: NosNode, sign: int) -> None:
+        for size, quantity in node.allocatable.items():
+            self.allocatable[size] += sign * quantity
+        for size, quantity in node.requested.items():
+            self.requested[size] += sign * quantity
 
-    def fork(self) -> None:
-        self.forked = {name: node.clone() for name, node in self.nodes().items()}
+    def fork(self, before: NosNode, target: NosNode) -> None:
+        """A step on the node that was `before` in the data, which is `target` in the fork."""
+        self.candidate, self.target = before, target
 
-    def commit(self) -> None:
-        if self.forked is not None:
-            self.data, self.forked = self.forked, None
-
-    def revert(self) -> None:
-        self.forked = None
-
-    def set_node(self, node: NosNode) -> None:
-        self.nodes()[node.name] = node
+    def end(self, name: str, node: NosNode, keep: bool) -> None:
+        """End the step on `name` (whose candidate object is `node`): commit it or revert it."""
+        assert self.candidate is not None and self.target is not None
+        self._count(self.candidate, -1)
+        if keep:
+            self.data[name] = self.target
+            self.committed = True
+        else:
+            # Reverted: the data keeps its own node, which is `node` itself (updated in place) as
+            # long as no step has committed; a commit put copies in the data.
+            self.data[name] = self.candidate if self.committed else node
+        self._count(self.data[name], 1)
+        self.candidate = self.target = None
 
     def lacking(self, size: int) -> int:
         """`GetLackingSlices` for a pod asking for one slice of `size`: 1 or 0."""
-        allocatable = sum(n.allocatable.get(size, 0) for n in self.nodes().values())
-        requested = sum(n.requested.get(size, 0) for n in self.nodes().values())
+        allocatable, requested = self.allocatable[size], self.requested[size]
+        if self.candidate is not None and self.target is not None:
+            allocatable += self.target.allocatable.get(size, 0) - self.candidate.allocatable.get(size, 0)
+            requested += self.target.requested.get(size, 0) - self.candidate.requested.get(size, 0)
         available = max(0, allocatable - requested)
         return max(0, 1 - available)
 
@@ -269,28 +294,25 @@ def plan_geometry(nodes: Sequence[Node], pods: Sequence[PendingPod]) -> dict[str
         return state
     ordered = sort_pods(candidates)
     candidate_nodes = sorted(
-        (n for n in snapshot.nodes().values() if n.has_free_capacity()), key=lambda n: n.name
+        (n for n in snapshot.data.values() if n.has_free_capacity()), key=lambda n: n.name
     )
     for node in candidate_nodes:
         if not tracker.lacking:
             return state
-        snapshot.fork()
-        if node.update_geometry_for(tracker.lacking):
-            snapshot.set_node(node)
+        before = node.clone()  # the node as the data has it; nos's fork copies it
+        target = node if node.update_geometry_for(tracker.lacking) else before
+        snapshot.fork(before, target)
         added = 0
         for pod in ordered:
             if snapshot.lacking(pod.size_gb) > 0:
                 continue
-            target = snapshot.nodes()[node.name]
             if not target.fits(pod.size_gb) or not target.add_pod(pod.size_gb):
                 continue
             state[node.name] = [g.geometry() for g in node.gpus]
             tracker.remove(pod)
             added += 1
-        if added == 0:
-            snapshot.revert()
-        else:
-            snapshot.commit()
+        # A reverted step added no pod, so `before` is unchanged even when it was the target.
+        snapshot.end(node.name, node, keep=added > 0)
     return state
 
 

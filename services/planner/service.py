@@ -3,11 +3,23 @@
 On start it rebuilds its state from the last message of every subject it reads (its durable
 consumer is recreated at "last per subject"): pods, nodes, GPU reports, what node agents applied
 or refused, and its own node layouts and pod releases, so a restart loses nothing; and the last
-plan it published, so that it does not publish the same plan again. Every decision,
+plan it published, so that it does not publish the same plan again. It pauses Python's cyclic
+garbage collector while it catches up and while it decides (`collector`): at cluster scale the
+collector going through the state it folds took most of a restart's time. Every decision,
 down to each message's subject and id, is the core's (`Planner` in `core/step.py`, which
 `mpsflow replay` drives too): this shell observes events, asks for a step when woken, publishes
 the step's messages and reports them published. It never decides, never talks to Kubernetes or
 to a GPU, and reads the clock only to tell the core what time it is.
+
+Why it folds the streams on start rather than loading a snapshot of its folded state from a KV
+bucket: the streams already hold exactly that state (the last message of every subject), so a
+snapshot would be a second copy of it, with a schema of its own to version, a bucket the planner
+would write, and a consumer started at the snapshot's stream position instead of at the last
+message of each subject, which could leave the two disagreeing after a crash between them. And
+it would save little: loading a snapshot of the same pods and reports costs much of what
+decoding their messages does, and at 2,000 nodes and 20,000 pending pods the whole fold takes
+about a third of a second once the collector is out of the way, the first decision about half
+a second (`benchmarks/planner_scale.py` prints both).
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from datetime import UTC, datetime
 
 from opentelemetry.trace import Link
@@ -34,6 +47,7 @@ from events.tracing import link_to, pods_attribute, tracer
 from events.vocabulary import MIB_PER_GIB
 from services.kit.retry import BUS, retrying
 from services.kit.signal import Wakeup
+from services.planner.collector import collector_paused, settle
 from services.planner.core.figures import REASON_CLASSES, plan_figures
 from services.planner.core.state import PlannerSettings, PublishPlan
 from services.planner.core.step import Planner, Step
@@ -60,6 +74,8 @@ class PlannerService:
         self.clock = clock
         self._wakeup = Wakeup()
         self._caught_up = False
+        self._catching_up = ExitStack()  # the collector's pause from start until caught up and decided
+        self._settled = False
         self._links: list[Link] = []
         self.on_caught_up: Callable[[], None] = lambda: None
         """Called once, when the state is rebuilt and the planner decides from it (it is ready)."""
@@ -85,6 +101,14 @@ class PlannerService:
             self._wakeup.set()
 
     async def consume(self) -> None:
+        if not self._settled:
+            self._catching_up.enter_context(collector_paused())
+        try:
+            await self._consume()
+        finally:
+            self._catching_up.close()
+
+    async def _consume(self) -> None:
         for envelope in await self.bus.current_levels(subjects.plan_subject()):
             if isinstance(envelope.event, PlanComputed):
                 self.core.recall_plan(envelope.event.plan_id)
@@ -125,16 +149,26 @@ class PlannerService:
         is due then."""
         if not self._caught_up:
             return False, None
-        now = self.clock()
-        started = time.perf_counter()
-        step = self.core.step(now)
+        with collector_paused():
+            now = self.clock()
+            started = time.perf_counter()
+            step = self.core.step(now)
+            if step.decision is not None:
+                DECISION_SECONDS.labels(self.core.last_plan_mode).observe(time.perf_counter() - started)
+                await self._publish(step, step.decision)
+        self._settle()
         if step.decision is not None:
-            DECISION_SECONDS.labels(self.core.last_plan_mode).observe(time.perf_counter() - started)
-            await self._publish(step, step.decision)
             return True, None
         if step.wake_at is not None:
             return False, max(0.0, (step.wake_at - now).total_seconds())
         return False, None
+
+    def _settle(self) -> None:
+        """Once caught up and decided: let the collector run again, and exempt the state folded so far."""
+        if not self._settled:
+            self._settled = True
+            self._catching_up.close()
+            settle()
 
     async def _publish(self, step: Step, decision: PublishPlan) -> None:
         """Publish the step's messages in order, then tell the core they are out. Every message has

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime
+from functools import lru_cache
+from json.encoder import encode_basestring_ascii
 from typing import Annotated, Any, cast
 
 from pydantic import (
@@ -35,7 +37,16 @@ from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict  # pydantic asks for it before Python 3.12
 
 from events.vocabulary import is_opted_in
-from services.planner.core.model import Gpu, Node, PendingPod, PlanResult, Slice, max_slices_for
+from services.planner.collector import collector_paused
+from services.planner.core.model import (
+    SHARED_SLICES,
+    Gpu,
+    Node,
+    PendingPod,
+    PlanResult,
+    Slice,
+    max_slices_for,
+)
 
 
 class SnapshotError(ValueError):
@@ -143,13 +154,16 @@ class _Gpu(TypedDict):
     slices: Annotated[list[_Slice], Field(default_factory=list)]
 
 
+_max_slices = lru_cache(maxsize=256)(max_slices_for)  # a cluster has a handful of GPU models
+
+
 def _planner_gpu(gpu: _Gpu) -> Gpu:
     return Gpu(
         index=gpu["index"],
         model=gpu["model"],
         memory_mib=gpu["memory_mib"],
-        slices=tuple(Slice(size_gb=s["size_gb"], used=s["used"]) for s in gpu["slices"]),
-        max_slices=max_slices_for(gpu["model"]),
+        slices=tuple([SHARED_SLICES[s["size_gb"], s["used"]] for s in gpu["slices"]]),
+        max_slices=_max_slices(gpu["model"]),
     )
 
 
@@ -232,7 +246,16 @@ def _snapshot_error(error: ValidationError) -> SnapshotError:
 
 
 def parse_snapshot(text: str) -> tuple[list[Node], list[PendingPod]]:
-    """The opted-in nodes and the pending pods of a snapshot, or SnapshotError naming the field."""
+    """The opted-in nodes and the pending pods of a snapshot, or SnapshotError naming the field.
+
+    Python's cyclic garbage collector is paused meanwhile (`collector`): parsing builds hundreds of
+    thousands of objects at cluster scale, none in a cycle, that it would go through again and again.
+    """
+    with collector_paused():
+        return _parse_snapshot(text)
+
+
+def _parse_snapshot(text: str) -> tuple[list[Node], list[PendingPod]]:
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:
@@ -297,5 +320,42 @@ def plan_document(result: PlanResult) -> dict[str, Any]:
 
 def render_plan(result: PlanResult, indent: int | None = None) -> str:
     """The plan as JSON text: compact by default (fast at cluster scale), indented on request."""
-    separators = (",", ": ") if indent is not None else (",", ":")
-    return json.dumps(plan_document(result), indent=indent, separators=separators) + "\n"
+    if indent is None:
+        with collector_paused():
+            return _compact(result) + "\n"
+    return json.dumps(plan_document(result), indent=indent, separators=(",", ": ")) + "\n"
+
+
+_BOOLEAN = {False: "false", True: "true"}
+
+
+def _compact(result: PlanResult) -> str:
+    """`json.dumps(plan_document(result), separators=(",", ":"))`, the same text, written out
+    directly: a plan at cluster scale has a hundred thousand slices, and building a dict for each
+    to hand to `json` took as long as the rest of the rendering."""
+    quoted = encode_basestring_ascii
+    nodes = ",".join(
+        f'{quoted(node)}:{{"gpus":{{{_gpus_text(gpus)}}}}}' for node, gpus in sorted(result.layouts.items())
+    )
+    placed = ",".join(
+        f'{quoted(key)}:{{"node":{quoted(p.node)},"gpu":{int(p.gpu)},"size_gb":{int(p.size_gb)}}}'
+        for key, p in sorted(result.placed.items())
+    )
+    unplaced = ",".join(f"{quoted(key)}:{quoted(reason)}" for key, reason in sorted(result.unplaced.items()))
+    text = f'{{"nodes":{{{nodes}}},"placed":{{{placed}}},"unplaced":{{{unplaced}}}'
+    if result.excluded_nodes:
+        excluded = ",".join(
+            f"{quoted(node)}:{quoted(reason)}" for node, reason in sorted(result.excluded_nodes.items())
+        )
+        text += f',"excluded_nodes":{{{excluded}}}'
+    return text + "}"
+
+
+def _gpus_text(gpus: dict[int, tuple[Slice, ...]]) -> str:
+    return ",".join(
+        f'"{int(index)}":[{",".join(map(_slice_text, slices))}]' for index, slices in sorted(gpus.items())
+    )
+
+
+def _slice_text(piece: Slice) -> str:
+    return f'{{"size_gb":{int(piece.size_gb)},"used":{_BOOLEAN[piece.used]}}}'

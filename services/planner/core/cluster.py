@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from services.planner.core.model import Gpu, Node, PendingPod, PlanSettings, Slice
+from services.planner.core.model import Gpu, Node, PendingPod, PlanSettings, Slice, slice_of
 
 
 class _BestFit:
@@ -35,10 +35,19 @@ class _BestFit:
     skipped when met.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, entries: Iterable[tuple[int, int]] = ()) -> None:
+        """With `entries` (order, value) set at once, as many `set` calls would."""
+        self._current: dict[int, int] = dict(entries)
         self._heaps: dict[int, list[int]] = {}
-        self._values: list[int] = []
-        self._current: dict[int, int] = {}
+        for order, value in self._current.items():
+            heap = self._heaps.get(value)
+            if heap is None:
+                self._heaps[value] = [order]
+            else:
+                heap.append(order)
+        for heap in self._heaps.values():
+            heapq.heapify(heap)
+        self._values: list[int] = sorted(self._heaps)
 
     def set(self, order: int, value: int | None) -> None:
         if self._current.get(order) == value:
@@ -70,10 +79,13 @@ class _BestFit:
         return max(self._current.values(), default=0)
 
 
-@dataclass
+@dataclass(slots=True)
 class GpuPlan:
     """One GPU while planning. `owners[i]` is the pod a free slice is promised to (None: nobody);
-    `fresh[i]` marks a slice this plan carved. `bindable`: sizes whose free slices must stay."""
+    `fresh[i]` marks a slice this plan carved. `bindable`: sizes whose free slices must stay.
+    `unclaimed`: free slices promised to nobody, per size; `reclaimable` and `reclaimable_slices`:
+    the memory and the number of those whose size is not bindable (what reclaiming may take), kept
+    up to date by every change so that no placement step adds them up again."""
 
     order: int
     node: str
@@ -86,12 +98,27 @@ class GpuPlan:
     fresh: list[bool]
     changed: bool = False
     allocated: int = 0
-    unclaimed: Counter[int] = field(default_factory=Counter)
+    unclaimed: dict[int, int] = field(default_factory=dict)
     bindable: frozenset[int] = frozenset()
+    reclaimable: int = 0
+    reclaimable_slices: int = 0
 
     @classmethod
     def of(cls, order: int, node: Node, gpu: Gpu, settings: PlanSettings) -> GpuPlan:
-        count = len(gpu.slices)
+        slices = list(gpu.slices)
+        count = len(slices)
+        bindable = node.protected
+        allocated = 0
+        unclaimed: dict[int, int] = {}
+        for piece in slices:
+            allocated += piece.size_gb
+            if not piece.used:
+                unclaimed[piece.size_gb] = unclaimed.get(piece.size_gb, 0) + 1
+        reclaimable = reclaimable_slices = 0
+        for size, number in unclaimed.items():
+            if size not in bindable:
+                reclaimable += size * number
+                reclaimable_slices += number
         plan = cls(
             order,
             node.name,
@@ -99,18 +126,18 @@ class GpuPlan:
             gpu.capacity_gb(settings.reserve_mib),
             node.can_carve,
             node.can_host,
-            list(gpu.slices),
+            slices,
             [None] * count,
             [False] * count,
-            bindable=node.protected,
+            False,
+            allocated,
+            unclaimed,
+            bindable,
+            reclaimable,
+            reclaimable_slices,
         )
-        unclaimed: Counter[int] = Counter()
-        for piece in plan.slices:
-            plan.allocated += piece.size_gb
-            if not piece.used:
-                unclaimed[piece.size_gb] += 1
-        plan.unclaimed = unclaimed
-        plan._shed_excess()
+        if plan.capacity < allocated or count > gpu.max_slices:
+            plan._shed_excess()
         return plan
 
     def copy(self) -> GpuPlan:
@@ -121,14 +148,21 @@ class GpuPlan:
             self.capacity,
             self.can_carve,
             self.can_host,
-            list(self.slices),
-            list(self.owners),
-            list(self.fresh),
+            self.slices.copy(),
+            self.owners.copy(),
+            self.fresh.copy(),
             self.changed,
             self.allocated,
-            Counter(self.unclaimed),
+            self.unclaimed.copy(),
             self.bindable,
+            self.reclaimable,
+            self.reclaimable_slices,
         )
+
+    def restore(self, saved: GpuPlan) -> None:
+        """Become `saved` again, in place: callers keep their references to this plan."""
+        for name in GpuPlan.__slots__:
+            setattr(self, name, getattr(saved, name))
 
     @property
     def room(self) -> int:
@@ -137,9 +171,7 @@ class GpuPlan:
     @property
     def potential(self) -> int:
         """Memory a pod could get here by reclaiming every free slice it may reclaim."""
-        return self.room + sum(
-            size * count for size, count in self.unclaimed.items() if size not in self.bindable
-        )
+        return self.capacity - self.allocated + self.reclaimable
 
     def _shed_excess(self) -> None:
         """Drop free slices, largest first, until the GPU is within capacity and the client limit."""
@@ -149,27 +181,43 @@ class GpuPlan:
                 return
             self._remove([max(free, key=lambda p: (self.slices[p].size_gb, -p))])
 
+    def _unclaim(self, size_gb: int, change: int) -> None:
+        """`change` (1 or -1) more free slices of `size_gb` promised to nobody."""
+        self.unclaimed[size_gb] = self.unclaimed.get(size_gb, 0) + change
+        if size_gb not in self.bindable:
+            self.reclaimable += size_gb * change
+            self.reclaimable_slices += change
+
     def _remove(self, positions: Iterable[int]) -> None:
         drop = set(positions)
         for position in drop:
-            self.allocated -= self.slices[position].size_gb
+            size = self.slices[position].size_gb
+            self.allocated -= size
             if self.owners[position] is None:
-                self.unclaimed[self.slices[position].size_gb] -= 1
+                self._unclaim(size, -1)
         self.slices = [s for p, s in enumerate(self.slices) if p not in drop]
         self.owners = [o for p, o in enumerate(self.owners) if p not in drop]
         self.fresh = [f for p, f in enumerate(self.fresh) if p not in drop]
         self.changed = True
 
-    def claim_free(self, size_gb: int, owner: str) -> None:
+    def claim_free(self, size_gb: int, owner: str) -> int:
+        """Promise a free slice of `size_gb` to `owner`; its position."""
+        owners = self.owners
         for position, candidate in enumerate(self.slices):
-            if candidate.size_gb == size_gb and not candidate.used and self.owners[position] is None:
-                self.owners[position] = owner
-                self.unclaimed[size_gb] -= 1
-                return
+            if candidate.size_gb == size_gb and not candidate.used and owners[position] is None:
+                owners[position] = owner
+                self._unclaim(size_gb, -1)
+                return position
         raise AssertionError(f"no unclaimed free {size_gb} GiB slice on GPU {self.order}")
 
+    def unclaim(self, positions: Iterable[int]) -> None:
+        """Take back the promises `claim_free` made of the slices at `positions`."""
+        for position in positions:
+            self.owners[position] = None
+            self._unclaim(self.slices[position].size_gb, 1)
+
     def carve(self, size_gb: int, owner: str) -> None:
-        self.slices.append(Slice(size_gb=size_gb, used=False))
+        self.slices.append(slice_of(size_gb, False))
         self.owners.append(owner)
         self.fresh.append(True)
         self.allocated += size_gb
@@ -178,13 +226,10 @@ class GpuPlan:
     def release(self, owner: str) -> None:
         """Take back a pod's promise: a slice carved for it goes, an existing one becomes free again."""
         position = self.owners.index(owner)
+        self.owners[position] = None
+        self._unclaim(self.slices[position].size_gb, 1)
         if self.fresh[position]:
-            self.owners[position] = None
-            self.unclaimed[self.slices[position].size_gb] += 1
             self._remove([position])
-        else:
-            self.owners[position] = None
-            self.unclaimed[self.slices[position].size_gb] += 1
 
     def promised(self) -> list[tuple[int, str]]:
         """(size, pod) of every slice promised to a pod, smallest first."""
@@ -215,7 +260,7 @@ class GpuPlan:
 
     def take(self, size_gb: int, needed: Counter[int], owner: str) -> bool:
         """Serve a pod on this GPU by whichever means fits: a free slice, room, or reclaiming."""
-        if self.unclaimed[size_gb] > 0:
+        if self.unclaimed.get(size_gb, 0) > 0:
             self.claim_free(size_gb, owner)
             return True
         if self.room >= size_gb and len(self.slices) < self.gpu.max_slices:
@@ -232,47 +277,80 @@ class Cluster:
         self.gpus = gpus
         self.pinned = pinned
         self.exact: dict[int, list[int]] = {}
-        self.carve_changed = _BestFit()
-        self.carve_unchanged = _BestFit()
-        self.reclaim = _BestFit()
-        self.journal: dict[int, GpuPlan] | None = None
+        self.journal: dict[int, GpuPlan | list[int]] | None = None
+        """While recording: per GPU changed since, a copy of it as it was, or, when all that changed
+        is free slices promised (most GPUs, and cheaper to record), the positions of those slices."""
         self.reclaimed = False
+        self._by_node: dict[str, list[GpuPlan]] | None = None
+        changed: list[tuple[int, int]] = []
+        unchanged: list[tuple[int, int]] = []
+        reclaim: list[tuple[int, int]] = []
         for gpu in gpus:
             if gpu.can_host:
                 for size, count in gpu.unclaimed.items():
                     if count > 0:
                         self.exact.setdefault(size, []).append(gpu.order)
-            self._reindex(gpu)
+            room, potential = self._values_of(gpu)
+            if room is not None:
+                (changed if gpu.changed else unchanged).append((gpu.order, room))
+            if potential is not None:
+                reclaim.append((gpu.order, potential))
         for heap in self.exact.values():
             heapq.heapify(heap)
+        self.carve_changed = _BestFit(changed)
+        self.carve_unchanged = _BestFit(unchanged)
+        self.reclaim = _BestFit(reclaim)
 
     def copy(self) -> Cluster:
         return Cluster([gpu.copy() for gpu in self.gpus], self.pinned)
 
-    def as_it_was(self, journal: dict[int, GpuPlan]) -> Cluster:
+    def gpus_of(self, nodes: Iterable[str]) -> list[GpuPlan]:
+        """The GPUs of `nodes`, in the cluster's order."""
+        if self._by_node is None:
+            self._by_node = {}
+            for gpu in self.gpus:
+                self._by_node.setdefault(gpu.node, []).append(gpu)
+        return sorted((gpu for node in nodes for gpu in self._by_node.get(node, ())), key=lambda g: g.order)
+
+    def as_it_was(self, journal: dict[int, GpuPlan | list[int]]) -> Cluster:
         """An independent copy of the cluster as it was when `journal` started recording."""
-        return Cluster([journal.get(gpu.order, gpu).copy() for gpu in self.gpus], self.pinned)
+        return Cluster([_as_it_was(gpu, journal.get(gpu.order)) for gpu in self.gpus], self.pinned)
 
     def _before_change(self, gpu: GpuPlan) -> None:
-        if self.journal is not None and gpu.order not in self.journal:
-            self.journal[gpu.order] = gpu.copy()
+        if self.journal is not None:
+            saved = self.journal.get(gpu.order)
+            if not isinstance(saved, GpuPlan):
+                self.journal[gpu.order] = _as_it_was(gpu, saved)
+
+    def _claimed(self, gpu: GpuPlan, position: int) -> None:
+        """Record that the free slice at `position` was just promised."""
+        if self.journal is not None:
+            saved = self.journal.get(gpu.order)
+            if saved is None:
+                self.journal[gpu.order] = [position]
+            elif isinstance(saved, list):
+                saved.append(position)
+
+    @staticmethod
+    def _values_of(gpu: GpuPlan) -> tuple[int | None, int | None]:
+        """The GPU's room to carve (None: it cannot take a slice) and the memory that reclaiming
+        would give (None: nothing to reclaim)."""
+        room = gpu.room if gpu.can_carve and len(gpu.slices) < gpu.gpu.max_slices else None
+        potential = gpu.potential if gpu.can_carve and gpu.reclaimable_slices > 0 else None
+        return room, potential
 
     def _reindex(self, gpu: GpuPlan) -> None:
-        can_take = gpu.can_carve and len(gpu.slices) < gpu.gpu.max_slices
-        room = gpu.room if can_take else None
+        room, potential = self._values_of(gpu)
         self.carve_changed.set(gpu.order, room if gpu.changed else None)
         self.carve_unchanged.set(gpu.order, None if gpu.changed else room)
-        reclaimable = gpu.can_carve and any(
-            count > 0 and size not in gpu.bindable for size, count in gpu.unclaimed.items()
-        )
-        self.reclaim.set(gpu.order, gpu.potential if reclaimable else None)
+        self.reclaim.set(gpu.order, potential)
 
     def _take_exact(self, size_gb: int, exclude: int | None = None) -> GpuPlan | None:
         heap = self.exact.get(size_gb)
         found = None
         while heap:
             gpu = self.gpus[heap[0]]
-            if gpu.unclaimed[size_gb] <= 0 or not gpu.can_host:
+            if gpu.unclaimed.get(size_gb, 0) <= 0 or not gpu.can_host:
                 heapq.heappop(heap)
             elif gpu.order == exclude:
                 heapq.heappop(heap)
@@ -301,25 +379,26 @@ class Cluster:
     ) -> GpuPlan | None:
         gpu = self._take_exact(size_gb, exclude)
         if gpu is not None:
+            self._claimed(gpu, gpu.claim_free(size_gb, owner))
+            # A free slice claimed changes what reclaiming there gives, not the room to carve.
+            self.reclaim.set(gpu.order, self._values_of(gpu)[1])
+            return gpu
+        order = self.carve_changed.best_at_least(size_gb)
+        if order is None:
+            order = self.carve_unchanged.best_at_least(size_gb)
+        if order is not None:
+            gpu = self.gpus[order]
             self._before_change(gpu)
-            gpu.claim_free(size_gb, owner)
+            gpu.carve(size_gb, owner)
         else:
-            order = self.carve_changed.best_at_least(size_gb)
+            order = self.reclaim.best_at_least(size_gb) if may_reclaim else None
             if order is None:
-                order = self.carve_unchanged.best_at_least(size_gb)
-            if order is not None:
-                gpu = self.gpus[order]
-                self._before_change(gpu)
-                gpu.carve(size_gb, owner)
-            else:
-                order = self.reclaim.best_at_least(size_gb) if may_reclaim else None
-                if order is None:
-                    return None
-                self.reclaimed = True
-                gpu = self.gpus[order]
-                self._before_change(gpu)
-                if not gpu.reclaim_and_carve(size_gb, needed, owner):
-                    return None
+                return None
+            self.reclaimed = True
+            gpu = self.gpus[order]
+            self._before_change(gpu)
+            if not gpu.reclaim_and_carve(size_gb, needed, owner):
+                return None
         self._reindex(gpu)
         return gpu
 
@@ -330,7 +409,7 @@ class Cluster:
         those): a free slice of its size first, then the GPU where it fits best, then where reclaiming
         makes room. A plain scan of those nodes' GPUs."""
         candidates = [gpu for gpu in self.gpus if gpu.node in nodes and gpu.can_host]
-        free = [gpu for gpu in candidates if gpu.unclaimed[size_gb] > 0]
+        free = [gpu for gpu in candidates if gpu.unclaimed.get(size_gb, 0) > 0]
         carvable = [
             gpu
             for gpu in candidates
@@ -374,13 +453,27 @@ class Cluster:
             return targets
         for order, saved in journal.items():
             restored = self.gpus[order]
-            restored.__dict__.update(saved.__dict__)  # in place: callers keep their references
+            if isinstance(saved, GpuPlan):
+                restored.restore(saved)
+            else:
+                restored.unclaim(saved)
             self._reindex(restored)
             self._offer_exact(restored)
         return None
 
     def changed_count(self) -> int:
         return sum(1 for gpu in self.gpus if gpu.changed)
+
+
+def _as_it_was(gpu: GpuPlan, saved: GpuPlan | list[int] | None) -> GpuPlan:
+    """A copy of `gpu` as a journal recorded it: as it is (None), as saved, or with the promises of
+    the slices at the positions listed taken back."""
+    if isinstance(saved, GpuPlan):
+        return saved.copy()
+    copy = gpu.copy()
+    if saved is not None:
+        copy.unclaim(saved)
+    return copy
 
 
 def gpu_plans(nodes: Iterable[Node], settings: PlanSettings) -> list[GpuPlan]:

@@ -29,13 +29,37 @@ def max_slices_for(model: str, compute_capability: tuple[int, int] | None = None
     return MAX_CLIENTS_BEFORE_VOLTA if pre_volta else MAX_CLIENTS_VOLTA_AND_NEWER
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Slice:
     size_gb: int
     used: bool
 
 
-@dataclass(frozen=True)
+class _SharedSlices(dict[tuple[int, bool], Slice]):
+    """`Slice` values by (size, used), made on first use. Sizes above `_SHARED_SIZES` and `used`
+    values that are not booleans get a slice of their own each time, so that it stays small."""
+
+    def __missing__(self, key: tuple[int, bool]) -> Slice:
+        size_gb, used = key
+        found = Slice(size_gb, used)
+        if 0 < size_gb <= _SHARED_SIZES and type(used) is bool:
+            self[key] = found
+        return found
+
+
+_SHARED_SIZES = 4096  # GiB
+SHARED_SLICES = _SharedSlices()
+"""`SHARED_SLICES[size_gb, used]` is `slice_of(size_gb, used)`, for loops over many slices."""
+
+
+def slice_of(size_gb: int, used: bool) -> Slice:
+    """`Slice(size_gb, used)`, shared: a slice is an immutable value, and a cluster has hundreds of
+    thousands of them in a few dozen kinds, so one object per kind saves building (and the garbage
+    collector going through) the others."""
+    return SHARED_SLICES[size_gb, used]
+
+
+@dataclass(frozen=True, slots=True)
 class Gpu:
     index: int
     model: str
@@ -51,7 +75,7 @@ class Gpu:
         return max(0, (self.memory_mib - max(reserve_mib, self.reserved_mib)) // MIB_PER_GIB)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Node:
     """An opted-in node as the planner may use it.
 
@@ -77,7 +101,7 @@ class Node:
             raise ValueError(f"node {self.name}: a node that cannot host pods cannot carve either")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PendingPod:
     """A pod the planner must provide a slice for. `pinned` names the only node it may run on (it
     was released there and must be given a slice there); `eligible`, when not None, the nodes its
@@ -92,15 +116,16 @@ class PendingPod:
     eligible: frozenset[str] | None = None
     needs_shm_directory: bool = False
     """It does not set hostIPC: `eligible` holds only nodes in the shm-directory IPC mode."""
+    key: str = field(init=False, repr=False, compare=False)
+    """namespace/name (kept, not made again at each use: a plan uses it several times per pod)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.namespace}/{self.name}")
 
     @property
     def restricted_to(self) -> frozenset[str] | None:
         """The nodes it may go to, when not every node."""
         return frozenset({self.pinned}) if self.pinned is not None else self.eligible
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -108,7 +133,7 @@ class PlanSettings:
     reserve_mib: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Placement:
     node: str
     gpu: int

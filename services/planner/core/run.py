@@ -168,6 +168,4 @@ def extend_run(run: PlanRun, pods: Sequence[PendingPod]) -> Extension | None:
         run.last_pod = pod_order(servable[-1])
     unplaced = {pod.key: reason for pod in ordered if (reason := trivial_reason(pod, run.largest, any_gpu))}
     withdrawn = {node: kept for node, kept in run.withdrawn.items() if node in touched}
-    return Extension(
-        placed, unplaced, _layouts((g for g in run.cluster.gpus if g.node in touched), withdrawn)
-    )
+    return Extension(placed, unplaced, _layouts(run.cluster.gpus_of(touched), withdrawn))

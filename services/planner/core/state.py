@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from json.encoder import encode_basestring_ascii as _quoted
+from operator import attrgetter
+from typing import TypeVar
 
 from events.envelope import Envelope, content_id
 from events.nodes import NodeGpusReported, NodeObserved, NodeOptedOut
@@ -31,9 +35,18 @@ from events.plans import NodeConfigApplied, NodeConfigFailed, NodeLayout, NodePl
 from events.plans import Placement as PlacementEvent
 from events.pods import NodeRules, PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
 from services.planner.core.eligibility import admits, has_effect
-from services.planner.core.model import Gpu, Node, PendingPod, Placement, PlanSettings, Slice
+from services.planner.core.model import (
+    SHARED_SLICES,
+    Gpu,
+    Node,
+    PendingPod,
+    Placement,
+    PlanSettings,
+    Slice,
+    slice_of,
+)
 from services.planner.core.run import PlanRun, extend_run, plan_run
-from services.planner.core.strategy import NO_OPTED_IN_NODE, pod_order
+from services.planner.core.strategy import NO_OPTED_IN_NODE
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,10 @@ def _asks_for(desired: Layout, actual: Layout) -> bool:
     return all(actual.get(index, ()) == sizes for index, sizes in desired.items())
 
 
+_Expected = tuple[tuple[Gpu, ...], Counter[int]]
+"""A node's GPUs as the planner counts them, and the unnamed holders left without a free slice."""
+
+
 def _reported_layout(report: NodeGpusReported) -> Layout:
     return layout_of({gpu.index: (s.size_gb for s in gpu.slices) for gpu in report.gpus})
 
@@ -101,6 +118,42 @@ class _NodeLevel:
     desired: Asked | None = None  # the last layout the planner asked of the node
     answer: Answer | None = None  # the agent's last word on a config
     refusal: Answer | None = None  # the last config it refused
+    # Values computed from the (immutable) report, kept while the report stays the same object: a
+    # large cluster's nodes mostly keep their reports from one decision to the next.
+    _reported: tuple[NodeGpusReported, Layout] | None = field(default=None, compare=False, repr=False)
+    _expected: tuple[NodeGpusReported, object, _Expected] | None = field(
+        default=None, compare=False, repr=False
+    )
+    _withdrawn: tuple[NodeGpusReported, frozenset[int] | None, tuple[Gpu, ...]] | None = field(
+        default=None, compare=False, repr=False
+    )
+    _applying: tuple[Asked | None, Answer | None, NodeGpusReported | None, bool] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def reported_layout(self, report: NodeGpusReported) -> Layout:
+        """`_reported_layout(report)`, computed once per report."""
+        memo = self._reported
+        if memo is None or memo[0] is not report:
+            memo = self._reported = (report, _reported_layout(report))
+        return memo[1]
+
+    def expected_gpus(
+        self, report: NodeGpusReported, desired: Layout | None, unnamed: Counter[int]
+    ) -> _Expected:
+        """`_expected_gpus(report, desired, unnamed)`, computed again only when an input changed."""
+        memo = self._expected
+        if memo is None or memo[0] is not report or memo[1] != (desired, unnamed):
+            memo = self._expected = (report, (desired, unnamed), _expected_gpus(report, desired, unnamed))
+        gpus, without_slice = memo[2]
+        return gpus, Counter(without_slice)
+
+    def withdrawn_gpus(self, report: NodeGpusReported, keep_free: frozenset[int] | None) -> tuple[Gpu, ...]:
+        """`_withdrawn_gpus(report, keep_free)`, computed again only when an input changed."""
+        memo = self._withdrawn
+        if memo is None or memo[0] is not report or memo[1] != keep_free:
+            memo = self._withdrawn = (report, keep_free, _withdrawn_gpus(report, keep_free))
+        return memo[2]
 
     @property
     def answered(self) -> bool:
@@ -114,9 +167,22 @@ class _NodeLevel:
     @property
     def applying(self) -> bool:
         """A layout asked of the node is neither answered nor shown by its report: one change at a time."""
+        if self.desired is None:
+            return False
+        memo = self._applying
+        if (
+            memo is None
+            or memo[0] is not self.desired
+            or memo[1] is not self.answer
+            or memo[2] is not self.report
+        ):
+            memo = self._applying = (self.desired, self.answer, self.report, self._is_applying())
+        return memo[3]
+
+    def _is_applying(self) -> bool:
         if self.desired is None or self.answered:
             return False
-        return self.report is None or not _asks_for(self.desired.layout, _reported_layout(self.report))
+        return self.report is None or not _asks_for(self.desired.layout, self.reported_layout(self.report))
 
     def refused(self, layout: Layout) -> bool:
         """The agent refused exactly this layout, and nothing it reported has changed since."""
@@ -139,20 +205,34 @@ class ClusterState:
     first_unplanned_change: datetime | None = None
     last_change: datetime | None = None
     last_plan_id: str | None = None
-    # Bookkeeping for IncrementalPlanner: when pods arrived, and the last change of anything else.
+    # Bookkeeping for IncrementalPlanner: when pods arrived (in the order they did), and how many
+    # changes of anything else there were: events, reports going stale, and decisions that asked
+    # something of nodes or pods (what was asked changes what the next plan starts from).
     revision: int = field(default=0, compare=False)
     pod_revisions: dict[str, int] = field(default_factory=dict, compare=False)
-    structure_revision: int = field(default=0, compare=False)
+    structure_changes: int = field(default=0, compare=False)
+    # An index, so that `holders` need not go through every pod: the keys of the pods that hold a
+    # slice of a node or are about to (`PodObserved.holder_node`).
+    holding: set[str] = field(default_factory=set, compare=False)
+    # The keys of the pods that wait for a slice (`PodObserved.waits_for_slice`), for `waiting`.
+    waits: set[str] = field(default_factory=set, compare=False)
+    # `holders()` as last computed, and a count of the changes to what it depends on.
+    _holders: tuple[int, dict[str, list[PodObserved]]] | None = field(default=None, compare=False, repr=False)
+    _holder_changes: int = field(default=0, compare=False, repr=False)
+    _settled: tuple[int, bool] | None = field(default=None, compare=False, repr=False)
 
     def apply(self, envelope: Envelope) -> None:
         """Fold one event in; events that change nothing the planner uses leave the window alone."""
         event = envelope.event
         arrival = False
+        if isinstance(event, PodObserved | PodDeleted | PodRejected | PodReleased):
+            self._holder_change(event.key)
         if isinstance(event, PodObserved):
             previous = self.pods.get(event.key)
             changed = previous is None or _planned_fields(previous) != _planned_fields(event)
             arrival = previous is None and event.waits_for_slice
             self.pods[event.key] = event
+            self._index(event)
             release = self.releases.get(event.key)
             if release is not None and (
                 release.uid != event.uid or not (event.gated and event.waits_for_slice)
@@ -161,6 +241,8 @@ class ClusterState:
                 del self.releases[event.key]
         elif isinstance(event, PodDeleted | PodRejected):
             gone = self.pods.pop(event.key, None)
+            self.holding.discard(event.key)
+            self.waits.discard(event.key)
             self.releases.pop(event.key, None)
             if gone is not None:
                 self.unplaced_published.pop(gone.uid, None)
@@ -216,15 +298,28 @@ class ClusterState:
                 level.refusal = answer
         else:
             changed = False
+        if isinstance(event, PodObserved | PodDeleted | PodRejected | PodReleased):
+            self._holder_change(event.key)
         if changed:
             self.revision += 1
             if arrival and isinstance(event, PodObserved):
+                self.pod_revisions.pop(event.key, None)  # so that the order of keys is that of revisions
                 self.pod_revisions[event.key] = self.revision
             else:
-                self.structure_revision = self.revision
+                self.structure_changes += 1
                 if isinstance(event, PodObserved | PodDeleted | PodRejected):
                     self.pod_revisions.pop(event.key, None)
             self._touch(envelope.time)
+
+    def _holder_change(self, key: str) -> None:
+        """The pod `key` is about to change or just did: `holders()` must look again if it holds a slice."""
+        if key in self.holding or key in self.releases:
+            self._holder_changes += 1
+
+    def _index(self, pod: PodObserved) -> None:
+        """Keep `holding` and `waits` true of `pod`, just folded in."""
+        (self.holding.add if pod.holder_node is not None else self.holding.discard)(pod.key)
+        (self.waits.add if pod.waits_for_slice else self.waits.discard)(pod.key)
 
     def _touch(self, when: datetime) -> None:
         if self.first_unplanned_change is None or when < self.first_unplanned_change:
@@ -248,7 +343,7 @@ class ClusterState:
     def report_went_stale(self, when: datetime) -> None:
         """A node's report went stale at `when`: that changes where slices may be carved."""
         self.revision += 1
-        self.structure_revision = self.revision
+        self.structure_changes += 1
         self._touch(when)
 
     def mark_planned(self, plan_id: str, at_revision: int) -> None:
@@ -267,6 +362,7 @@ class ClusterState:
             self.nodes.setdefault(planned.node, _NodeLevel()).desired = asked
         for release in decision.releases:
             self.releases[release.key] = release
+            self._holder_changes += 1
         for told in decision.unplaced:
             self.unplaced_published[told.uid] = told.reason
         if decision.unplaced_settled:  # forget pods no longer waiting: told again if they wait again
@@ -275,25 +371,47 @@ class ClusterState:
                 uid: reason for uid, reason in self.unplaced_published.items() if uid in waiting
             }
         if decision.node_plans or decision.releases:
-            self.structure_revision = self.revision
+            self.structure_changes += 1
         self.mark_planned(decision.plan.plan_id, decision.at_revision)
 
     def holders(self) -> dict[str, list[PodObserved]]:
         """Per node, the pods that hold one of its slices or are about to: bound and not finished, or
-        released there (by the pod's own word, or by a release not yet seen on the pod)."""
+        released there (by the pod's own word, or by a release not yet seen on the pod). Computed
+        again only after such a pod changed: the caller must not change what it returns."""
+        if self._holders is not None and self._holders[0] == self._holder_changes:
+            return self._holders[1]
         found: dict[str, list[PodObserved]] = {}
-        for key, pod in sorted(self.pods.items()):
+        for key in sorted(self.holding.union(self.releases)):
+            pod = self.pods.get(key)
+            if pod is None:
+                continue
             release = self.releases.get(key)
             node = pod.holder_node or (release.node if release is not None else None)
             if node is not None:
                 found.setdefault(node, []).append(pod)
+        self._holders = (self._holder_changes, found)
         return found
+
+    def settled(self) -> bool:
+        """No opted-in node is applying a layout asked of it. Only a structure change (an event that
+        changed a node, or a decision that asked nodes for layouts) can change that."""
+        if self._settled is None or self._settled[0] != self.structure_changes:
+            applying = any(level.applying for level in self.nodes.values() if level.observed is not None)
+            self._settled = (self.structure_changes, not applying)
+        return self._settled[1]
+
+    def arrivals(self, since: int) -> list[str]:
+        """The keys of the pods that arrived waiting after revision `since` and have not changed since."""
+        keys: list[str] = []
+        for key, revision in reversed(self.pod_revisions.items()):
+            if revision <= since:
+                break
+            keys.append(key)
+        return keys
 
     def waiting(self) -> list[PodObserved]:
         """Pods the planner has yet to provide for."""
-        return [
-            pod for key, pod in sorted(self.pods.items()) if pod.waits_for_slice and key not in self.releases
-        ]
+        return [self.pods[key] for key in sorted(self.waits) if key not in self.releases]
 
 
 def _planned_fields(pod: PodObserved) -> tuple[object, ...]:
@@ -349,10 +467,12 @@ def decide(
     )
     if now < window_closes:
         return WaitUntil(window_closes)
-    plan = (planner or IncrementalPlanner(settings)).compute(state, now)
-    node_plans = tuple(_node_plans(state, plan))
-    releases = tuple(_releases(state, plan, now, settings, {planned.node for planned in node_plans}))
-    settled = not any(level.applying for level in state.nodes.values() if level.observed is not None)
+    planner = planner or IncrementalPlanner(settings)
+    plan = planner.compute(state, now)
+    node_plans = tuple(planner.node_plans(state, plan))
+    changing = {planned.node for planned in node_plans}
+    releases = tuple(_releases(state, plan, now, settings, changing, planner.release_candidates(state, plan)))
+    settled = state.settled()
     unplaced = tuple(_unplaced(state, plan, now - settings.reason_patience, settled))
     plan_is_new = plan.plan_id != state.last_plan_id
     if not (plan_is_new or node_plans or releases or unplaced):
@@ -360,29 +480,109 @@ def decide(
     return PublishPlan(plan, state.revision, plan_is_new, node_plans, releases, unplaced, settled)
 
 
-def _node_plans(state: ClusterState, plan: PlanComputed) -> Iterator[NodePlanned]:
+_Verdicts = dict[
+    str,
+    tuple[NodeLayout, Asked | None, Answer | None, Answer | None, int, NodeGpusReported | None, str | None],
+]
+"""Per node, what `_node_plans` last made of it (`_verdict`) and the values it made it of."""
+
+
+def _node_plans(
+    state: ClusterState, plan: PlanComputed, verdicts: _Verdicts | None = None
+) -> Iterator[NodePlanned]:
     """Each node whose planned slices differ from what was last asked of it (or, never asked, from
     what it has), unless it is still applying what was last asked; and a node that refused what was
-    last asked, when that is wanted again now that its report changed (asked again, in a new plan)."""
-    for name, layout in plan.nodes.items():
-        level = state.nodes[name]
-        if level.applying or level.report is None:
-            continue
-        wanted = layout_of(layout.sizes())
-        asked = level.desired.layout if level.desired is not None else _reported_layout(level.report)
-        refused_last = level.answered and level.answer is not None and level.answer.refused
-        if wanted != asked:
-            yield NodePlanned(node=name, plan_id=plan.plan_id, layout=layout)
-        elif refused_last and level.answer is not None and not level.refused(wanted):
-            # The same layout asked again gets an id of its own, so that its answer tells.
-            again = content_id("asked again", plan.plan_id, level.answer.plan_id)
-            yield NodePlanned(node=name, plan_id=again, layout=layout)
+    last asked, when that is wanted again now that its report changed (asked again, in a new plan).
+    `verdicts`: see `_known_verdict`."""
+    for name in plan.nodes:
+        yield from _asked(state, plan, name, _known_verdict(state, plan, name, verdicts))
+
+
+def _asked(state: ClusterState, plan: PlanComputed, name: str, verdict: str | None) -> Iterator[NodePlanned]:
+    """The node plan of `name` that `verdict` calls for, if any."""
+    layout = plan.nodes[name]
+    answer = state.nodes[name].answer
+    if verdict == "changed":
+        yield NodePlanned(node=name, plan_id=plan.plan_id, layout=layout)
+    elif verdict == "again" and answer is not None:
+        # The same layout asked again gets an id of its own, so that its answer tells.
+        again = content_id("asked again", plan.plan_id, answer.plan_id)
+        yield NodePlanned(node=name, plan_id=again, layout=layout)
+
+
+def _known_verdict(
+    state: ClusterState, plan: PlanComputed, name: str, verdicts: _Verdicts | None
+) -> str | None:
+    """`_verdict` of node `name` for `plan`. `verdicts` keeps what was made of each node, so that a
+    node whose layout and level are the same objects as then is not worked out again."""
+    layout = plan.nodes[name]
+    level = state.nodes[name]
+    known = verdicts.get(name) if verdicts is not None else None
+    if (
+        known is not None
+        and known[0] is layout
+        and known[1] is level.desired
+        and known[2] is level.answer
+        and known[3] is level.refusal
+        and known[4] == level.report_revision
+        and known[5] is level.report
+    ):
+        return known[6]
+    verdict = _verdict(level, layout)
+    if verdicts is not None:
+        verdicts[name] = (
+            layout,
+            level.desired,
+            level.answer,
+            level.refusal,
+            level.report_revision,
+            level.report,
+            verdict,
+        )
+    return verdict
+
+
+def _verdict(level: _NodeLevel, layout: NodeLayout) -> str | None:
+    """`changed` when `layout` must be asked of the node, `again` when it must be asked again after a
+    refusal, None when nothing is to be asked (a function of the layout and of the node's level)."""
+    if level.applying or level.report is None:
+        return None
+    wanted = layout_of(layout.sizes())
+    asked = level.desired.layout if level.desired is not None else level.reported_layout(level.report)
+    refused_last = level.answered and level.answer is not None and level.answer.refused
+    if wanted != asked:
+        return "changed"
+    if refused_last and level.answer is not None and not level.refused(wanted):
+        return "again"
+    return None
+
+
+def _release_candidates(state: ClusterState, placed: Mapping[str, PlacementEvent]) -> dict[str, list[str]]:
+    """Per node, the pods of `placed` placed there that a decision may release: gated, waiting for a
+    slice and not released yet."""
+    found: dict[str, list[str]] = {}
+    for key, placement in placed.items():
+        pod = state.pods.get(key)
+        if pod is not None and pod.gated and pod.waits_for_slice and key not in state.releases:
+            found.setdefault(placement.node, []).append(key)
+    return found
+
+
+def _observed_order(pod: PodObserved) -> tuple[int, float, str, str]:
+    """`pod_order` of a pod as observed."""
+    return (-pod.priority, pod.created.timestamp(), pod.namespace, pod.name)
 
 
 def _releases(
-    state: ClusterState, plan: PlanComputed, now: datetime, settings: PlannerSettings, changing: set[str]
+    state: ClusterState,
+    plan: PlanComputed,
+    now: datetime,
+    settings: PlannerSettings,
+    changing: set[str],
+    candidates: Mapping[str, list[str]] | None = None,
 ) -> Iterator[PodReleased]:
-    """Gated pods the plan places on a node that has a free slice of their size for them now.
+    """Gated pods the plan places on a node that has a free slice of their size for them now, in
+    `pod_order`.
 
     A slice counts when the node's report shows it free and listed by the kubelet, less one for each
     pod holding or about to hold a slice of that size there that the report does not name yet (the
@@ -390,18 +590,15 @@ def _releases(
     those `changing` now: the kubelet may give a pod released there the very slice the change takes.
     And the node's allocatable in the API must have room for the pod beside every pod bound or
     released there: the scheduler binds it at once then, and never finds it unschedulable, which
-    would make kube-scheduler look for pods to preempt on that node.
+    would make kube-scheduler look for pods to preempt on that node. Where fewer slices are ready
+    than pods wait for them, the first pods in `pod_order` go. `candidates`: `_release_candidates`
+    of the plan, when the caller has them.
     """
-    holders = state.holders()
-    available: dict[tuple[str, int], int] = {}
-    ordered = sorted(
-        (state.pods[key] for key in plan.placed if key in state.pods),
-        key=lambda p: pod_order(PendingPod(p.namespace, p.name, p.size_gb, p.priority, p.created)),
-    )
-    for pod in ordered:
-        if not pod.gated or not pod.waits_for_slice or pod.key in state.releases:
-            continue
-        node = plan.placed[pod.key].node
+    if candidates is None:
+        candidates = _release_candidates(state, plan.placed)
+    holders: dict[str, list[PodObserved]] | None = None
+    chosen: list[tuple[tuple[int, float, str, str], PodObserved, str]] = []
+    for node, keys in candidates.items():
         level = state.nodes.get(node)
         if (
             level is None
@@ -414,23 +611,35 @@ def _releases(
             or level.report is None
         ):
             continue
-        slot = (node, pod.size_gb)
-        if slot not in available:
-            there = holders.get(node, [])
-            scheduler_room = level.observed.allocatable.get(pod.size_gb, 0) - sum(
-                1 for holder in there if holder.size_gb == pod.size_gb
+        by_size: dict[int, list[PodObserved]] = {}
+        for key in keys:
+            pod = state.pods.get(key)
+            if pod is not None and pod.gated and pod.waits_for_slice and key not in state.releases:
+                by_size.setdefault(pod.size_gb, []).append(pod)
+        if not by_size:
+            continue
+        if holders is None:
+            holders = state.holders()
+        there = holders.get(node, [])
+        for size_gb, pods in by_size.items():
+            scheduler_room = level.observed.allocatable.get(size_gb, 0) - sum(
+                1 for holder in there if holder.size_gb == size_gb
             )
-            available[slot] = min(_ready_slices(level.report, there, pod.size_gb), scheduler_room)
-        if available[slot] > 0:
-            available[slot] -= 1
-            yield PodReleased(
-                namespace=pod.namespace,
-                name=pod.name,
-                uid=pod.uid,
-                node=node,
-                size_gb=pod.size_gb,
-                plan_id=plan.plan_id,
-            )
+            ready = min(_ready_slices(level.report, there, size_gb), scheduler_room)
+            if ready > 0:
+                chosen.extend(
+                    (_observed_order(pod), pod, node) for pod in sorted(pods, key=_observed_order)[:ready]
+                )
+    chosen.sort(key=lambda entry: entry[0])
+    for _, pod, node in chosen:
+        yield PodReleased(
+            namespace=pod.namespace,
+            name=pod.name,
+            uid=pod.uid,
+            node=node,
+            size_gb=pod.size_gb,
+            plan_id=plan.plan_id,
+        )
 
 
 def _ready_slices(report: NodeGpusReported, holders: Iterable[PodObserved], size_gb: int) -> int:
@@ -452,11 +661,12 @@ def _unplaced(
 ) -> Iterator[PodUnplaced]:
     """Why each pod waits, once per pod (by uid, so a re-created pod is told again) and reason; while
     a node applies a layout, only for pods created before `created_before`."""
+    pods, published = state.pods, state.unplaced_published
     for key, reason in plan.unplaced.items():
-        pod = state.pods.get(key)
-        if pod is None or not (settled or pod.created < created_before):
+        pod = pods.get(key)
+        if pod is None or published.get(pod.uid) == reason:
             continue
-        if state.unplaced_published.get(pod.uid) != reason:
+        if settled or pod.created < created_before:
             yield PodUnplaced(namespace=pod.namespace, name=pod.name, uid=pod.uid, reason=reason)
 
 
@@ -489,7 +699,11 @@ class _PlanDigest:
 
     @staticmethod
     def item(*parts: object) -> int:
-        text = json.dumps(parts, separators=(",", ":"))
+        return _PlanDigest.hashed(json.dumps(parts, separators=(",", ":")))
+
+    @staticmethod
+    def hashed(text: str) -> int:
+        """The item whose JSON text (`json.dumps(parts, separators=(",", ":"))`) is `text`."""
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "big")
 
     def add(self, item: int) -> None:
@@ -503,35 +717,102 @@ class _PlanDigest:
         return f"{self.total:032x}"[:24]
 
 
+# The digest items of a plan, written as `json.dumps` writes them (the same text, so the same plan
+# ids) without its overhead per call: strings through its own encoder, integers as it writes them,
+# slices from texts it wrote once. A plan at cluster scale has tens of thousands of items.
+
+
+def _placed_item(key: str, p: Placement) -> int:
+    """`_PlanDigest.item("placed", key, p.node, p.gpu, p.size_gb)`."""
+    return _PlanDigest.hashed(f'["placed",{_quoted(key)},{_quoted(p.node)},{int(p.gpu)},{int(p.size_gb)}]')
+
+
+def _reason_item(kind: str, key: str, reason: str) -> int:
+    """`_PlanDigest.item(kind, key, reason)`, for "unplaced" and "excluded"."""
+    return _PlanDigest.hashed(f"[{_quoted(kind)},{_quoted(key)},{_quoted(reason)}]")
+
+
+class _SliceTexts(dict[tuple[int, bool], str]):
+    """A slice's JSON text in a digest item (`[size_gb,used]`), by (size, used), made on first use."""
+
+    def __missing__(self, key: tuple[int, bool]) -> str:
+        text = json.dumps(key, separators=(",", ":"))
+        if len(self) < 4096 and type(key[1]) is bool:
+            self[key] = text
+        return text
+
+
+_SLICE_TEXTS = _SliceTexts()
+
+
+def _node_item(name: str, gpus: dict[int, tuple[Slice, ...]]) -> int:
+    """`_PlanDigest.item("node", name, [[index, [[size_gb, used], ...]], ...])`, by GPU index."""
+    texts = _SLICE_TEXTS
+    layout = ",".join(
+        f"[{int(index)},[{','.join([texts[s.size_gb, s.used] for s in slices])}]]"
+        for index, slices in sorted(gpus.items())
+    )
+    return _PlanDigest.hashed(f'["node",{_quoted(name)},[{layout}]]')
+
+
+class _Specs(dict[tuple[int, bool], SliceSpec]):
+    """Slices as event values, by (size, used), shared like `SHARED_SLICES` (event values are
+    immutable), made on first use."""
+
+    def __missing__(self, key: tuple[int, bool]) -> SliceSpec:
+        size_gb, used = key
+        spec = SliceSpec.model_construct(size_gb=size_gb, used=used)
+        if len(self) < 4096 and type(used) is bool:
+            self[key] = spec
+        return spec
+
+
+_SPECS = _Specs()
+
+
 def _node_layout(gpus: dict[int, tuple[Slice, ...]]) -> NodeLayout:
+    specs = _SPECS
     return NodeLayout.model_construct(
         gpus={
-            index: tuple(SliceSpec.model_construct(size_gb=s.size_gb, used=s.used) for s in slices)
-            for index, slices in sorted(gpus.items())
+            index: tuple([specs[s.size_gb, s.used] for s in slices]) for index, slices in sorted(gpus.items())
         }
     )
 
 
-def _node_item(name: str, gpus: dict[int, tuple[Slice, ...]]) -> int:
-    layout = [[index, [[s.size_gb, s.used] for s in slices]] for index, slices in sorted(gpus.items())]
-    return _PlanDigest.item("node", name, layout)
-
-
 def _placement(p: Placement) -> PlacementEvent:
-    return PlacementEvent.model_construct(node=p.node, gpu=p.gpu, size_gb=p.size_gb)
+    return PlacementEvent(node=p.node, gpu=p.gpu, size_gb=p.size_gb)
+
+
+@dataclass
+class _Sweep:
+    """What `IncrementalPlanner.node_plans` found for the nodes of a plan: the full computation and
+    the structure changes it held for, how many touched nodes it had gone through, and the nodes
+    with something to ask (`_verdict`)."""
+
+    fulls: int
+    structure_changes: int
+    touched: int
+    asks: dict[str, str]
 
 
 @dataclass
 class _Basis:
-    """The last full computation, which pods that sort after all others can extend."""
+    """The last full computation, which pods that sort after all others can extend.
+
+    `hosting`: the nodes that could host pods then (their reports were fresh), `fresh_until` the
+    moment until which all of their reports stay fresh; `not_hosting` the others."""
 
     run: PlanRun
     revision: int
-    can_host: dict[str, bool]
+    structure_changes: int
+    hosting: list[str]
+    fresh_until: datetime | None
+    not_hosting: list[str]
     pending: set[str]
     digest: _PlanDigest
     node_items: dict[str, int]
     plan: PlanComputed
+    eligibility: _Eligibility
 
 
 class IncrementalPlanner:
@@ -540,7 +821,9 @@ class IncrementalPlanner:
     The fast path applies only when nothing but new pending pods changed since the last
     computation, and `extend_run` guarantees that it decides exactly what a full pass would; in
     every other case the plan is computed from scratch. Either way the plan is a function of the
-    state, identical byte for byte.
+    state, identical byte for byte. What it renders (node layouts, placements, their digest items)
+    and what `decide` makes of each node are kept while they stay the same, so that a decision at
+    cluster scale costs what changed, not the size of the cluster.
     """
 
     def __init__(self, settings: PlannerSettings) -> None:
@@ -549,6 +832,14 @@ class IncrementalPlanner:
         """`incremental` when the last plan extended the one before, `full` when computed afresh."""
         self._basis: _Basis | None = None
         self._rendered: dict[str, tuple[dict[int, tuple[Slice, ...]], NodeLayout, int]] = {}
+        self._placements: dict[str, tuple[Placement, PlacementEvent, int]] = {}
+        self.verdicts: _Verdicts = {}
+        """What `decide` made of each node (`_known_verdict`)."""
+        self._candidates: tuple[PlanComputed, dict[str, list[str]]] | None = None
+        self._latest: PlanComputed | None = None
+        self._fulls = 0  # full computations so far
+        self._touched: list[str] = []  # nodes whose layouts extensions changed since the last full one
+        self._sweep: _Sweep | None = None
 
     def _render(self, name: str, gpus: dict[int, tuple[Slice, ...]]) -> tuple[NodeLayout, int]:
         """A node's layout as an event value and its digest item, reused while the layout stays."""
@@ -559,21 +850,69 @@ class IncrementalPlanner:
         self._rendered[name] = (gpus, layout, item)
         return layout, item
 
+    def _placed(self, key: str, p: Placement) -> tuple[Placement, PlacementEvent, int]:
+        """A placement, as an event value and as its digest item, reused while it stays."""
+        cached = self._placements.get(key)
+        if cached is not None and (cached[0] is p or cached[0] == p):
+            return cached
+        return p, _placement(p), _placed_item(key, p)
+
+    def release_candidates(self, state: ClusterState, plan: PlanComputed) -> dict[str, list[str]]:
+        """`_release_candidates(state, plan.placed)`, kept up to date as plans are extended."""
+        if self._candidates is None or self._candidates[0] is not plan:
+            self._candidates = (plan, _release_candidates(state, plan.placed))
+        return self._candidates[1]
+
+    def node_plans(self, state: ClusterState, plan: PlanComputed) -> Iterator[NodePlanned]:
+        """`_node_plans(state, plan)`. For the plan just computed, when nothing but its extensions
+        changed since the last decision (no node changed, nor what was asked of nodes), only the
+        nodes whose layouts the extensions changed are worked out again."""
+        sweep = self._sweep
+        if (
+            plan is self._latest
+            and sweep is not None
+            and sweep.fulls == self._fulls
+            and sweep.structure_changes == state.structure_changes
+        ):
+            asks = sweep.asks
+            for name in self._touched[sweep.touched :]:
+                verdict = _known_verdict(state, plan, name, self.verdicts)
+                if verdict is None:
+                    asks.pop(name, None)
+                else:
+                    asks[name] = verdict
+        else:
+            asks = {}
+            for name in plan.nodes:
+                verdict = _known_verdict(state, plan, name, self.verdicts)
+                if verdict is not None:
+                    asks[name] = verdict
+        if plan is self._latest:
+            self._sweep = _Sweep(self._fulls, state.structure_changes, len(self._touched), asks)
+        for name in sorted(asks):  # in the plan's order: by name
+            yield from _asked(state, plan, name, asks[name])
+
     def compute(self, state: ClusterState, now: datetime) -> PlanComputed:
         extended = self._extended(state, now)
         self.last_mode = "full" if extended is None else "incremental"
-        return extended or self._full(state, now)
+        self._latest = extended or self._full(state, now)
+        return self._latest
 
     def _full(self, state: ClusterState, now: datetime) -> PlanComputed:
-        nodes, waiting_for_report, pinned = planning_nodes(state, now, self.settings)
-        pending = [*_pending_pods(state, state.waiting()), *pinned]
+        self._fulls += 1
+        self._touched = []
+        waiting = state.waiting()
+        nodes, waiting_for_report, pinned = planning_nodes(state, now, self.settings, waiting)
+        eligibility = _Eligibility(state)
+        pending = [*eligibility.pending(waiting), *pinned]
         run = plan_run(nodes, pending, self.settings.plan)
         # A layout a node refused is never asked of it again while its report stays as it was: that
         # node keeps what it has in this plan.
         refused = {
             name
             for name, gpus in run.result.layouts.items()
-            if state.nodes[name].refused(layout_of({i: (s.size_gb for s in g) for i, g in gpus.items()}))
+            if state.nodes[name].refusal is not None
+            and state.nodes[name].refused(layout_of({i: (s.size_gb for s in g) for i, g in gpus.items()}))
         }
         if refused:
             nodes = [replace(n, can_carve=False) if n.name in refused else n for n in nodes]
@@ -596,60 +935,108 @@ class IncrementalPlanner:
         node_items = {name: item for name, (_, item) in rendered.items()}
         for item in node_items.values():
             digest.add(item)
-        for key, p in result.placed.items():
-            digest.add(_PlanDigest.item("placed", key, p.node, p.gpu, p.size_gb))
+        placed = {key: self._placed(key, result.placed[key]) for key in sorted(result.placed)}
+        self._placements = placed
+        for _, _, item in placed.values():
+            digest.add(item)
         for key, reason in unplaced.items():
-            digest.add(_PlanDigest.item("unplaced", key, reason))
+            digest.add(_reason_item("unplaced", key, reason))
         for name, reason in excluded.items():
-            digest.add(_PlanDigest.item("excluded", name, reason))
+            digest.add(_reason_item("excluded", name, reason))
         plan = PlanComputed.model_construct(
             kind="PlanComputed",
             plan_id=digest.plan_id,
             nodes={name: layout for name, (layout, _) in rendered.items()},
-            placed={key: _placement(p) for key, p in sorted(result.placed.items())},
+            placed={key: event for key, (_, event, _) in placed.items()},
             unplaced=dict(sorted(unplaced.items())),
             excluded_nodes=dict(sorted(excluded.items())),
         )
         run.extendable = run.extendable and not waiting_for_report
-        can_host = {node.name: node.can_host for node in nodes}
+        hosting = [node.name for node in nodes if node.can_host]
         self._basis = _Basis(
-            run, state.revision, can_host, {p.key for p in pending}, digest, node_items, plan
+            run,
+            state.revision,
+            state.structure_changes,
+            hosting,
+            self._fresh_until(state, hosting),
+            [node.name for node in nodes if not node.can_host],
+            {p.key for p in pending},
+            digest,
+            node_items,
+            plan,
+            eligibility,
         )
         return plan
 
+    def _fresh_until(self, state: ClusterState, hosting: list[str]) -> datetime | None:
+        """Until when every report of `hosting` stays fresh (`_can_host`), as they are now."""
+        reported = [state.nodes[name].reported_at for name in hosting]
+        oldest = min((at for at in reported if at is not None), default=None)
+        return None if oldest is None else oldest + self.settings.report_stale_after
+
+    def _hosting_as_before(self, basis: _Basis, state: ClusterState, now: datetime) -> bool:
+        """Every node of the basis can host pods now exactly when it could then.
+
+        Nothing but time and a report's heartbeat changes that without a structure change (which
+        ends the basis anyway): time can only end a node's hosting, once its report goes stale,
+        and a heartbeat can only start it again. So the nodes that could host are gone through
+        only once the first of their reports could have gone stale, and then the moment is moved
+        on to the next one; the nodes that could not host are few and gone through every time."""
+        for name in basis.not_hosting:
+            level = state.nodes[name]
+            if level.report is not None and _can_host(level, now, self.settings):
+                return False
+        if basis.fresh_until is not None and now > basis.fresh_until:
+            for name in basis.hosting:
+                level = state.nodes[name]
+                if not (level.report is not None and _can_host(level, now, self.settings)):
+                    return False
+            basis.fresh_until = self._fresh_until(state, basis.hosting)
+        return True
+
     def _extended(self, state: ClusterState, now: datetime) -> PlanComputed | None:
         basis, self._basis = self._basis, None
-        if basis is None or state.structure_revision > basis.revision:
+        if basis is None or state.structure_changes != basis.structure_changes:
             return None
-        for name, can_host in basis.can_host.items():
-            level = state.nodes[name]
-            if (level.report is not None and _can_host(level, now, self.settings)) != can_host:
-                return None
-        arrived = [key for key, revision in state.pod_revisions.items() if revision > basis.revision]
-        if any(key in basis.pending or not state.pods[key].waits_for_slice for key in arrived):
+        if not self._hosting_as_before(basis, state, now):
             return None
-        extension = extend_run(basis.run, _pending_pods(state, (state.pods[key] for key in arrived)))
+        arrived = state.arrivals(basis.revision)
+        if any(
+            key in basis.pending or key in state.releases or not state.pods[key].waits_for_slice
+            for key in arrived
+        ):
+            return None
+        arrivals = [state.pods[key] for key in arrived]
+        extension = extend_run(basis.run, basis.eligibility.pending(arrivals))
         if extension is None:
             return None
         digest = basis.digest
-        nodes = dict(basis.plan.nodes)
+        nodes = dict(basis.plan.nodes)  # in order of name, as it stays: only layouts change
+        self._touched.extend(extension.layouts)
         for name, gpus in extension.layouts.items():
             digest.remove(basis.node_items[name])
             nodes[name], basis.node_items[name] = self._render(name, gpus)
             digest.add(basis.node_items[name])
+        added = {}
         for key, p in extension.placed.items():
-            digest.add(_PlanDigest.item("placed", key, p.node, p.gpu, p.size_gb))
+            self._placements[key] = entry = self._placed(key, p)
+            digest.add(entry[2])
+            added[key] = entry[1]
         for key, reason in extension.unplaced.items():
-            digest.add(_PlanDigest.item("unplaced", key, reason))
-        placed = {**basis.plan.placed, **{key: _placement(p) for key, p in extension.placed.items()}}
+            digest.add(_reason_item("unplaced", key, reason))
         plan = PlanComputed.model_construct(
             kind="PlanComputed",
             plan_id=digest.plan_id,
-            nodes=dict(sorted(nodes.items())),
-            placed=dict(sorted(placed.items())),
-            unplaced=dict(sorted({**basis.plan.unplaced, **extension.unplaced}.items())),
+            nodes=nodes,
+            placed=_in_key_order(basis.plan.placed, added),
+            unplaced=_in_key_order(basis.plan.unplaced, extension.unplaced),
             excluded_nodes=basis.plan.excluded_nodes,
         )
+        if self._candidates is not None and self._candidates[0] is basis.plan:
+            candidates = self._candidates[1]
+            for node, keys in _release_candidates(state, added).items():
+                candidates.setdefault(node, []).extend(keys)
+            self._candidates = (plan, candidates)
         basis.revision = state.revision
         basis.pending.update(arrived)
         basis.plan = plan
@@ -657,49 +1044,94 @@ class IncrementalPlanner:
         return plan
 
 
+V = TypeVar("V")
+
+
+def _in_key_order(ordered: Mapping[str, V], added: Mapping[str, V]) -> dict[str, V]:
+    """`dict(sorted({**ordered, **added}.items()))` for `ordered` in order of key already: each
+    new key goes into its place, so that a plan that gains a pod costs no sort of all the others.
+    Nothing added: `ordered` itself (a plan's mappings are never changed once it is made)."""
+    if not added and isinstance(ordered, dict):
+        return ordered
+    if any(key in ordered for key in added):
+        return dict(sorted({**ordered, **added}.items()))
+    keys = list(ordered)
+    values = list(ordered.values())
+    for key in sorted(added, reverse=True):  # the last first: the places of the others stay right
+        position = bisect_left(keys, key)
+        keys.insert(position, key)
+        values.insert(position, added[key])
+    return dict(zip(keys, values, strict=True))
+
+
 NO_RULES = NodeRules()
 
 
-def _pending_pods(state: ClusterState, pods: Iterable[PodObserved]) -> list[PendingPod]:
-    """`pods` as pods waiting for a slice, each with the nodes its rules let it run on when not all
-    (a pod that tolerates the taint every GPU node carries is as free as one without rules). A pod
-    without `hostIPC` may run only on nodes whose agents report the `shm-directory` IPC mode: in the
-    `host` mode its MPS client could not reach the server's shared memory."""
-    observed = {name: level.observed for name, level in state.nodes.items() if level.observed is not None}
-    shm_directory = frozenset(
-        name
-        for name, level in state.nodes.items()
-        if level.observed is not None and level.report is not None and level.report.mps_ipc == "shm-directory"
-    )
-    eligible: dict[tuple[str, bool], frozenset[str] | None] = {}  # most pods share their rules
-    pending = []
-    for pod in pods:
-        key = (pod.rules.model_dump_json() if pod.rules != NO_RULES else "", pod.host_ipc)
-        if key not in eligible:
-            allowed = (
-                frozenset(name for name, node in observed.items() if admits(pod.rules, node))
-                if has_effect(pod.rules, observed)
-                else None
-            )
-            if not pod.host_ipc:
-                allowed = shm_directory if allowed is None else allowed & shm_directory
-            eligible[key] = None if allowed is not None and len(allowed) == len(observed) else allowed
-        pending.append(
-            PendingPod(
-                pod.namespace,
-                pod.name,
-                pod.size_gb,
-                pod.priority,
-                pod.created,
-                eligible=eligible[key],
-                needs_shm_directory=not pod.host_ipc,
-            )
+class _Eligibility:
+    """The nodes that pods' rules let them run on, as the state says when it is made (it serves
+    while no node changes: a full computation makes a new one).
+
+    A pod with rules may run only on the nodes they admit, unless they admit every node (a pod that
+    tolerates the taint every GPU node carries is as free as one without rules). A pod without
+    `hostIPC` may run only on nodes whose agents report the `shm-directory` IPC mode: in the `host`
+    mode its MPS client could not reach the server's shared memory. Pods share their rules, so
+    each set of rules is worked out once."""
+
+    def __init__(self, state: ClusterState) -> None:
+        self.observed = {
+            name: level.observed for name, level in state.nodes.items() if level.observed is not None
+        }
+        self.shm_directory = frozenset(
+            name
+            for name, level in state.nodes.items()
+            if level.observed is not None
+            and level.report is not None
+            and level.report.mps_ipc == "shm-directory"
         )
-    return pending
+        self._allowed: dict[tuple[str, bool], frozenset[str] | None] = {}
+
+    def pending(self, pods: Iterable[PodObserved]) -> list[PendingPod]:
+        """`pods` as pods waiting for a slice, each with the nodes it may run on when not all."""
+        pending = []
+        for pod in pods:
+            # `pod.rules == NO_RULES` (a model is equal to another of its kind with the same fields),
+            # without pydantic's overhead per call.
+            key = (
+                pod.rules.model_dump_json() if pod.rules.__dict__ != NO_RULES.__dict__ else "",
+                pod.host_ipc,
+            )
+            eligible = self._allowed[key] if key in self._allowed else self._eligible(key, pod)
+            pending.append(
+                PendingPod(
+                    pod.namespace,
+                    pod.name,
+                    pod.size_gb,
+                    pod.priority,
+                    pod.created,
+                    eligible=eligible,
+                    needs_shm_directory=not pod.host_ipc,
+                )
+            )
+        return pending
+
+    def _eligible(self, key: tuple[str, bool], pod: PodObserved) -> frozenset[str] | None:
+        observed = self.observed
+        allowed = (
+            frozenset(name for name, node in observed.items() if admits(pod.rules, node))
+            if has_effect(pod.rules, observed)
+            else None
+        )
+        if not pod.host_ipc:
+            allowed = self.shm_directory if allowed is None else allowed & self.shm_directory
+        self._allowed[key] = None if allowed is not None and len(allowed) == len(observed) else allowed
+        return self._allowed[key]
 
 
 def planning_nodes(
-    state: ClusterState, now: datetime, settings: PlannerSettings
+    state: ClusterState,
+    now: datetime,
+    settings: PlannerSettings,
+    waiting: list[PodObserved] | None = None,
 ) -> tuple[list[Node], list[str], list[PendingPod]]:
     """Opted-in nodes as the planner may use them, the names of those that never reported, and the
     pods released to a node that has no slice left for them (they are planned there again).
@@ -709,10 +1141,13 @@ def planning_nodes(
     its slices; until the report names the pod, one more free slice of its size counts as used and no
     free slice of its size may be reclaimed there, since the kubelet may give the pod any of them.
     No free slice of a size that a pod outside the scheduling gate waits for may be reclaimed
-    anywhere: the scheduler may bind that pod to it at any moment.
+    anywhere: the scheduler may bind that pod to it at any moment. `waiting`: `state.waiting()`,
+    when the caller has it already.
     """
     holders = state.holders()
-    ungated = frozenset(pod.size_gb for pod in state.waiting() if not pod.gated)
+    ungated = frozenset(
+        pod.size_gb for pod in (state.waiting() if waiting is None else waiting) if not pod.gated
+    )
     nodes: list[Node] = []
     never_reported: list[str] = []
     pinned: list[PendingPod] = []
@@ -727,17 +1162,22 @@ def planning_nodes(
         if level.report is None or level.reported_at is None:
             never_reported.append(name)
             continue
-        named = {s.holder for g in level.report.gpus for s in g.slices if s.holder is not None}
-        unnamed = [pod for pod in holders.get(name, []) if pod.key not in named]
-        desired = level.desired.layout if level.applying and level.desired is not None else None
-        gpus, without_slice = _expected_gpus(level.report, desired, Counter(p.size_gb for p in unnamed))
+        report = level.report
+        unnamed: list[PodObserved] = []
+        there = holders.get(name)
+        if there:
+            named = {s.holder for g in report.gpus for s in g.slices if s.holder is not None}
+            unnamed = [pod for pod in there if pod.key not in named]
+        applying = level.applying
+        desired = level.desired.layout if applying and level.desired is not None else None
+        gpus, without_slice = level.expected_gpus(report, desired, Counter(p.size_gb for p in unnamed))
         for pod in unnamed:
             if without_slice[pod.size_gb] > 0 and pod.node is None:
                 without_slice[pod.size_gb] -= 1
                 pinned.append(_pinned(pod, name))
         can_host = _can_host(level, now, settings)
-        can_carve = can_host and not level.applying
-        protected = ungated | {pod.size_gb for pod in unnamed}
+        can_carve = can_host and not applying
+        protected = ungated | {pod.size_gb for pod in unnamed} if unnamed else ungated
         nodes.append(
             Node(
                 name=name,
@@ -745,7 +1185,7 @@ def planning_nodes(
                 can_carve=can_carve,
                 can_host=can_host,
                 protected=protected,
-                withdrawn=_withdrawn_gpus(level.report, protected if can_carve else None),
+                withdrawn=level.withdrawn_gpus(report, protected if can_carve else None),
             )
         )
     return nodes, never_reported, pinned
@@ -766,7 +1206,7 @@ def _withdrawn_gpus(report: NodeGpusReported, keep_free: frozenset[int] | None) 
         if gpu.serves_slices or gpu.mig_enabled:
             continue
         kept = tuple(
-            Slice(size_gb=s.size_gb, used=s.used)
+            slice_of(s.size_gb, s.used)
             for s in sorted(gpu.slices, key=lambda s: s.size_gb)
             if s.used or keep_free is None or s.size_gb in keep_free
         )
@@ -780,6 +1220,10 @@ def _withdrawn_gpus(report: NodeGpusReported, keep_free: frozenset[int] | None) 
             )
         )
     return tuple(withdrawn)
+
+
+_size_of = attrgetter("size_gb")
+_index_of = attrgetter("index")
 
 
 def _pinned(pod: PodObserved, node: str) -> PendingPod:
@@ -796,28 +1240,37 @@ def _expected_gpus(
     used ones kept. Used slices the report does not tie to a pod may be the unnamed holders' own;
     beyond those, one free slice per unnamed holder counts as used, GPU by GPU.
     """
-    untied_used = Counter(s.size_gb for g in report.gpus for s in g.slices if s.used and s.holder is None)
-    to_mark = Counter({size: count - untied_used[size] for size, count in unnamed.items()})
+    to_mark: Counter[int] = Counter()
+    if unnamed:
+        untied_used = Counter(s.size_gb for g in report.gpus for s in g.slices if s.used and s.holder is None)
+        to_mark = Counter({size: count - untied_used[size] for size, count in unnamed.items()})
     gpus: list[Gpu] = []
-    for gpu in sorted(report.gpus, key=lambda g: g.index):
+    for gpu in sorted(report.gpus, key=_index_of):
         if not gpu.serves_slices:  # no MPS to serve slices on it now: see `_withdrawn_gpus`
             continue
-        used = Counter(s.size_gb for s in gpu.slices if s.used)
-        if desired is not None and gpu.index in desired:
-            wanted = Counter(desired[gpu.index])
-            sizes = sorted((wanted | used).elements())
+        slices: list[Slice]
+        if (desired is None or gpu.index not in desired) and not any(n > 0 for n in to_mark.values()):
+            # As reported, by size, each size's used slices first: what the loop below gives.
+            slices = [SHARED_SLICES[s.size_gb, True] for s in gpu.slices if s.used]
+            slices += [SHARED_SLICES[s.size_gb, False] for s in gpu.slices if not s.used]
+            slices.sort(key=_size_of)
         else:
-            sizes = sorted(s.size_gb for s in gpu.slices)
-        slices: list[Slice] = []
-        for size in sizes:
-            if used[size] > 0:
-                used[size] -= 1
-                slices.append(Slice(size_gb=size, used=True))
-            elif to_mark[size] > 0:
-                to_mark[size] -= 1
-                slices.append(Slice(size_gb=size, used=True))
+            used = Counter(s.size_gb for s in gpu.slices if s.used)
+            if desired is not None and gpu.index in desired:
+                wanted = Counter(desired[gpu.index])
+                sizes = sorted((wanted | used).elements())
             else:
-                slices.append(Slice(size_gb=size, used=False))
+                sizes = sorted(s.size_gb for s in gpu.slices)
+            slices = []
+            for size in sizes:
+                if used[size] > 0:
+                    used[size] -= 1
+                    slices.append(slice_of(size, True))
+                elif to_mark[size] > 0:
+                    to_mark[size] -= 1
+                    slices.append(slice_of(size, True))
+                else:
+                    slices.append(slice_of(size, False))
         gpus.append(
             Gpu(
                 index=gpu.index,

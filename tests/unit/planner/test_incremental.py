@@ -11,7 +11,7 @@ from benchmarks.folding import T0, fold_state
 from benchmarks.snapshots import generate
 from events.envelope import Envelope
 from events.pods import NodeRules, NodeSelectorTerm, PodDeleted, PodObserved, Requirement
-from services.planner.core.state import IncrementalPlanner, PlannerSettings, compute_plan
+from services.planner.core.state import IncrementalPlanner, PlannerSettings, PublishPlan, compute_plan, decide
 
 SETTINGS = PlannerSettings()
 
@@ -119,3 +119,76 @@ def test_new_pending_pods_with_node_rules_go_only_where_their_rules_allow() -> N
     assert plan.placed["late/first"].node == "gpu-node-0000"
     assert plan.unplaced["late/none"].startswith("no opted-in node that mpsflow plans on matches")
     assert plan == compute_plan(state, now, SETTINGS)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    load=st.sampled_from([0.2, 0.45]),
+    script=st.lists(
+        st.one_of(
+            st.tuples(st.just("new"), st.sampled_from([1, 2, 5, 10, 20]), st.sampled_from([0, 0, 10])),
+            st.tuples(st.just("decide"), st.just(0), st.just(0)),
+        ),
+        max_size=12,
+    ),
+)
+def test_plans_equal_plans_from_scratch_when_decisions_are_published(
+    seed: int, load: float, script: list[tuple[str, int, int]]
+) -> None:
+    """A decision published asks nodes for layouts, which they are then applying: what a plan starts
+    from changes, and the next plan must still be the one from scratch. A long-lived planner, which
+    keeps what it made of each node, decides what a new one does."""
+    snapshot = generate(seed, nodes=4, gpus_per_node=2, pods=15, load=load)
+    state = fold_state(snapshot)
+    planner = IncrementalPlanner(SETTINGS)
+    now = T0 + timedelta(seconds=1)
+    for step, (action, size, priority) in enumerate(script):
+        now += timedelta(seconds=1)
+        if action == "new":
+            pod = PodObserved(
+                namespace="late",
+                name=f"p{step}",
+                uid=f"late-{step}",
+                resource_version="1",
+                size_gb=size,
+                priority=priority,
+                created=now,
+                phase="Pending",
+                gated=True,
+            )
+            state.apply(Envelope(id=f"step-{step}", time=now, source="test", event=pod))
+            plan = planner.compute(state, now)
+            assert plan.model_dump_json() == compute_plan(state, now, SETTINGS).model_dump_json()
+            continue
+        decision = decide(state, now, SETTINGS, planner)
+        if isinstance(decision, PublishPlan):
+            assert decision == decide(state, now, SETTINGS), "the same decision as a new planner's"
+            state.commit(decision)
+
+
+def test_a_published_decision_ends_the_fast_path() -> None:
+    """Once a decision that asked nodes for layouts is published, those nodes apply them and plan
+    differently: the next pod is planned from scratch, not on top of the plan before."""
+    state = fold_state(generate(3, nodes=20, gpus_per_node=4, pods=100, load=0.45))
+    planner = IncrementalPlanner(SETTINGS)
+    now = T0 + timedelta(seconds=1)
+    decision = decide(state, now, SETTINGS, planner)
+    assert isinstance(decision, PublishPlan)
+    assert decision.node_plans
+    state.commit(decision)
+    for serial in range(5):
+        now += timedelta(milliseconds=100)
+        pod = PodObserved(
+            namespace="default",
+            name=f"late-{serial}",
+            uid=f"late-{serial}",
+            resource_version="1",
+            size_gb=4,
+            created=now,
+            phase="Pending",
+        )
+        state.apply(Envelope(id=f"late-{serial}", time=now, source="test", event=pod))
+        plan = planner.compute(state, now)
+        assert planner.last_mode == ("full" if serial == 0 else "incremental")
+        assert plan.model_dump_json() == compute_plan(state, now, SETTINGS).model_dump_json()
