@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint env clean golden demo-runs chaos-runs fuzz lock docs
+.PHONY: demo test lint env clean golden demo-runs chaos-runs scale-demo fuzz lock docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ ROUNDS ?= 1
 chaos-runs: $(STAMP) ## ten chaos plans (every part killed, alone and together) ROUNDS times, then with one core busy (long)
 	$(BIN)/python -m benchmarks.chaos_runs --rounds $(ROUNDS)
 	$(BIN)/python -m benchmarks.chaos_runs --rounds $(ROUNDS) --hog
+
+scale-demo: $(STAMP) ## scale-200 (200 nodes x 8 GPUs, 2,000 pods) and burst-500 (500 pods in 2 s), once each, with their summaries (long)
+	$(BIN)/python -m benchmarks.scale_demo
 
 FUZZ_EXAMPLES ?= 20000
 fuzz: $(STAMP) ## every fuzz property of tests/fuzz at volume, FUZZ_EXAMPLES examples each (long; make test runs a bounded profile)

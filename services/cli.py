@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from events.jetstream import NatsOptions
     from node_agent.device_plugin import SliceDevicePlugin
     from node_agent.health import XidPolicy
+    from node_agent.mps import MpsControl
     from node_agent.nvml import GpuInventory
     from services.kit.status import Status
 
@@ -379,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _slice_serving(agent, "with --mps-daemons own only: the agent then serves the slices itself")
     agent.add_argument("--heartbeat", type=float, default=10.0, help="seconds between GPU reports")
+    agent.add_argument(
+        "--usage-poll",
+        type=float,
+        default=0.2,
+        metavar="SECONDS",
+        help="seconds between looks at what the kubelet lists and what containers hold (its pod-resources "
+        "API) and at the slices handed out",
+    )
     agent.add_argument(
         "--memory-reserve-mib",
         type=_mib,
@@ -920,10 +929,14 @@ def mps_control_command(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 async def serve_mps_daemons(
-    args: argparse.Namespace, inventory: GpuInventory | None = None, status: Status | None = None
+    args: argparse.Namespace,
+    inventory: GpuInventory | None = None,
+    status: Status | None = None,
+    mps: MpsControl | None = None,
 ) -> None:
     """Keep this node's MPS daemons running, on its GPUs (NVML) or on `inventory` where simulated,
-    and serve the slices the node agent asks for to the kubelet, restarts of the agent or not."""
+    and serve the slices the node agent asks for to the kubelet, restarts of the agent or not.
+    `mps`: the daemons' control, where simulated (default: `--mps-control`, one process a command)."""
     import anyio
 
     from node_agent.daemons import DaemonKeeper
@@ -931,7 +944,7 @@ async def serve_mps_daemons(
     from node_agent.mps import SubprocessMpsControl
     from node_agent.nvml import NvmlInventory
 
-    mps = SubprocessMpsControl(mps_control_command(args))
+    mps = mps or SubprocessMpsControl(mps_control_command(args))
     keeper = DaemonKeeper(inventory or NvmlInventory(), mps, args.mps_root)
     plugin = _slice_plugin(args)
     link = LinkServer(plugin, args.link_socket, args.link_socket.with_name("served-slices.json"))
@@ -942,7 +955,7 @@ async def serve_mps_daemons(
             group.start_soon(link.run)
             group.start_soon(keeper.run, args.check_seconds, args.alive_file, status)
     finally:
-        await plugin.close()
+        await close_all(plugin.close)  # shielded: a stop by signal cancels this task
 
 
 def _slice_plugin(args: argparse.Namespace) -> SliceDevicePlugin:
@@ -959,9 +972,13 @@ def _slice_plugin(args: argparse.Namespace) -> SliceDevicePlugin:
 
 
 async def serve_node_agent(
-    args: argparse.Namespace, inventory: GpuInventory | None = None, status: Status | None = None
+    args: argparse.Namespace,
+    inventory: GpuInventory | None = None,
+    status: Status | None = None,
+    mps: MpsControl | None = None,
 ) -> None:
-    """The node agent on this node's GPUs (NVML), or on `inventory` where the GPUs are simulated."""
+    """The node agent on this node's GPUs (NVML), or on `inventory` where the GPUs are simulated
+    (and `mps`, the daemons' control, where they are simulated too)."""
     from events.access import node_agent_identity
     from events.jetstream import EventBus
     from node_agent.agent import AgentSettings, NodeAgent
@@ -981,6 +998,7 @@ async def serve_node_agent(
         mps_root=args.mps_root,
         pod_resources_socket=args.pod_resources_socket,
         heartbeat_seconds=args.heartbeat,
+        usage_poll_seconds=args.usage_poll,
         own_daemons=args.mps_daemons == "own",
         alive_file=args.alive_file,
         xid_policy=args.ignore_xids,
@@ -991,7 +1009,7 @@ async def serve_node_agent(
         settings,
         bus,
         inventory,
-        SubprocessMpsControl(mps_control_command(args)),
+        mps or SubprocessMpsControl(mps_control_command(args)),
         plugin,
         processes=ProcEnvironment(),
         status=status,

@@ -49,6 +49,14 @@ class DemoCommand:
             help="replicas of the pod watcher, the planner and the config publisher, one active by a lease",
         )
         parser.add_argument(
+            "--nodes-per-host",
+            type=_count,
+            metavar="N",
+            help="run the MPS daemon keeper and the node agent of N nodes in one process (a node host; "
+            "0: each in a process of its own); default: 0 up to 10 nodes or when --chaos kills a node "
+            "agent, else 25",
+        )
+        parser.add_argument(
             "--traces",
             type=Path,
             metavar="DIR",
@@ -83,7 +91,15 @@ class DemoCommand:
             args.replicas,
             traces=args.traces,
             otlp_endpoint=args.otlp_endpoint,
+            nodes_per_host_asked=args.nodes_per_host,
         )
+
+
+def _count(text: str) -> int:
+    """A whole number, 0 or more."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, got {text!r}")
+    return int(text)
 
 
 DEMO = DemoCommand()

@@ -10,12 +10,24 @@ mid-workload and starts them again, as a kubelet restarts a crashed container, a
 each takes to serve its node again; it never kills a node's MPS daemon keeper or daemons, which
 outlive the agent by design. Everything it started is stopped when it ends, on failure and on Ctrl-C
 too. The same machinery backs the end-to-end tests.
+
+Large clusters: two Python processes per node (agent and keeper) and one per GPU (the fake daemon)
+are what a real node runs, but 200 nodes of 8 GPUs of them do not start on two cores within the
+30 s the demo gives the cluster. Above `HOSTED_ABOVE` nodes (or with `--nodes-per-host`), the nodes'
+kubelets, keepers and agents run in node hosts (`simulation.node_host`): the same production
+wiring and identities, many nodes to a process, their MPS daemons in that process
+(`simulation.fake_mps_inprocess`). Where `--chaos` kills node agents, every node keeps processes of
+its own, since a killed host would take its nodes' daemons with it. Every service of the control
+plane stays a process of its own either way. What the demo polls while it plays reads its own
+informer (`ClusterView`), and it creates pods without waiting for each answer, so that neither it
+nor its API emulator is what a large run measures.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -59,12 +71,23 @@ from events.vocabulary import (
 from node_agent.mps import DaemonSpec
 from services.kit.kube import api_client
 from services.kit.lease import LeaseRecord
-from services.kit.watching import list_and_watch
+from services.kit.watching import Listing, list_and_watch
 from services.traceview import SERVICE_PREFIX, TRACES_DIR_ENV, default_traces_dir
 from simulation.apiserver import AdmissionWebhook, ApiServer
 from simulation.chaos import RESTART_DELAY_S, ChaosError, Kill, check_chaos, parse_chaos
-from simulation.kubelet import RUNS_FOR_ANNOTATION, Kubelet
+from simulation.kubelet import RUNS_FOR_ANNOTATION, Kubelet, pod_resources_socket
+from simulation.kubelet import plugin_dir as kubelet_plugin_dir
 from simulation.nats_server import LocalNatsServer, free_port
+from simulation.node_host import (
+    KUBELET_STATES,
+    HostedNode,
+    HostSpec,
+    KubeletState,
+    client_as,
+    kubelet_connections,
+    register_nodes,
+)
+from simulation.node_host import ask as ask_host
 from simulation.scenario import (
     NodeChange,
     Scenario,
@@ -78,6 +101,19 @@ from simulation.scheduler import Scheduler
 
 SERVICES = ("pod-watcher", "planner", "config-publisher", "admission-webhook")
 READY_TIMEOUT = 30.0
+HOSTED_ABOVE = 10
+"""A scenario with more nodes than this runs their services in node hosts (`nodes_per_host`)."""
+NODES_PER_HOST = 25
+HOST_REQUEST_TIMEOUT_S = 15.0  # a stop waits for the agent to stop, 5 s at most
+COLLECT_TIMEOUT_S = 60.0
+CREATING_AT_ONCE = 64
+LARGE_WORKLOAD = 100
+"""Pod creations the demo keeps in flight while it plays a workload."""
+HOSTED_USAGE_POLL_S = 1.0
+"""How often an agent in a node host looks at its kubelet's pod resources and its keeper's slices:
+every second, where production looks five times a second. Two cores cannot look 1,000 times a
+second for 200 nodes (each look costs a few milliseconds of Python, server side included); looking
+less often only makes mpsflow later to see a slice taken or freed, never earlier."""
 FAKE_MPS_CONTROL = f"{sys.executable} -m simulation.fake_mps_control"
 COMPAT_CONFIGMAP = NOS_DEVICE_PLUGIN_CONFIGMAP  # where `--compat-configmap` without a value writes
 COMPAT_SETTLE_TIMEOUT = 5.0
@@ -95,8 +131,19 @@ class Observed:
     watched: set[str] = field(default_factory=set)  # opted-in nodes, as the pod watcher says
     rejected: dict[str, str] = field(default_factory=dict)
     plans: int = 0
-    last_plan: PlanComputed | None = None
+    plan_data: bytes | None = None
+    """The last plan as published: a plan of 200 nodes is decoded only when it is looked at."""
     configs_refused: int = 0
+    _plan: tuple[bytes, PlanComputed] | None = None
+
+    @property
+    def last_plan(self) -> PlanComputed | None:
+        """The last plan published (None before the first)."""
+        if self.plan_data is not None and (self._plan is None or self._plan[0] is not self.plan_data):
+            event = decode(self.plan_data).event
+            if isinstance(event, PlanComputed):
+                self._plan = (self.plan_data, event)
+        return None if self._plan is None else self._plan[1]
 
 
 @dataclass
@@ -145,6 +192,21 @@ class ChaosRecord:
 
 
 @dataclass
+class ClusterView:
+    """The demo's own informer: pods and nodes as its watches of the API last showed them. What it
+    polls while the workload plays (progress, whether everything settled) reads this rather than
+    copying every object out of the API emulator ten times a second, which at 2,000 pods would
+    take a core; the summary reads the API itself, once."""
+
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pods_synced: bool = False
+    nodes_synced: bool = False
+    ungated_at: dict[str, float] = field(default_factory=dict)
+    """When the watch first showed each pod without a scheduling gate (mpsflow released it)."""
+
+
+@dataclass
 class Cluster:
     """The running pieces of one demo, for the driver and for end-to-end tests."""
 
@@ -165,26 +227,48 @@ class Cluster:
     observed: Observed = field(default_factory=Observed)
     created_at: dict[str, float] = field(default_factory=dict)
     played: int = 0  # workload items and node changes played so far
+    view: ClusterView = field(default_factory=ClusterView)
+    hosts: dict[str, Path] = field(default_factory=dict)
+    """Node host processes (`simulation.node_host`) by name, each with its control socket."""
+    host_of: dict[str, str] = field(default_factory=dict)
+    """Node -> the host that runs its keeper and agent; a node not here has processes of its own."""
+    hosted_agents: set[str] = field(default_factory=set)
+    """Nodes whose agent runs in their host now."""
+    hosted_kubelets: dict[str, KubeletState] = field(default_factory=dict)
+    """What the kubelets of the node hosts did, as last collected (`collect_hosted_kubelets`)."""
+    _workload: dict[str, WorkloadItem] | None = None
 
-    def pods(self) -> dict[str, dict[str, Any]]:
+    def pods(self, *, fresh: bool = False) -> dict[str, dict[str, Any]]:
+        """The pods by namespace/name: as the demo's informer last saw them, or `fresh` from the API
+        (a copy of every pod: for the summary, not for polling). Not to be modified."""
+        if not fresh:
+            return self.view.pods
         return {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p for p in self.api.objects("pods")}
 
     def opted_in(self) -> set[str]:
-        """Nodes whose labels opt them in, as the API holds them now."""
+        """Nodes whose labels opt them in, as the demo's informer last saw them."""
         return {
-            node["metadata"]["name"]
-            for node in self.api.objects("nodes")
+            name
+            for name, node in self.view.nodes.items()
             if is_opted_in(node["metadata"].get("labels") or {})
         }
 
     def ready(self) -> bool:
-        """Every opted-in node has an agent that reported and is watched by the pod watcher."""
+        """Every node is registered, and every opted-in node has an agent that reported and is
+        watched by the pod watcher."""
+        if not (self.view.nodes_synced and self.view.pods_synced):
+            return False
+        if not {node.name for node in self.scenario.nodes} <= set(self.view.nodes):
+            return False
         opted_in = self.opted_in()
         return opted_in <= set(self.observed.reports) and opted_in <= self.observed.watched
 
     def valid_pods(self) -> dict[str, WorkloadItem]:
         """The workload's pods the pod watcher has not rejected."""
-        return {item.key: item for item in self.scenario.workload if item.key not in self.observed.rejected}
+        if self._workload is None:
+            self._workload = {item.key: item for item in self.scenario.workload}
+        rejected = self.observed.rejected
+        return {key: item for key, item in self._workload.items() if key not in rejected}
 
     def finished(self) -> bool:
         """Nothing is left to happen: everything was played, every killed agent serves its node
@@ -231,7 +315,7 @@ class Cluster:
 
     def failed(self) -> dict[str, str]:
         """Valid pods that ended Failed, with the reason the kubelet gave."""
-        pods = self.pods()
+        pods = self.pods(fresh=True)
         failed = {}
         for key in self.valid_pods():
             status = pods.get(key, {}).get("status") or {}
@@ -287,13 +371,27 @@ def _agent_name(node: str) -> str:
     return f"node-agent-{node}"
 
 
-def _start_agent(cluster: Cluster, node: ScenarioNode) -> None:
-    """The node's MPS daemon keeper (once: its DaemonSet is updated only on delete, and a node opted
-    out keeps its daemons for the pods still running there), then its node agent."""
+@dataclass(frozen=True)
+class NodeServices:
+    """How one node's MPS daemon keeper and agent are run: their GPU file and the options of
+    `mpsflow run mps-daemons` and `mpsflow run node-agent`, the same in a process of their own and
+    in a node host."""
+
+    gpus_file: Path
+    keeper: list[str]
+    agent: list[str]
+
+
+def _node_services(cluster: Cluster, node: ScenarioNode, *, hosted: bool) -> NodeServices:
+    """Per-node processes run the keeper's checks and the agent's heartbeat faster than production
+    (2 s and 5 s) to keep the small demos short; node hosts, for large clusters, run them at the
+    production defaults (5 s and 10 s), and the agent's look at its kubelet slower than production
+    (`HOSTED_USAGE_POLL_S`): what 200 nodes do is CPU the other nodes wait for, which a real node
+    would not take from any other."""
     node_dir = cluster.base / "nodes" / node.name
+    node_dir.mkdir(parents=True, exist_ok=True)
     gpus_file = node_dir / "gpus.json"
     gpus_file.write_text(simulated_gpus_file(node))
-    simulated = [sys.executable, "-m", "simulation.simulated_agent", "--simulated-gpus", str(gpus_file)]
     mps = [
         "--mps-root",
         str(node_dir / "mps"),
@@ -302,42 +400,77 @@ def _start_agent(cluster: Cluster, node: ScenarioNode) -> None:
         "--link-socket",
         str(node_dir / "link.sock"),
     ]
-    kubelet = cluster.kubelets[node.name]
+    keeper = ["--node", node.name, *mps, "--plugin-dir", str(kubelet_plugin_dir(node_dir))]
+    agent = ["--node", node.name, "--pod-resources-socket", str(pod_resources_socket(node_dir)), *mps]
+    if hosted:
+        agent += ["--usage-poll", str(HOSTED_USAGE_POLL_S)]
+    else:
+        keeper += ["--check-seconds", "2"]
+        agent += ["--heartbeat", "5"]
+    agent += _credentials_flag(cluster, access.node_agent_role(node.name))
+    return NodeServices(gpus_file, keeper, agent)
+
+
+def _start_agent(cluster: Cluster, node: ScenarioNode) -> None:
+    """The node's MPS daemon keeper (once: its DaemonSet is updated only on delete, and a node opted
+    out keeps its daemons for the pods still running there), then its node agent, each a process."""
+    services = _node_services(cluster, node, hosted=False)
+    simulated = [
+        sys.executable,
+        "-m",
+        "simulation.simulated_agent",
+        "--simulated-gpus",
+        str(services.gpus_file),
+    ]
     keeper = cluster.processes.get(_keeper_name(node.name))
     if keeper is None or keeper.poll() is not None:
         _start_process(
             cluster,
             _keeper_name(node.name),
-            [
-                *simulated,
-                "mps-daemons",
-                "--node",
-                node.name,
-                *mps,
-                "--plugin-dir",
-                str(kubelet.plugin_dir),
-                "--check-seconds",
-                "2",
-            ],
+            [*simulated, "mps-daemons", *services.keeper],
             f"mpsflow-mps-daemons-{node.name}",
         )
     _start_process(
         cluster,
         _agent_name(node.name),
-        [
-            *simulated,
-            "node-agent",
-            "--node",
-            node.name,
-            "--pod-resources-socket",
-            str(kubelet.pod_resources_socket),
-            *mps,
-            "--heartbeat",
-            "5",
-            *_credentials_flag(cluster, access.node_agent_role(node.name)),
-        ],
+        [*simulated, "node-agent", *services.agent],
         f"mpsflow-node-agent-{node.name}",
     )
+
+
+async def _ask_host(cluster: Cluster, node: str, op: str) -> None:
+    """Ask the node's host to start or stop its agent, waiting for the host to take requests (it
+    may still be starting: its requests are retried until `READY_TIMEOUT`)."""
+    socket_path = cluster.hosts[cluster.host_of[node]]
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        try:
+            with anyio.fail_after(HOST_REQUEST_TIMEOUT_S):
+                reply = await ask_host(socket_path, {"op": op, "node": node})
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await anyio.sleep(0.1)
+    if not reply.get("ok"):
+        raise RuntimeError(f"node host {cluster.host_of[node]}: {op} {node}: {reply.get('error')}")
+
+
+def _agent_running(cluster: Cluster, node: str) -> bool:
+    if node in cluster.host_of:
+        return node in cluster.hosted_agents
+    process = cluster.processes.get(_agent_name(node))
+    return process is not None and process.poll() is None
+
+
+async def _stop_agent(cluster: Cluster, node: str) -> None:
+    """Stop the node's agent process as its DaemonSet would (SIGTERM, then SIGKILL after a grace)."""
+    process = cluster.processes[_agent_name(node)]
+    process.send_signal(signal.SIGTERM)
+    try:
+        await anyio.to_thread.run_sync(process.wait, AGENT_STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def _credentials_flag(cluster: Cluster, role: access.Role) -> list[str]:
@@ -352,40 +485,109 @@ def _keeper_name(node: str) -> str:
 async def run_agents_where_opted_in(cluster: Cluster, api: client.ApiClient) -> None:
     """The node agent's DaemonSet: an agent runs on every node whose labels opt it in, and only
     there; a node opted out loses its agent (its running pods keep their slices), one opted in
-    gets one. It decides from its own watch of the nodes, as the DaemonSet controller does."""
+    gets one. It decides from its own watch of the nodes, as the DaemonSet controller does. Agents
+    in node hosts are started and stopped concurrently (one request at a time per node), as the
+    controller creates and deletes pods in batches; agents of their own, one by one."""
     nodes = {node.name: node for node in cluster.scenario.nodes}
+    locks: dict[str, anyio.Lock] = {}
 
-    async def sync(change: str, node: dict[str, Any]) -> None:
-        name = node["metadata"]["name"]
-        if _agent_name(name) in cluster.crashed:  # its pod still exists: the kubelet starts it again
-            return
-        wanted = change != "DELETED" and is_opted_in(node["metadata"].get("labels") or {})
-        process = cluster.processes.get(_agent_name(name))
-        running = process is not None and process.poll() is None
-        if wanted and not running and name in nodes:
-            _start_agent(cluster, nodes[name])
-        elif not wanted and process is not None and running:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await anyio.to_thread.run_sync(process.wait, AGENT_STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            cluster.observed.reports.pop(name, None)
+    async def hosted(name: str, op: str) -> None:
+        async with locks.setdefault(name, anyio.Lock()):
+            await _ask_host(cluster, name, op)
+            if op == "stop":
+                cluster.observed.reports.pop(name, None)
 
-    async def relist(items: list[dict[str, Any]]) -> None:
-        for item in items:
-            await sync("MODIFIED", item)
+    async with anyio.create_task_group() as group:
 
-    await list_and_watch(api, client.CoreV1Api(api).list_node, relist, sync)
+        async def sync(change: str, node: dict[str, Any]) -> None:
+            name = node["metadata"]["name"]
+            if _agent_name(name) in cluster.crashed:  # its pod still exists: the kubelet starts it again
+                return
+            wanted = change != "DELETED" and is_opted_in(node["metadata"].get("labels") or {})
+            running = _agent_running(cluster, name)
+            if wanted and not running and name in nodes:
+                if name in cluster.host_of:
+                    cluster.hosted_agents.add(name)
+                    group.start_soon(hosted, name, "start")
+                else:
+                    _start_agent(cluster, nodes[name])
+            elif not wanted and running:
+                if name in cluster.host_of:
+                    cluster.hosted_agents.discard(name)
+                    group.start_soon(hosted, name, "stop")
+                else:
+                    await _stop_agent(cluster, name)
+                    cluster.observed.reports.pop(name, None)
+
+        async def relist(items: Listing) -> None:
+            async for item in items:
+                await sync("MODIFIED", item)
+
+        await list_and_watch(api, client.CoreV1Api(api).list_node, relist, sync)
+
+
+async def _inform(cluster: Cluster) -> None:
+    """Keep `cluster.view` as the demo's watches of pods and nodes show them."""
+    core = client.CoreV1Api(cluster.admin)
+    view = cluster.view
+
+    def key(pod: dict[str, Any]) -> str:
+        return f"{pod['metadata'].get('namespace', '')}/{pod['metadata']['name']}"
+
+    async def pods_listed(items: Listing) -> None:
+        view.pods = {key(pod): pod async for pod in items}
+        view.pods_synced = True
+
+    async def pod_changed(change: str, pod: dict[str, Any]) -> None:
+        if change == "DELETED":
+            view.pods.pop(key(pod), None)
+        else:
+            view.pods[key(pod)] = pod
+            if key(pod) not in view.ungated_at and not (pod.get("spec") or {}).get("schedulingGates"):
+                view.ungated_at[key(pod)] = time.monotonic()
+
+    async def nodes_listed(items: Listing) -> None:
+        view.nodes = {node["metadata"]["name"]: node async for node in items}
+        view.nodes_synced = True
+
+    async def node_changed(change: str, node: dict[str, Any]) -> None:
+        if change == "DELETED":
+            view.nodes.pop(node["metadata"]["name"], None)
+        else:
+            view.nodes[node["metadata"]["name"]] = node
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(
+            functools.partial(
+                list_and_watch, cluster.admin, core.list_pod_for_all_namespaces, pods_listed, pod_changed
+            )
+        )
+        group.start_soon(
+            functools.partial(list_and_watch, cluster.admin, core.list_node, nodes_listed, node_changed)
+        )
+
+
+UNWATCHED = tuple(
+    prefix.removesuffix(">")
+    for prefix in (subjects.PLANNED_EVENTS, subjects.RELEASE_EVENTS, subjects.UNPLACED_EVENTS)
+)
+"""Subjects whose events the demo does not look at: it skips decoding them."""
 
 
 async def _observe(cluster: Cluster) -> None:
+    plan_subject = subjects.plan_subject()
     subscription = await cluster.bus.js.subscribe(subjects.ALL_EVENTS, ordered_consumer=True)
     try:
         while True:
             try:
                 message = await subscription.next_msg(timeout=1)
             except nats.errors.TimeoutError:
+                continue
+            if message.subject == plan_subject:  # counted here, decoded only when looked at
+                cluster.observed.plans += 1
+                cluster.observed.plan_data = message.data
+                continue
+            if message.subject.startswith(UNWATCHED):
                 continue
             try:
                 event = decode(message.data).event
@@ -400,9 +602,6 @@ async def _observe(cluster: Cluster) -> None:
                 cluster.observed.watched.discard(event.name)
             elif isinstance(event, PodRejected):
                 cluster.observed.rejected[event.key] = f"{event.reason}: {event.message}"
-            elif isinstance(event, PlanComputed):
-                cluster.observed.plans += 1
-                cluster.observed.last_plan = event
             elif isinstance(event, NodeConfigFailed):
                 cluster.observed.configs_refused += 1
     finally:
@@ -411,30 +610,52 @@ async def _observe(cluster: Cluster) -> None:
 
 
 async def _play(cluster: Cluster, core: client.CoreV1Api, start: float) -> None:
-    """Create the workload's pods and make its node changes, each at its time after `start`."""
+    """Create the workload's pods and make its node changes, each at its time after `start`.
+
+    A pod's creation does not wait for the one before it to be answered (a burst of 500 pods in
+    2 s must arrive in 2 s, whatever each takes the API and the webhook), but at most
+    `CREATING_AT_ONCE` are in flight, and a node change waits for every creation before it."""
     steps: list[tuple[float, WorkloadItem | NodeChange]] = [
         *((item.at, item) for item in cluster.scenario.workload),
         *((change.at, change) for change in cluster.scenario.node_changes),
     ]
-    for at, step in sorted(steps, key=lambda s: s[0]):
-        await anyio.sleep(max(0.0, start + at - time.monotonic()))
-        if isinstance(step, NodeChange):
-            await core.patch_node(
-                step.node,
-                {"metadata": {"labels": step.labels}},
-                _content_type="application/merge-patch+json",  # type: ignore[call-arg]
-                _request_timeout=10,
-            )
-        else:
-            manifest = json.loads(json.dumps(step.pod))
-            manifest.setdefault("apiVersion", "v1")
-            manifest.setdefault("kind", "Pod")
-            manifest["metadata"].setdefault("namespace", step.namespace)
-            if step.runs_for is not None:
-                manifest["metadata"].setdefault("annotations", {})[RUNS_FOR_ANNOTATION] = str(step.runs_for)
-            cluster.created_at[step.key] = time.monotonic()
-            await core.create_namespaced_pod(step.namespace, manifest, _request_timeout=10)
+    creating = anyio.CapacityLimiter(CREATING_AT_ONCE)
+    in_flight: set[anyio.Event] = set()
+
+    async def create(item: WorkloadItem, done: anyio.Event) -> None:
+        manifest = json.loads(json.dumps(item.pod))
+        manifest.setdefault("apiVersion", "v1")
+        manifest.setdefault("kind", "Pod")
+        manifest["metadata"].setdefault("namespace", item.namespace)
+        if item.runs_for is not None:
+            manifest["metadata"].setdefault("annotations", {})[RUNS_FOR_ANNOTATION] = str(item.runs_for)
+        try:
+            cluster.created_at[item.key] = time.monotonic()
+            await core.create_namespaced_pod(item.namespace, manifest, _request_timeout=10)
+        finally:
+            creating.release_on_behalf_of(item.key)
+            in_flight.discard(done)
+            done.set()
         cluster.played += 1
+
+    async with anyio.create_task_group() as group:
+        for at, step in sorted(steps, key=lambda s: s[0]):
+            await anyio.sleep(max(0.0, start + at - time.monotonic()))
+            if isinstance(step, NodeChange):
+                for done in list(in_flight):  # the pods created before it come first
+                    await done.wait()
+                await core.patch_node(
+                    step.node,
+                    {"metadata": {"labels": step.labels}},
+                    _content_type="application/merge-patch+json",  # type: ignore[call-arg]
+                    _request_timeout=10,
+                )
+                cluster.played += 1
+            else:
+                await creating.acquire_on_behalf_of(step.key)
+                done = anyio.Event()
+                in_flight.add(done)
+                group.start_soon(create, step, done)
 
 
 async def _play_chaos(cluster: Cluster, start: float, say: Callable[[str], None]) -> None:
@@ -691,6 +912,7 @@ async def start_cluster(
     compat: bool = False,
     replicas: int = 1,
     environment: dict[str, str] | None = None,
+    nodes_per_host: int = 0,
 ) -> Cluster:
     """Start the cluster and every service; the agents start with `run_agents_where_opted_in`.
 
@@ -698,7 +920,9 @@ async def start_cluster(
     (`COMPAT_CONFIGMAP`) and point each node's `nvidia.com/device-plugin.config` label at it.
     `replicas` of each of the pod watcher, the planner and the config publisher run (`<service>-<n>`
     when more than one), one of them active by the service's lease. `environment` is set for every
-    process it starts (where to export spans)."""
+    process it starts (where to export spans). `nodes_per_host`: 0 runs each node's keeper and agent
+    as processes of their own (over fake MPS daemons of their own), N runs them in node hosts of N
+    nodes each (`simulation.node_host`)."""
     base = Path(tempfile.mkdtemp(prefix="mpsflow-", dir="/tmp"))
     stack.callback(shutil.rmtree, base, True)
     (base / "logs").mkdir()
@@ -727,14 +951,19 @@ async def start_cluster(
     stack.push_async_callback(bus.close)
     admin = await api_client(api.url, "demo")
     stack.push_async_callback(admin.close)
-    kubelets: dict[str, Kubelet] = {}
-    for node in scenario.nodes:
-        kubelet_api = await api_client(api.url, f"kubelet-{node.name}")
-        stack.push_async_callback(kubelet_api.close)
-        kubelets[node.name] = Kubelet(
-            kubelet_api, node, base / "nodes" / node.name, scenario.timing.node_status_period_s
+    # With node hosts, each node's kubelet runs in its host, beside the node's keeper and agent.
+    connections = kubelet_connections(api.url)
+    stack.push_async_callback(connections.close)
+    kubelets = {
+        node.name: Kubelet(
+            client_as(connections, f"kubelet-{node.name}"),
+            node,
+            base / "nodes" / node.name,
+            scenario.timing.node_status_period_s,
         )
-        await kubelets[node.name].register_node()
+        for node in (scenario.nodes if nodes_per_host == 0 else [])
+    }
+    await register_nodes(kubelets.values())
     cluster = Cluster(scenario, base, nats_server, api, bus, admin, kubelets, webhook_url)
     cluster.environment.update(environment or {})
     stack.callback(_stop_processes, cluster)
@@ -760,7 +989,70 @@ async def start_cluster(
         f", {replicas} replicas of each with a lease" if replicas > 1 else ""
     )
     say(f"started {shown} (logs in {base / 'logs'})")
+    if nodes_per_host > 0:
+        _start_node_hosts(cluster, nodes_per_host)
+        say(
+            f"started {len(cluster.hosts)} node hosts of up to {nodes_per_host} nodes each "
+            "(each node's MPS daemon keeper and agent in its host, with its own identity)"
+        )
     return cluster
+
+
+def _start_node_hosts(cluster: Cluster, nodes_per_host: int) -> None:
+    """One `simulation.node_host` process per `nodes_per_host` nodes, dealt round: the scenario's
+    first nodes go to different hosts, so that the nodes a planner fills first (it packs) do not
+    all wait for the same core."""
+    hosts_dir = cluster.base / "hosts"
+    hosts_dir.mkdir()
+    nodes = cluster.scenario.nodes
+    count = -(-len(nodes) // nodes_per_host)
+    for index in range(count):
+        name = f"node-host-{index + 1}"
+        group = nodes[index::count]
+        spec = HostSpec(
+            control_socket=hosts_dir / f"{name}.sock",
+            kube_url=cluster.api.url,
+            node_status_period_s=cluster.scenario.timing.node_status_period_s,
+            nodes=tuple(
+                HostedNode(
+                    node=node,
+                    root=cluster.base / "nodes" / node.name,
+                    gpus_file=services.gpus_file,
+                    keeper=tuple(services.keeper),
+                    agent=tuple(services.agent),
+                )
+                for node in group
+                for services in [_node_services(cluster, node, hosted=True)]
+            ),
+        )
+        spec_file = hosts_dir / f"{name}.json"
+        spec_file.write_text(spec.model_dump_json(indent=1))
+        _start_process(
+            cluster,
+            name,
+            [sys.executable, "-m", "simulation.node_host", "--spec", str(spec_file)],
+            "mpsflow-node-host",
+        )
+        cluster.hosts[name] = spec.control_socket
+        cluster.host_of.update((node.name, name) for node in group)
+
+
+def nodes_per_host(scenario: Scenario, chaos: tuple[Kill, ...], asked: int | None) -> int:
+    """How many nodes share a node host (0: none, each node's services are processes of their own).
+
+    `asked` None decides: processes of their own for a scenario of up to `HOSTED_ABOVE` nodes, so
+    that every small demo, test and chaos run has nodes as real as they get, and wherever `--chaos`
+    kills a node agent (in a host, a node's keeper and daemons could not outlive its agent); node
+    hosts of `NODES_PER_HOST` above. `ChaosError` when `asked` hosts nodes and a kill needs them not to."""
+    kills_agents = any(kill.node is not None for kill in chaos)
+    if asked is None:
+        return 0 if kills_agents or len(scenario.nodes) <= HOSTED_ABOVE else NODES_PER_HOST
+    if asked > 0 and kills_agents:
+        raise ChaosError(
+            "--chaos: killing a node agent needs its node's services in processes of their own "
+            f"(--nodes-per-host 0), not in node hosts of {asked}"
+        )
+    return asked
 
 
 def _quantiles(values: list[float]) -> tuple[float, float]:
@@ -771,14 +1063,34 @@ def _quantiles(values: list[float]) -> tuple[float, float]:
     return round(statistics.median(values), 3), round(p99, 3)
 
 
+def _kubelet_states(cluster: Cluster) -> dict[str, KubeletState]:
+    """What every kubelet did: the demo's own, and those of the node hosts as last collected."""
+    return {
+        **cluster.hosted_kubelets,
+        **{name: KubeletState(started=k.started, failed=k.failed) for name, k in cluster.kubelets.items()},
+    }
+
+
+async def collect_hosted_kubelets(cluster: Cluster) -> None:
+    """Ask every node host what its kubelets did (`cluster.hosted_kubelets`), for the summary."""
+    for name, socket_path in cluster.hosts.items():
+        with anyio.fail_after(COLLECT_TIMEOUT_S):
+            reply = await ask_host(socket_path, {"op": "kubelets"})
+        if not reply.get("ok"):
+            raise RuntimeError(f"node host {name}: {reply.get('error')}")
+        cluster.hosted_kubelets.update(KUBELET_STATES.validate_python(reply["kubelets"]))
+
+
 def summary(cluster: Cluster, plans_while_idle: int) -> dict[str, Any]:
+    """The run's summary (docs/formats.md §2.2); with node hosts, after `collect_hosted_kubelets`."""
     pods_out: dict[str, Any] = {}
-    api_pods = cluster.pods()
+    api_pods = cluster.pods(fresh=True)
     failed = cluster.failed()
+    kubelets = _kubelet_states(cluster)
     for key, item in cluster.valid_pods().items():
         pod = api_pods.get(key, {})
         node = (pod.get("spec") or {}).get("nodeName")
-        started = cluster.kubelets[node].started.get(key) if node in cluster.kubelets else None
+        started = kubelets[node].started.get(key) if node in kubelets else None
         size = next(
             (
                 slice_size(r)
@@ -804,7 +1116,16 @@ def summary(cluster: Cluster, plans_while_idle: int) -> dict[str, Any]:
                 if started and created and started.slice_listed_at is not None
                 else None
             ),
+            "released_seconds": (
+                round(max(0.0, cluster.view.ungated_at[key] - created), 3)
+                if created and key in cluster.view.ungated_at
+                else None
+            ),
         }
+        # A slice listed after the pod was created, carved where a free slice was withdrawn from its
+        # GPU in the same change: the pod waited for that reclaim.
+        waited = started is not None and bool(entry["mpsflow_seconds"])
+        entry["reclaimed"] = list(started.reclaimed) if started is not None and waited else []
         if key in failed:
             entry["reason"] = failed[key]
         pods_out[key] = entry
@@ -820,8 +1141,12 @@ def summary(cluster: Cluster, plans_while_idle: int) -> dict[str, Any]:
     }
     pending = [p["pending_seconds"] for p in pods_out.values() if p["pending_seconds"] is not None]
     mpsflow = [p["mpsflow_seconds"] for p in pods_out.values() if p["mpsflow_seconds"] is not None]
+    reclaim = [p["mpsflow_seconds"] for p in pods_out.values() if p["reclaimed"]]
+    released = [p["released_seconds"] for p in pods_out.values() if p["released_seconds"] is not None]
+    released_p50, released_p99 = _quantiles(released)
     pending_p50, pending_p99 = _quantiles(pending)
     mpsflow_p50, mpsflow_p99 = _quantiles(mpsflow)
+    reclaim_p50, reclaim_p99 = _quantiles(reclaim)
     return {
         "pods": pods_out,
         "rejected": dict(sorted(cluster.observed.rejected.items())),
@@ -830,7 +1155,7 @@ def summary(cluster: Cluster, plans_while_idle: int) -> dict[str, Any]:
         "counters": {
             "plans": cluster.observed.plans,
             "configs_refused": cluster.observed.configs_refused,
-            "admission_failures": sum(len(kubelet.failed) for kubelet in cluster.kubelets.values()),
+            "admission_failures": sum(len(kubelet.failed) for kubelet in kubelets.values()),
             "plans_while_idle": plans_while_idle,
             "service_errors": service_errors(cluster.base / "logs"),
         },
@@ -839,6 +1164,11 @@ def summary(cluster: Cluster, plans_while_idle: int) -> dict[str, Any]:
             "pending_p99": pending_p99,
             "mpsflow_p50": mpsflow_p50,
             "mpsflow_p99": mpsflow_p99,
+            "released_p50": released_p50,
+            "released_p99": released_p99,
+            "reclaim_pods": len(reclaim),
+            "reclaim_mpsflow_p50": reclaim_p50,
+            "reclaim_mpsflow_p99": reclaim_p99,
         },
         "chaos": [record.summary() for record in cluster.chaos],
     }
@@ -917,9 +1247,16 @@ def _table(result: dict[str, Any], out: TextIO) -> None:
     print(
         f"\npending-to-running: p50 {latency['pending_p50']:.2f}s, p99 {latency['pending_p99']:.2f}s; "
         f"of which mpsflow (until the slice was listed to the kubelet): p50 {latency['mpsflow_p50']:.2f}s, "
-        f"p99 {latency['mpsflow_p99']:.2f}s",
+        f"p99 {latency['mpsflow_p99']:.2f}s; released (gate lifted): p50 {latency['released_p50']:.2f}s, "
+        f"p99 {latency['released_p99']:.2f}s",
         file=out,
     )
+    if latency["reclaim_pods"]:
+        print(
+            f"{latency['reclaim_pods']} pods waited for a free slice of their GPU to be reclaimed: mpsflow "
+            f"p50 {latency['reclaim_mpsflow_p50']:.2f}s, p99 {latency['reclaim_mpsflow_p99']:.2f}s",
+            file=out,
+        )
     print(
         f"{counters['plans']} plans, {counters['configs_refused']} configs refused, "
         f"{counters['admission_failures']} admission failures, "
@@ -975,6 +1312,7 @@ async def run_demo(
     replicas: int = 1,
     traces: Path | None = None,
     otlp_endpoint: str | None = None,
+    nodes_per_host: int = 0,
 ) -> int:
     def say(line: str) -> None:
         print(line, file=out, flush=True)
@@ -984,12 +1322,19 @@ async def run_demo(
         environment["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_endpoint
     async with AsyncExitStack() as stack:
         cluster = await start_cluster(
-            scenario, stack, say, compat=compat, replicas=replicas, environment=environment
+            scenario,
+            stack,
+            say,
+            compat=compat,
+            replicas=replicas,
+            environment=environment,
+            nodes_per_host=nodes_per_host,
         )
         cluster.chaos = [ChaosRecord(kill) for kill in chaos]
         if audit_log is not None:
             stack.callback(_write_request_log, cluster.api, audit_log)
         async with anyio.create_task_group() as group:
+            group.start_soon(_inform, cluster)
             for kubelet in cluster.kubelets.values():
                 group.start_soon(kubelet.run)
             for identity, role in (("scheduler", Scheduler), ("daemonset-controller", None)):
@@ -1038,6 +1383,7 @@ async def run_demo(
                 plans_before = cluster.observed.plans
                 await anyio.sleep(quiet)
                 plans_while_idle = cluster.observed.plans - plans_before
+            await collect_hosted_kubelets(cluster)
             result = summary(cluster, plans_while_idle)
             result["status"] = await scrape_status(cluster)
             ready = [
@@ -1082,16 +1428,18 @@ async def run_demo(
 
 async def _follow(cluster: Cluster, say: Callable[[str], None], started: float) -> bool:
     """Show progress until nothing is left to happen (True) or the scenario's timeout (False)."""
-    last_line = ""
+    last_line, said_at = "", 0.0
+    # A large workload is followed less often, and its progress shown once a second at most.
+    large = len(cluster.scenario.workload) > LARGE_WORKLOAD
     with anyio.move_on_after(cluster.scenario.timeout):
         while True:
             line = _progress(cluster)
-            if line != last_line:
+            if line != last_line and (not large or time.monotonic() - said_at >= 1.0):
                 say(f"  {time.monotonic() - started:5.1f}s  {line}")
-                last_line = line
+                last_line, said_at = line, time.monotonic()
             if cluster.at_rest():
                 return True
-            await anyio.sleep(0.1)
+            await anyio.sleep(0.5 if large else 0.1)
     return False
 
 
@@ -1126,13 +1474,16 @@ def demo_command(
     replicas: int = 1,
     traces: Path | None = None,
     otlp_endpoint: str | None = None,
+    nodes_per_host_asked: int | None = None,
 ) -> int:
     """`traces`: where every process writes its spans (default: `$MPSFLOW_TRACES_DIR`, else
-    mpsflow-traces in the temporary directory), the span files of an earlier run removed first."""
+    mpsflow-traces in the temporary directory), the span files of an earlier run removed first.
+    `nodes_per_host_asked`: `--nodes-per-host`, None to let the scenario decide (`nodes_per_host`)."""
     try:
         scenario = load_scenario(scenario_path)
         chaos = parse_chaos(chaos_spec) if chaos_spec is not None else ()
         check_chaos(chaos, scenario)
+        hosted = nodes_per_host(scenario, chaos, nodes_per_host_asked)
     except (ScenarioError, ChaosError) as error:
         print(f"mpsflow demo: {error}", file=sys.stderr)
         return 2
@@ -1156,6 +1507,7 @@ def demo_command(
             replicas,
             traces,
             otlp_endpoint,
+            hosted,
             backend="asyncio",
         )
     except KeyboardInterrupt:
@@ -1173,6 +1525,7 @@ async def _until_signalled(
     replicas: int,
     traces: Path | None = None,
     otlp_endpoint: str | None = None,
+    hosted: int = 0,
 ) -> int:
     """`run_demo`, stopped cleanly by SIGTERM too (exit status 143): a demo never leaves a process,
     a daemon or a file behind, however it ends, but the spans its processes wrote to `traces`."""
@@ -1199,6 +1552,7 @@ async def _until_signalled(
                 replicas,
                 traces=traces,
                 otlp_endpoint=otlp_endpoint,
+                nodes_per_host=hosted,
             )
             group.cancel_scope.cancel()
 

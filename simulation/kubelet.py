@@ -28,13 +28,17 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from events.vocabulary import slice_size
 from node_agent.slices import parse_slice_device_id
-from services.kit.watching import list_and_watch
+from services.kit.watching import Listing, list_and_watch
 from simulation.kubelet_devices import AdmissionError, DeviceManager, PodRef
 from simulation.scenario import ScenarioNode
 
 log = logging.getLogger(__name__)
 
 RUNS_FOR_ANNOTATION = "demo.mpsflow.dev/runs-for"
+RECLAIM_WINDOW_S = 0.5
+"""A node agent applies a layout in one slice list, which reaches the kubelet as one update per
+resource (slice size) within milliseconds: a slice that vanished from a GPU this close to another
+slice of that GPU appearing went in the same change."""
 BASE_CAPACITY = {"cpu": "64", "memory": "512Gi", "pods": "110"}
 
 
@@ -48,10 +52,32 @@ class StartedPod:
     envs: dict[str, str]
     cdi_devices: list[str]
     slice_listed_at: float | None = None
+    """When the plugin listed the slice the pod got, as it was listed at admission (a slice withdrawn
+    and carved again counts from its new listing)."""
+    reclaimed: list[str] = field(default_factory=list)
+    """Slices of the same GPU that the plugin withdrew within `RECLAIM_WINDOW_S` of listing the
+    pod's: the GPU was carved anew to make the pod's slice, a free slice reclaimed for it."""
 
     @property
     def gpu(self) -> int | None:
         return parse_slice_device_id(self.device_ids[0])[0] if self.device_ids else None
+
+
+def plugin_dir(root: Path) -> Path:
+    """The device-plugin directory of the kubelet whose files are under `root`."""
+    return root / "plugins"
+
+
+def pod_resources_socket(root: Path) -> Path:
+    """The pod-resources socket of the kubelet whose files are under `root`."""
+    return root / "pod-resources.sock"
+
+
+def _gpu_of(device_id: str) -> int | None:
+    try:
+        return parse_slice_device_id(device_id)[0]
+    except ValueError:  # not a slice
+        return None
 
 
 @dataclass
@@ -65,8 +91,8 @@ class Kubelet:
 
     def __post_init__(self) -> None:
         self.core = client.CoreV1Api(self.api)
-        self.plugin_dir = self.root / "plugins"
-        self.pod_resources_socket = self.root / "pod-resources.sock"
+        self.plugin_dir = plugin_dir(self.root)
+        self.pod_resources_socket = pod_resources_socket(self.root)
         self.plugin_dir.mkdir(parents=True, exist_ok=True)
         self.devices = DeviceManager(
             self.plugin_dir,
@@ -149,8 +175,8 @@ class Kubelet:
             with anyio.CancelScope(shield=True):
                 await self.devices.stop()
 
-    async def _relist(self, items: list[dict[str, Any]]) -> None:
-        for item in items:
+    async def _relist(self, items: Listing) -> None:
+        async for item in items:
             await self._changed("MODIFIED", item)
 
     async def _changed(self, change: str, pod: dict[str, Any]) -> None:
@@ -189,17 +215,25 @@ class Kubelet:
             return
         device_ids = [d for container in allocated.values() for d in container.device_ids]
         envs = {k: v for container in allocated.values() for k, v in container.envs.items()}
+        listed_at = self.devices.listed_since(device_ids[0]) if device_ids else None
         self.started[key] = StartedPod(
             started_at=time.monotonic(),
             device_ids=device_ids,
             envs=envs,
             cdi_devices=[d for container in allocated.values() for d in container.cdi_devices],
-            slice_listed_at=self.devices.first_listed(device_ids[0]) if device_ids else None,
+            slice_listed_at=listed_at,
+            reclaimed=self._reclaimed_for(device_ids[0], listed_at) if listed_at is not None else [],
         )
         await self._set_phase(pod, "Running")
         runs_for = (metadata.get("annotations") or {}).get(RUNS_FOR_ANNOTATION)
         if runs_for is not None and self._group is not None:
             self._group.start_soon(self._finish_after, key, pod, float(runs_for))
+
+    def _reclaimed_for(self, device_id: str, listed_at: float) -> list[str]:
+        """The slices of `device_id`'s GPU withdrawn in the change that listed it (`StartedPod`)."""
+        gpu = _gpu_of(device_id)
+        window = self.devices.withdrawn_between(listed_at - RECLAIM_WINDOW_S, listed_at + RECLAIM_WINDOW_S)
+        return [other for other in window if other != device_id and gpu is not None and _gpu_of(other) == gpu]
 
     async def _finish_after(self, key: str, pod: dict[str, Any], seconds: float) -> None:
         await anyio.sleep(seconds)

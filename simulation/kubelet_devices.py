@@ -109,7 +109,8 @@ class DeviceManager:
         self._servers: list[grpc.aio.Server] = []
         self._plugins: dict[str, _Plugin] = {}
         self._devices: dict[str, dict[str, str]] = {}
-        self._first_listed: dict[str, float] = {}
+        self._listed_since: dict[str, float] = {}  # device ID -> since when it has been listed
+        self._withdrawn: list[tuple[float, str]] = []  # (when, device ID) a plugin stopped listing it
         self._pods: dict[str, _PodAssignment] = {}
         self._capacity_lock = asyncio.Lock()
         self._admission_lock = asyncio.Lock()
@@ -171,9 +172,15 @@ class DeviceManager:
         """resource -> device ID -> health, as last listed by each plugin."""
         return {resource: dict(devices) for resource, devices in self._devices.items()}
 
-    def first_listed(self, device_id: str) -> float | None:
-        """When (loop time) a plugin first listed `device_id`, or None if none ever did."""
-        return self._first_listed.get(device_id)
+    def listed_since(self, device_id: str) -> float | None:
+        """Since when (loop time) the plugin has listed `device_id` without a break (the last time
+        it appeared in the list), or None while it does not list it. A device withdrawn and
+        listed again (the same slice carved again) counts from its new listing."""
+        return self._listed_since.get(device_id)
+
+    def withdrawn_between(self, start: float, end: float) -> list[str]:
+        """The devices a plugin stopped listing between `start` and `end` (loop time), in order."""
+        return [device_id for at, device_id in self._withdrawn if start <= at <= end]
 
     async def restart(self) -> None:
         """Behave like a kubelet restart: every plugin must register again; pods keep devices."""
@@ -310,10 +317,14 @@ class DeviceManager:
     async def _watch(self, plugin: _Plugin) -> None:
         try:
             async for response in plugin.stub.ListAndWatch(api.Empty()):
-                self._devices[plugin.resource] = {device.ID: device.health for device in response.devices}
                 now = asyncio.get_running_loop().time()
-                for device in response.devices:
-                    self._first_listed.setdefault(device.ID, now)
+                listed = {device.ID: device.health for device in response.devices}
+                for device_id in self._devices.get(plugin.resource, {}).keys() - listed.keys():
+                    self._listed_since.pop(device_id, None)
+                    self._withdrawn.append((now, device_id))
+                for device_id in listed:
+                    self._listed_since.setdefault(device_id, now)
+                self._devices[plugin.resource] = listed
                 await self._report_capacity()
             logger.warning("ListAndWatch for %s ended", plugin.resource)
         except grpc.aio.AioRpcError as error:

@@ -5,7 +5,9 @@ What it models, after kube-scheduler:
   through the real kubernetes-asyncio client, pods with the field selector kube-scheduler uses),
   so its view is as stale as the watch. It waits for both first lists before scheduling.
 - Assumed pods: once it picks node N for pod P, P's requests count on N at once, before the
-  binding returns and before the watch shows it. The binding runs in its own task (the binding
+  binding returns and before the watch shows it. What each node's pods request is kept as pods
+  come, go, are bound and assumed, as kube-scheduler's cache keeps its NodeInfo, not summed anew
+  for every pod (`requested_by_node` states what it must equal). The binding runs in its own task (the binding
   cycle) while the next pod is scheduled. When it fails, the assumption is forgotten, the
   unschedulable pods are retried (resources were freed) and P is retried after a backoff (1 s).
   An assumption ends when the informer shows P bound, deleted or terminal.
@@ -13,7 +15,10 @@ What it models, after kube-scheduler:
   pods wait for an update that removes their gates; a pod that fits nowhere gets
   `PodScheduled=False, reason=Unschedulable` with kube-scheduler's message (patched only when it
   changes) and waits for a node added or updated, a bound pod deleted or terminal, an update to
-  its spec, or the flush interval (60 s).
+  its spec, or the flush interval (60 s). A node event wakes only the pods that node may take, as
+  NodeAffinity's queueing hint does in kube-scheduler (enabled by default since 1.32): a pod whose
+  required affinity pins it to other nodes by name stays asleep. With hundreds of nodes syncing
+  their status every few seconds, waking every parked pod at each would cost more than two cores.
 - The choice among feasible nodes is uniform, with `random.Random(seed)`: what kube-scheduler's
   reservoir sampling among equal scores gives when every node scores alike.
 
@@ -40,12 +45,13 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from services.kit.signal import Wakeup
-from services.kit.watching import list_and_watch
+from services.kit.watching import Listing, list_and_watch
 from simulation.scheduling import (
     JsonObject,
     SchedulingQueue,
     feasible_nodes,
     is_terminal,
+    pinned_nodes,
     pod_key,
     pod_requests,
     requested_by_node,
@@ -54,11 +60,17 @@ from simulation.scheduling import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Scheduler", "extended_requests", "is_terminal"]
+__all__ = ["Scheduler", "extended_requests", "is_terminal", "requested_by_node"]
 
 NON_TERMINAL_PODS = "status.phase!=Succeeded,status.phase!=Failed"
 BINDING_BACKOFF = 1.0
 FLUSH_INTERVAL = 60.0
+
+
+def _may_go_to(pod: JsonObject, node: str) -> bool:
+    """Whether `node` may take `pod` as far as its required affinity pins it to nodes by name."""
+    pinned = pinned_nodes(pod)
+    return pinned is None or node in pinned
 
 
 def extended_requests(pod: JsonObject) -> Counter[str]:
@@ -82,6 +94,9 @@ class Scheduler:
         self.nodes: dict[str, JsonObject] = {}
         self.assumed: dict[str, str] = {}
         """Pods (namespace/name) this scheduler sent to a node that its informer does not show bound."""
+        self.requested: dict[str, Counter[str]] = {}
+        """What the pods bound to each node, or assumed on it, request: `requested_by_node(pods, assumed)`."""
+        self._charged: dict[str, tuple[str, Counter[str]]] = {}  # pod -> (its node, its requests)
         self.queue = SchedulingQueue(flush_after=flush_interval, backoff=backoff)
         self._random = random.Random(seed)
         self._wakeup = Wakeup()
@@ -128,10 +143,11 @@ class Scheduler:
     # --- the scheduling cycle ---
 
     async def _schedule_one(self, key: str, pod: JsonObject, group: TaskGroup) -> None:
-        found = feasible_nodes(pod, self.nodes, requested_by_node(self.pods, self.assumed))
+        found = feasible_nodes(pod, self.nodes, self.requested)
         if found.nodes:
             node = self._random.choice(found.nodes)
             self.assumed[key] = node
+            self._recharge(key)
             group.start_soon(self._bind, key, pod, node)
             return
         self.queue.park(key, pod, time.monotonic())
@@ -161,7 +177,8 @@ class Scheduler:
         self._binding_failures += 1
         if self.assumed.get(key) == node:
             del self.assumed[key]
-            self.queue.move_all_to_active()
+            self._recharge(key)
+            self._wake_for(node)
         current = self.pods.get(key)
         if current is not None and key not in self.assumed and wants_scheduling(current):
             self.queue.back_off(key, current, time.monotonic())
@@ -203,8 +220,8 @@ class Scheduler:
 
     # --- informers ---
 
-    async def _nodes_listed(self, items: list[JsonObject]) -> None:
-        self.nodes = {node["metadata"]["name"]: node for node in items}
+    async def _nodes_listed(self, items: Listing) -> None:
+        self.nodes = {node["metadata"]["name"]: node async for node in items}
         self.queue.move_all_to_active()
         self._nodes_synced.set()
         self._wakeup.set()
@@ -214,11 +231,33 @@ class Scheduler:
             self.nodes.pop(node["metadata"]["name"], None)
         else:
             self.nodes[node["metadata"]["name"]] = node
-            self.queue.move_all_to_active()
+            self._wake_for(node["metadata"]["name"])
         self._wakeup.set()
 
-    async def _pods_listed(self, items: list[JsonObject]) -> None:
-        listed = {pod_key(pod): pod for pod in items}
+    def _wake_for(self, node: str) -> None:
+        """Something changed on `node` that may let pods fit: move the parked pods it may take."""
+        self.queue.move_to_active(lambda pod: _may_go_to(pod, node))
+
+    def _recharge(self, key: str) -> None:
+        """Count the pod's requests on the node it is bound or assumed to now (nowhere once it is
+        gone or terminal), keeping `requested` what `requested_by_node` would sum."""
+        old = self._charged.pop(key, None)
+        if old is not None:
+            was, asked = old
+            self.requested[was].subtract(asked)
+            self.requested[was] = +self.requested[was]  # drop what reached 0
+        pod = self.pods.get(key)
+        if pod is None or is_terminal(pod):
+            return
+        node: str | None = (pod.get("spec") or {}).get("nodeName") or self.assumed.get(key)
+        if not node:
+            return
+        requests = pod_requests(pod)
+        self._charged[key] = (node, requests)
+        self.requested.setdefault(node, Counter()).update(requests)
+
+    async def _pods_listed(self, items: Listing) -> None:
+        listed = {pod_key(pod): pod async for pod in items}
         for key in self.pods.keys() - listed.keys():
             self._pod_gone(key)
         for key, pod in listed.items():
@@ -254,10 +293,12 @@ class Scheduler:
             self.queue.update(key, old, pod)
         else:
             self.queue.delete(key)
+        self._recharge(key)
 
     def _pod_gone(self, key: str) -> None:
         old = self.pods.pop(key, None) or {}
-        held = self.assumed.pop(key, None) is not None or bool((old.get("spec") or {}).get("nodeName"))
+        node = self.assumed.pop(key, None) or (old.get("spec") or {}).get("nodeName")
+        self._recharge(key)
         self.queue.delete(key)
-        if held:
-            self.queue.move_all_to_active()
+        if node:
+            self._wake_for(node)

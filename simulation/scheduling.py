@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -348,7 +348,7 @@ class SchedulingQueue:
     resources freed), an update to their spec or metadata, or `flush_after` seconds; pods whose
     binding failed wait `backoff` seconds. Not modelled: the exponential backoff of pods that were
     unschedulable (kube-scheduler sends them through its backoff queue, 1 s doubling up to 10 s)
-    and queueing hints (here every cluster event moves every unschedulable pod)."""
+    and queueing hints but the one `move_to_active` is given (the scheduler gives NodeAffinity's)."""
 
     flush_after: float = 60.0
     backoff: float = 1.0
@@ -404,6 +404,12 @@ class SchedulingQueue:
     def move_all_to_active(self) -> None:
         for key, (_, pod) in list(self._unschedulable.items()):
             self.add(key, pod)
+
+    def move_to_active(self, may_fit: Callable[[JsonObject], bool]) -> None:
+        """Move the unschedulable pods that `may_fit` says the event may let in (a queueing hint)."""
+        for key, (_, pod) in list(self._unschedulable.items()):
+            if may_fit(pod):
+                self.add(key, pod)
 
     def pop(self, now: float) -> tuple[str, JsonObject] | None:
         """The first active pod, after moving those whose backoff or flush time came."""

@@ -3,7 +3,8 @@
 `python -m simulation.simulated_agent --simulated-gpus FILE (node-agent | mps-daemons) <options>`
 parses the service's options with the production CLI's own parser (`mpsflow run <service>`) and
 runs the same wiring, with the NVML library replaced by `FakeNvml` read from FILE. Only the GPUs are
-simulated; the agent, its device plugin, the daemon keeper and the bus are the real ones.
+simulated; the agent, its device plugin, the daemon keeper and the bus are the real ones. (In a
+large demo, `simulation.node_host` runs the same wiring for many nodes in one process.)
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 `SubprocessMpsControl` drives `nvidia-cuda-mps-control`; the node agent relies on what this suite
 states. Everywhere it runs against `simulation.fake_mps_control` (a separate process, as the real
-daemon is); on a machine with an NVIDIA GPU (`-m gpu`, or any run where NVML loads and the binary
+daemon is) and against `simulation.fake_mps_inprocess` (the same fake daemon's state inside the
+calling process, as the demo's node hosts run it; it has no control socket and its pid file names
+the host); on a machine with an NVIDIA GPU (`-m gpu`, or any run where NVML loads and the binary
 is on the PATH) it runs against the real daemon too, so the fake cannot drift from the real thing
 unnoticed. The replies and failures mpsflow relies on are pinned row by row in `mps_replies.py`, each
 row verified from a public source or marked unverified; this suite is where a GPU run settles them.
@@ -25,12 +27,14 @@ import pytest
 from node_agent.mps import (
     DaemonSpec,
     MpsCommandError,
+    MpsControl,
     SubprocessMpsControl,
     apply_gpu_defaults,
     parse_mem_limit,
     parse_server_list,
     parse_thread_percentage,
 )
+from simulation.fake_mps_inprocess import InProcessDaemons, InProcessMpsControl
 from tests.contract.mps_replies import FAILURES, REPLIES, Failure, Reply
 from tests.support import wait_until_gone
 
@@ -70,6 +74,7 @@ async def _first_gpu_uuid() -> tuple[int, str]:
 @pytest.fixture(
     params=[
         "fake",
+        "in-process",
         pytest.param(
             "real",
             marks=[
@@ -83,9 +88,13 @@ async def _first_gpu_uuid() -> tuple[int, str]:
 )
 async def mps(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[tuple[SubprocessMpsControl, DaemonSpec]]:
+) -> AsyncIterator[tuple[MpsControl, DaemonSpec]]:
     with tempfile.TemporaryDirectory(prefix="mpsc-", dir="/tmp") as root:  # socket paths stay short
-        if request.param == "fake":
+        control: MpsControl
+        if request.param == "in-process":
+            control = InProcessDaemons().control()
+            daemon = DaemonSpec.under(Path(root), 0, f"GPU-{uuid.uuid4()}")
+        elif request.param == "fake":
             # The fake runs as `python -m simulation...`, whatever directory pytest runs from.
             monkeypatch.setenv(
                 "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
@@ -102,13 +111,15 @@ async def mps(
                 await _stop(control, daemon)
 
 
-async def _stop(control: SubprocessMpsControl, daemon: DaemonSpec) -> None:
+async def _stop(control: MpsControl, daemon: DaemonSpec) -> None:
     """Quit the daemon if it answers; kill it if it does not (a test may have left it broken)."""
     if await control.is_alive(daemon):
         await control.send(daemon, "quit")
     try:
         pid = int(daemon.pid_file.read_text())
     except (FileNotFoundError, ValueError):
+        return
+    if pid == os.getpid():  # an in-process daemon: it lives in this very process
         return
     try:
         os.kill(pid, signal.SIGKILL)
@@ -117,19 +128,19 @@ async def _stop(control: SubprocessMpsControl, daemon: DaemonSpec) -> None:
     wait_until_gone(pid)
 
 
-async def test_start_daemon_leaves_a_daemon_answering(mps: tuple[SubprocessMpsControl, DaemonSpec]) -> None:
+async def test_start_daemon_leaves_a_daemon_answering(mps: tuple[MpsControl, DaemonSpec]) -> None:
     control, daemon = mps
     assert not await control.is_alive(daemon)
 
     await control.start_daemon(daemon)
 
     assert await control.is_alive(daemon)
-    assert daemon.control_socket.is_socket()
+    assert daemon.control_socket.is_socket() or isinstance(control, InProcessMpsControl)
     assert daemon.pid_file.is_file()
 
 
 async def test_start_daemon_adopts_a_daemon_that_answers(
-    mps: tuple[SubprocessMpsControl, DaemonSpec],
+    mps: tuple[MpsControl, DaemonSpec],
 ) -> None:
     control, daemon = mps
     await control.start_daemon(daemon)
@@ -141,9 +152,7 @@ async def test_start_daemon_adopts_a_daemon_that_answers(
 
 
 @pytest.mark.parametrize("case", REPLIES, ids=lambda case: case.id)
-async def test_the_daemon_replies_as_pinned(
-    mps: tuple[SubprocessMpsControl, DaemonSpec], case: Reply
-) -> None:
+async def test_the_daemon_replies_as_pinned(mps: tuple[MpsControl, DaemonSpec], case: Reply) -> None:
     control, daemon = mps
     await control.start_daemon(daemon)
     for command in case.setup:
@@ -157,9 +166,7 @@ async def test_the_daemon_replies_as_pinned(
 
 
 @pytest.mark.parametrize("case", FAILURES, ids=lambda case: case.id)
-async def test_the_daemon_fails_as_pinned(
-    mps: tuple[SubprocessMpsControl, DaemonSpec], case: Failure
-) -> None:
+async def test_the_daemon_fails_as_pinned(mps: tuple[MpsControl, DaemonSpec], case: Failure) -> None:
     control, daemon = mps
     if case.daemon_running:
         await control.start_daemon(daemon)
@@ -174,7 +181,7 @@ async def test_the_daemon_fails_as_pinned(
     assert case.output in failure.value.output, (failure.value.output, case.source)
 
 
-async def test_gpu_defaults_are_applied_and_read_back(mps: tuple[SubprocessMpsControl, DaemonSpec]) -> None:
+async def test_gpu_defaults_are_applied_and_read_back(mps: tuple[MpsControl, DaemonSpec]) -> None:
     control, daemon = mps
     await control.start_daemon(daemon)
 
@@ -185,7 +192,7 @@ async def test_gpu_defaults_are_applied_and_read_back(mps: tuple[SubprocessMpsCo
 
 
 async def test_a_server_keeps_the_defaults_it_started_with(
-    mps: tuple[SubprocessMpsControl, DaemonSpec],
+    mps: tuple[MpsControl, DaemonSpec],
 ) -> None:
     control, daemon = mps
     await control.start_daemon(daemon)
@@ -203,7 +210,7 @@ async def test_a_server_keeps_the_defaults_it_started_with(
 
 
 async def test_a_running_server_can_be_retargeted_on_its_own(
-    mps: tuple[SubprocessMpsControl, DaemonSpec],
+    mps: tuple[MpsControl, DaemonSpec],
 ) -> None:
     control, daemon = mps
     await control.start_daemon(daemon)
@@ -223,7 +230,7 @@ async def test_a_running_server_can_be_retargeted_on_its_own(
 
 
 async def test_quit_stops_the_daemon_and_a_new_one_starts_from_the_defaults(
-    mps: tuple[SubprocessMpsControl, DaemonSpec],
+    mps: tuple[MpsControl, DaemonSpec],
 ) -> None:
     control, daemon = mps
     await control.start_daemon(daemon)
@@ -232,7 +239,8 @@ async def test_quit_stops_the_daemon_and_a_new_one_starts_from_the_defaults(
 
     await control.send(daemon, "quit")
 
-    wait_until_gone(pid)
+    if pid != os.getpid():  # an in-process daemon's pid is this process's
+        wait_until_gone(pid)
     assert not await control.is_alive(daemon)
     await control.start_daemon(daemon)
     assert (
@@ -240,7 +248,7 @@ async def test_quit_stops_the_daemon_and_a_new_one_starts_from_the_defaults(
     )
 
 
-async def test_a_command_the_daemon_rejects_fails(mps: tuple[SubprocessMpsControl, DaemonSpec]) -> None:
+async def test_a_command_the_daemon_rejects_fails(mps: tuple[MpsControl, DaemonSpec]) -> None:
     control, daemon = mps
     await control.start_daemon(daemon)
     with pytest.raises(MpsCommandError):

@@ -217,6 +217,30 @@ async def test_list_and_watch_follows_reconfiguration_and_a_used_slice_keeps_its
 
 
 @pytest.mark.anyio
+async def test_the_kubelet_knows_since_when_each_slice_is_listed_and_which_were_withdrawn() -> None:
+    async with node() as n:
+        loop = asyncio.get_running_loop()
+        before = loop.time()
+        await n.serve([_slice(0, 10, 0), _slice(0, 20, 0)], {GB10: 1, GB20: 1})
+        first = n.manager.listed_since("mps-g0-10gb-0")
+        assert first is not None and before <= first <= loop.time()
+        assert n.manager.withdrawn_between(before, loop.time()) == []
+
+        # GPU 0 carved anew: the free 20 GiB slice is reclaimed for two more 10 GiB ones.
+        reclaimed = loop.time()
+        await n.serve([_slice(0, 10, 0), _slice(0, 10, 1), _slice(0, 10, 2)], {GB10: 3, GB20: 0})
+        assert n.manager.listed_since("mps-g0-10gb-0") == first, "a slice kept is listed since it first was"
+        assert (n.manager.listed_since("mps-g0-10gb-1") or 0) >= reclaimed
+        assert n.manager.listed_since("mps-g0-20gb-0") is None
+        assert n.manager.withdrawn_between(reclaimed, loop.time()) == ["mps-g0-20gb-0"]
+
+        # The same slice carved again counts from its new listing, not its first.
+        again = loop.time()
+        await n.serve([_slice(0, 10, 0), _slice(0, 20, 0)], {GB10: 1, GB20: 1})
+        assert (n.manager.listed_since("mps-g0-20gb-0") or 0) >= again
+
+
+@pytest.mark.anyio
 async def test_allocate_gives_each_container_its_gpu_with_the_limit_on_device_zero() -> None:
     async with node() as n:
         await n.serve([_slice(0, 10, 0), _slice(1, 10, 0)], {GB10: 2})
