@@ -1,7 +1,7 @@
 """Service tests on the in-memory bus, in virtual time.
 
 `virtual_time` is an anyio backend whose event loop runs on a virtual clock (looptime): when every
-task waits, the clock jumps to the next timer, so a batch window of 250 ms or a retry after 30 s
+task waits, the clock jumps to the next timer, so a batch window of 100 ms or a retry after 30 s
 costs nothing and happens at exactly its time, and a test that waits for something waits for it,
 never for luck. The broker's wall clock (`MemoryBroker.clock`) is derived from the same loop
 clock, so event times and the services' `now` agree with it.

@@ -116,6 +116,9 @@ class PendingPod:
     eligible: frozenset[str] | None = None
     needs_shm_directory: bool = False
     """It does not set hostIPC: `eligible` holds only nodes in the shm-directory IPC mode."""
+    arrived: datetime | None = None
+    """When the planner first heard of it: among pods created in the same second (Kubernetes keeps
+    creation times to the second), the one that came first is served first."""
     key: str = field(init=False, repr=False, compare=False)
     """namespace/name (kept, not made again at each use: a plan uses it several times per pod)."""
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from services.planner.core.cluster import Cluster, GpuPlan, gpu_plans
 from services.planner.core.model import Gpu, Node, PendingPod, Placement, PlanResult, PlanSettings, Slice
-from services.planner.core.strategy import pod_order, serve, trivial_reason, waiting_reasons
+from services.planner.core.strategy import PodOrder, pod_order, serve, trivial_reason, waiting_reasons
 
 
 def plan_cluster(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: PlanSettings) -> PlanResult:
@@ -54,7 +54,7 @@ class PlanRun:
     result: PlanResult
     cluster: Cluster
     largest: int
-    last_pod: tuple[int, float, str, str] | None
+    last_pod: PodOrder | None
     extendable: bool
     withdrawn: dict[str, tuple[Gpu, ...]]
 

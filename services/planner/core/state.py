@@ -8,11 +8,12 @@ planner itself asked (each node's layout, the pods it released) and what each no
 batch window to close, or publish what changed (node layouts, the plan, pod releases, reasons).
 
 How it never fails a pod: a gated pod is released only to a node whose agent reports a free slice
-of its size that the kubelet lists; a node gets one layout change at a time; a free slice that a
-pod outside the planner's control may be bound to is never reclaimed (`planning_nodes`), nor
-withdrawn from a GPU that cannot serve slices (`_withdrawn_gpus`); a layout a node refused is not
-asked again while its report stays the same. Time comes in as an argument
-and from event times, never from a clock, so replaying a recorded stream reproduces every
+of its size that the kubelet lists; a node gets one layout change at a time, except that changes
+that only add slices may follow each other without waiting for the node (nothing in flight then
+takes a slice away); a free slice that a pod outside the planner's control may be bound to is never
+reclaimed (`planning_nodes`), nor withdrawn from a GPU that cannot serve slices (`_withdrawn_gpus`);
+a layout a node refused is not asked again while its report stays the same. Time comes in as an
+argument and from event times, never from a clock, so replaying a recorded stream reproduces every
 decision. Nothing here performs I/O.
 """
 
@@ -46,15 +47,20 @@ from services.planner.core.model import (
     slice_of,
 )
 from services.planner.core.run import PlanRun, extend_run, plan_run
-from services.planner.core.strategy import NO_OPTED_IN_NODE
+from services.planner.core.strategy import NO_OPTED_IN_NODE, PodOrder
 
 
 @dataclass(frozen=True)
 class BatchWindow:
-    """Wait until no new event came for `idle`, but never longer than `maximum` after the first."""
+    """Wait until no new event came for `idle`, but never longer than `maximum` after the first.
 
-    idle: timedelta = timedelta(milliseconds=40)
-    maximum: timedelta = timedelta(milliseconds=250)
+    In a burst, events come every few milliseconds, so the idle wait never ends and the maximum sets
+    the pace: a pod waits half of it on average before a decision takes it in. A decision that adds
+    a few pods to the last one takes a millisecond or two; the maximum keeps a burst from being
+    decided, and its nodes asked to change, one pod at a time."""
+
+    idle: timedelta = timedelta(milliseconds=25)
+    maximum: timedelta = timedelta(milliseconds=100)
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,16 @@ def layout_of(gpus: Mapping[int, Iterable[int]]) -> Layout:
 def _asks_for(desired: Layout, actual: Layout) -> bool:
     """Whether `actual` has exactly the slices `desired` asks for on every GPU it names."""
     return all(actual.get(index, ()) == sizes for index, sizes in desired.items())
+
+
+def _only_adds(changed: Layout, base: Layout) -> bool:
+    """Whether `changed` keeps every slice of `base`, GPU by GPU (it may add slices, never take one)."""
+    for index, sizes in base.items():
+        kept = Counter(changed.get(index, ()))
+        kept.subtract(sizes)
+        if any(count < 0 for count in kept.values()):
+            return False
+    return True
 
 
 _Expected = tuple[tuple[Gpu, ...], Counter[int]]
@@ -166,7 +182,7 @@ class _NodeLevel:
 
     @property
     def applying(self) -> bool:
-        """A layout asked of the node is neither answered nor shown by its report: one change at a time."""
+        """A layout asked of the node is neither answered nor shown by its report."""
         if self.desired is None:
             return False
         memo = self._applying
@@ -184,6 +200,29 @@ class _NodeLevel:
             return False
         return self.report is None or not _asks_for(self.desired.layout, self.reported_layout(self.report))
 
+    @property
+    def adding(self) -> bool:
+        """It is applying a layout that only adds slices to what it reports: nothing in flight to it
+        takes a slice away, so another change that only adds may follow at once, and pods may be
+        released onto the free slices it reports."""
+        return (
+            self.applying
+            and self.desired is not None
+            and self.report is not None
+            and _only_adds(self.desired.layout, self.reported_layout(self.report))
+        )
+
+    def may_ask(self, layout: Layout) -> bool:
+        """Whether `layout` may be asked of the node now: it is not applying a layout asked earlier,
+        or both that one and `layout` only add slices (to what it reports, and to that one)."""
+        if not self.applying:
+            return True
+        return self.adding and self.desired is not None and _only_adds(layout, self.desired.layout)
+
+    def only_adds(self, layout: Layout) -> bool:
+        """Whether `layout` keeps every slice the node reports."""
+        return self.report is not None and _only_adds(layout, self.reported_layout(self.report))
+
     def refused(self, layout: Layout) -> bool:
         """The agent refused exactly this layout, and nothing it reported has changed since."""
         return (
@@ -199,6 +238,8 @@ class ClusterState:
     the batch window."""
 
     pods: dict[str, PodObserved] = field(default_factory=dict)
+    first_seen: dict[str, datetime] = field(default_factory=dict)
+    """Per pod, the earliest time of the events that observed it (of its uid): when it arrived."""
     nodes: dict[str, _NodeLevel] = field(default_factory=dict)
     releases: dict[str, PodReleased] = field(default_factory=dict)  # decided, not yet seen on the pod
     unplaced_published: dict[str, str] = field(default_factory=dict)  # pod uid -> reason
@@ -231,6 +272,9 @@ class ClusterState:
             previous = self.pods.get(event.key)
             changed = previous is None or _planned_fields(previous) != _planned_fields(event)
             arrival = previous is None and event.waits_for_slice
+            seen = self.first_seen.get(event.key)
+            if previous is None or previous.uid != event.uid or seen is None or envelope.time < seen:
+                self.first_seen[event.key] = envelope.time
             self.pods[event.key] = event
             self._index(event)
             release = self.releases.get(event.key)
@@ -241,6 +285,7 @@ class ClusterState:
                 del self.releases[event.key]
         elif isinstance(event, PodDeleted | PodRejected):
             gone = self.pods.pop(event.key, None)
+            self.first_seen.pop(event.key, None)
             self.holding.discard(event.key)
             self.waits.discard(event.key)
             self.releases.pop(event.key, None)
@@ -470,7 +515,7 @@ def decide(
     planner = planner or IncrementalPlanner(settings)
     plan = planner.compute(state, now)
     node_plans = tuple(planner.node_plans(state, plan))
-    changing = {planned.node for planned in node_plans}
+    changing = {p.node for p in node_plans if not state.nodes[p.node].only_adds(layout_of(p.layout.sizes()))}
     releases = tuple(_releases(state, plan, now, settings, changing, planner.release_candidates(state, plan)))
     settled = state.settled()
     unplaced = tuple(_unplaced(state, plan, now - settings.reason_patience, settled))
@@ -545,9 +590,11 @@ def _known_verdict(
 def _verdict(level: _NodeLevel, layout: NodeLayout) -> str | None:
     """`changed` when `layout` must be asked of the node, `again` when it must be asked again after a
     refusal, None when nothing is to be asked (a function of the layout and of the node's level)."""
-    if level.applying or level.report is None:
+    if level.report is None:
         return None
     wanted = layout_of(layout.sizes())
+    if not level.may_ask(wanted):
+        return None
     asked = level.desired.layout if level.desired is not None else level.reported_layout(level.report)
     refused_last = level.answered and level.answer is not None and level.answer.refused
     if wanted != asked:
@@ -568,9 +615,16 @@ def _release_candidates(state: ClusterState, placed: Mapping[str, PlacementEvent
     return found
 
 
-def _observed_order(pod: PodObserved) -> tuple[int, float, str, str]:
-    """`pod_order` of a pod as observed."""
-    return (-pod.priority, pod.created.timestamp(), pod.namespace, pod.name)
+def _observed_order(pod: PodObserved, first_seen: Mapping[str, datetime]) -> PodOrder:
+    """`pod_order` of a pod as observed (`first_seen`: `ClusterState.first_seen`)."""
+    arrived = first_seen.get(pod.key)
+    return (
+        -pod.priority,
+        pod.created.timestamp(),
+        arrived.timestamp() if arrived is not None else float("inf"),
+        pod.namespace,
+        pod.name,
+    )
 
 
 def _releases(
@@ -597,7 +651,7 @@ def _releases(
     if candidates is None:
         candidates = _release_candidates(state, plan.placed)
     holders: dict[str, list[PodObserved]] | None = None
-    chosen: list[tuple[tuple[int, float, str, str], PodObserved, str]] = []
+    chosen: list[tuple[PodOrder, PodObserved, str]] = []
     for node, keys in candidates.items():
         level = state.nodes.get(node)
         if (
@@ -607,7 +661,7 @@ def _releases(
             or now - level.reported_at > settings.release_report_age
             or node in changing
             or not _can_host(level, now, settings)
-            or level.applying
+            or (level.applying and not level.adding)
             or level.report is None
         ):
             continue
@@ -627,9 +681,8 @@ def _releases(
             )
             ready = min(_ready_slices(level.report, there, size_gb), scheduler_room)
             if ready > 0:
-                chosen.extend(
-                    (_observed_order(pod), pod, node) for pod in sorted(pods, key=_observed_order)[:ready]
-                )
+                ordered = sorted((_observed_order(pod, state.first_seen), pod) for pod in pods)
+                chosen.extend((order, pod, node) for order, pod in ordered[:ready])
     chosen.sort(key=lambda entry: entry[0])
     for _, pod, node in chosen:
         yield PodReleased(
@@ -1089,6 +1142,7 @@ class _Eligibility:
             and level.report.mps_ipc == "shm-directory"
         )
         self._allowed: dict[tuple[str, bool], frozenset[str] | None] = {}
+        self.first_seen = state.first_seen
 
     def pending(self, pods: Iterable[PodObserved]) -> list[PendingPod]:
         """`pods` as pods waiting for a slice, each with the nodes it may run on when not all."""
@@ -1110,6 +1164,7 @@ class _Eligibility:
                     pod.created,
                     eligible=eligible,
                     needs_shm_directory=not pod.host_ipc,
+                    arrived=self.first_seen.get(pod.key),
                 )
             )
         return pending
@@ -1155,7 +1210,7 @@ def planning_nodes(
         level = state.nodes.get(name)
         if level is None or level.observed is None or level.report is None:
             # Released to a node mpsflow does not plan on now: they wait for it, and say so.
-            pinned.extend(_pinned(pod, name) for pod in pods if pod.node is None)
+            pinned.extend(_pinned(pod, name, state.first_seen) for pod in pods if pod.node is None)
     for name, level in sorted(state.nodes.items()):
         if level.observed is None:
             continue
@@ -1174,10 +1229,15 @@ def planning_nodes(
         for pod in unnamed:
             if without_slice[pod.size_gb] > 0 and pod.node is None:
                 without_slice[pod.size_gb] -= 1
-                pinned.append(_pinned(pod, name))
+                pinned.append(_pinned(pod, name, state.first_seen))
         can_host = _can_host(level, now, settings)
-        can_carve = can_host and not applying
+        # A node applying a layout that only adds slices may be asked to add more at once, and only
+        # to add: every free slice it has stays (protected), nothing is withdrawn.
+        adding = applying and level.adding
+        can_carve = can_host and (not applying or adding)
         protected = ungated | {pod.size_gb for pod in unnamed} if unnamed else ungated
+        if adding:
+            protected = protected | {piece.size_gb for gpu in gpus for piece in gpu.slices}
         nodes.append(
             Node(
                 name=name,
@@ -1185,7 +1245,7 @@ def planning_nodes(
                 can_carve=can_carve,
                 can_host=can_host,
                 protected=protected,
-                withdrawn=level.withdrawn_gpus(report, protected if can_carve else None),
+                withdrawn=level.withdrawn_gpus(report, protected if can_carve and not adding else None),
             )
         )
     return nodes, never_reported, pinned
@@ -1226,8 +1286,10 @@ _size_of = attrgetter("size_gb")
 _index_of = attrgetter("index")
 
 
-def _pinned(pod: PodObserved, node: str) -> PendingPod:
-    return PendingPod(pod.namespace, pod.name, pod.size_gb, pod.priority, pod.created, node)
+def _pinned(pod: PodObserved, node: str, first_seen: Mapping[str, datetime]) -> PendingPod:
+    return PendingPod(
+        pod.namespace, pod.name, pod.size_gb, pod.priority, pod.created, node, arrived=first_seen.get(pod.key)
+    )
 
 
 def _expected_gpus(

@@ -30,11 +30,18 @@ from services.planner.core.cluster import Cluster, GpuPlan, gpu_plans
 from services.planner.core.model import Node, PendingPod, Placement, PlanSettings
 from services.planner.core.packing import Bin, lexicographic_selection
 
+PodOrder = tuple[int, float, float, str, str]
+"""`pod_order`'s key: -priority, created, arrived, namespace, name."""
 
-def pod_order(pod: PendingPod) -> tuple[int, float, str, str]:
-    """Higher priority first, then older first (pods without a time last), then namespace/name."""
+
+def pod_order(pod: PendingPod) -> PodOrder:
+    """Higher priority first, then older first (pods without a time last), then the one that arrived
+    first, then namespace/name. Arrival breaks the ties of a burst created within one second: a pod
+    that arrives later never takes the slice being carved for one that came before it, so it never
+    pushes that one back to a later change of some other node."""
     created = pod.created.timestamp() if pod.created is not None else float("inf")
-    return (-pod.priority, created, pod.namespace, pod.name)
+    arrived = pod.arrived.timestamp() if pod.arrived is not None else float("inf")
+    return (-pod.priority, created, arrived, pod.namespace, pod.name)
 
 
 NO_OPTED_IN_NODE = f"no opted-in node can be planned on (label {DEFAULT_OPT_IN})"
@@ -165,7 +172,7 @@ def _constraint(pod: PendingPod) -> int:
     return len(pod.eligible) if pod.eligible is not None else sys.maxsize
 
 
-_ALTERNATIVE_ORDERS: tuple[Callable[[PendingPod], tuple[int, float, str, str]], ...] = (
+_ALTERNATIVE_ORDERS: tuple[Callable[[PendingPod], PodOrder], ...] = (
     lambda pod: (-pod.size_gb, *pod_order(pod)[1:]),
     lambda pod: (pod.size_gb, *pod_order(pod)[1:]),
 )
