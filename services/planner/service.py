@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime
@@ -33,7 +34,7 @@ from datetime import UTC, datetime
 from opentelemetry.trace import Link
 
 from events import subjects
-from events.bus import Bus, BusUnavailableError, Delivery
+from events.bus import Bus, BusUnavailableError, Delivery, Publishing
 from events.metrics import (
     DECISION_SECONDS,
     GPU_MEMORY_FREE,
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 DURABLE = "planner"
 MAX_LINKS = 64
+IN_FLIGHT = 256
+"""A step's messages sent and not yet known to be stored."""
 
 
 def wall_clock() -> datetime:
@@ -171,8 +174,11 @@ class PlannerService:
             settle()
 
     async def _publish(self, step: Step, decision: PublishPlan) -> None:
-        """Publish the step's messages in order, then tell the core they are out. Every message has
-        an id derived from its content, so a publish retried after a failure half-way is stored once."""
+        """Publish the step's messages in order, then tell the core they are out. They are sent
+        without waiting for each acknowledgement (a step that releases 500 pods would otherwise hold
+        the planner for as many round trips), at most `IN_FLIGHT` at once, and every one is known to
+        be stored before the core hears of it. Every message has an id derived from its content, so a
+        publish retried after a failure half-way is stored once."""
         plan = decision.plan
         links, self._links = self._links, []
         with tracer().start_as_current_span(
@@ -186,8 +192,15 @@ class PlannerService:
                 "mpsflow.pods": pods_attribute(plan.placed),
             },
         ):
+            in_flight: deque[Publishing] = deque()
             for message in step.messages:
-                await self.bus.publish(message.subject, message.event, message_id=message.message_id)
+                in_flight.append(
+                    await self.bus.publish_soon(message.subject, message.event, message_id=message.message_id)
+                )
+                if len(in_flight) > IN_FLIGHT:
+                    await in_flight.popleft().stored()
+            for sent in in_flight:
+                await sent.stored()
         self.core.published(step)
         self._report_figures(plan)
         log.info(
