@@ -7,10 +7,20 @@ authentication, the API emulator with the admission webhook registered, and the 
 planner, the config publisher and the webhook as their own processes, each writing its spans to a
 traces directory), with `--nodes` opted-in nodes of two 80 GiB GPUs whose GPU reports the benchmark
 publishes itself, as their agents would (no agent runs: the burst is about the control plane).
-Then it creates `--pods` slice pods as fast as the API emulator takes them (each through the
-webhook, which gates it) and follows them:
+Then it creates `--pods` slice pods in a burst, from one of two sources (`--source`, both by
+default, each on a cluster of its own):
 
-- `api`: pods created per second (the client, the emulator and the webhook together);
+- `api`: through the API, as fast as the emulator takes them, each through the webhook, which
+  gates it. This one process serves every request and runs the webhook's calls, so the creation
+  rate it reaches bounds everything after it: a real API server, on machines of its own, takes
+  thousands a second.
+- `watch`: stored at once in the emulator (`ApiServer.store_admitted`), gated as the webhook would
+  have, so the watch hands the pod watcher the whole burst as fast as it reads: the capacity of
+  the pod watcher to planner path, with the API's creation rate out of the way.
+
+and follows them:
+
+- `created`: pods created per second (for `api`: the client, the emulator and the webhook together);
 - `pod watcher`: `PodObserved` events published per second, from its first to its last, and how
   long after the last creation it published the last one;
 - `planner`: events folded per second while it had a backlog (its durable consumer's acks), and
@@ -47,13 +57,14 @@ from events import subjects
 from events.envelope import decode
 from events.nodes import GpuReport, NodeGpusReported
 from events.pods import PodObserved
-from events.vocabulary import DEFAULT_OPT_IN
+from events.vocabulary import DEFAULT_OPT_IN, SLICE_GATE
 from services.traceview import TRACES_DIR_ENV, read_spans
 from simulation.demo import Cluster, start_cluster
 from simulation.scenario import Scenario, ScenarioGpu, ScenarioNode, Timing
 
 A100 = "NVIDIA-A100-SXM4-80GB"
 NAMESPACE = "burst"
+SOURCES = ("api", "watch")
 READY_TIMEOUT_S = 60.0
 SETTLE_TIMEOUT_S = 300.0
 
@@ -63,6 +74,7 @@ class Round:
     """What one burst measured."""
 
     pods: int
+    source: str
     created_first: float = 0.0
     created_last: float = 0.0
     observed_at: dict[str, float] = field(default_factory=dict)
@@ -73,7 +85,7 @@ class Round:
     spans: list[tuple[str, str, int, float]] = field(default_factory=list)
 
     @property
-    def api_rate(self) -> float:
+    def created_rate(self) -> float:
         return self.pods / max(1e-9, self.created_last - self.created_first)
 
     @property
@@ -126,9 +138,10 @@ def report_of(node: ScenarioNode) -> NodeGpusReported:
     )
 
 
-def pod_manifest(index: int) -> Any:
+def pod_manifest(index: int, *, gated: bool = False) -> Any:
+    """Slice pod `index` of 1-10 GiB; `gated`: with mpsflow's gate, as the webhook would make it."""
     size = 1 + index % 10
-    return {
+    manifest: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": f"p{index:05d}", "namespace": NAMESPACE},
@@ -143,6 +156,9 @@ def pod_manifest(index: int) -> Any:
             ],
         },
     }
+    if gated:
+        manifest["spec"]["schedulingGates"] = [{"name": SLICE_GATE}]
+    return manifest
 
 
 def cpu_seconds(pid: int) -> float:
@@ -182,8 +198,8 @@ async def wait_ready(cluster: Cluster) -> None:
         )
 
 
-async def one_round(pods: int, nodes: int, concurrency: int) -> Round:
-    measured = Round(pods)
+async def one_round(pods: int, nodes: int, concurrency: int, source: str) -> Round:
+    measured = Round(pods, source)
     traces = Path(tempfile.mkdtemp(prefix="mpsflow-throughput-traces-"))
     the_scenario = scenario(nodes)
     async with AsyncExitStack() as stack:
@@ -223,10 +239,14 @@ async def one_round(pods: int, nodes: int, concurrency: int) -> Round:
         async with anyio.create_task_group() as group:
             group.start_soon(collect)
             measured.created_first = time.monotonic()
-            async with anyio.create_task_group() as creators:
-                share = -(-pods // concurrency)
-                for start in range(0, pods, share):
-                    creators.start_soon(create, range(start, min(pods, start + share)))
+            if source == "api":
+                async with anyio.create_task_group() as creators:
+                    share = -(-pods // concurrency)
+                    for start in range(0, pods, share):
+                        creators.start_soon(create, range(start, min(pods, start + share)))
+            else:
+                for index in range(pods):
+                    cluster.api.store_admitted(NAMESPACE, pod_manifest(index, gated=True))
             measured.created_last = time.monotonic()
             with anyio.fail_after(SETTLE_TIMEOUT_S):
                 await poll(lambda: len(measured.observed_at) >= pods, 0.05)
@@ -262,14 +282,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=50, help="opted-in nodes of two 80 GiB GPUs")
     parser.add_argument("--concurrency", type=int, default=32, help="pods created at once")
     parser.add_argument("--rounds", type=int, default=1, help="whole runs, for min / median / max")
+    parser.add_argument(
+        "--source", choices=(*SOURCES, "both"), default="both", help="where the burst comes from (above)"
+    )
     args = parser.parse_args(argv)
+    sources = SOURCES if args.source == "both" else (args.source,)
     rounds = []
-    for number in range(1, args.rounds + 1):
-        print(f"round {number}: {args.pods} pods on {args.nodes} nodes", flush=True)
-        measured = asyncio.run(one_round(args.pods, args.nodes, args.concurrency))
+    for number, source in ((n, s) for n in range(1, args.rounds + 1) for s in sources):
+        print(f"round {number}, {source}: {args.pods} pods on {args.nodes} nodes", flush=True)
+        measured = asyncio.run(one_round(args.pods, args.nodes, args.concurrency, source))
         rounds.append(measured)
         print(
-            f"  api {measured.api_rate:,.0f} pods/s; pod watcher {measured.watcher_rate:,.0f} events/s, "
+            f"  created {measured.created_rate:,.0f} pods/s; "
+            f"pod watcher {measured.watcher_rate:,.0f} events/s, "
             f"its last {measured.watcher_lag:.2f} s after the last creation; planner "
             f"{measured.planner_rate:,.0f} events/s ({measured.planner_events} folded), a plan of every pod "
             f"{measured.plan_after_last_observation:.2f} s after the last observation",
@@ -281,11 +306,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    {'SERVICE':20} {'SPAN':32} {'COUNT':>7} {'TOTAL MS':>10} {'MEAN MS':>8}")
         for service, name, count, total in measured.spans[:12]:
             print(f"    {service[:20]:20} {name[:32]:32} {count:>7} {total:>10,.0f} {total / count:>8.2f}")
-    if len(rounds) > 1:
-        print(f"over {len(rounds)} rounds, min / median / max:")
-        print(f"  api pods/s {spread([r.api_rate for r in rounds])}")
-        print(f"  pod watcher events/s {spread([r.watcher_rate for r in rounds])}")
-        print(f"  planner events/s {spread([r.planner_rate for r in rounds])}")
+    for source in sources:
+        of_source = [r for r in rounds if r.source == source]
+        if len(of_source) > 1:
+            print(f"{source}, over {len(of_source)} rounds, min / median / max:")
+            print(f"  created pods/s {spread([r.created_rate for r in of_source])}")
+            print(f"  pod watcher events/s {spread([r.watcher_rate for r in of_source])}")
+            print(f"  planner events/s {spread([r.planner_rate for r in of_source])}")
     counts = Counter(len(r.observed_at) == r.pods for r in rounds)
     return 0 if counts[False] == 0 else 1
 
