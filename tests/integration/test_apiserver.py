@@ -1089,3 +1089,32 @@ async def test_bookmarks_never_run_ahead_of_held_back_events(api: ApiServer, cor
             held_back = [later for k, _, later, _ in seen[index + 1 :] if k != "BOOKMARK"]
             assert all(later > version for later in held_back), seen
     assert seen[-1][2] == int(last.metadata.resource_version)
+
+
+async def test_a_pod_stored_as_admitted_is_defaulted_watched_and_timed_like_a_created_one(
+    api: ApiServer, core: Any
+) -> None:
+    listed = await core.list_namespaced_pod(NAMESPACE)
+    stream = watch.Watch().stream(
+        core.list_namespaced_pod,
+        NAMESPACE,
+        resource_version=listed.metadata.resource_version,
+        timeout_seconds=5,
+    )
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "burst-1"},
+        "spec": {"containers": [{"name": "main", "image": "busybox"}], "schedulingGates": [{"name": "g"}]},
+    }
+    before = anyio.current_time()
+    stored = api.store_admitted(NAMESPACE, manifest)
+    assert stored["metadata"]["uid"] and stored["metadata"]["creationTimestamp"]
+    assert before <= api.pods_created_at[f"{NAMESPACE}/burst-1"] <= anyio.current_time()
+    with anyio.fail_after(5):
+        async for event in stream:
+            assert (event["type"], event["object"].metadata.name) == ("ADDED", "burst-1")
+            assert event["object"].spec.scheduling_gates[0].name == "g"
+            break
+    with pytest.raises(ValueError, match="takes a Pod"):
+        api.store_admitted(NAMESPACE, {"kind": "Node", "metadata": {"name": "n"}})
