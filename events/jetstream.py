@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 RECONNECT_WAIT = 0.5
 PUBLISH_TIMEOUT_S = 5.0
+ASYNC_PUBLISHES = 4000
+"""Events `publish_soon` keeps in flight on one connection at most; one more waits for a slot."""
 """How long a publish waits to be sent (a full window) or acknowledged before the bus counts as down."""
 """Seconds between the NATS client's reconnect attempts, and so before a fetch that failed for
 connection trouble is tried again (the failure policy: services/kit/retry.py)."""
@@ -125,7 +127,7 @@ class EventBus:
 
     def __init__(self, connection: NatsClient, *, source: str, identity: str) -> None:
         self._nc = connection
-        self.js: JetStreamContext = connection.jetstream(timeout=5)
+        self.js: JetStreamContext = connection.jetstream(timeout=5, publish_async_max_pending=ASYNC_PUBLISHES)
         self.source = source
         self.identity = identity
         self.published = 0
@@ -223,8 +225,12 @@ class EventBus:
         with publishing(subject, event.kind, envelope_id, event):
             headers = inject({"Nats-Msg-Id": envelope_id})
             try:
+                # With a free slot, no wait at all: a wait with a timeout is a task of its own, which
+                # hands the loop over at every event, and the client then flushes every event in a
+                # write of its own; without one, a burst goes out in a few large writes.
+                full = self.js.publish_async_pending() >= ASYNC_PUBLISHES
                 acknowledged = await self.js.publish_async(
-                    subject, encode(envelope), headers=headers, wait_stall=PUBLISH_TIMEOUT_S
+                    subject, encode(envelope), headers=headers, wait_stall=PUBLISH_TIMEOUT_S if full else None
                 )
             except (nats.errors.Error, TimeoutError) as error:
                 raise BusUnavailableError(f"{type(error).__name__}: {error}") from error
