@@ -26,6 +26,7 @@ and follows them:
 - `planner`: events folded per second while it had a backlog (its durable consumer's acks), and
   the time from the last observation to a plan that counts every pod (its `mpsflow_pods` gauge);
 - `cpu`: seconds of CPU each service process spent during the burst (user + system);
+- `peak RSS`: each service process's peak resident memory by the end (its `VmHWM`);
 - `spans`: where the time went, by service and span name (count, total and mean ms), from the
   span files.
 
@@ -82,6 +83,7 @@ class Round:
     planned_all: float | None = None
     planner_events: int = 0
     cpu_seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)
     spans: list[tuple[str, str, int, float]] = field(default_factory=list)
 
     @property
@@ -159,6 +161,14 @@ def pod_manifest(index: int, *, gated: bool = False) -> Any:
     if gated:
         manifest["spec"]["schedulingGates"] = [{"name": SLICE_GATE}]
     return manifest
+
+
+def peak_rss_mib(pid: int) -> float:
+    """A process's peak resident memory so far (`VmHWM` of /proc/PID/status), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -260,6 +270,7 @@ async def one_round(pods: int, nodes: int, concurrency: int, source: str) -> Rou
                     await anyio.sleep(0.05)
             group.cancel_scope.cancel()
         measured.cpu_seconds = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in services.items()}
+        measured.peak_rss_mib = {name: peak_rss_mib(pid) for name, pid in services.items()}
     await anyio.sleep(1)  # the processes flush their last spans as they stop
     spans, _ = read_spans(traces)
     totals: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -302,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         cpu = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in sorted(measured.cpu_seconds.items()))
         print(f"  cpu during the burst: {cpu}")
+        peaks = ", ".join(f"{name} {mib:.0f} MiB" for name, mib in sorted(measured.peak_rss_mib.items()))
+        print(f"  peak RSS: {peaks}")
         print("  where the time went (spans, by total):")
         print(f"    {'SERVICE':20} {'SPAN':32} {'COUNT':>7} {'TOTAL MS':>10} {'MEAN MS':>8}")
         for service, name, count, total in measured.spans[:12]:
