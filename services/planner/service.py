@@ -59,6 +59,10 @@ DURABLE = "planner"
 MAX_LINKS = 64
 IN_FLIGHT = 256
 """A step's messages sent and not yet known to be stored."""
+BATCH = 512
+"""Events fetched at once. A planner behind the stream folds a whole batch before it decides (the
+batch window of events published a while ago is long closed), so a larger batch spreads each
+decision over more events."""
 
 
 def wall_clock() -> datetime:
@@ -128,7 +132,7 @@ class PlannerService:
             handle=self.handle,
             deliver_from="last_per_subject",
             reset=True,
-            batch=256,
+            batch=BATCH,
             after_batch=self._check_caught_up,
         )
 
