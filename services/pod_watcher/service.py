@@ -185,14 +185,12 @@ class PodWatcherService:
         if self.nodes.get(name) != observed:
             largest = self.largest_gpu_gb
             self.nodes[name] = observed
-            await self.bus.publish(
+            await self._send(
                 subjects.node_subject(name),
                 observed,
                 # The node's resourceVersion too: a node that opts out and in again says the same
                 # thing twice, and the second must not be dropped as a duplicate of the first.
-                message_id=content_id(
-                    "node", node["metadata"].get("resourceVersion", ""), observed.model_dump_json()
-                ),
+                content_id("node", node["metadata"].get("resourceVersion", ""), observed.model_dump_json()),
             )
             if self.largest_gpu_gb != largest:
                 for pod in list(self.too_large.values()):
