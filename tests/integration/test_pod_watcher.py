@@ -973,3 +973,25 @@ def test_a_bad_watcher_flag_exits_2_naming_it(
 
     assert exited.value.code == 2
     assert named in capsys.readouterr().err
+
+
+async def test_the_largest_gpu_follows_nodes_joining_changing_and_leaving(broker: MemoryBroker) -> None:
+    async with client.ApiClient(client.Configuration(host="http://127.0.0.1:9")) as api:
+        watcher = PodWatcherService(broker.bus("t"), api)
+
+        def node(name: str, mib: int | None) -> NodeObserved:
+            gfd = GfdFacts(product="GPU", count=1, memory_mib=mib) if mib is not None else None
+            return NodeObserved(name=name, gfd=gfd)
+
+        assert watcher.largest_gpu_gb is None
+        watcher._keep_node(node("a", 81920))
+        watcher._keep_node(node("b", 24576))
+        watcher._keep_node(node("c", None))
+        assert watcher.largest_gpu_gb == 80
+        watcher._keep_node(node("a", 16384))  # the same node, seen again with a smaller GPU
+        assert watcher.largest_gpu_gb == 24
+        watcher._forget_node("b")
+        watcher._forget_node("b")  # twice: nothing more goes
+        assert watcher.largest_gpu_gb == 16
+        watcher._forget_node("a")
+        assert watcher.largest_gpu_gb is None and set(watcher.nodes) == {"c"}
