@@ -610,6 +610,15 @@ async def _observe(cluster: Cluster) -> None:
             await subscription.unsubscribe()
 
 
+def log_tail(path: Path, lines: int = 8) -> list[str]:
+    """The last `lines` lines of a process's log (the logs go when the demo ends: a process that died
+    before the cluster was ready must say why on the demo's own output)."""
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError as error:
+        return [f"(no log: {error})"]
+
+
 async def _play(cluster: Cluster, core: client.CoreV1Api, start: float) -> None:
     """Create the workload's pods and make its node changes, each at its time after `start`.
 
@@ -1221,13 +1230,18 @@ def service_errors(logs: Path) -> int:
     """Errors the services logged so far, and tracebacks or warnings Python printed for them (an
     exception in a destructor, a coroutine never awaited): a healthy run has none. The cluster's
     own log is not counted: the simulation logs what a real kubelet would."""
-    return sum(
-        1
-        for log in logs.glob("*.log")
+    return len(service_error_lines(logs))
+
+
+def service_error_lines(logs: Path) -> list[str]:
+    """The lines `service_errors` counts, each after its log's name."""
+    return [
+        f"{log.stem}: {line}"
+        for log in sorted(logs.glob("*.log"))
         if log.name != "cluster.log"
         for line in log.read_text(errors="replace").splitlines()
         if any(mark in line for mark in _ERROR_MARKS)
-    )
+    ]
 
 
 def _table(result: dict[str, Any], out: TextIO) -> None:
@@ -1373,7 +1387,9 @@ async def run_demo(
                 )
                 for name, process in cluster.processes.items():
                     if process.poll() is not None:
-                        say(f"  {name} exited with status {process.returncode}")
+                        say(f"  {name} exited with status {process.returncode}; the end of its log:")
+                        for line in log_tail(cluster.base / "logs" / f"{name}.log"):
+                            say(f"    {line}")
                 group.cancel_scope.cancel()
                 return 1
             say(
@@ -1395,6 +1411,8 @@ async def run_demo(
                 plans_while_idle = cluster.observed.plans - plans_before
             await collect_hosted_kubelets(cluster)
             result = summary(cluster, plans_while_idle)
+            for line in service_error_lines(cluster.base / "logs")[:20]:  # the logs go with the demo
+                say(f"  service error: {line}")
             result["status"] = await scrape_status(cluster)
             ready = [
                 name for name, seen in result["status"].items() if seen.get("ready", "").startswith("200")
