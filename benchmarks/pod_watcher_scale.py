@@ -49,7 +49,7 @@ from events.jetstream import EventBus
 from events.pods import PodObserved, PodRejected
 from events.vocabulary import SLICE_GATE
 from simulation.apiserver import ApiServer
-from simulation.nats_server import LocalNatsServer, free_port
+from simulation.nats_server import LocalNatsServer
 
 OPT_IN = ("nos.nebuly.com/gpu-partitioning", "mps")
 NAMESPACES = 20
@@ -351,7 +351,7 @@ def start_watcher(base: Path, nats_server: LocalNatsServer, api_url: str) -> sub
         sys.executable, "-m", "services.cli", "run", "pod-watcher",
         "--nats-creds", str(credentials),
         "--ready-file", str(base / "pod-watcher.ready"),
-        "--status-address", f"127.0.0.1:{free_port()}",
+        "--status-address", "127.0.0.1:0",  # not asked here: any free port the process binds
     ]  # fmt: skip
     environment = {
         **os.environ,

@@ -23,6 +23,7 @@ from events.vocabulary import (
     OptInLabel,
 )
 from services.kit.lifecycle import close_all
+from services.kit.listen import ListenAddress
 
 if TYPE_CHECKING:
     from events.bus import Bus
@@ -137,15 +138,15 @@ def _uid(text: str) -> int:
     return int(text)
 
 
-def _address(text: str) -> tuple[str, int]:
-    host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    return host or "0.0.0.0", int(port)
+def _listen_address(text: str) -> ListenAddress:
+    try:
+        return ListenAddress.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _status_address(text: str) -> tuple[str, int] | None:
-    return None if text.strip().lower() == "none" else _address(text)
+def _status_address(text: str) -> ListenAddress | None:
+    return None if text.strip().lower() == "none" else _listen_address(text)
 
 
 def _status(parser: argparse.ArgumentParser) -> None:
@@ -153,9 +154,10 @@ def _status(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--status-address",
         type=_status_address,
-        default=("0.0.0.0", DEFAULT_STATUS_PORT),
+        default=ListenAddress("0.0.0.0", DEFAULT_STATUS_PORT),
         metavar="HOST:PORT",
-        help=f"serve /healthz, /readyz and /metrics here (default 0.0.0.0:{DEFAULT_STATUS_PORT}; none: off)",
+        help=f"serve /healthz, /readyz and /metrics here (default 0.0.0.0:{DEFAULT_STATUS_PORT}; none: off; "
+        "fd:N: on the listening socket inherited as descriptor N)",
     )
 
 
@@ -280,10 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     webhook.add_argument(
         "--listen",
-        type=_address,
-        default=("0.0.0.0", 8443),
+        type=_listen_address,
+        default=ListenAddress("0.0.0.0", 8443),
         metavar="HOST:PORT",
-        help="(default 0.0.0.0:8443)",
+        help="(default 0.0.0.0:8443; fd:N: on the listening socket inherited as descriptor N)",
     )
     _status(webhook)
     webhook.add_argument("--tls-cert-file", type=Path, help="serve https with this certificate (PEM)")
@@ -813,9 +815,8 @@ async def _admission_webhook(args: argparse.Namespace, status: Status) -> None:
 
     from services.pod_watcher.gate import keep_certificate_fresh, serve_webhook, tls_context
 
-    host, port = args.listen
     tls = tls_context(args.tls_cert_file, args.tls_key_file) if args.tls_cert_file is not None else None
-    runner = await serve_webhook(host, port, tls)
+    runner = await serve_webhook(args.listen, tls)
     status.ready("serving")
     try:
         if tls is None:

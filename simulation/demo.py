@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -77,7 +78,7 @@ from simulation.apiserver import AdmissionWebhook, ApiServer
 from simulation.chaos import RESTART_DELAY_S, ChaosError, Kill, check_chaos, parse_chaos
 from simulation.kubelet import RUNS_FOR_ANNOTATION, Kubelet, pod_resources_socket
 from simulation.kubelet import plugin_dir as kubelet_plugin_dir
-from simulation.nats_server import LocalNatsServer, free_port
+from simulation.nats_server import LocalNatsServer
 from simulation.node_host import (
     KUBELET_STATES,
     HostedNode,
@@ -222,6 +223,8 @@ class Cluster:
     launches: dict[str, tuple[list[str], str]] = field(default_factory=dict)  # name -> (command, token)
     environment: dict[str, str] = field(default_factory=dict)  # set for every process it starts (tracing)
     status_ports: dict[str, int] = field(default_factory=dict)  # name -> its /healthz, /readyz, /metrics
+    listeners: dict[str, list[socket.socket]] = field(default_factory=dict)
+    """Process name -> the listening sockets the demo holds for it and hands to each of its starts."""
     crashed: set[str] = field(default_factory=set)  # killed by chaos, to be started again by it
     chaos: list[ChaosRecord] = field(default_factory=list)
     observed: Observed = field(default_factory=Observed)
@@ -329,11 +332,28 @@ def _service_command(service: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "services.cli", "run", service, *extra]
 
 
+def _loopback_listener() -> socket.socket:
+    """A socket listening on a free loopback port, to hand to a process as `fd:N`
+    (`services.kit.listen`): it listens before anyone is told its port, so no other process can
+    take the port in between, and it outlives the restarts of the process it is handed to."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return listener
+
+
+def _close_listeners(cluster: Cluster) -> None:
+    for listener in (held for sockets in cluster.listeners.values() for held in sockets):
+        listener.close()
+
+
 def _start_process(cluster: Cluster, name: str, command: list[str], token: str) -> None:
     logs = cluster.base / "logs"
     if "--status-address" not in command:  # each process its own port, kept across its restarts
-        port = cluster.status_ports.setdefault(name, free_port())
-        command = [*command, "--status-address", f"127.0.0.1:{port}"]
+        listener = _loopback_listener()
+        cluster.listeners.setdefault(name, []).append(listener)
+        cluster.status_ports[name] = listener.getsockname()[1]
+        command = [*command, "--status-address", f"fd:{listener.fileno()}"]
     environment = {
         **os.environ,
         "MPSFLOW_NATS_URL": cluster.nats.url,
@@ -345,7 +365,12 @@ def _start_process(cluster: Cluster, name: str, command: list[str], token: str) 
     }
     with (logs / f"{name}.log").open("ab") as log_file:
         cluster.processes[name] = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            start_new_session=True,
+            pass_fds=[listener.fileno() for listener in cluster.listeners.get(name, [])],
         )
     cluster.launches[name] = (command, token)
 
@@ -946,7 +971,9 @@ async def start_cluster(
     # Authentication on, as in production (docs/security.md): every process its own identity.
     nats_server = LocalNatsServer(base / "nats", secured=True).start()
     stack.callback(nats_server.stop)
-    webhook_url = f"http://127.0.0.1:{free_port()}"
+    webhook_listener = _loopback_listener()
+    stack.callback(webhook_listener.close)
+    webhook_url = f"http://127.0.0.1:{webhook_listener.getsockname()[1]}"
     api = ApiServer(
         watch_delay=scenario.timing.watch_delay_s,
         faults=scenario.api_faults.emulator_faults() if scenario.api_faults else None,
@@ -976,6 +1003,8 @@ async def start_cluster(
     await register_nodes(kubelets.values())
     cluster = Cluster(scenario, base, nats_server, api, bus, admin, kubelets, webhook_url)
     cluster.environment.update(environment or {})
+    cluster.listeners["admission-webhook"] = [webhook_listener]
+    stack.callback(_close_listeners, cluster)
     stack.callback(_stop_processes, cluster)
     say(
         f"started nats-server on {nats_server.url} (authentication on: one identity per process) "
@@ -986,7 +1015,7 @@ async def start_cluster(
         if service == "config-publisher" and compat:
             extra = ("--compat-configmap",)  # nos's default, COMPAT_CONFIGMAP
         elif service == "admission-webhook":
-            extra = ("--listen", webhook_url.removeprefix("http://"))
+            extra = ("--listen", f"fd:{webhook_listener.fileno()}")
         if service not in access.SERVICE_ROLES:
             _start_process(cluster, service, _service_command(service, *extra), f"mpsflow-{service}")
             continue

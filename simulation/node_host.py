@@ -70,6 +70,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from node_agent.nvml import NvmlInventory
 from services.cli import build_parser, serve_mps_daemons, serve_node_agent
 from services.kit.lifecycle import close_all, run_service
+from services.kit.listen import ListenAddress
 from services.kit.status import Status
 from simulation.fake_mps_inprocess import InProcessDaemons
 from simulation.fake_nvml import FakeNvml
@@ -370,19 +371,17 @@ async def ask(control_socket: Path, request: dict[str, str]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulation.node_host")
     parser.add_argument("--spec", type=Path, required=True, help="the host's nodes (JSON, HostSpec)")
-    parser.add_argument("--status-address", help="HOST:PORT of /healthz, /readyz and /metrics")
+    parser.add_argument(
+        "--status-address", type=ListenAddress.parse, help="HOST:PORT or fd:N: /healthz, /readyz, /metrics"
+    )
     args = parser.parse_args(argv)
     try:
         spec = HostSpec.model_validate_json(args.spec.read_text())
     except (OSError, ValidationError) as error:
         print(f"node host: {args.spec}: {error}", file=sys.stderr)
         return 2
-    address = None
-    if args.status_address:
-        host, _, port = args.status_address.rpartition(":")
-        address = (host, int(port))
     status = HostStatus()
-    run_service(TRACED_AS, NodeHost(spec, status).run, status=status, status_address=address)
+    run_service(TRACED_AS, NodeHost(spec, status).run, status=status, status_address=args.status_address)
     return 0
 
 

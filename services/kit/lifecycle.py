@@ -19,6 +19,7 @@ import stamina
 from anyio import CancelScope
 
 if TYPE_CHECKING:
+    from services.kit.listen import ListenAddress
     from services.kit.status import Status
 
 
@@ -57,7 +58,7 @@ def run_service(
     main: Callable[[], Awaitable[None]],
     *,
     status: Status | None = None,
-    status_address: tuple[str, int] | None = None,
+    status_address: ListenAddress | None = None,
     **resource: str,
 ) -> None:
     """Run `main` as the process's service; `status` is served on `status_address` if both are given."""
@@ -70,7 +71,7 @@ def run_service(
     async def supervised() -> None:
         server = StatusServer(status) if status is not None and status_address is not None else None
         if server is not None and status_address is not None:
-            await server.start(*status_address)
+            await server.start(status_address)
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(_stop_on_signal, group.cancel_scope)

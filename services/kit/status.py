@@ -1,12 +1,13 @@
 """What a process tells its probes and Prometheus: `/healthz`, `/readyz` and `/metrics` over HTTP.
 
 Where it sits: every long-running `mpsflow run` process starts one `StatusServer` on
-`--status-address` (default 0.0.0.0:8080) beside its work; the manifests' probes and the
-ServiceMonitors point at it, and the demo scrapes it. The process says how it is through a
-`Status`: `ready(role)` once it serves (`active`, or `standby` for a replica waiting for its
-lease: a standby is ready too, or a rolling update would wait for a lease the old replica holds),
-`not_ready(why)` while it starts or has lost what it needs, and `beat(name)` for each loop whose
-stalling must make the process unhealthy (`watch(name, within)` says how stale is too stale).
+`--status-address` (default 0.0.0.0:8080; or a socket it inherits, `services.kit.listen`) beside
+its work; the manifests' probes and the ServiceMonitors point at it, and the demo scrapes it.
+The process says how it is through a `Status`: `ready(role)` once it serves (`active`, or
+`standby` for a replica waiting for its lease: a standby is ready too, or a rolling update would
+wait for a lease the old replica holds), `not_ready(why)` while it starts or has lost what it
+needs, and `beat(name)` for each loop whose stalling must make the process unhealthy
+(`watch(name, within)` says how stale is too stale).
 
 - `/healthz`: 200 `ok` while the event loop answers and no watched loop is stale; else 503 naming
   the stale loop. The kubelet restarts the container on repeated failures.
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+from services.kit.listen import ListenAddress, bound_port
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +77,17 @@ class StatusServer:
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, address: ListenAddress) -> None:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
+        await address.site(runner).start()
         self._runner = runner
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else port
-        log.info("status on http://%s:%d (/healthz, /readyz, /metrics)", host, self.port)
+        self.port = bound_port(runner)
+        log.info("status on %s, port %s (/healthz, /readyz, /metrics)", address, self.port)
 
     async def close(self) -> None:
         if self._runner is not None:

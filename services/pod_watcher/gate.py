@@ -37,6 +37,7 @@ from events.vocabulary import (
     WEBHOOK_PATH,
     asks_for_a_slice,
 )
+from services.kit.listen import ListenAddress
 from services.pod_watcher.translate import is_gated
 
 log = logging.getLogger(__name__)
@@ -201,10 +202,10 @@ def _modified(*files: Path) -> tuple[int, ...]:
     return tuple(path.stat().st_mtime_ns if path.exists() else 0 for path in files)
 
 
-async def serve_webhook(host: str, port: int, tls: ssl.SSLContext | None) -> web.AppRunner:
-    """Start serving on `host:port` (https with `tls`); the caller stops it with `runner.cleanup()`."""
+async def serve_webhook(address: ListenAddress, tls: ssl.SSLContext | None) -> web.AppRunner:
+    """Start serving at `address` (https with `tls`); the caller stops it with `runner.cleanup()`."""
     runner = web.AppRunner(webhook_app(), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port, ssl_context=tls).start()
-    log.info("admission webhook serving %s on %s:%d", "https" if tls else "http", host, port)
+    await address.site(runner, tls).start()
+    log.info("admission webhook serving %s on %s", "https" if tls else "http", address)
     return runner

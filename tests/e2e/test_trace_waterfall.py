@@ -54,21 +54,21 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     traces.mkdir()
     (traces / "mpsflow-planner-1.jsonl").write_text("left by an earlier run\n")
     receiver = Receiver()
-    command = [
-        sys.executable,
-        "-m",
-        "services.cli",
-        "demo",
-        "--scenario",
-        str(base / "scenario.yaml"),
-        "--traces",
-        str(traces),
-        "--otlp-endpoint",
-        f"http://127.0.0.1:{receiver.port}",
-    ]
     environment = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     environment.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-    with receiver.serving():
+    with receiver.serving() as endpoint:
+        command = [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "demo",
+            "--scenario",
+            str(base / "scenario.yaml"),
+            "--traces",
+            str(traces),
+            "--otlp-endpoint",
+            endpoint,
+        ]
         finished = subprocess.run(
             command, capture_output=True, text=True, timeout=90, env=environment, check=False
         )

@@ -22,8 +22,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from simulation.nats_server import free_port
-
 pytestmark = pytest.mark.e2e
 
 SCENARIO = """
@@ -56,7 +54,6 @@ class Receiver:
     """An OTLP/HTTP traces endpoint on a thread of its own, keeping every span it gets."""
 
     def __init__(self) -> None:
-        self.port = free_port()
         self.spans: list[Span] = []
 
     async def export(self, request: web.Request) -> web.Response:
@@ -83,7 +80,8 @@ class Receiver:
         )
 
     @contextmanager
-    def serving(self) -> Iterator[None]:
+    def serving(self) -> Iterator[str]:
+        """Serve on a free loopback port while in the block, which is given its endpoint URL."""
         import asyncio
 
         loop = asyncio.new_event_loop()
@@ -91,11 +89,11 @@ class Receiver:
         app.router.add_post("/v1/traces", self.export)
         runner = web.AppRunner(app)
         loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
         thread = Thread(target=loop.run_forever, daemon=True)
         thread.start()
         try:
-            yield
+            yield f"http://127.0.0.1:{runner.addresses[0][1]}"
         finally:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(5)
@@ -108,12 +106,12 @@ def spans(tmp_path_factory: pytest.TempPathFactory) -> list[Span]:
     receiver = Receiver()
     scenario = tmp_path_factory.mktemp("trace") / "scenario.yaml"
     scenario.write_text(SCENARIO)
-    environment = {
-        **os.environ,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-    }
-    with receiver.serving():
+    with receiver.serving() as endpoint:
+        environment = {
+            **os.environ,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
         finished = subprocess.run(
             [sys.executable, "-m", "services.cli", "demo", "--scenario", str(scenario)],
             capture_output=True,

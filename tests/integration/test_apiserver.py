@@ -14,7 +14,7 @@ import base64
 import json
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -650,12 +650,13 @@ async def webhooks() -> AsyncIterator[Webhooks]:
         await runner.cleanup()
 
 
-def unused_port_url() -> str:
-    """The URL of a loopback port nothing listens on: connecting is refused at once."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
+@pytest.fixture
+def refusing_url() -> Iterator[str]:
+    """The URL of a loopback port held bound without listening, for the test's length: connecting
+    is refused at once, and no other process can take the port meanwhile."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}/"
 
 
 @asynccontextmanager
@@ -776,9 +777,9 @@ FAILED_CALLS = {
 
 @pytest.mark.parametrize("path", sorted(FAILED_CALLS))
 async def test_failed_webhook_call_refuses_with_fail_and_is_skipped_with_ignore(
-    webhooks: Webhooks, path: str
+    webhooks: Webhooks, refusing_url: str, path: str
 ) -> None:
-    url = unused_port_url() if path == "down" else f"{webhooks.url}{path}"
+    url = refusing_url if path == "down" else f"{webhooks.url}{path}"
     hooks = (
         AdmissionWebhook(
             "fail.test", url, timeout_seconds=0.2, matches=lambda p: p["metadata"]["name"] == "a"

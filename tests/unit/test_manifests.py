@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from services.cli import build_parser
+from services.kit.listen import ListenAddress
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 BASE = K8S / "base"
@@ -26,7 +27,7 @@ OVERLAYS = K8S / "overlays"
 CONTROL_PLANE_NAMESPACE = "mpsflow"
 NODE_NAMESPACE = "mpsflow-node"
 NODE_WORKLOADS = ("mpsflow-node-agent", "mpsflow-mps-daemons")
-STATUS_PORT = {"name": "status", "containerPort": 8080}
+STATUS_PORT: dict[str, Any] = {"name": "status", "containerPort": 8080}
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 
 
@@ -259,7 +260,9 @@ def test_every_service_serves_its_status_on_the_port_its_probes_and_service_name
     services = [d for d in documents() if d["kind"] == "Service"]
     for name, container in containers.items():
         args = [a.replace("$(NODE_NAME)", "gpu-1") for a in container["args"]]
-        assert build_parser().parse_args(args).status_address == ("0.0.0.0", STATUS_PORT["containerPort"])
+        assert build_parser().parse_args(args).status_address == ListenAddress(
+            "0.0.0.0", STATUS_PORT["containerPort"]
+        )
         assert STATUS_PORT in container["ports"], name
         assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "status"}, name
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "status"}, name

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from events import metrics
 from events.metrics import DEAD_LETTERS
 from services.cli import build_parser
+from services.kit.listen import ListenAddress
 from services.kit.status import Status, StatusServer
 
 pytestmark = pytest.mark.anyio
@@ -32,7 +33,7 @@ async def served() -> AsyncIterator[tuple[Status, Clock, str]]:
     clock = Clock()
     status = Status(clock=clock)
     server = StatusServer(status)
-    await server.start("127.0.0.1", 0)
+    await server.start(ListenAddress("127.0.0.1", 0))
     try:
         yield status, clock, f"http://127.0.0.1:{server.port}"
     finally:
@@ -87,7 +88,7 @@ async def test_a_registry_of_its_own_serves_only_its_metrics() -> None:
     registry = CollectorRegistry()
     Counter("only_here", "a metric of this registry", registry=registry).inc()
     server = StatusServer(Status(), registry)
-    await server.start("127.0.0.1", 0)
+    await server.start(ListenAddress("127.0.0.1", 0))
     try:
         _, text = await get(f"http://127.0.0.1:{server.port}/metrics")
     finally:
@@ -102,13 +103,14 @@ async def test_a_registry_of_its_own_serves_only_its_metrics() -> None:
 @pytest.mark.parametrize(
     ("given", "address"),
     [
-        (None, ("0.0.0.0", 8080)),
+        (None, ListenAddress("0.0.0.0", 8080)),
         ("none", None),
-        ("127.0.0.1:9000", ("127.0.0.1", 9000)),
-        (":9100", ("0.0.0.0", 9100)),
+        ("127.0.0.1:9000", ListenAddress("127.0.0.1", 9000)),
+        (":9100", ListenAddress("0.0.0.0", 9100)),
+        ("fd:3", ListenAddress(inherited_fd=3)),
     ],
 )
-def test_every_service_takes_a_status_address(given: str | None, address: tuple[str, int] | None) -> None:
+def test_every_service_takes_a_status_address(given: str | None, address: ListenAddress | None) -> None:
     for service in ("pod-watcher", "planner", "config-publisher", "admission-webhook"):
         flag = [] if given is None else ["--status-address", given]
         assert build_parser().parse_args(["run", service, *flag]).status_address == address
@@ -121,7 +123,7 @@ def test_a_bad_status_address_is_refused_naming_it(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["run", "planner", "--status-address", "8080"])
     assert exit_.value.code == 2
-    assert "argument --status-address: '8080' is not HOST:PORT" in capsys.readouterr().err
+    assert "argument --status-address: '8080' is not HOST:PORT or fd:N" in capsys.readouterr().err
 
 
 def test_the_observability_page_lists_every_metric_with_its_type_and_labels() -> None:
