@@ -1126,6 +1126,7 @@ def summary(cluster: Cluster, plans_while_idle: int) -> dict[str, Any]:
     api_pods = cluster.pods(fresh=True)
     failed = cluster.failed()
     kubelets = _kubelet_states(cluster)
+    error_lines = service_error_lines(cluster.base / "logs")
     for key, item in cluster.valid_pods().items():
         pod = api_pods.get(key, {})
         node = (pod.get("spec") or {}).get("nodeName")
@@ -1202,8 +1203,9 @@ def summary(cluster: Cluster, plans_while_idle: int) -> dict[str, Any]:
             "configs_refused": cluster.observed.configs_refused,
             "admission_failures": sum(len(kubelet.failed) for kubelet in kubelets.values()),
             "plans_while_idle": plans_while_idle,
-            "service_errors": service_errors(cluster.base / "logs"),
+            "service_errors": len(error_lines),
         },
+        "service_error_lines": error_lines[:SHOWN_ERROR_LINES],
         "latency": {
             "pending_p50": pending_p50,
             "pending_p99": pending_p99,
@@ -1255,15 +1257,13 @@ async def scrape_status(cluster: Cluster) -> dict[str, dict[str, Any]]:
 _ERROR_MARKS = (" ERROR ", " CRITICAL ", "Traceback (most recent call last)", "was never awaited")
 
 
-def service_errors(logs: Path) -> int:
-    """Errors the services logged so far, and tracebacks or warnings Python printed for them (an
-    exception in a destructor, a coroutine never awaited): a healthy run has none. The cluster's
-    own log is not counted: the simulation logs what a real kubelet would."""
-    return len(service_error_lines(logs))
+SHOWN_ERROR_LINES = 20
 
 
 def service_error_lines(logs: Path) -> list[str]:
-    """The lines `service_errors` counts, each after its log's name."""
+    """Errors the services logged so far, and tracebacks or warnings Python printed for them (an
+    exception in a destructor, a coroutine never awaited), each after its log's name: a healthy run
+    has none. The cluster's own log is not counted: the simulation logs what a real kubelet would."""
     return [
         f"{log.stem}: {line}"
         for log in sorted(logs.glob("*.log"))
@@ -1440,7 +1440,7 @@ async def run_demo(
                 plans_while_idle = cluster.observed.plans - plans_before
             await collect_hosted_kubelets(cluster)
             result = summary(cluster, plans_while_idle)
-            for line in service_error_lines(cluster.base / "logs")[:20]:  # the logs go with the demo
+            for line in result["service_error_lines"]:  # the logs go with the demo
                 say(f"  service error: {line}")
             result["status"] = await scrape_status(cluster)
             ready = [

@@ -64,8 +64,9 @@ def test_every_pod_in_flight_is_admitted_and_runs(summary: dict[str, Any]) -> No
     }
     assert all(pod["phase"] == "Succeeded" for key, pod in pods.items() if key.startswith("ml/warm-"))
     counters = summary["counters"]
+    errors = summary["service_error_lines"]
     assert (counters["admission_failures"], counters["configs_refused"], counters["service_errors"]) == (
         0,
         0,
         0,
-    )
+    ), errors

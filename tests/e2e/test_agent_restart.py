@@ -201,7 +201,7 @@ def test_every_pod_runs_or_succeeds_and_nothing_went_wrong(run: Run) -> None:
         "admission_failures": 0,
         "plans_while_idle": 0,
         "service_errors": 0,
-    }
+    }, run.summary["service_error_lines"]
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,7 @@ def test_every_valid_pod_runs_or_succeeds_and_nothing_went_wrong(
         "admission_failures": 0,
         "plans_while_idle": 0,
         "service_errors": 0,
-    }
+    }, summary["service_error_lines"]
 
 
 def test_the_faults_fired_on_the_mpsflow_services_only(

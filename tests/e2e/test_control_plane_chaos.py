@@ -57,4 +57,4 @@ def test_no_pod_failed_and_nothing_went_wrong(summary: dict[str, Any]) -> None:
         "admission_failures": 0,
         "plans_while_idle": 0,
         "service_errors": 0,
-    }
+    }, summary["service_error_lines"]

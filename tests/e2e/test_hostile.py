@@ -56,7 +56,7 @@ def test_no_pod_fails_and_every_pod_runs_or_succeeds(hostile: dict[str, Any]) ->
 def test_refusals_are_rare_and_the_plans_converge(hostile: dict[str, Any]) -> None:
     counters = hostile["counters"]
     assert counters["plans_while_idle"] == 0
-    assert counters["service_errors"] == 0
+    assert counters["service_errors"] == 0, hostile["service_error_lines"]
     assert counters["configs_refused"] <= 2
     assert counters["plans"] <= 3 * len(hostile["pods"])
 

@@ -129,7 +129,7 @@ def test_every_pod_runs_on_a_slice_of_its_size_and_nothing_went_wrong(
         "admission_failures": 0,
         "plans_while_idle": 0,
         "service_errors": 0,
-    }
+    }, summary["service_error_lines"]
     latency = summary["latency"]
     assert 0 <= latency["mpsflow_p50"] <= latency["mpsflow_p99"] <= latency["pending_p99"]
 
