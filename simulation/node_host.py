@@ -69,6 +69,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from node_agent.nvml import NvmlInventory
 from services.cli import build_parser, serve_mps_daemons, serve_node_agent
+from services.kit.kube import client_over
 from services.kit.lifecycle import close_all, run_service
 from services.kit.listen import ListenAddress
 from services.kit.status import Status
@@ -305,7 +306,7 @@ def kubelet_connections(url: str) -> client.ApiClient:
     configuration = client.Configuration()
     configuration.host = url
     configuration.connection_pool_maxsize = 0  # aiohttp: no limit
-    return client.ApiClient(configuration)
+    return client_over(configuration)
 
 
 def client_as(connections: client.ApiClient, token: str) -> client.ApiClient:
