@@ -46,7 +46,7 @@ from node_agent.mps import (
 )
 from node_agent.nvml import GpuInventory
 from node_agent.overuse import Overuse, overused
-from node_agent.pod_resources import kubelet_view
+from node_agent.pod_resources import PodResourcesClient
 from node_agent.processes import ProcessSlices
 from node_agent.reconcile import Refused, SliceUsage, adopted_devices, gpu_report, observed_usage, reconcile
 from node_agent.slices import SliceDevice
@@ -133,6 +133,8 @@ class NodeAgent:
         self._daemon_pids: dict[int, str | None] = {}
         self._daemon_limits: dict[int, int] = {}
         self._last_report: str | None = None
+        socket = settings.pod_resources_socket
+        self._kubelet = PodResourcesClient(socket) if socket is not None else None
 
     async def run(self) -> None:
         """Start the daemons, take up the slices served (the keeper's, after a restart) and those
@@ -163,6 +165,9 @@ class NodeAgent:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(WITHDRAW_TIMEOUT):
                     self.usage = replace(self.usage, listed=frozenset())
                     await self.report(force=True)
+            if self._kubelet is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._kubelet.close()
 
     async def served_slices(self) -> tuple[tuple[SliceDevice, ...], frozenset[int]]:
         """What the slice server serves now, waiting for it as long as for the daemons (the keeper
@@ -297,11 +302,11 @@ class NodeAgent:
         self._seen_allocations = handed_out.count
         allocations = handed_out.at
         offered = frozenset(device.id for device in self.devices)
-        if self.settings.pod_resources_socket is None:
+        if self._kubelet is None:
             return SliceUsage(frozenset(allocations), {}, offered)
         asked = anyio.current_time()
         try:
-            view = await kubelet_view(self.settings.pod_resources_socket)
+            view = await self._kubelet.view()
         except grpc.aio.AioRpcError as error:
             log.debug("pod-resources unavailable (%s); keeping the last known usage", error.code())
             return SliceUsage(
