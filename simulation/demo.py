@@ -45,13 +45,14 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import aiohttp
 import anyio
 import anyio.to_thread
 import nats.errors
 from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from events import access, subjects
 from events.bootstrap import BusLimits, bootstrap
@@ -666,7 +667,18 @@ async def _play(cluster: Cluster, core: client.CoreV1Api, start: float) -> None:
             manifest["metadata"].setdefault("annotations", {})[RUNS_FOR_ANNOTATION] = str(item.runs_for)
         try:
             cluster.requested_at[item.key] = time.monotonic()
-            await core.create_namespaced_pod(item.namespace, manifest, _request_timeout=10)
+            # The answer is not made into a model (a millisecond of CPU a pod, which a burst's
+            # pods would take from the services): only its status is read.
+            response = cast(
+                aiohttp.ClientResponse,
+                await core.create_namespaced_pod(
+                    item.namespace, manifest, _request_timeout=10, _preload_content=False
+                ),
+            )
+            async with response:
+                answer = await response.text()
+                if not 200 <= response.status <= 299:
+                    raise ApiException(status=response.status, reason=f"creating {item.key}: {answer}")
         finally:
             creating.release_on_behalf_of(item.key)
             in_flight.discard(done)
