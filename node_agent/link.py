@@ -8,11 +8,13 @@ socket, which slices to serve: a killed agent leaves the kubelet's devices, the 
 and every pod in flight to the node as they were, and the agent that comes back finds the slices
 where it left them, device IDs included.
 
-The protocol: one JSON request per connection, one JSON reply, then the connection closes.
-`offer` makes a slice list the served one (the reply is the list served, which keeps slices
-allocated since the agent last looked); `state` returns the served list and the allocations, with
-their ages (the two processes' clocks differ). The keeper writes every offer to a state file as
-well, so that a restarted keeper serves the last list at once.
+The protocol: requests and replies alternate on a connection, one JSON line each; the agent keeps
+its connection (it asks several times a second) and opens another when the keeper closed it, as a
+restarted keeper, or one that answered one request a connection, does. `offer` makes a slice list
+the served one (the reply is the list served, which keeps slices allocated since the agent last
+looked); `state` returns the served list and the allocations, with their ages (the two processes'
+clocks differ). The keeper writes every offer to a state file as well, so that a restarted keeper
+serves the last list at once.
 
 `LinkServer` runs in the keeper; `RemotePlugin` is what the agent holds instead of a plugin of its
 own. Neither decides anything: the agent decides the slices, the plugin serves them.
@@ -20,6 +22,7 @@ own. Neither decides anything: the agent decides the slices, the plugin serves t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Sequence
@@ -27,7 +30,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import anyio
-from anyio.abc import SocketStream
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from node_agent.device_plugin import Allocations, SliceDevicePlugin
@@ -113,6 +115,7 @@ class LinkServer:
         self.plugin = plugin
         self.socket_path = socket_path
         self.state_file = state_file
+        self._connections: set[asyncio.StreamWriter] = set()
 
     async def restore(self) -> None:
         """Serve the last slice list an agent offered, if a state file holds one."""
@@ -137,19 +140,37 @@ class LinkServer:
         """Answer the agent's requests until cancelled."""
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)  # a leftover of an earlier keeper blocks the bind
-        listener = await anyio.create_unix_listener(self.socket_path)
-        async with listener:
-            await listener.serve(self._answer)
+        server = await asyncio.start_unix_server(self._answer, self.socket_path, limit=MAX_MESSAGE_BYTES)
+        try:
+            async with server:
+                await server.serve_forever()
+        finally:
+            for connection in list(self._connections):
+                connection.close()  # its reader ends, and with it the task answering it
 
-    async def _answer(self, stream: SocketStream) -> None:
-        async with stream:
-            try:
-                with anyio.fail_after(LINK_TIMEOUT_S):
-                    request = _REQUEST.validate_json(await _read_line(stream))
-                    reply = await self._reply(request)
-                    await stream.send(reply.model_dump_json().encode() + b"\n")
-            except (TimeoutError, ValueError, anyio.EndOfStream, anyio.BrokenResourceError, OSError) as error:
-                log.warning("link request not answered: %s", error)
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer the requests of one connection until the agent closes it. An unreadable request
+        or a reply not sent in time ends the connection: the agent opens another."""
+        self._connections.add(writer)
+        try:
+            while True:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # the agent closed the connection (a partial line: it stopped mid-request)
+                try:
+                    async with asyncio.timeout(LINK_TIMEOUT_S):
+                        reply = await self._reply(_REQUEST.validate_json(line))
+                        writer.write(reply.model_dump_json().encode() + b"\n")
+                        await writer.drain()
+                except (TimeoutError, ValueError, OSError) as error:
+                    log.warning("link request not answered: %s", error)
+                    return
+        except asyncio.LimitOverrunError as error:
+            log.warning("link request not answered: over %d bytes (%s)", MAX_MESSAGE_BYTES, error)
+        finally:
+            self._connections.discard(writer)
+            writer.close()
 
     async def _reply(self, request: OfferRequest | StateRequest) -> ServedSlices:
         if isinstance(request, OfferRequest):
@@ -186,6 +207,8 @@ class RemotePlugin:
 
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
+        self._connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._asking = anyio.Lock()  # one request at a time on the connection
 
     async def set_devices(
         self,
@@ -216,31 +239,54 @@ class RemotePlugin:
         await anyio.sleep_forever()
 
     async def close(self) -> None:
-        """Nothing to close: the keeper keeps serving the slices after the agent is gone."""
+        """Close the connection; the keeper keeps serving the slices after the agent is gone."""
+        if self._connection is not None:
+            _, writer = self._connection
+            self._connection = None
+            writer.close()
 
     async def _state(self) -> StateReply:
         return StateReply.model_validate_json(await self._ask(StateRequest()))
 
     async def _ask(self, request: OfferRequest | StateRequest) -> bytes:
+        """The keeper's reply to `request`. A kept connection the keeper has closed since (it
+        restarted) is found out by this request, which goes once more on a new connection: both
+        requests are idempotent."""
+        line = request.model_dump_json().encode() + b"\n"
         try:
             with anyio.fail_after(LINK_TIMEOUT_S):
-                async with await anyio.connect_unix(self.socket_path) as stream:
-                    await stream.send(request.model_dump_json().encode() + b"\n")
-                    return await _read_line(stream)
-        except (TimeoutError, OSError, anyio.EndOfStream, anyio.BrokenResourceError) as error:
+                async with self._asking:
+                    kept = self._connection is not None
+                    try:
+                        return await self._exchange(line)
+                    except _CONNECTION_ENDED:
+                        if not kept:
+                            raise
+                        return await self._exchange(line)
+        except (TimeoutError, *_CONNECTION_ENDED) as error:
             raise SliceServerUnavailable(
                 f"the slice server (mpsflow run mps-daemons) does not answer on {self.socket_path}: "
                 f"{error or type(error).__name__}"
             ) from error
 
+    async def _exchange(self, line: bytes) -> bytes:
+        """Send one request on the connection (opened if there is none) and read its reply; on any
+        failure or cancellation the connection is dropped, so no late reply is taken for the next."""
+        if self._connection is None:
+            self._connection = await asyncio.open_unix_connection(self.socket_path, limit=MAX_MESSAGE_BYTES)
+        reader, writer = self._connection
+        try:
+            writer.write(line)
+            await writer.drain()
+            return await reader.readuntil(b"\n")
+        except BaseException:
+            self._connection = None
+            writer.close()
+            raise
 
-async def _read_line(stream: SocketStream) -> bytes:
-    received = bytearray()
-    while not received.endswith(b"\n"):
-        received += await stream.receive()
-        if len(received) > MAX_MESSAGE_BYTES:
-            raise ValueError(f"link message over {MAX_MESSAGE_BYTES} bytes")
-    return bytes(received)
+
+_CONNECTION_ENDED = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError)
+"""How a connection fails: it is refused or broken, ends mid-reply, or carries a reply too long."""
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -18,7 +18,7 @@ import grpc.aio
 import pytest
 
 from events.vocabulary import MpsIpcMode
-from node_agent.device_plugin import SliceDevicePlugin
+from node_agent.device_plugin import OWN_SOCKETS_CHECK_S, SliceDevicePlugin
 from node_agent.proto_gen import deviceplugin_v1beta1_pb2 as api
 from node_agent.proto_gen import deviceplugin_v1beta1_pb2_grpc as api_grpc
 from node_agent.proto_gen import podresources_v1_pb2 as podresources
@@ -449,6 +449,27 @@ async def test_reregisters_when_only_the_kubelet_socket_is_recreated(
             plugin_socket.st_ino,
             plugin_socket.st_ctime_ns,
         )
+
+
+@pytest.mark.anyio
+async def test_a_socket_deleted_while_the_kubelet_stays_is_served_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only a restarting kubelet deletes our sockets as a rule, and it re-creates kubelet.sock after,
+    which the plugin sees at once; a socket deleted by anything else is seen at the slower look at
+    our own sockets (`OWN_SOCKETS_CHECK_S`), and served and registered again all the same."""
+    caplog.set_level(logging.INFO, logger="node_agent.device_plugin")
+    async with node() as n, supervised(n.plugin):
+        await n.serve([_slice(0, 10, 0)], {GB10: 1})
+        gone = n.plugin_socket(10)
+        gone.unlink()
+
+        await logged(caplog, "is gone", timeout_s=OWN_SOCKETS_CHECK_S + 3.0)
+        await eventually(gone.is_socket, "the socket served again", 3.0)
+        await logged(caplog, f"registered {GB10}", times=2)
+        async with grpc.aio.insecure_channel(f"unix:{gone}") as channel:
+            options = await api_grpc.DevicePluginStub(channel).GetDevicePluginOptions(api.Empty())
+        assert options.get_preferred_allocation_available
 
 
 @pytest.mark.anyio

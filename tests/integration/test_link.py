@@ -3,6 +3,7 @@ real unix socket, with the keeper's real device plugin in front of the simulated
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -93,3 +94,77 @@ async def test_without_a_keeper_every_call_says_the_slice_server_does_not_answer
         await remote.served()
     with pytest.raises(SliceServerUnavailable):
         await remote.set_devices([_slice(0, 10, 0)])
+
+
+async def listening(socket_path: Path) -> bool:
+    try:
+        stream = await anyio.connect_unix(socket_path)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
+
+
+class CountingLinkServer(LinkServer):
+    """A keeper that counts the connections it answers."""
+
+    connections = 0
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        await super()._answer(reader, writer)
+
+
+async def test_the_agent_asks_over_one_kept_connection() -> None:
+    """The agent asks five times a second; a connection a request cost both processes CPU."""
+    async with node() as n:
+        socket_path = n.plugin_dir.parent / "link.sock"
+        server = CountingLinkServer(n.plugin, socket_path, n.plugin_dir.parent / "served-slices.json")
+        async with anyio.create_task_group() as group:
+            group.start_soon(server.run)
+            await eventually(socket_path.exists, "the link socket")
+            remote = RemotePlugin(socket_path)
+            await remote.set_devices([_slice(0, 10, 0)])
+            for _ in range(10):
+                assert [d.id for d in (await remote.served())[0]] == ["mps-g0-10gb-0"]
+                await remote.allocations()
+            assert server.connections == 1
+            group.cancel_scope.cancel()
+        await remote.close()
+
+
+async def test_a_keeper_restarted_between_two_requests_answers_the_second() -> None:
+    """The kept connection ends with the keeper; the next request finds that out and goes again on
+    a new connection, so the agent sees no outage that is not there."""
+    async with node() as n:
+        socket_path = n.plugin_dir.parent / "link.sock"
+        state_file = n.plugin_dir.parent / "served-slices.json"
+        remote = RemotePlugin(socket_path)
+        async with anyio.create_task_group() as group:
+            group.start_soon(LinkServer(n.plugin, socket_path, state_file).run)
+            await eventually(socket_path.exists, "the link socket")
+            await remote.set_devices([_slice(0, 10, 0)])
+            group.cancel_scope.cancel()  # the keeper's process ends, its connections with it
+        async with anyio.create_task_group() as group:
+            group.start_soon(LinkServer(n.plugin, socket_path, state_file).run)
+            await eventually(
+                lambda: listening(socket_path), "the new keeper listening"
+            )  # the dead one's file stays
+            assert [d.id for d in (await remote.served())[0]] == ["mps-g0-10gb-0"]
+            assert [d.id for d in await remote.set_devices([_slice(0, 20, 0)])] == ["mps-g0-20gb-0"]
+            group.cancel_scope.cancel()
+        await remote.close()
+
+
+async def test_a_request_cut_short_leaves_no_reply_behind_for_the_next() -> None:
+    """A request cancelled while its reply is on the way drops the connection, so the next request
+    reads its own reply and not the late one."""
+    async with node() as n, linked(n) as (_, remote):
+        await remote.set_devices([_slice(0, 10, 0)])
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await remote.set_devices([_slice(0, 20, 0)])
+        served = await remote.set_devices([_slice(1, 10, 0)])
+        assert [d.id for d in served] == ["mps-g1-10gb-0"]
+        assert [d.id for d in (await remote.served())[0]] == ["mps-g1-10gb-0"]
+    await remote.close()
