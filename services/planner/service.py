@@ -118,7 +118,7 @@ class PlannerService:
     async def _consume(self) -> None:
         for envelope in await self.bus.current_levels(subjects.plan_subject()):
             if isinstance(envelope.event, PlanComputed):
-                self.core.recall_plan(envelope.event.plan_id)
+                self.core.recall_plan(envelope.event)
         await self.bus.consume(
             durable=DURABLE,
             filter_subjects=[

@@ -24,6 +24,7 @@ from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from services.planner.core.model import Gpu, Node, PendingPod, PlanSettings, Slice, slice_of
 
@@ -282,6 +283,7 @@ class Cluster:
         is free slices promised (most GPUs, and cheaper to record), the positions of those slices."""
         self.reclaimed = False
         self._by_node: dict[str, list[GpuPlan]] | None = None
+        self._at: dict[tuple[str, int], GpuPlan] | None = None
         changed: list[tuple[int, int]] = []
         unchanged: list[tuple[int, int]] = []
         reclaim: list[tuple[int, int]] = []
@@ -361,6 +363,15 @@ class Cluster:
                 return gpu
         return found
 
+    def _free_at(self, where: tuple[str, int], size_gb: int, exclude: int | None) -> GpuPlan | None:
+        """The GPU at `where` (node, index) if it has a free slice of `size_gb` to promise."""
+        if self._at is None:
+            self._at = {(gpu.node, gpu.gpu.index): gpu for gpu in self.gpus}
+        gpu = self._at.get(where)
+        if gpu is None or gpu.order == exclude or not gpu.can_host or gpu.unclaimed.get(size_gb, 0) <= 0:
+            return None
+        return gpu
+
     def _offer_exact(self, gpu: GpuPlan) -> None:
         """Index a GPU's free slices again (after they were given back or restored)."""
         if gpu.can_host:
@@ -376,8 +387,14 @@ class Cluster:
         *,
         may_reclaim: bool = True,
         exclude: int | None = None,
+        prefer: tuple[str, int] | None = None,
     ) -> GpuPlan | None:
-        gpu = self._take_exact(size_gb, exclude)
+        """Find the GPU for a pod of `size_gb` and promise it a slice there: a free slice of its size
+        (on `prefer`, the GPU (node, index) it was placed on before, when that has one), else where
+        carving fits best, else where reclaiming free slices makes room. None when nowhere."""
+        gpu = self._free_at(prefer, size_gb, exclude) if prefer is not None else None
+        if gpu is None:
+            gpu = self._take_exact(size_gb, exclude)
         if gpu is not None:
             self._claimed(gpu, gpu.claim_free(size_gb, owner))
             # A free slice claimed changes what reclaiming there gives, not the room to carve.
@@ -403,11 +420,16 @@ class Cluster:
         return gpu
 
     def place_among(
-        self, nodes: frozenset[str], size_gb: int, needed: Counter[int], owner: str
+        self,
+        nodes: frozenset[str],
+        size_gb: int,
+        needed: Counter[int],
+        owner: str,
+        prefer: tuple[str, int] | None = None,
     ) -> GpuPlan | None:
         """Place a pod that may only run on `nodes` (it was released to one, or its rules allow only
-        those): a free slice of its size first, then the GPU where it fits best, then where reclaiming
-        makes room. A plain scan of those nodes' GPUs."""
+        those): a free slice of its size first (on `prefer` when that has one), then the GPU where it
+        fits best, then where reclaiming makes room. A plain scan of those nodes' GPUs."""
         candidates = [gpu for gpu in self.gpus if gpu.node in nodes and gpu.can_host]
         free = [gpu for gpu in candidates if gpu.unclaimed.get(size_gb, 0) > 0]
         carvable = [
@@ -416,8 +438,11 @@ class Cluster:
             if gpu.can_carve and gpu.room >= size_gb and len(gpu.slices) < gpu.gpu.max_slices
         ]
         reclaimable = [gpu for gpu in candidates if gpu.can_carve and gpu.potential >= size_gb]
+        free.sort(key=lambda g: ((g.node, g.gpu.index) != prefer, g.room, g.order))
+        carvable.sort(key=attrgetter("room", "order"))
+        reclaimable.sort(key=attrgetter("room", "order"))
         for choice in (free, carvable, reclaimable):
-            for gpu in sorted(choice, key=lambda g: (g.room, g.order)):
+            for gpu in choice:
                 self._before_change(gpu)
                 if gpu.take(size_gb, needed, owner):
                     self.reclaimed = self.reclaimed or choice is reclaimable

@@ -119,6 +119,10 @@ class PendingPod:
     arrived: datetime | None = None
     """When the planner first heard of it: among pods created in the same second (Kubernetes keeps
     creation times to the second), the one that came first is served first."""
+    planned: tuple[str, int] | None = None
+    """The GPU (node, index) the last plan published placed it on. A free slice of its size there is
+    taken first, so that a plan made later (a node reported, a pod went) does not hand its slice to
+    an older pod and send it to one carved since, which it would wait longer for."""
     key: str = field(init=False, repr=False, compare=False)
     """namespace/name (kept, not made again at each use: a plan uses it several times per pod)."""
 

@@ -246,6 +246,10 @@ class ClusterState:
     first_unplanned_change: datetime | None = None
     last_change: datetime | None = None
     last_plan_id: str | None = None
+    last_placed: Mapping[str, PlacementEvent] = field(default_factory=dict, compare=False)
+    """Where the last plan published (or recalled on a rebuild) placed each pod: a pod keeps a free
+    slice there in the plans after (`PendingPod.planned`). A rebuild whose last plan went out
+    without its placements (a large cluster's: `step.published_plan`) starts without them."""
     # Bookkeeping for IncrementalPlanner: when pods arrived (in the order they did), and how many
     # changes of anything else there were: events, reports going stale, and decisions that asked
     # something of nodes or pods (what was asked changes what the next plan starts from).
@@ -417,6 +421,7 @@ class ClusterState:
             }
         if decision.node_plans or decision.releases:
             self.structure_changes += 1
+        self.last_placed = decision.plan.placed
         self.mark_planned(decision.plan.plan_id, decision.at_revision)
 
     def holders(self) -> dict[str, list[PodObserved]]:
@@ -1142,11 +1147,12 @@ class _Eligibility:
             and level.report.mps_ipc == "shm-directory"
         )
         self._allowed: dict[tuple[str, bool], frozenset[str] | None] = {}
-        self.first_seen = state.first_seen
+        self.state = state  # its `first_seen` and `last_placed` as they are when asked
 
     def pending(self, pods: Iterable[PodObserved]) -> list[PendingPod]:
         """`pods` as pods waiting for a slice, each with the nodes it may run on when not all."""
         pending = []
+        first_seen, last_placed = self.state.first_seen, self.state.last_placed
         for pod in pods:
             # `pod.rules == NO_RULES` (a model is equal to another of its kind with the same fields),
             # without pydantic's overhead per call.
@@ -1164,7 +1170,8 @@ class _Eligibility:
                     pod.created,
                     eligible=eligible,
                     needs_shm_directory=not pod.host_ipc,
-                    arrived=self.first_seen.get(pod.key),
+                    arrived=first_seen.get(pod.key),
+                    planned=_planned_gpu(last_placed, pod.key),
                 )
             )
         return pending
@@ -1210,7 +1217,7 @@ def planning_nodes(
         level = state.nodes.get(name)
         if level is None or level.observed is None or level.report is None:
             # Released to a node mpsflow does not plan on now: they wait for it, and say so.
-            pinned.extend(_pinned(pod, name, state.first_seen) for pod in pods if pod.node is None)
+            pinned.extend(_pinned(pod, name, state) for pod in pods if pod.node is None)
     for name, level in sorted(state.nodes.items()):
         if level.observed is None:
             continue
@@ -1229,7 +1236,7 @@ def planning_nodes(
         for pod in unnamed:
             if without_slice[pod.size_gb] > 0 and pod.node is None:
                 without_slice[pod.size_gb] -= 1
-                pinned.append(_pinned(pod, name, state.first_seen))
+                pinned.append(_pinned(pod, name, state))
         can_host = _can_host(level, now, settings)
         # A node applying a layout that only adds slices may be asked to add more at once, and only
         # to add: every free slice it has stays (protected), nothing is withdrawn.
@@ -1286,10 +1293,22 @@ _size_of = attrgetter("size_gb")
 _index_of = attrgetter("index")
 
 
-def _pinned(pod: PodObserved, node: str, first_seen: Mapping[str, datetime]) -> PendingPod:
+def _pinned(pod: PodObserved, node: str, state: ClusterState) -> PendingPod:
     return PendingPod(
-        pod.namespace, pod.name, pod.size_gb, pod.priority, pod.created, node, arrived=first_seen.get(pod.key)
+        pod.namespace,
+        pod.name,
+        pod.size_gb,
+        pod.priority,
+        pod.created,
+        node,
+        arrived=state.first_seen.get(pod.key),
+        planned=_planned_gpu(state.last_placed, pod.key),
     )
+
+
+def _planned_gpu(last_placed: Mapping[str, PlacementEvent], key: str) -> tuple[str, int] | None:
+    placement = last_placed.get(key)
+    return None if placement is None else (placement.node, placement.gpu)
 
 
 def _expected_gpus(

@@ -125,10 +125,11 @@ class Planner:
         """How the last plan was computed: `incremental` on top of the one before, or `full`."""
         return self._plans.last_mode
 
-    def recall_plan(self, plan_id: str) -> None:
+    def recall_plan(self, plan: PlanComputed) -> None:
         """The plan published last (by this planner before it restarted): the same plan decided
-        again is not published again."""
-        self.state.last_plan_id = plan_id
+        again is not published again, and its pods keep their free slices (`last_placed`)."""
+        self.state.last_plan_id = plan.plan_id
+        self.state.last_placed = plan.placed
 
     def step(self, now: datetime) -> Step:
         """What to do at `now`. Time passing is an input too: a node whose report went stale since

@@ -72,7 +72,7 @@ def serve(
     # Pods released to a node are committed to it: they are served first, there.
     for pod in servable:
         if pod.pinned is not None:
-            there = cluster.place_among(frozenset({pod.pinned}), pod.size_gb, needed, pod.key)
+            there = cluster.place_among(frozenset({pod.pinned}), pod.size_gb, needed, pod.key, pod.planned)
             if there is not None:
                 needed[pod.size_gb] -= 1
                 placed[pod.key] = Placement(there.node, there.gpu.index, pod.size_gb)
@@ -152,14 +152,14 @@ def _serve(cluster: Cluster, pods: Sequence[PendingPod], needed: Counter[int]) -
     smallest_failure = None
     for pod in sorted(pods, key=_constraint):
         if pod.eligible is not None:
-            there = cluster.place_among(pod.eligible, pod.size_gb, needed, pod.key)
+            there = cluster.place_among(pod.eligible, pod.size_gb, needed, pod.key, pod.planned)
             if there is not None:
                 needed[pod.size_gb] -= 1
                 placed[pod.key] = Placement(there.node, there.gpu.index, pod.size_gb)
             continue
         if smallest_failure is not None and pod.size_gb >= smallest_failure:
             continue
-        gpu = cluster.place(pod.size_gb, needed, pod.key)
+        gpu = cluster.place(pod.size_gb, needed, pod.key, prefer=pod.planned)
         if gpu is None:
             smallest_failure = pod.size_gb
             continue

@@ -1,4 +1,5 @@
-"""The service's IncrementalPlanner always gives the plan computed from scratch, byte for byte."""
+"""The service's IncrementalPlanner always gives the plan computed from scratch, byte for byte; a plan
+made again keeps pods where the last one put them."""
 
 from __future__ import annotations
 
@@ -192,3 +193,19 @@ def test_a_published_decision_ends_the_fast_path() -> None:
         plan = planner.compute(state, now)
         assert planner.last_mode == ("full" if serial == 0 else "incremental")
         assert plan.model_dump_json() == compute_plan(state, now, SETTINGS).model_dump_json()
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 10_000), load=st.sampled_from([0.2, 0.45, 0.8]))
+def test_a_plan_made_again_from_scratch_keeps_every_pod_where_the_last_one_put_it(
+    seed: int, load: float
+) -> None:
+    """Pods keep the GPUs the last published plan gave them (`PendingPod.planned`): the same state
+    planned again from scratch, knowing that plan, places every pod as it did."""
+    state = fold_state(generate(seed, nodes=4, gpus_per_node=2, pods=15, load=load))
+    now = T0 + timedelta(seconds=1)
+    first = compute_plan(state, now, SETTINGS)
+    state.last_placed = first.placed
+    again = compute_plan(state, now, SETTINGS)
+    assert again.placed == first.placed
+    assert again.model_dump_json() == first.model_dump_json()

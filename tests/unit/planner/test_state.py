@@ -790,6 +790,32 @@ def test_a_refused_layout_is_not_asked_again_while_the_nodes_report_stays_the_sa
     assert "default/a" in again.plan.placed
 
 
+def test_a_pod_keeps_the_free_slice_it_was_placed_on_when_a_slice_carved_for_a_later_pod_appears() -> None:
+    """Seen in a burst: a pod waited 2 s for a slice carved for a pod that came 1.6 s after it. Its
+    own free slice, on a node later by name, had been handed to that later pod once the new slice
+    appeared on the node earlier by name (a plan from scratch gives free slices in node order)."""
+    unsynced = NodeObserved(name="a", allocatable={})  # the kubelet has not synced any slice yet
+    state = state_of(
+        env(unsynced),
+        env(report("a", gpu_report(0, 40))),
+        env(unsynced.model_copy(update={"name": "b"})),
+        env(report("b", gpu_report(0, 40, "5f 35u"))),
+        env(gated("old", 5)),
+    )
+    first = decided(state)
+    assert first.plan.placed["default/old"].node == "b" and first.node_plans == ()
+    state.commit(first)
+    state.apply(env(gated("new", 5), LATER))
+    second = decided(state, LATER + timedelta(seconds=1))
+    assert [(p.node, p.layout.sizes()) for p in second.node_plans] == [("a", {0: (5,)})]
+    assert second.plan.placed["default/new"].node == "a"
+    state.commit(second)
+    state.apply(env(applied("a", {0: (5,)}, second.node_plans[0].plan_id), LATER + timedelta(seconds=2)))
+    state.apply(env(report("a", gpu_report(0, 40, "5f")), LATER + timedelta(seconds=2)))
+    third = compute_plan(state, LATER + timedelta(seconds=3), SETTINGS)
+    assert {key: p.node for key, p in third.placed.items()} == {"default/old": "b", "default/new": "a"}
+
+
 def decided_or_none(state: ClusterState, at: datetime) -> tuple[NodePlanned, ...]:
     decision = decide(state, at, SETTINGS)
     return decision.node_plans if isinstance(decision, PublishPlan) else ()
