@@ -24,7 +24,8 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Sequence
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -132,10 +133,15 @@ def _file_identity(path: Path) -> FileIdentity | None:
     return status.st_ino, status.st_ctime_ns
 
 
-def _device_order(device_id: str, avoided_gpus: frozenset[int] = frozenset()) -> tuple[bool, int, int]:
-    """Slices of GPUs to avoid last, then by GPU and ordinal."""
+def _device_order(
+    device_id: str, avoided_gpus: frozenset[int] = frozenset(), listed_in: Mapping[str, int] | None = None
+) -> tuple[bool, int, int, int]:
+    """Slices of GPUs to avoid last; then the slice listed first (`listed_in`: the slice list it
+    joined, counted from 1), so that pods bound one after the other get slices in the order they
+    were carved, the first pod of a burst not one carved for the last; then by GPU and ordinal."""
     gpu_index, _, ordinal = parse_slice_device_id(device_id)
-    return gpu_index in avoided_gpus, gpu_index, ordinal
+    joined = (listed_in or {}).get(device_id, sys.maxsize)
+    return gpu_index in avoided_gpus, joined, gpu_index, ordinal
 
 
 class SliceDevicePlugin:
@@ -169,6 +175,8 @@ class SliceDevicePlugin:
         self._allocations: dict[str, float] = {}
         self._allocation_count = 0
         self._allocated_as: dict[str, int] = {}  # device ID -> the count its last allocation made
+        self._lists = 0  # slice lists set so far
+        self._listed_in: dict[str, int] = {}  # device ID -> the list it joined (`_device_order`)
         self._kubelet_seen: FileIdentity | None = None  # kubelet.sock at the last supervision step
         self._sockets_checked_at = -OWN_SOCKETS_CHECK_S  # event loop time our sockets were last looked at
         # Serialises set_devices, the supervision loop and close around the servers.
@@ -199,6 +207,8 @@ class SliceDevicePlugin:
                         by_id[device_id] = device
             self._devices = by_id
             self._avoided_gpus = avoided_gpus
+            self._lists += 1
+            self._listed_in = {device_id: self._listed_in.get(device_id, self._lists) for device_id in by_id}
             self._allocations = {
                 device_id: at for device_id, at in self._allocations.items() if device_id in by_id
             }
@@ -446,12 +456,12 @@ class _ResourceServer(api_grpc.DevicePluginServicer):
         responses: list[api.ContainerPreferredAllocationResponse] = []
         for container_request in request.container_requests:
             must_include = set(container_request.must_include_deviceIDs)
-            avoided = self._plugin._avoided_gpus
+            avoided, listed_in = self._plugin._avoided_gpus, self._plugin._listed_in
             try:
-                required = sorted(must_include, key=lambda d: _device_order(d, avoided))
+                required = sorted(must_include, key=lambda d: _device_order(d, avoided, listed_in))
                 optional = sorted(
                     set(container_request.available_deviceIDs) - must_include,
-                    key=lambda d: _device_order(d, avoided),
+                    key=lambda d: _device_order(d, avoided, listed_in),
                 )
             except ValueError as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))

@@ -392,6 +392,43 @@ async def test_plugin_rpcs_called_directly() -> None:
 
 
 @pytest.mark.anyio
+async def test_the_kubelet_is_asked_to_give_out_the_slice_listed_first() -> None:
+    """Pods bound one after the other get slices in the order they were carved: the first pod of a
+    burst gets the slice carved for it, not one carved later for another pod on a GPU earlier by
+    index. A slice withdrawn and carved again counts from its new listing."""
+    async with node() as n:
+        await n.serve([_slice(1, 10, 0)], {GB10: 1})
+        await n.serve([_slice(1, 10, 0), _slice(0, 10, 0)], {GB10: 2})
+        await n.serve([_slice(1, 10, 0), _slice(0, 10, 0), _slice(0, 10, 1)], {GB10: 3})
+
+        async def preferred(*available: str) -> list[str]:
+            async with grpc.aio.insecure_channel(f"unix:{n.plugin_socket(10)}") as channel:
+                answer = await api_grpc.DevicePluginStub(channel).GetPreferredAllocation(
+                    api.PreferredAllocationRequest(
+                        container_requests=[
+                            api.ContainerPreferredAllocationRequest(
+                                available_deviceIDs=list(available), allocation_size=len(available)
+                            )
+                        ]
+                    )
+                )
+            return list(answer.container_responses[0].deviceIDs)
+
+        assert await preferred("mps-g0-10gb-1", "mps-g0-10gb-0", "mps-g1-10gb-0") == [
+            "mps-g1-10gb-0",
+            "mps-g0-10gb-0",
+            "mps-g0-10gb-1",
+        ]
+        await n.serve([_slice(0, 10, 0), _slice(0, 10, 1)], {GB10: 2})
+        await n.serve([_slice(0, 10, 0), _slice(0, 10, 1), _slice(1, 10, 0)], {GB10: 3})
+        assert await preferred("mps-g1-10gb-0", "mps-g0-10gb-1", "mps-g0-10gb-0") == [
+            "mps-g0-10gb-0",
+            "mps-g0-10gb-1",
+            "mps-g1-10gb-0",
+        ]
+
+
+@pytest.mark.anyio
 async def test_kubelet_rejects_a_registration_for_another_api_version() -> None:
     async with node() as n, grpc.aio.insecure_channel(f"unix:{n.plugin_dir / 'kubelet.sock'}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as rejected:
