@@ -7,8 +7,9 @@ its last layout) keeps its slices, though pods may be placed on its free ones; a
 size the node protects (`Node.protected`: a pod the planner does not place may be bound to it) is
 never reclaimed; a GPU that cannot serve slices now (`Node.withdrawn`) is neither carved nor placed
 on, and keeps the slices its node gives it; a pod released to a node (`PendingPod.pinned`) is served
-there first; a free slice on the GPU the last plan placed a pod on is that pod's (`PendingPod.planned`),
-so that a plan made again does not move pods between free slices. Within those, the objective is, in this order: serve as many pending pods as possible, higher priority
+there first; a free slice on the GPU the last plan placed a pod on is that pod's
+(`PendingPod.planned`), so that a plan made again does not move pods between free slices. Within
+those, the objective is, in this order: serve as many pending pods as possible, higher priority
 first (then older, then namespace/name); change as few GPUs as possible; keep free memory in
 large whole regions.
 
