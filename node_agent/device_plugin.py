@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -215,14 +215,20 @@ class SliceDevicePlugin:
             self._allocated_as = {
                 device_id: count for device_id, count in self._allocated_as.items() if device_id in by_id
             }
+            by_resource: dict[str, list[SliceDevice]] = {}
+            for device in by_id.values():
+                by_resource.setdefault(device.resource, []).append(device)
             for device in devices:
                 if device.resource not in self._servers:
                     socket_path = self._plugin_dir / f"{self._socket_prefix}-{device.size_gb}gb.sock"
                     server = await _ResourceServer.start(self, device.resource, socket_path)
+                    server.offer(_device_list(by_resource[device.resource]))
                     self._servers[device.resource] = server
                     await self._register(server)
-            for server in self._servers.values():
-                server.devices_changed()
+            # Only a resource whose list changed tells the kubelet: every answer makes it work the
+            # list through (and a simulated kubelet shares the node host's CPU).
+            for resource, server in self._servers.items():
+                server.offer(_device_list(by_resource.get(resource, ())))
             return tuple(by_id.values())
 
     async def run(self) -> None:
@@ -285,6 +291,7 @@ class SliceDevicePlugin:
                 )
                 await server.stop()
                 current = await _ResourceServer.start(self, resource, server.socket_path)
+                current.offer(server.listed)
                 self._servers[resource] = current
             elif current.registered_with not in (None, kubelet_identity):
                 logger.info("kubelet socket changed (kubelet restart?); registering %s again", resource)
@@ -328,18 +335,6 @@ class SliceDevicePlugin:
             await asyncio.sleep(min(WATCH_INTERVAL_S, remaining))
             if _file_identity(self._kubelet_socket) != seen:
                 return
-
-    def _list_response(self, resource: str) -> api.ListAndWatchResponse:
-        devices = sorted(
-            (device for device in self._devices.values() if device.resource == resource),
-            key=lambda device: (device.gpu_index, device.ordinal),
-        )
-        return api.ListAndWatchResponse(
-            devices=[
-                api.Device(ID=device.id, health=HEALTHY if device.healthy else UNHEALTHY)
-                for device in devices
-            ]
-        )
 
     async def _allocate(
         self,
@@ -394,6 +389,16 @@ class SliceDevicePlugin:
         return api.AllocateResponse(container_responses=responses)
 
 
+def _device_list(devices: Iterable[SliceDevice]) -> api.ListAndWatchResponse:
+    """One resource's slices as ListAndWatch lists them, by GPU and ordinal."""
+    return api.ListAndWatchResponse(
+        devices=[
+            api.Device(ID=device.id, health=HEALTHY if device.healthy else UNHEALTHY)
+            for device in sorted(devices, key=lambda device: (device.gpu_index, device.ordinal))
+        ]
+    )
+
+
 class _ResourceServer(api_grpc.DevicePluginServicer):
     """One resource's gRPC server on its unix socket, and its open ListAndWatch streams."""
 
@@ -407,6 +412,8 @@ class _ResourceServer(api_grpc.DevicePluginServicer):
         self._server = grpc.aio.server()
         self._watchers: set[asyncio.Event] = set()
         self._closing = False
+        self.listed = api.ListAndWatchResponse()
+        """What ListAndWatch answers now."""
 
     @classmethod
     async def start(cls, plugin: SliceDevicePlugin, resource: str, socket_path: Path) -> _ResourceServer:
@@ -419,13 +426,19 @@ class _ResourceServer(api_grpc.DevicePluginServicer):
         resource_server.socket_identity = _file_identity(socket_path)
         return resource_server
 
-    def devices_changed(self) -> None:
+    def offer(self, listed: api.ListAndWatchResponse) -> None:
+        """Serve `listed`, and tell the open ListAndWatch streams if it differs from what they had."""
+        if listed != self.listed:
+            self.listed = listed
+            self._wake_watchers()
+
+    def _wake_watchers(self) -> None:
         for watcher in self._watchers:
             watcher.set()
 
     async def stop(self) -> None:
         self._closing = True
-        self.devices_changed()
+        self._wake_watchers()
         await self._server.stop(SERVER_STOP_GRACE_S)
         if self.socket_identity is not None and _file_identity(self.socket_path) == self.socket_identity:
             self.socket_path.unlink(missing_ok=True)
@@ -443,7 +456,7 @@ class _ResourceServer(api_grpc.DevicePluginServicer):
         try:
             while not self._closing:
                 changed.clear()
-                yield self._plugin._list_response(self.resource)
+                yield self.listed
                 await changed.wait()
         finally:
             self._watchers.discard(changed)

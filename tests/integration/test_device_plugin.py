@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import anyio
 import grpc
 import grpc.aio
 import pytest
@@ -389,6 +390,21 @@ async def test_plugin_rpcs_called_directly() -> None:
             assert await stub.PreStartContainer(
                 api.PreStartContainerRequest(devices_ids=["mps-g0-10gb-0"])
             ) == (api.PreStartContainerResponse())
+
+
+@pytest.mark.anyio
+async def test_a_change_is_sent_only_on_the_streams_of_the_resources_it_changed() -> None:
+    """Every ListAndWatch answer makes the kubelet work the list through: a node with slices of ten
+    sizes that sent every list on every change did ten times the work each time."""
+    async with node() as n:
+        await n.serve([_slice(0, 10, 0), _slice(0, 20, 0)], {GB10: 1, GB20: 1})
+        answers = len(n.capacity.reports)  # the simulated kubelet reports capacity on each answer
+        await n.serve([_slice(0, 10, 0), _slice(0, 10, 1), _slice(0, 20, 0)], {GB10: 2, GB20: 1})
+        await anyio.sleep(0.2)  # time for an answer that should not come
+        assert len(n.capacity.reports) == answers + 1
+        await n.plugin.set_devices([_slice(0, 10, 0), _slice(0, 10, 1), _slice(0, 20, 0)])  # the same
+        await anyio.sleep(0.2)
+        assert len(n.capacity.reports) == answers + 1
 
 
 @pytest.mark.anyio
