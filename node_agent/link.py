@@ -142,9 +142,11 @@ class LinkServer:
         self.socket_path.unlink(missing_ok=True)  # a leftover of an earlier keeper blocks the bind
         server = await asyncio.start_unix_server(self._answer, self.socket_path, limit=MAX_MESSAGE_BYTES)
         try:
-            async with server:
-                await server.serve_forever()
+            await anyio.sleep_forever()
         finally:
+            # Not `serve_forever`: from Python 3.12 it waits, once cancelled, for every connection to
+            # close, and the agent's kept connection would hold the keeper's stop up.
+            server.close()
             for connection in list(self._connections):
                 connection.close()  # its reader ends, and with it the task answering it
 
