@@ -208,10 +208,7 @@ class ConfigStore(Protocol):
         ...
 
     def watch(self, key: str) -> AsyncIterator[StoredValue]:
-        """The key's current value (if any), then the values written to it, in order, until
-        cancelled. Values written while the caller was busy with an earlier one come as the latest
-        of them only: a watcher follows the key's level, and an older value it never saw is one it
-        would act on only to act again at once."""
+        """The key's current value (if any), then every value written to it, until cancelled."""
         ...
 
 

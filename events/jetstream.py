@@ -521,16 +521,13 @@ class JetStreamConfigStore:
                         log.warning("watching %s failed (%s), retrying in %.1fs", key, error, RECONNECT_WAIT)
                         await anyio.sleep(RECONNECT_WAIT)
                         continue
-                    latest = None  # of the values written since the caller last asked
                     for message in messages:
                         revision = message.metadata.sequence.stream
                         if revision <= seen:  # a new watcher starts from the current value again
                             continue
                         seen = revision
                         if message.data and not _is_removal(message):
-                            latest = StoredValue(key, message.data, revision)
-                    if latest is not None:
-                        yield latest
+                            yield StoredValue(key, message.data, revision)
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                     await subscription.unsubscribe()

@@ -411,5 +411,6 @@ class MemoryConfigStore:
                 seen = len(self.history)
                 await self._changed.wait()
                 continue
-            seen = fresh[-1].revision
-            yield fresh[-1]  # the latest of the values written since the caller last asked
+            for stored in fresh:
+                seen = stored.revision
+                yield stored
