@@ -14,7 +14,8 @@ same rules:
   error's delay; one that raises `PermanentError` (or gets a message that does not decode) has it
   terminated and recorded as a `DeadLetter`, at once; any other exception is a bug or a surprise:
   the message comes again with a growing delay, up to `max_deliver` deliveries, then it is a dead
-  letter too. A consumer never dies because of one message.
+  letter too. A consumer never dies because of one message. With `subjects_apart` it hands
+  different subjects' messages over at once, each subject's in stream order (`SubjectLanes`).
 - A durable consumer starting at `last_per_subject` gets the last message of every subject: the
   current level of everything, which is how a service rebuilds its state on start.
 - The `ConfigStore` (the node-config bucket) keeps one value per key with a revision; `create`
@@ -28,18 +29,22 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Generic, Literal, Protocol, TypeVar
 
 import anyio
+from anyio.abc import TaskGroup
 
 from events.envelope import DeadLetter, Envelope, Event, UndecodableMessageError, decode
 from events.metrics import CONSUMER_PENDING, DEAD_LETTERS, DELIVERIES
 from events.tracing import handling
 
 log = logging.getLogger(__name__)
+
+Message = TypeVar("Message")
 
 NAK_DELAYS = (0.2, 1.0, 5.0, 15.0)
 """Seconds before an unexpected failure is retried: after the 1st, 2nd, 3rd and later deliveries."""
@@ -172,6 +177,63 @@ async def deliver(
     await message.ack()
 
 
+class SubjectLanes(Generic[Message]):
+    """Settles messages each subject's in the order taken, and different subjects' at once: a
+    subject whose handling waits (a slow round trip, a retry) holds up no other subject's.
+
+    A subject's lane is a task of `group` that lives while the subject has messages to settle. At
+    most `limit` messages are taken and not yet settled; `take` waits for room, which holds the
+    consumer's fetching back. Each settling is shielded, and a lane settles everything it was
+    given, so a shutdown never falls between an effect and its ack, nor drops a message taken;
+    `deliver`'s `ack_wait` bounds how long that can hold a shutdown."""
+
+    def __init__(
+        self,
+        group: TaskGroup,
+        settle: Callable[[Message], Awaitable[None]],
+        *,
+        subject_of: Callable[[Message], str],
+        limit: int,
+    ) -> None:
+        self._group = group
+        self._settle = settle
+        self._subject_of = subject_of
+        self._room = anyio.Semaphore(limit)
+        self._lanes: dict[str, deque[Message]] = {}
+
+    async def take(self, message: Message) -> None:
+        await self._room.acquire()
+        subject = self._subject_of(message)
+        lane = self._lanes.get(subject)
+        if lane is None:
+            lane = self._lanes[subject] = deque()
+            self._group.start_soon(self._run, subject, lane)
+        lane.append(message)
+
+    async def _run(self, subject: str, lane: deque[Message]) -> None:
+        while lane:
+            with anyio.CancelScope(shield=True):
+                await self._settle(lane[0])
+            lane.popleft()
+            self._room.release()
+        del self._lanes[subject]  # nothing awaited since the lane was seen empty: none was added
+
+
+async def settle_batch(
+    messages: Sequence[Message],
+    settle: Callable[[Message], Awaitable[None]],
+    lanes: SubjectLanes[Message] | None,
+) -> None:
+    """Settle a fetched batch: in stream order, each settling shielded (see `SubjectLanes`), or
+    handed to `lanes`."""
+    for message in messages:
+        if lanes is not None:
+            await lanes.take(message)
+            continue
+        with anyio.CancelScope(shield=True):
+            await settle(message)
+
+
 @dataclass(frozen=True)
 class StoredValue:
     """One value of a `ConfigStore` key, with the revision that wrote it."""
@@ -248,9 +310,12 @@ class Bus(Protocol):
         ack_wait: float = 30,
         after_batch: Callable[[], Awaitable[None]] | None = None,
         ready: Callable[[], None] | None = None,
+        subjects_apart: bool = False,
     ) -> None:
         """Run a durable consumer until cancelled. `reset` recreates it (a service rebuilding its
-        state on start); `after_batch` runs after every batch was handled and settled."""
+        state on start); `after_batch` runs after every batch was handled and settled;
+        `subjects_apart` handles different subjects' messages at once, each subject's in order
+        (`SubjectLanes`), and cannot go with `after_batch`."""
         ...
 
     async def pending(self, durable: str) -> int:

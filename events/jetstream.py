@@ -44,7 +44,9 @@ from events.bus import (
     Handler,
     RevisionConflictError,
     StoredValue,
+    SubjectLanes,
     deliver,
+    settle_batch,
 )
 from events.envelope import DeadLetter, Envelope, Event, UndecodableMessageError, content_id, decode, encode
 from events.tracing import inject, publishing
@@ -259,6 +261,7 @@ class EventBus:
         ack_wait: float = 30,
         after_batch: Callable[[], Awaitable[None]] | None = None,
         ready: Callable[[], None] | None = None,
+        subjects_apart: bool = False,
     ) -> None:
         """Run a durable pull consumer until cancelled.
 
@@ -266,6 +269,12 @@ class EventBus:
         in-memory state from the stream on start (with `deliver_from="last_per_subject"`).
         `after_batch` runs after every fetched batch was handled and acked.
         """
+        if subjects_apart and after_batch is not None:
+            raise ValueError("a consumer with subjects apart has no batches to run after_batch after")
+
+        async def settle(message: Msg) -> None:
+            await self._deliver(durable, message, handle, max_deliver, ack_wait)
+
         # One filter goes into the consumer-create subject, where a grant can name it.
         [single, *more] = filter_subjects
         config = api.ConsumerConfig(
@@ -287,22 +296,26 @@ class EventBus:
         if ready is not None:
             ready()
         try:
-            while True:
-                try:
-                    messages = await subscription.fetch(batch, timeout=1)
-                except TimeoutError:  # nothing arrived (nats-py raises both its own and asyncio's)
-                    continue
-                except nats.errors.Error as error:  # connection trouble: the client reconnects
-                    log.warning("%s: fetch failed (%s), retrying in %.1fs", durable, error, RECONNECT_WAIT)
-                    await anyio.sleep(RECONNECT_WAIT)
-                    continue
-                for message in messages:
-                    # Shielded so that a shutdown never falls between an effect and its ack;
-                    # bounded by ack_wait so that a stuck handler cannot hold the shutdown.
-                    with anyio.CancelScope(shield=True):
-                        await self._deliver(durable, message, handle, max_deliver, ack_wait)
-                if after_batch is not None:
-                    await after_batch()
+            async with anyio.create_task_group() as lanes_group:
+                lanes = (
+                    SubjectLanes(lanes_group, settle, subject_of=lambda m: m.subject, limit=batch * 4)
+                    if subjects_apart
+                    else None
+                )
+                while True:
+                    try:
+                        messages = await subscription.fetch(batch, timeout=1)
+                    except TimeoutError:  # nothing arrived (nats-py raises both its own and asyncio's)
+                        continue
+                    except nats.errors.Error as error:  # connection trouble: the client reconnects
+                        log.warning(
+                            "%s: fetch failed (%s), retrying in %.1fs", durable, error, RECONNECT_WAIT
+                        )
+                        await anyio.sleep(RECONNECT_WAIT)
+                        continue
+                    await settle_batch(messages, settle, lanes)
+                    if after_batch is not None:
+                        await after_batch()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await subscription.unsubscribe()

@@ -31,7 +31,9 @@ from events.bus import (
     Handler,
     RevisionConflictError,
     StoredValue,
+    SubjectLanes,
     deliver,
+    settle_batch,
 )
 from events.envelope import DeadLetter, Envelope, Event, UndecodableMessageError, content_id, decode, encode
 from events.tracing import inject, publishing
@@ -101,6 +103,8 @@ class MemoryBroker:
         self._ids: dict[str, tuple[int, float]] = {}
         self._consumers: dict[str, _Consumer] = {}
         self._changed = anyio.Event()
+        self._work = anyio.Event()
+        """Set when a consumer may have something new to hand out: a message stored, or one put back."""
         self._failures_to_inject = 0
 
     def bus(self, source: str) -> MemoryBus:
@@ -129,7 +133,12 @@ class MemoryBroker:
             del self.messages[old]
         self._changed.set()
         self._changed = anyio.Event()
+        self._new_work()
         return self.last_sequence
+
+    def _new_work(self) -> None:
+        self._work.set()
+        self._work = anyio.Event()
 
     async def next_store(self) -> None:
         """Until the next message is stored."""
@@ -197,13 +206,13 @@ class MemoryBroker:
         return [s for s in due if s in self.messages]
 
     async def _wait_for_work(self, consumer: _Consumer) -> None:
-        """Until a message is published or a redelivery falls due."""
-        changed = self._changed
+        """Until a message is published, put back, or a redelivery falls due."""
+        work = self._work
         timeout = None
         if consumer.redeliver:
             timeout = max(0.0, min(consumer.redeliver.values()) - anyio.current_time())
         with anyio.move_on_after(timeout):
-            await changed.wait()
+            await work.wait()
 
 
 class _Handed:
@@ -237,6 +246,7 @@ class _Handed:
 
     async def nak(self, delay: float) -> None:
         self._consumer.redeliver[self._message.sequence] = anyio.current_time() + delay
+        self._broker._new_work()  # a consumer waiting since before must wait for this one too
 
     async def term(self) -> None:
         self._consumer.deliveries.pop(self._message.sequence, None)
@@ -297,33 +307,57 @@ class MemoryBus:
         ack_wait: float = 30,
         after_batch: Callable[[], Awaitable[None]] | None = None,
         ready: Callable[[], None] | None = None,
+        subjects_apart: bool = False,
     ) -> None:
+        if subjects_apart and after_batch is not None:
+            raise ValueError("a consumer with subjects apart has no batches to run after_batch after")
         broker = self.broker
         consumer = broker._consumer(durable, filter_subjects, deliver_from, reset)
         if ready is not None:
             ready()
-        while True:
-            due = broker._due(consumer, batch)
-            if not due:
-                await broker._wait_for_work(consumer)
-                continue
-            for sequence in due:
-                message = broker.messages.get(sequence)
-                if message is None:
+
+        async def settle(message: StoredMessage) -> None:
+            await self._deliver(durable, consumer, message, handle, max_deliver, ack_wait)
+
+        async with anyio.create_task_group() as lanes_group:
+            lanes = (
+                SubjectLanes(lanes_group, settle, subject_of=lambda m: m.subject, limit=batch * 4)
+                if subjects_apart
+                else None
+            )
+            while True:
+                due = broker._due(consumer, batch)
+                if not due:
+                    await broker._wait_for_work(consumer)
                     continue
-                consumer.deliveries[sequence] = consumer.deliveries.get(sequence, 0) + 1
-                with anyio.CancelScope(shield=True):
-                    await deliver(
-                        durable,
-                        _Handed(broker, consumer, message),
-                        handle,
-                        max_deliver=max_deliver,
-                        ack_wait=ack_wait,
-                        record=self._record_dead_letter,
-                        now=broker.clock,
-                    )
-            if after_batch is not None:
-                await after_batch()
+                messages = []
+                for sequence in due:  # handed out now, as a fetch hands out a batch
+                    message = broker.messages.get(sequence)
+                    if message is not None:
+                        consumer.deliveries[sequence] = consumer.deliveries.get(sequence, 0) + 1
+                        messages.append(message)
+                await settle_batch(messages, settle, lanes)
+                if after_batch is not None:
+                    await after_batch()
+
+    async def _deliver(
+        self,
+        durable: str,
+        consumer: _Consumer,
+        message: StoredMessage,
+        handle: Handler,
+        max_deliver: int,
+        ack_wait: float,
+    ) -> None:
+        await deliver(
+            durable,
+            _Handed(self.broker, consumer, message),
+            handle,
+            max_deliver=max_deliver,
+            ack_wait=ack_wait,
+            record=self._record_dead_letter,
+            now=self.broker.clock,
+        )
 
     async def _record_dead_letter(self, letter: DeadLetter) -> None:
         self.broker.dead.append(letter)

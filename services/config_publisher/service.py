@@ -5,7 +5,9 @@ Desired state has one form and one path: the planner asks a node for a layout wi
 node-config bucket, and the node's agent watches that key. The whole `PlanComputed` is for people
 and tools, never read here. A key is written with compare-and-set on its revision (retrying on a
 conflict) and never replaced by a config from an older ask (`plan_sequence` is the ask's stream
-sequence), so a redelivered old ask is harmless. It never talks to a GPU.
+sequence), so a redelivered old ask is harmless. Each node's asks are written in order, and
+different nodes' at once: a plan that asks many nodes does not queue them behind each other's
+round trips. It never talks to a GPU.
 
 With a `CompatibilityWriter` it also writes, after the KV bucket (which stays the main path),
 the Kubernetes view of every node whose KV config is the asked layout: the device-plugin ConfigMap
@@ -78,6 +80,7 @@ class ConfigPublisherService:
                 deliver_from="last_per_subject",
                 batch=16,
                 ready=ready,
+                subjects_apart=True,
             )
 
     async def _recall_latest_plan(self) -> None:

@@ -120,6 +120,42 @@ async def test_events_sent_without_waiting_are_stored_in_the_order_sent_once_per
     assert [e.event.name for e in stored if isinstance(e.event, PodDeleted)] == [f"a{n}" for n in range(150)]
 
 
+async def test_subjects_apart_handles_subjects_at_once_each_in_order(any_bus: Bus) -> None:
+    for n in range(3):
+        await any_bus.publish(pod("slow"), deleted(f"slow-{n}"))
+    quick_done = anyio.Event()
+
+    async def slow_waits_for_quick(delivery: Delivery) -> None:
+        [name] = names([delivery])
+        if name == "slow-0":  # published while it is handled: fetched after it, handled before it ends
+            for n in range(3):
+                await any_bus.publish(pod("quick"), deleted(f"quick-{n}"))
+            await quick_done.wait()
+        if name == "quick-2":
+            quick_done.set()
+
+    seen = await consume_until(
+        any_bus, "apart", lambda h: len(h) == 6, slow_waits_for_quick, subjects_apart=True
+    )
+
+    assert names(seen) == ["quick-0", "quick-1", "quick-2", "slow-0", "slow-1", "slow-2"]
+
+
+async def test_subjects_apart_cannot_go_with_after_batch(any_bus: Bus) -> None:
+    async def after_batch() -> None: ...
+
+    async def handle(delivery: Delivery) -> None: ...
+
+    with pytest.raises(ValueError, match="after_batch"):
+        await any_bus.consume(
+            durable="apart",
+            filter_subjects=[subjects.POD_EVENTS],
+            handle=handle,
+            subjects_apart=True,
+            after_batch=after_batch,
+        )
+
+
 async def test_an_unexpected_failure_is_handed_again_then_acked(any_bus: Bus) -> None:
     await any_bus.publish(pod("a"), deleted("a"))
     await any_bus.publish(pod("b"), deleted("b"))

@@ -368,3 +368,32 @@ async def test_a_node_whose_config_cannot_be_written_keeps_no_other_node_waiting
     assert [(letter.subject, letter.deliveries) for letter in broker.dead] == [
         (subjects.planned_subject(NODE_A), 5)
     ]
+
+
+async def test_a_node_whose_bucket_answers_slowly_holds_up_no_other_nodes_write(
+    bus: MemoryBus, broker: MemoryBroker, store: MemoryConfigStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan asks many nodes at once: each node's write goes out without waiting on the others'."""
+    real_get = store.get
+    slow = subjects.node_config_key(NODE_A)
+    others_written = anyio.Event()
+
+    async def get_waiting_for_the_others(key: str) -> StoredValue | None:
+        if key == slow:
+            await others_written.wait()  # handled one after the other, this would never end
+        return await real_get(key)
+
+    monkeypatch.setattr(store, "get", get_waiting_for_the_others)
+    log = MemoryLog(broker)
+
+    async with publishing(bus):
+        await ask(bus, NODE_A, "plan-1", layout((10,)))
+        await ask(bus, NODE_B, "plan-1", layout((20,)))
+        await ask(bus, NODE_C, "plan-1", layout((40,)))
+        await ask(bus, NODE_A, "plan-2", layout((10, 10)))
+        await eventually(lambda: {n for n, _, _ in announced(log)} == {NODE_B, NODE_C}, "the other configs")
+        others_written.set()
+        await eventually(lambda: len(announced(log)) == 4, "node A's configs")
+
+    assert [(n, p) for n, p, _ in announced(log) if n == NODE_A] == [(NODE_A, "plan-1"), (NODE_A, "plan-2")]
+    assert config_of(store, NODE_A)[0].plan_id == "plan-2"
