@@ -59,6 +59,9 @@ class ConfigPublisherService:
         self.bus = bus
         self.writer = writer
         self._kv: ConfigStore | None = None
+        self._written: dict[str, tuple[int, NodeMpsConfig]] = {}
+        """Per node, the revision and config this publisher last wrote to its key: a write that
+        follows starts from it, with no read of the key (one round trip of two)."""
         self._kubernetes_due: dict[str, tuple[NodeLayout, int]] = {}
         self._kubernetes_wakeup = Wakeup()
 
@@ -126,31 +129,42 @@ class ConfigPublisherService:
 
     async def publish_node(self, desired: NodeMpsConfig) -> bool:
         """Writes the node's config unless `key_action` says otherwise; True when the key now holds
-        the desired config, False when it holds a later ask's."""
+        the desired config, False when it holds a later ask's. Where the last config this publisher
+        wrote to the key calls for a write, it writes without reading the key first (its
+        compare-and-set still fails if anything else wrote the key since); every other outcome is
+        decided from the key as read."""
         kv = await self.kv()
         key = subjects.node_config_key(desired.node)
 
         async def write() -> bool:
-            """One compare-and-set; RevisionConflictError when the key changed since it was read."""
-            entry = await kv.get(key)
-            current = None
-            if entry is not None and entry.value:
-                try:
-                    current = NodeMpsConfig.model_validate_json(entry.value)
-                except ValueError as error:  # written by another version, or damaged: replace it
-                    log.warning(
-                        "node %s: unreadable config at revision %d is replaced (%s)",
-                        desired.node,
-                        entry.revision,
-                        str(error).splitlines()[0],
-                    )
-            action = key_action(current, desired)
-            if action != "write":
-                return action == "holds it"
-            if entry is None:
-                revision = await kv.create(key, desired.model_dump_json().encode())
+            """One compare-and-set; RevisionConflictError when the key changed since it was read, or
+            since this publisher wrote it when it starts from what it wrote."""
+            written = self._written.pop(desired.node, None)
+            if written is not None and key_action(written[1], desired) == "write":
+                # The key as this publisher left it calls for a write: no read first. Had anything
+                # written the key since, the compare-and-set fails and the next attempt reads it.
+                revision = await kv.update(key, desired.model_dump_json().encode(), last=written[0])
             else:
-                revision = await kv.update(key, desired.model_dump_json().encode(), last=entry.revision)
+                entry = await kv.get(key)
+                current = None
+                if entry is not None and entry.value:
+                    try:
+                        current = NodeMpsConfig.model_validate_json(entry.value)
+                    except ValueError as error:  # written by another version, or damaged: replace it
+                        log.warning(
+                            "node %s: unreadable config at revision %d is replaced (%s)",
+                            desired.node,
+                            entry.revision,
+                            str(error).splitlines()[0],
+                        )
+                action = key_action(current, desired)
+                if action != "write":
+                    return action == "holds it"
+                if entry is None:
+                    revision = await kv.create(key, desired.model_dump_json().encode())
+                else:
+                    revision = await kv.update(key, desired.model_dump_json().encode(), last=entry.revision)
+            self._written[desired.node] = (revision, desired)
             NODE_CONFIGS_WRITTEN.labels(desired.node).inc()
             await self.bus.publish(
                 subjects.config_subject(desired.node),

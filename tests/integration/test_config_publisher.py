@@ -312,6 +312,56 @@ async def test_a_racing_write_from_a_later_ask_is_not_overwritten(
     assert announced(log) == []
 
 
+def counting_reads(store: MemoryConfigStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The key of every read of the bucket."""
+    reads: list[str] = []
+    real_get = store.get
+
+    async def get(key: str) -> StoredValue | None:
+        reads.append(key)
+        return await real_get(key)
+
+    monkeypatch.setattr(store, "get", get)
+    return reads
+
+
+async def test_a_nodes_next_ask_is_written_over_the_publishers_own_config_without_reading_it(
+    bus: MemoryBus, broker: MemoryBroker, store: MemoryConfigStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = counting_reads(store, monkeypatch)
+    log = MemoryLog(broker)
+
+    async with publishing(bus):
+        await handled(broker, await ask(bus, NODE_A, "plan-1", layout((10,))))
+        first = config_of(store, NODE_A)[1]
+        sequence = await ask(bus, NODE_A, "plan-2", layout((10, 20)))
+        await handled(broker, sequence)
+
+    assert reads == [subjects.node_config_key(NODE_A)]  # the first ask's only
+    config, revision = config_of(store, NODE_A)
+    assert (config.plan_id, config.plan_sequence, config.gpus) == ("plan-2", sequence, {0: (10, 20)})
+    assert announced(log) == [(NODE_A, "plan-1", first), (NODE_A, "plan-2", revision)]
+
+
+async def test_a_key_written_by_someone_else_since_the_publishers_write_is_read_before_the_next(
+    bus: MemoryBus, broker: MemoryBroker, store: MemoryConfigStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = subjects.node_config_key(NODE_A)
+    later = foreign_config(NODE_A, {0: (30,)}, plan_sequence=1_000_000)
+    reads = counting_reads(store, monkeypatch)
+    log = MemoryLog(broker)
+
+    async with publishing(bus):
+        first = await ask(bus, NODE_A, "plan-1", layout((10,)))
+        await handled(broker, first)
+        await store.put(key, later)  # another publisher, from a later ask
+        await handled(broker, await ask(bus, NODE_A, "plan-2", layout((10, 20))))
+
+    assert store.values[key].value == later  # the compare-and-set failed; the read kept it
+    assert reads == [key, key]
+    assert [plan for _, plan, _ in announced(log)] == ["plan-1"]
+
+
 async def test_a_deleted_config_is_written_again_by_the_next_ask(
     bus: MemoryBus, broker: MemoryBroker, store: MemoryConfigStore
 ) -> None:
