@@ -34,8 +34,17 @@ MAX_PODS = 50
 """Beyond this many, `mpsflow.pods` names the first ones only (the plan's own events name the rest)."""
 
 
+_made: list[tuple[trace.TracerProvider, trace.Tracer]] = []
+"""The tracer last made, with the provider it came from."""
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    """The global provider's mpsflow tracer, made once per provider: making one (what
+    `trace.get_tracer` does on every call) costs more than starting the span it is asked for."""
+    provider = trace.get_tracer_provider()
+    if not _made or _made[0][0] is not provider:
+        _made[:] = [(provider, provider.get_tracer(TRACER_NAME))]
+    return _made[0][1]
 
 
 def inject(headers: dict[str, str]) -> dict[str, str]:

@@ -158,11 +158,11 @@ class PlannerService:
             return False, None
         with collector_paused():
             now = self.clock()
-            started = time.perf_counter()
+            started, started_ns = time.perf_counter(), time.time_ns()
             step = self.core.step(now)
             if step.decision is not None:
                 DECISION_SECONDS.labels(self.core.last_plan_mode).observe(time.perf_counter() - started)
-                await self._publish(step, step.decision)
+                await self._publish(step, step.decision, started_ns)
         self._settle()
         if step.decision is not None:
             return True, None
@@ -177,16 +177,18 @@ class PlannerService:
             self._catching_up.close()
             settle()
 
-    async def _publish(self, step: Step, decision: PublishPlan) -> None:
+    async def _publish(self, step: Step, decision: PublishPlan, started_ns: int) -> None:
         """Publish the step's messages in order, then tell the core they are out. They are sent
         without waiting for each acknowledgement (a step that releases 500 pods would otherwise hold
         the planner for as many round trips), at most `IN_FLIGHT` at once, and every one is known to
         be stored before the core hears of it. Every message has an id derived from its content, so a
-        publish retried after a failure half-way is stored once."""
+        publish retried after a failure half-way is stored once. The plan's span starts when the
+        step that decided it did (`started_ns`), so it shows the decision's time too."""
         plan = decision.plan
         links, self._links = self._links, []
         with tracer().start_as_current_span(
             "plan",
+            start_time=started_ns,
             links=links,
             attributes={
                 "mpsflow.plan_id": plan.plan_id,

@@ -94,11 +94,13 @@ class FaultInjector:
         self._refusal = random.Random(f"{faults.seed}:refusal")
         self._gone = random.Random(f"{faults.seed}:gone")
         self._drop = random.Random(f"{faults.seed}:drop")
+        self._injects = any((faults.error_rate, faults.throttle_rate, faults.slow_rate, faults.gone_rate))
+        """Whether any request may get a fault: without, none is matched against the targets."""
 
     def for_request(self, identity: str | None, resource: str, verb: str, behind: bool) -> RequestFaults:
         """The faults of a request; `behind`: it asks for changes since a past resourceVersion."""
         faults = self.faults
-        if not faults.targets(identity, resource):
+        if not self._injects or not faults.targets(identity, resource):
             return NO_FAULTS
         delay = faults.slow_s if self._slow.random() < faults.slow_rate else 0.0
         draw = self._refusal.random()

@@ -53,7 +53,7 @@ from simulation.apiserver.pod_rules import (
     prepare_new_pod,
 )
 from simulation.apiserver.selectors import Filter
-from simulation.apiserver.store import Store, Watch
+from simulation.apiserver.store import Store, Watch, watch_line
 
 VERBS: Final = frozenset({"get", "list", "watch", "create", "update", "patch", "delete"})
 
@@ -228,7 +228,7 @@ def _bookmark(kind: str, resource_version: int) -> JsonObject:
 
 
 async def _send(response: web.StreamResponse, event_type: str, obj: JsonObject) -> None:
-    await response.write(json.dumps({"type": event_type, "object": obj}).encode() + b"\n")
+    await response.write(watch_line(event_type, obj))
 
 
 @web.middleware
@@ -765,6 +765,4 @@ class ApiServer:
                     await asyncio.sleep(deadline - loop.time())
                     return  # the watch's lifetime ends while the change is held back
                 await asyncio.sleep(release - loop.time())
-            event = watch.event_for(queued.change)
-            if event is not None:
-                await _send(response, *event)
+            await response.write(queued.line)

@@ -3,16 +3,18 @@
 Where it sits: below `server`, which does every read and write through `Store`; it imports `common`
 and `selectors`. It decides nothing about what a write may be (validation, admission, pod rules and
 optimistic concurrency are the server's) and writes nothing to the network: a `Watch` only queues
-the changes it must see, and the server streams them. It must never mutate an object once stored,
-and never await: every method is synchronous, hence atomic on the event loop.
+the events it must see, each as the line the server streams, encoded once for every watch that
+sends it. It must never mutate an object once stored, and never await: every method is
+synchronous, hence atomic on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from simulation.apiserver.common import KINDS, ApiError, JsonObject
 from simulation.apiserver.selectors import Filter
@@ -28,13 +30,26 @@ class _Change:
     type: str
     obj: JsonObject
     previous: JsonObject | None
+    lines: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+    """The watch lines of `obj` by event type, encoded by the first watch that sends one."""
+
+    def line(self, event_type: str) -> bytes:
+        found = self.lines.get(event_type)
+        if found is None:
+            found = self.lines[event_type] = watch_line(event_type, self.obj)
+        return found
+
+
+def watch_line(event_type: str, obj: JsonObject) -> bytes:
+    """One watch event as the stream carries it: a JSON object on a line of its own."""
+    return json.dumps({"type": event_type, "object": obj}).encode() + b"\n"
 
 
 @dataclass(frozen=True)
 class _Queued:
-    """A change waiting in one watch's queue, with the loop time it was queued at."""
+    """An event waiting in one watch's queue, as its line, with the loop time it was queued at."""
 
-    change: _Change
+    line: bytes
     queued_at: float
 
 
@@ -50,7 +65,13 @@ class Watch:
     identity: str | None = None
 
     def push(self, change: _Change) -> None:
-        self.queue.put_nowait(_Queued(change, asyncio.get_running_loop().time()))
+        """Queue what the watch sends of `change`, if anything (`event_for`)."""
+        event = self.event_for(change)
+        if event is None:
+            return
+        event_type, obj = event
+        line = change.line(event_type) if obj is change.obj else watch_line(event_type, obj)
+        self.queue.put_nowait(_Queued(line, asyncio.get_running_loop().time()))
 
     def end_now(self) -> None:
         """Ends the stream cleanly after at most the change it is sending: what is still queued
@@ -116,7 +137,7 @@ class Store:
             # Only what the watch would send is queued for it, as the real watch cache hands a change
             # only to the watchers it concerns: with a watch per kubelet, waking every one of them
             # for every pod change cost more than the rest of the API together.
-            if watch.resource == resource and watch.event_for(change) is not None:
+            if watch.resource == resource:
                 watch.push(change)
         return stored
 
