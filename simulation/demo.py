@@ -1434,13 +1434,13 @@ async def run_demo(
                             say(f"    {line}")
                 group.cancel_scope.cancel()
                 return 1
+            _exempt_from_collection()
             say(
                 f"cluster ready: {len(scenario.nodes)} nodes ({len(cluster.opted_in())} opted in), "
                 f"{sum(len(n.gpus) for n in scenario.nodes)} GPUs, node status every "
                 f"{scenario.timing.node_status_period_s:g}s, watch delay {scenario.timing.watch_delay_s:g}s; "
                 f"playing {len(scenario.workload)} pods"
             )
-            _exempt_from_collection()
             started = time.monotonic()
             group.start_soon(_play, cluster, client.CoreV1Api(cluster.admin), started)
             group.start_soon(_play_chaos, cluster, started, say)
@@ -1609,15 +1609,20 @@ async def _until_signalled(
     otlp_endpoint: str | None = None,
     hosted: int = 0,
 ) -> int:
-    """`run_demo`, stopped cleanly by SIGTERM too (exit status 143): a demo never leaves a process,
-    a daemon or a file behind, however it ends, but the spans its processes wrote to `traces`."""
+    """`run_demo`, stopped cleanly by Ctrl-C (SIGINT, exit status 130) and SIGTERM (143): a demo
+    never leaves a process, a daemon or a file behind, however it ends, but the spans its processes
+    wrote to `traces`. Both signals reach the event loop as messages: a `KeyboardInterrupt` raised
+    wherever the process happens to be could land in a finalizer that the garbage collector runs,
+    where Python reports it and goes on."""
     result = 143
     async with anyio.create_task_group() as group:
 
-        async def stop_on_sigterm() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM) as signals:
-                async for _ in signals:
-                    print("\nterminated; stopping everything the demo started", file=sys.stderr)
+        async def stop_on_signal() -> None:
+            nonlocal result
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for received in signals:
+                    result, said = (130, "interrupted") if received == signal.SIGINT else (143, "terminated")
+                    print(f"\n{said}; stopping everything the demo started", file=sys.stderr)
                     group.cancel_scope.cancel()
                     return
 
@@ -1638,6 +1643,6 @@ async def _until_signalled(
             )
             group.cancel_scope.cancel()
 
-        group.start_soon(stop_on_sigterm)
+        group.start_soon(stop_on_signal)
         group.start_soon(demo)
     return result
