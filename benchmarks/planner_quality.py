@@ -16,6 +16,10 @@ it plans with `plan_cluster` and reports per instance size:
 * GPUs changed: GPUs whose multiset of slices differs from the input, mpsflow and nos;
 * wall time of one `plan_cluster` call.
 
+With `--overdue`, every pending pod is marked overdue (`PendingPod.overdue`: it waited longer than the
+planner's `hold_after`), as in a cluster where pods have waited a while: the plan then serves the first
+pod left waiting before the others and may hold a GPU for it, and the figures show what that costs.
+
 Instances where mpsflow falls short are listed by seed at the end, so they can be replayed:
 `generate(seed, nodes, gpus_per_node, pods, load=...)`.
 """
@@ -27,7 +31,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from benchmarks.nos_algorithm import nos_plan
 from benchmarks.optimum import solve
@@ -112,9 +116,11 @@ def lexicographically_short(achieved: Mapping[int, int], best: Mapping[int, int]
     return None
 
 
-def measure(size: InstanceSize, seed: int, time_limit_s: float) -> Row:
+def measure(size: InstanceSize, seed: int, time_limit_s: float, *, overdue: bool = False) -> Row:
     snapshot = generate(seed, size.nodes, size.gpus_per_node, size.pods, load=size.load)
     nodes, pods = parse_snapshot(dumps(snapshot))
+    if overdue:
+        pods = [replace(pod, overdue=True) for pod in pods]
     settings = PlanSettings()
     started = time.perf_counter()
     result = plan_cluster(nodes, pods, settings)
@@ -206,13 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.planner_quality", description=__doc__)
     parser.add_argument("--seeds", type=int, help="seeds per instance size (default: per size)")
     parser.add_argument("--time-limit", type=float, default=10.0, help="ILP time limit per solve, seconds")
+    parser.add_argument("--overdue", action="store_true", help="plan as though every pod were overdue")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     reports: list[Report] = []
     for size in SIZES:
         count = args.seeds if args.seeds is not None else size.seeds
         report = Report(size=InstanceSize(**{**size.__dict__, "seeds": count}))
-        report.rows = [measure(size, seed, args.time_limit) for seed in range(count)]
+        report.rows = [measure(size, seed, args.time_limit, overdue=args.overdue) for seed in range(count)]
         reports.append(report)
         print(render(report), flush=True)
     short = [line for report in reports for line in shortfalls(report)]

@@ -486,6 +486,18 @@ class Cluster:
             self._offer_exact(restored)
         return None
 
+    def withhold(self, gpu: GpuPlan) -> None:
+        """Place nothing on `gpu`, which may host and carve (no free slice promised, no slice carved or
+        reclaimed; a move takes nothing from it either), until `give_back(gpu)`."""
+        gpu.can_carve = gpu.can_host = False
+        self._reindex(gpu)
+
+    def give_back(self, gpu: GpuPlan) -> None:
+        """Undo `withhold(gpu)`."""
+        gpu.can_carve = gpu.can_host = True
+        self._reindex(gpu)
+        self._offer_exact(gpu)
+
     def changed_count(self) -> int:
         return sum(1 for gpu in self.gpus if gpu.changed)
 

@@ -123,6 +123,11 @@ class PendingPod:
     """The GPU (node, index) the last plan published placed it on. A free slice of its size there is
     taken first, so that a plan made later (a node reported, a pod went) does not hand its slice to
     an older pod and send it to one carved since, which it would wait longer for."""
+    overdue: bool = False
+    """It has waited longer than a pod should watch pods that came after it take memory it could use
+    (`PlannerSettings.hold_after`): it is served before them, even where that serves fewer pods, and
+    where it fits on no GPU one is held for it until it does (`strategy.Hold`). Without this, a large
+    pod could wait forever while small ones take each piece of memory that frees."""
     key: str = field(init=False, repr=False, compare=False)
     """namespace/name (kept, not made again at each use: a plan uses it several times per pod)."""
 

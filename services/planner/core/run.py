@@ -8,10 +8,11 @@ size the node protects (`Node.protected`: a pod the planner does not place may b
 never reclaimed; a GPU that cannot serve slices now (`Node.withdrawn`) is neither carved nor placed
 on, and keeps the slices its node gives it; a pod released to a node (`PendingPod.pinned`) is served
 there first; a free slice on the GPU the last plan placed a pod on is that pod's
-(`PendingPod.planned`), so that a plan made again does not move pods between free slices. Within
-those, the objective is, in this order: serve as many pending pods as possible, higher priority
-first (then older, then namespace/name); change as few GPUs as possible; keep free memory in
-large whole regions.
+(`PendingPod.planned`), so that a plan made again does not move pods between free slices; an
+overdue pod (`PendingPod.overdue`) is served before the pods after it, and where it fits nowhere a
+GPU is held for it that they may not take. Within those, the objective is, in this order: serve as
+many pending pods as possible, higher priority first (then older, then namespace/name); change as
+few GPUs as possible; keep free memory in large whole regions.
 
 Where it sits: the entry to the planner's core for one decision; the planner service (`state`)
 and `mpsflow plan` call it with the nodes and the pending pods. A run leaves out the nodes whose
@@ -49,7 +50,8 @@ class PlanRun:
 
     `extendable` holds when every priority class fit whole in age order and nothing was
     reclaimed: then serving pods that sort after all of `last_pod` on the final cluster decides
-    exactly what a full pass over all pods would (see `extend_run`).
+    exactly what a full pass over all pods would (see `extend_run`). `waiting`: the pods that could
+    be placed somewhere but were not, in order.
     """
 
     result: PlanResult
@@ -58,6 +60,7 @@ class PlanRun:
     last_pod: PodOrder | None
     extendable: bool
     withdrawn: dict[str, tuple[Gpu, ...]]
+    waiting: list[PendingPod]
 
 
 def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: PlanSettings) -> PlanRun:
@@ -84,9 +87,10 @@ def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: Pla
         else:
             unplaced[pod.key] = reason
 
-    cluster, placed, waiting = serve(cluster, servable, plannable, settings)
+    served = serve(cluster, servable, plannable, settings)
+    cluster, placed, waiting = served.cluster, served.placed, served.waiting
     if waiting:
-        unplaced.update(waiting_reasons(waiting, cluster))
+        unplaced.update(waiting_reasons(waiting, cluster, served.hold))
 
     withdrawn = {node.name: node.withdrawn for node in plannable if node.withdrawn}
     layouts = _layouts(cluster.gpus, withdrawn)
@@ -98,7 +102,7 @@ def plan_run(nodes: Iterable[Node], pending: Iterable[PendingPod], settings: Pla
     )
     last_pod = pod_order(servable[-1]) if servable else None
     extendable = not waiting and not cluster.reclaimed
-    return PlanRun(result, cluster, largest, last_pod, extendable, withdrawn)
+    return PlanRun(result, cluster, largest, last_pod, extendable, withdrawn, waiting)
 
 
 NO_USABLE_GPU = "reports no GPU mpsflow can partition (none found, or every one in MIG mode)"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -73,6 +73,10 @@ class PlannerSettings:
     release_report_age: timedelta = timedelta(seconds=25)
     # While some node applies a layout, a pod is told why it waits only once it has waited this long.
     reason_patience: timedelta = timedelta(seconds=30)
+    # A pod that fits nowhere and has waited this long since it was created is served before the pods
+    # that came after it, and a GPU is held for it that they may not take (`PendingPod.overdue`):
+    # pods arriving in a burst get this long to be placed the usual way, which serves the most pods.
+    hold_after: timedelta = timedelta(seconds=2)
 
 
 Layout = dict[int, tuple[int, ...]]
@@ -380,7 +384,7 @@ class ClusterState:
         """When the next opted-in node's report goes stale (after `after`), or None.
 
         Reports stopping is an event of its own: nothing arrives, so the caller wakes up then and
-        calls `report_went_stale`.
+        calls `time_passed`.
         """
         deadlines = [
             level.reported_at + stale_after
@@ -389,8 +393,9 @@ class ClusterState:
         ]
         return min((d for d in deadlines if d > after), default=None)
 
-    def report_went_stale(self, when: datetime) -> None:
-        """A node's report went stale at `when`: that changes where slices may be carved."""
+    def time_passed(self, when: datetime) -> None:
+        """Time alone changed what the plan must be at `when`: a node's report went stale (its slices
+        may no longer be carved or handed out), or a pod left waiting became overdue."""
         self.revision += 1
         self.structure_changes += 1
         self._touch(when)
@@ -898,6 +903,8 @@ class IncrementalPlanner:
         self._fulls = 0  # full computations so far
         self._touched: list[str] = []  # nodes whose layouts extensions changed since the last full one
         self._sweep: _Sweep | None = None
+        self._overdue_moments: list[datetime] = []
+        """When the pods that the last full computation left waiting become overdue, in order."""
 
     def _render(self, name: str, gpus: dict[int, tuple[Slice, ...]]) -> tuple[NodeLayout, int]:
         """A node's layout as an event value and its digest item, reused while the layout stays."""
@@ -962,7 +969,7 @@ class IncrementalPlanner:
         waiting = state.waiting()
         nodes, waiting_for_report, pinned = planning_nodes(state, now, self.settings, waiting)
         eligibility = _Eligibility(state)
-        pending = [*eligibility.pending(waiting), *pinned]
+        pending = [*eligibility.pending(waiting, overdue_since=now - self.settings.hold_after), *pinned]
         run = plan_run(nodes, pending, self.settings.plan)
         # A layout a node refused is never asked of it again while its report stays as it was: that
         # node keeps what it has in this plan.
@@ -977,6 +984,12 @@ class IncrementalPlanner:
             run = plan_run(nodes, pending, self.settings.plan)
             run.extendable = False
         result = run.result
+        hold_after = self.settings.hold_after
+        self._overdue_moments = sorted(
+            pod.created + hold_after
+            for pod in run.waiting
+            if pod.created is not None and pod.pinned is None and not pod.overdue
+        )
         excluded = dict(result.excluded_nodes)
         for name in waiting_for_report:
             excluded[name] = "waiting for the node agent's first GPU report"
@@ -1025,6 +1038,14 @@ class IncrementalPlanner:
             eligibility,
         )
         return plan
+
+    def next_overdue(self, after: datetime) -> datetime | None:
+        """When the next pod that the last full computation left waiting becomes overdue (after
+        `after`), or None. Nothing arrives then either: the caller wakes up and calls `time_passed`.
+        (A plan extended since left no pod waiting: an extension places every pod it adds.)"""
+        moments = self._overdue_moments
+        position = bisect_right(moments, after)
+        return moments[position] if position < len(moments) else None
 
     def _fresh_until(self, state: ClusterState, hosting: list[str]) -> datetime | None:
         """Until when every report of `hosting` stays fresh (`_can_host`), as they are now."""
@@ -1149,8 +1170,9 @@ class _Eligibility:
         self._allowed: dict[tuple[str, bool], frozenset[str] | None] = {}
         self.state = state  # its `first_seen` and `last_placed` as they are when asked
 
-    def pending(self, pods: Iterable[PodObserved]) -> list[PendingPod]:
-        """`pods` as pods waiting for a slice, each with the nodes it may run on when not all."""
+    def pending(self, pods: Iterable[PodObserved], overdue_since: datetime | None = None) -> list[PendingPod]:
+        """`pods` as pods waiting for a slice, each with the nodes it may run on when not all, and
+        overdue when created before `overdue_since`."""
         pending = []
         first_seen, last_placed = self.state.first_seen, self.state.last_placed
         for pod in pods:
@@ -1172,6 +1194,7 @@ class _Eligibility:
                     needs_shm_directory=not pod.host_ipc,
                     arrived=first_seen.get(pod.key),
                     planned=_planned_gpu(last_placed, pod.key),
+                    overdue=overdue_since is not None and pod.created < overdue_since,
                 )
             )
         return pending

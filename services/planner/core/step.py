@@ -133,12 +133,12 @@ class Planner:
 
     def step(self, now: datetime) -> Step:
         """What to do at `now`. Time passing is an input too: a node whose report went stale since
-        the last step can no longer host new slices."""
-        stale_after = self.settings.report_stale_after
+        the last step can no longer host new slices, and a pod left waiting that became overdue
+        since is served first."""
         if self._time_seen is not None:
-            stale = self.state.next_staleness(self._time_seen, stale_after)
-            if stale is not None and stale <= now:
-                self.state.report_went_stale(stale)
+            moment = self._next_moment(self._time_seen)
+            if moment is not None and moment <= now:
+                self.state.time_passed(moment)
         self._time_seen = now
         decision = decide(self.state, now, self.settings, self._plans)
         if isinstance(decision, PublishPlan):
@@ -146,10 +146,16 @@ class Planner:
         wake_at = decision.when if isinstance(decision, WaitUntil) else None
         if isinstance(decision, NothingToDo) and decision.planned is not None:
             self.state.mark_planned(decision.planned.plan_id, decision.at_revision)
-        stale = self.state.next_staleness(now, stale_after)
-        if stale is not None and (wake_at is None or stale < wake_at):
-            wake_at = stale
+        moment = self._next_moment(now)
+        if moment is not None and (wake_at is None or moment < wake_at):
+            wake_at = moment
         return Step(wake_at=wake_at)
+
+    def _next_moment(self, after: datetime) -> datetime | None:
+        """The next moment after `after` when time alone changes the plan (`ClusterState.time_passed`)."""
+        stale = self.state.next_staleness(after, self.settings.report_stale_after)
+        overdue = self._plans.next_overdue(after)
+        return min((m for m in (stale, overdue) if m is not None), default=None)
 
     def published(self, step: Step) -> None:
         """Every message of `step` is on the bus: remember what was asked of nodes and pods."""

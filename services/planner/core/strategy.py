@@ -9,12 +9,15 @@ nodes first, the fewest nodes first. When a class does not fit whole in age orde
 and size-ascending orders are tried too and the one that serves the most pods wins, and a repair
 step moves promised slices to make room. When pods still wait, a packing pass (`packing`) computes
 the most pods each priority can get from the GPUs' memory, and its plan wins if it serves more.
+A pod that has waited too long (`PendingPod.overdue`) is not left waiting so that more pods
+fit: the pods before it are served, then it, then the others around it; and where it fits on no
+GPU, one is held for it (`Hold`), so that pods after it never take memory that frees there.
 `waiting_reasons` says why each pod left waits.
 
 What it must never do: change a GPU's slices other than through `GpuPlan` and `Cluster`, whose
 rules and indexes would no longer hold; leave unplaced a pod that a repair moves; depend on
-anything but its input (the same pods on the same cluster give the same plan). Nothing here
-performs I/O.
+anything but its input (the same pods on the same cluster give the same plan); place a pod
+that sorts after an overdue pod left waiting on the GPU held for it. Nothing here performs I/O.
 """
 
 from __future__ import annotations
@@ -59,14 +62,102 @@ def trivial_reason(pod: PendingPod, largest: int, any_gpu: bool) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Hold:
+    """A GPU held for an overdue pod that fits on no GPU now: no pod that sorts after it is placed
+    there, so the memory that frees there (its pods finish) adds up until the pod fits. `potential`:
+    what the GPU could offer the pod now."""
+
+    pod: PendingPod
+    node: str
+    gpu: int
+    potential: int
+
+    def excludes(self, pod: PendingPod) -> bool:
+        """`pod` may not be placed on the held GPU: it sorts after the pod it is held for."""
+        return pod_order(pod) > pod_order(self.pod)
+
+
+@dataclass
+class Served:
+    """What `serve` decided: the cluster that won (changed, or the packing's), where each served pod
+    goes, the pods left waiting (in order), and the GPU held for an overdue one, if any."""
+
+    cluster: Cluster
+    placed: dict[str, Placement]
+    waiting: list[PendingPod]
+    hold: Hold | None = None
+
+
 def serve(
     cluster: Cluster, servable: list[PendingPod], plannable: list[Node], settings: PlanSettings
-) -> tuple[Cluster, dict[str, Placement], list[PendingPod]]:
+) -> Served:
     """Serve `servable` (in `pod_order`) on `cluster`, the GPUs of the `plannable` nodes.
 
-    Returns the cluster that won (`cluster` itself, changed, or the packing's), where each served
-    pod goes, and the pods left waiting, in order.
+    When that leaves an overdue pod waiting, the first such pod (in `pod_order`) comes before
+    serving the most pods: the plan is made again on the `plannable` nodes' GPUs as they are,
+    serving the pods released to a node and those that sort before it, then it, then the others,
+    none of them on a GPU held for it (`_hold_for`) if it still fits nowhere.
     """
+    served = _serve_all(cluster, servable, plannable, settings, pack=True)
+    overdue = next((pod for pod in served.waiting if pod.overdue and pod.pinned is None), None)
+    if overdue is None:
+        return served
+    return _serve_overdue_first(overdue, cluster.pinned, servable, plannable, settings)
+
+
+def _serve_overdue_first(
+    overdue: PendingPod,
+    pinned: frozenset[str],
+    servable: list[PendingPod],
+    plannable: list[Node],
+    settings: PlanSettings,
+) -> Served:
+    """`serve` for an `overdue` pod that a plan for the most pods leaves waiting (see `serve`)."""
+    last = pod_order(overdue)
+    first = [pod for pod in servable if pod.pinned is not None or pod_order(pod) <= last]
+    as_they_are = Cluster(gpu_plans(plannable, settings), pinned)
+    served = _serve_all(as_they_are, first, plannable, settings, pack=True)
+    cluster, placed = served.cluster, served.placed
+    held = _hold_for(cluster, overdue) if overdue.key not in placed else None
+    if held is not None:
+        cluster.withhold(held)
+    rest = [pod for pod in servable if pod.pinned is None and pod_order(pod) > last]
+    after = _serve_all(cluster, rest, plannable, settings, pack=False)
+    cluster = after.cluster
+    cluster.reclaimed = True  # not the greedy's own result: never extended
+    placed.update(after.placed)
+    hold = None
+    if held is not None:
+        held = cluster.gpus[held.order]  # the same GPU in the cluster that won
+        cluster.give_back(held)
+        hold = Hold(overdue, held.node, held.gpu.index, held.potential)
+    waiting = [pod for pod in servable if pod.key not in placed]
+    return Served(cluster, placed, waiting, hold)
+
+
+def _hold_for(cluster: Cluster, pod: PendingPod) -> GpuPlan | None:
+    """The GPU to hold for `pod`: of those it may run on that could ever take it (they may carve, and
+    have the memory), the one that could offer it the most now, then the first. Nothing pods after
+    it take is placed there, so it keeps that lead while its pods finish: the same GPU stays held
+    from one plan to the next, unless another comes to offer more."""
+    candidates = [
+        gpu
+        for gpu in cluster.gpus
+        if gpu.can_carve
+        and gpu.can_host
+        and gpu.capacity >= pod.size_gb
+        and (pod.eligible is None or gpu.node in pod.eligible)
+    ]
+    return max(candidates, key=lambda gpu: (gpu.potential, -gpu.order), default=None)
+
+
+def _serve_all(
+    cluster: Cluster, servable: list[PendingPod], plannable: list[Node], settings: PlanSettings, *, pack: bool
+) -> Served:
+    """Serve `servable` in order, one priority class after the other, on `cluster`; with `pack`, the
+    packing's plan wins where it serves more (it plans the `plannable` nodes' GPUs as they are, so
+    only for a cluster nothing was placed on yet)."""
     placed: dict[str, Placement] = {}
     needed = Counter(pod.size_gb for pod in servable)
     # Pods released to a node are committed to it: they are served first, there.
@@ -83,12 +174,12 @@ def serve(
         placed.update(attempt.served)
 
     waiting = [pod for pod in servable if pod.key not in placed]
-    packed = _packed(plannable, servable, settings) if waiting else None
+    packed = _packed(plannable, servable, settings) if waiting and pack else None
     if packed is not None and _score(packed[1], packed[0], servable) > _score(placed, cluster, servable):
         cluster, placed = packed
         waiting = [pod for pod in servable if pod.key not in placed]
         cluster.reclaimed = True  # not the greedy's own result: never extended
-    return cluster, placed, waiting
+    return Served(cluster, placed, waiting)
 
 
 _SHM_DIRECTORY_ONLY = (
@@ -109,13 +200,30 @@ def _allow(pod: PendingPod) -> str:
     return f"{rules} and that run MPS in {_SHM_DIRECTORY_ONLY}" if pod.needs_shm_directory else rules
 
 
-def waiting_reasons(waiting: list[PendingPod], cluster: Cluster) -> dict[str, str]:
-    """Why each pod of `waiting` waits, given the cluster as planned."""
+def waiting_reasons(waiting: list[PendingPod], cluster: Cluster, hold: Hold | None = None) -> dict[str, str]:
+    """Why each pod of `waiting` waits, given the cluster as planned and the GPU held, if any (what
+    it could offer does not count for the pods that may not go there)."""
     reasons: dict[str, str] = {}
     carvable = [g for g in cluster.gpus if g.can_carve]
-    most = max((g.potential for g in carvable), default=0)
+    open_to_all = carvable
+    if hold is not None:
+        open_to_all = [g for g in carvable if (g.node, g.gpu.index) != (hold.node, hold.gpu)]
+    most_of = {False: max((g.potential for g in carvable), default=0)}
+    most_of[True] = max((g.potential for g in open_to_all), default=0)
     for pod in waiting:
-        if pod.pinned is not None and not any(g.node == pod.pinned for g in cluster.gpus):
+        held_from = hold is not None and hold.excludes(pod)
+        open_gpus = open_to_all if held_from else carvable
+        note = ""
+        if hold is not None and held_from:
+            note = f" (GPU {hold.gpu} of node {hold.node} is held for {hold.pod.key}, which came first)"
+        if hold is not None and pod.key == hold.pod.key:
+            reasons[pod.key] = (
+                f"capacity exhausted: needs {pod.size_gb} GiB on one GPU, which none could offer now; it "
+                f"has waited so long that GPU {hold.gpu} of node {hold.node} is held for it: no pod that "
+                f"came after it is placed there until it fits (that GPU could offer {hold.potential} GiB "
+                "now, more as its pods finish)"
+            )
+        elif pod.pinned is not None and not any(g.node == pod.pinned for g in cluster.gpus):
             reasons[pod.key] = (
                 f"released to node {pod.pinned}, which mpsflow does not plan on now (opted out, gone, "
                 "or without GPU reports): the pod waits for that node"
@@ -127,15 +235,15 @@ def waiting_reasons(waiting: list[PendingPod], cluster: Cluster) -> dict[str, st
         elif pod.eligible is not None and not any(g.node in pod.eligible for g in cluster.gpus):
             reasons[pod.key] = f"no opted-in node that mpsflow plans on {_allows(pod)}"
         elif pod.eligible is not None:
-            most_there = max((g.potential for g in carvable if g.node in pod.eligible), default=0)
+            most_there = max((g.potential for g in open_gpus if g.node in pod.eligible), default=0)
             reasons[pod.key] = (
                 f"capacity exhausted on the {len(pod.eligible)} node(s) {_allow(pod)}: needs {pod.size_gb} "
-                f"GiB on one GPU; the most any of their GPUs could offer now is {most_there} GiB"
+                f"GiB on one GPU; the most any of their GPUs could offer now is {most_there} GiB{note}"
             )
         elif carvable:
             reasons[pod.key] = (
                 f"capacity exhausted: needs {pod.size_gb} GiB on one GPU; the most any GPU could offer "
-                f"now is {most} GiB"
+                f"now is {most_of[held_from]} GiB{note}"
             )
         else:
             reasons[pod.key] = (

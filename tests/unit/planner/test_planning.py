@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from services.planner.core.model import (
     max_slices_for,
 )
 from services.planner.core.run import plan_cluster
+from services.planner.core.strategy import pod_order
 from services.planner.snapshot import parse_snapshot, render_plan
 from tests.unit.planner.invariants import assert_plan_invariants
 
@@ -443,6 +445,79 @@ def test_a_pinned_pod_whose_node_is_full_waits_with_its_node_named() -> None:
     assert result.unplaced == {"default/p": "released to node a, which has no room for a 10 GiB slice now"}
 
 
+# --- overdue pods and held GPUs ---------------------------------------------------------------------------
+
+
+def overdue(name: str, size_gb: int, *, priority: int = 0, minute: int = 0) -> PendingPod:
+    return replace(pod(name, size_gb, priority=priority, minute=minute), overdue=True)
+
+
+HELD = re.compile(r"GPU (\d+) of node (\S+) is held for it")
+
+
+def held_gpu(result: PlanResult) -> tuple[str, int] | None:
+    """The GPU a plan holds for an overdue pod, as its reason names it."""
+    found = {(m[2], int(m[1])) for reason in result.unplaced.values() for m in HELD.finditer(reason)}
+    assert len(found) <= 1, f"more than one GPU held: {found}"
+    return next(iter(found), None)
+
+
+def test_pods_after_a_large_one_that_fits_nowhere_take_the_memory_that_frees_until_it_is_overdue() -> None:
+    # 40 GiB fits on no GPU: GPU 0 could offer 20 GiB, GPU 1 30. The pods that came after it fit.
+    nodes = [node("n", gpu(0, 80, "30u 30u"), gpu(1, 80, "50u"))]
+    later = [pod("small", 10, minute=1), pod("medium", 20, minute=2)]
+    waiting = plan(nodes, [pod("large", 40, minute=0), *later])
+    assert set(waiting.placed) == {"default/small", "default/medium"} and held_gpu(waiting) is None
+    # Overdue, it holds GPU 1, the one that could offer it the most: the others go to GPU 0 or wait.
+    held = plan(nodes, [overdue("large", 40, minute=0), *later])
+    assert held_gpu(held) == ("n", 1)
+    assert where(held) == {"default/small": ("n", 0)}
+    assert held.unplaced["default/large"] == (
+        "capacity exhausted: needs 40 GiB on one GPU, which none could offer now; it has waited so long "
+        "that GPU 1 of node n is held for it: no pod that came after it is placed there until it fits "
+        "(that GPU could offer 30 GiB now, more as its pods finish)"
+    )
+    assert held.unplaced["default/medium"] == (
+        "capacity exhausted: needs 20 GiB on one GPU; the most any GPU could offer now is 10 GiB "
+        "(GPU 1 of node n is held for default/large, which came first)"
+    )
+    assert layout_specs(held)["n"][1] == "50u"
+
+
+def test_an_overdue_pod_is_served_before_more_pods_that_came_after_it() -> None:
+    nodes = [node("n", gpu(0, 80))]
+    later = [pod(f"p{i}", 20, minute=i) for i in range(1, 5)]
+    most = plan(nodes, [pod("large", 50, minute=0), *later])
+    assert set(most.placed) == {pod.key for pod in later}  # four pods rather than two
+    fair = plan(nodes, [overdue("large", 50, minute=0), *later])
+    assert set(fair.placed) == {"default/large", "default/p1"} and held_gpu(fair) is None
+
+
+def test_a_held_gpu_takes_pods_that_sort_before_the_overdue_one_and_those_released_to_it() -> None:
+    nodes = [node("a", gpu(0, 80, "50u")), node("b", gpu(0, 40, "35u"))]
+    pods = [
+        overdue("large", 40, minute=0),
+        pod("urgent", 10, priority=10, minute=5),  # higher priority: before it, whenever it came
+        replace(pod("released", 5, minute=6), pinned="a"),  # committed to node a already
+        pod("later", 5, minute=7),
+        pod("latest", 5, minute=8),
+    ]
+    result = plan(nodes, pods)
+    assert held_gpu(result) == ("a", 0)  # it could offer 15 GiB, b 5
+    assert where(result) == {
+        "default/urgent": ("a", 0),
+        "default/released": ("a", 0),
+        "default/later": ("b", 0),
+    }
+    assert "GPU 0 of node a is held for default/large" in result.unplaced["default/latest"]
+
+
+def test_no_gpu_is_held_where_none_could_ever_take_the_pod() -> None:
+    nodes = [node("n", gpu(0, 40, "10u")), node("m", gpu(0, 80, "10u"), can_carve=False)]
+    result = plan(nodes, [overdue("large", 50), pod("small", 10, minute=1)])
+    assert held_gpu(result) is None and where(result) == {"default/small": ("n", 0)}
+
+
 # --- nos regressions (docs/nos-compatibility.md §3.12) ---------------------------------------------------
 
 
@@ -535,6 +610,7 @@ def clusters(draw: st.DrawFn) -> tuple[list[Node], list[PendingPod], PlanSetting
             size_gb=draw(SIZES),
             priority=draw(st.integers(-1, 2)),
             created=draw(st.none() | st.integers(0, 5).map(lambda m: T0 + timedelta(minutes=m))),
+            overdue=draw(st.sampled_from([False, False, False, True])),
         )
         for i in range(count)
     ]
@@ -675,3 +751,24 @@ def test_a_contended_cluster_gets_the_most_pods_by_priority_where_the_placement_
     result = plan(nodes, pods)
     served = Counter(pod.priority for pod in pods if pod.key in result.placed)
     assert served == Counter({100: 4, 10: 6, 0: 17})
+
+
+@PROPERTY
+@given(clusters())
+def test_a_held_gpu_gets_no_pod_that_sorts_after_the_one_it_is_held_for(cluster: Cluster) -> None:
+    nodes, pods, plan_settings = cluster
+    result = plan_cluster(nodes, pods, plan_settings)
+    held = held_gpu(result)
+    if held is None:
+        return
+    [holder] = [p for p in pods if HELD.search(result.unplaced.get(p.key, ""))]
+    # the first overdue pod that could be placed somewhere and was not
+    left_waiting = [
+        p
+        for p in pods
+        if p.overdue
+        and any(why in result.unplaced.get(p.key, "") for why in ("capacity exhausted", "can take new"))
+    ]
+    assert holder == min(left_waiting, key=pod_order)
+    placed = where(result)
+    assert [p.key for p in pods if pod_order(p) > pod_order(holder) and placed.get(p.key) == held] == []

@@ -588,7 +588,7 @@ def test_a_report_going_stale_is_a_change_that_stops_carving_there() -> None:
     state.commit(first)
     stale_at = state.next_staleness(T0 + timedelta(seconds=1), SETTINGS.report_stale_after)
     assert stale_at == T0 + SETTINGS.report_stale_after
-    state.report_went_stale(stale_at)
+    state.time_passed(stale_at)
     later = decide(state, stale_at + timedelta(seconds=1), SETTINGS)
     assert isinstance(later, PublishPlan)
     assert "its GPU reports are stale" in later.plan.unplaced["default/a"]
@@ -607,8 +607,13 @@ def test_replay_wakes_up_when_a_report_goes_stale() -> None:
 LATER = T0 + timedelta(seconds=1)
 
 
-def decided(state: ClusterState, at: datetime = LATER) -> PublishPlan:
-    decision = decide(state, at, SETTINGS)
+NO_HOLD = PlannerSettings(hold_after=timedelta(days=1))
+"""For tests of other rules where every pod is created at T0 and decisions come seconds later: no
+pod becomes overdue (holds have tests of their own)."""
+
+
+def decided(state: ClusterState, at: datetime = LATER, settings: PlannerSettings = SETTINGS) -> PublishPlan:
+    decision = decide(state, at, settings)
     assert isinstance(decision, PublishPlan), decision
     return decision
 
@@ -731,12 +736,12 @@ def test_a_node_adding_slices_is_asked_for_more_at_once_but_takes_none_away_unti
     assert released(second) == {"default/b": "n"}
     state.commit(second)
     state.apply(env(gated("d", 5), LATER + timedelta(seconds=2)))
-    third = decided(state, LATER + timedelta(seconds=3))
+    third = decided(state, LATER + timedelta(seconds=3), NO_HOLD)  # else n's GPU is held for c
     assert [layout_of(p.layout.sizes()) for p in third.node_plans] == [{0: (5, 5, 10)}]  # d's, at once
     state.commit(third)
     for envelope in synced("n", gpu_report(0, 20, "5f 5f 10f"), at=LATER + timedelta(seconds=4)):
         state.apply(envelope)
-    settled = decided(state, LATER + timedelta(seconds=5))
+    settled = decided(state, LATER + timedelta(seconds=5), NO_HOLD)
     assert released(settled) == {"default/a": "n", "default/d": "n"}
 
 
@@ -833,12 +838,12 @@ def test_reasons_are_told_only_while_no_node_is_applying_a_layout() -> None:
     assert "applying its last layout" in second.plan.unplaced["default/c"] and second.unplaced == ()
     state.commit(second)
     state.apply(env(applied("n", {0: (20,)}, first.node_plans[0].plan_id), LATER + timedelta(seconds=2)))
-    third = decided(state, LATER + timedelta(seconds=3))
+    third = decided(state, LATER + timedelta(seconds=3), NO_HOLD)  # b is overdue by now: see below
     assert [(u.name, u.reason) for u in third.unplaced] == [("c", exhausted)]
     state.commit(third)
     for envelope in synced("n", gpu_report(0, 20, "20f"), at=LATER + timedelta(seconds=4)):
         state.apply(envelope)
-    fourth = decided(state, LATER + timedelta(seconds=5))
+    fourth = decided(state, LATER + timedelta(seconds=5), NO_HOLD)
     assert fourth.unplaced == () and released(fourth) == {"default/a": "n"}
 
 
@@ -1115,6 +1120,37 @@ def test_a_plan_decided_again_after_another_is_a_new_message_and_a_retry_is_not(
         planner.published(step)
     (first_plan, first_id), _, (again_plan, again_id) = plans
     assert first_plan == again_plan and first_id != again_id
+
+
+def steps_until_decided(planner: Planner, at: datetime) -> PublishPlan:
+    """Step at `at`, then at each moment the planner asks to be woken, until it decides."""
+    for _ in range(5):
+        step = planner.step(at)
+        if step.decision is not None:
+            planner.published(step)
+            return step.decision
+        assert step.wake_at is not None, "the planner would sleep until the next event"
+        at = step.wake_at
+    raise AssertionError("no decision after five wake-ups")
+
+
+def test_a_pod_left_waiting_becomes_overdue_with_no_event_and_a_gpu_is_held_for_it() -> None:
+    planner = Planner(SETTINGS)
+    for envelope in ready_node("n", gpu_report(0, 40, "30u")):
+        planner.observe(envelope)
+    planner.observe(env(gated("large", 20), T0))  # fits nowhere: the GPU could offer 10 GiB
+    planner.observe(env(gated("small", 5), T0 + MS))
+    first = steps_until_decided(planner, LATER)
+    assert set(first.plan.placed) == {"default/small"} and "default/large" in first.plan.unplaced
+    idle = planner.step(LATER + MS)
+    assert idle.decision is None and idle.wake_at == T0 + SETTINGS.hold_after  # large created at T0
+    held = steps_until_decided(planner, idle.wake_at)
+    assert held.plan.placed == {}
+    assert "GPU 0 of node n is held for it" in held.plan.unplaced["default/large"]
+    assert "held for default/large" in held.plan.unplaced["default/small"]
+    assert [p.layout.sizes() for p in held.node_plans] == []  # n still applies the layout with small's slice
+    after = planner.step(idle.wake_at + timedelta(seconds=1))
+    assert after.decision is None and after.wake_at == T0 + SETTINGS.report_stale_after  # not before
 
 
 def test_a_pod_without_host_ipc_goes_only_to_nodes_in_the_shm_directory_ipc_mode() -> None:
