@@ -486,6 +486,13 @@ class Cluster:
             self._offer_exact(restored)
         return None
 
+    def replace(self, gpu: GpuPlan) -> None:
+        """Put `gpu` in the place of the GPU of its `order` (the same GPU, seen anew), indexes and all."""
+        self.gpus[gpu.order] = gpu
+        self._by_node = self._at = None
+        self._reindex(gpu)
+        self._offer_exact(gpu)
+
     def withhold(self, gpu: GpuPlan) -> None:
         """Place nothing on `gpu`, which may host and carve (no free slice promised, no slice carved or
         reclaimed; a move takes nothing from it either), until `give_back(gpu)`."""

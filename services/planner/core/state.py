@@ -35,6 +35,13 @@ from events.nodes import NodeGpusReported, NodeObserved, NodeOptedOut
 from events.plans import NodeConfigApplied, NodeConfigFailed, NodeLayout, NodePlanned, PlanComputed, SliceSpec
 from events.plans import Placement as PlacementEvent
 from events.pods import NodeRules, PodDeleted, PodObserved, PodRejected, PodReleased, PodUnplaced
+from events.vocabulary import (
+    GFD_REPLICAS_LABEL,
+    GFD_SHARING_STRATEGY_LABEL,
+    REPLICAS_LABEL,
+    SHARING_STRATEGY_LABEL,
+)
+from services.planner.core.cluster import GpuPlan
 from services.planner.core.eligibility import admits, has_effect
 from services.planner.core.model import (
     SHARED_SLICES,
@@ -256,7 +263,8 @@ class ClusterState:
     without its placements (a large cluster's: `step.published_plan`) starts without them."""
     # Bookkeeping for IncrementalPlanner: when pods arrived (in the order they did), and how many
     # changes of anything else there were: events, reports going stale, and decisions that asked
-    # something of nodes or pods (what was asked changes what the next plan starts from).
+    # something of nodes or pods (what was asked changes what the next plan starts from); not a
+    # node's allocatable or sharing labels (`_for_releases_only`), which only releases read.
     revision: int = field(default=0, compare=False)
     pod_revisions: dict[str, int] = field(default_factory=dict, compare=False)
     structure_changes: int = field(default=0, compare=False)
@@ -265,6 +273,9 @@ class ClusterState:
     holding: set[str] = field(default_factory=set, compare=False)
     # The keys of the pods that wait for a slice (`PodObserved.waits_for_slice`), for `waiting`.
     waits: set[str] = field(default_factory=set, compare=False)
+    # The keys of the pods whose rules name a label the config publisher writes (`SHARING_LABELS`):
+    # while there are none, a node whose labels change only there plans as before.
+    sharing_label_rules: set[str] = field(default_factory=set, compare=False)
     # `holders()` as last computed, and a count of the changes to what it depends on.
     _holders: tuple[int, dict[str, list[PodObserved]]] | None = field(default=None, compare=False, repr=False)
     _holder_changes: int = field(default=0, compare=False, repr=False)
@@ -274,6 +285,7 @@ class ClusterState:
         """Fold one event in; events that change nothing the planner uses leave the window alone."""
         event = envelope.event
         arrival = False
+        structural = True  # the change may change what a plan starts from (see `structure_changes`)
         if isinstance(event, PodObserved | PodDeleted | PodRejected | PodReleased):
             self._holder_change(event.key)
         if isinstance(event, PodObserved):
@@ -296,6 +308,7 @@ class ClusterState:
             self.first_seen.pop(event.key, None)
             self.holding.discard(event.key)
             self.waits.discard(event.key)
+            self.sharing_label_rules.discard(event.key)
             self.releases.pop(event.key, None)
             if gone is not None:
                 self.unplaced_published.pop(gone.uid, None)
@@ -311,6 +324,11 @@ class ClusterState:
         elif isinstance(event, NodeObserved):
             level = self.nodes.setdefault(event.name, _NodeLevel())
             changed = level.observed != event
+            structural = changed and (
+                level.observed is None
+                or not _for_releases_only(level.observed, event)
+                or bool(self.sharing_label_rules)
+            )
             level.observed = event
         elif isinstance(event, NodeOptedOut):
             # Only the opt-in goes: the agent's report travels on its own subject, in no fixed
@@ -358,7 +376,7 @@ class ClusterState:
             if arrival and isinstance(event, PodObserved):
                 self.pod_revisions.pop(event.key, None)  # so that the order of keys is that of revisions
                 self.pod_revisions[event.key] = self.revision
-            else:
+            elif structural:  # else only releases may see the change: a plan starts from what it did
                 self.structure_changes += 1
                 if isinstance(event, PodObserved | PodDeleted | PodRejected):
                     self.pod_revisions.pop(event.key, None)
@@ -370,9 +388,11 @@ class ClusterState:
             self._holder_changes += 1
 
     def _index(self, pod: PodObserved) -> None:
-        """Keep `holding` and `waits` true of `pod`, just folded in."""
+        """Keep `holding`, `waits` and `sharing_label_rules` true of `pod`, just folded in."""
         (self.holding.add if pod.holder_node is not None else self.holding.discard)(pod.key)
         (self.waits.add if pod.waits_for_slice else self.waits.discard)(pod.key)
+        names = pod.rules.__dict__ != NO_RULES.__dict__ and _names_sharing_label(pod.rules)
+        (self.sharing_label_rules.add if names else self.sharing_label_rules.discard)(pod.key)
 
     def _touch(self, when: datetime) -> None:
         if self.first_unplanned_change is None or when < self.first_unplanned_change:
@@ -467,6 +487,34 @@ class ClusterState:
     def waiting(self) -> list[PodObserved]:
         """Pods the planner has yet to provide for."""
         return [self.pods[key] for key in sorted(self.waits) if key not in self.releases]
+
+
+SHARING_LABELS = frozenset(
+    {SHARING_STRATEGY_LABEL, REPLICAS_LABEL, GFD_SHARING_STRATEGY_LABEL, GFD_REPLICAS_LABEL}
+)
+"""Node labels that say how a node's GPUs are shared: the config publisher writes them as configs
+change, GPU Feature Discovery writes GFD's on nodes where it runs."""
+
+
+def _for_releases_only(before: NodeObserved, after: NodeObserved) -> bool:
+    """Whether what changed of a node matters only to releases: its allocatable (which only
+    `_releases` reads) and the labels in `SHARING_LABELS` (which only rules naming them read)."""
+    if (before.unschedulable, before.gfd, before.gfd_problem, before.taints) != (
+        after.unschedulable,
+        after.gfd,
+        after.gfd_problem,
+        after.taints,
+    ):
+        return False
+    keys = before.labels.keys() | after.labels.keys()
+    return all(before.labels.get(key) == after.labels.get(key) for key in keys - SHARING_LABELS)
+
+
+def _names_sharing_label(rules: NodeRules) -> bool:
+    """Whether `rules` name a label of `SHARING_LABELS`."""
+    named = set(rules.node_selector)
+    named.update(req.key for term in rules.required_terms for req in term.expressions)
+    return not named.isdisjoint(SHARING_LABELS)
 
 
 def _planned_fields(pod: PodObserved) -> tuple[object, ...]:
@@ -1039,6 +1087,92 @@ class IncrementalPlanner:
         )
         return plan
 
+    def committed(self, state: ClusterState, decision: PublishPlan, now: datetime) -> None:
+        """`decision`, made on the last plan computed, was published and `state` committed it.
+
+        The nodes it asked for new layouts now apply them, which makes a structure change: the next
+        plan would be computed from scratch. Where that computation would place every pod exactly
+        where this one did, the last computation stays the basis for the next pods instead, with the
+        asked nodes seen anew, as a computation from scratch sees them (`_carried`). In a burst, nearly
+        every decision asks some nodes for slices, and at cluster scale one computation from scratch
+        costs as much as hundreds of extensions.
+        """
+        basis = self._basis
+        if (
+            basis is None
+            or basis.plan is not decision.plan
+            or not basis.run.extendable
+            or decision.releases
+            or not decision.node_plans
+            or state.structure_changes != basis.structure_changes + 1
+        ):
+            return
+        if self._carried(basis, state, decision, now):
+            basis.structure_changes = state.structure_changes
+            sweep = self._sweep
+            if sweep is not None and sweep.structure_changes == basis.structure_changes - 1:
+                sweep.structure_changes = basis.structure_changes
+            self._latest = basis.plan
+
+    def _carried(self, basis: _Basis, state: ClusterState, decision: PublishPlan, now: datetime) -> bool:
+        """See `committed`. A computation from scratch now places every pod on the GPU the last plan
+        placed it on (`PendingPod.planned`), on a slice that plan carved or found there: every pod
+        was placed, none was released (which would take a pod out and a slice with it), and a node
+        whose slices the plan changed is asked for exactly them. Then it differs from the last
+        computation only in the asked nodes: their slices are the layout asked, listed as a node
+        applying it is seen, and they may no longer carve unless that layout only adds. Those nodes
+        are seen again from `state` (`_planning_node`) and their pods promised the same slices;
+        where any of that does not hold, nothing is changed and False returned."""
+        asked = {planned.node for planned in decision.node_plans}
+        cluster = basis.run.cluster
+        if any(gpu.changed and gpu.node not in asked for gpu in cluster.gpus):
+            return False
+        holders = state.holders()
+        ungated = frozenset(pod.size_gb for pod in state.waiting() if not pod.gated)
+        seen_anew: list[tuple[str, list[GpuPlan]]] = []
+        for name in sorted(asked):
+            level = state.nodes.get(name)
+            if level is None or level.report is None or name in basis.run.withdrawn:
+                return False
+            node, without_slice = _planning_node(
+                state, name, level, level.report, holders.get(name), ungated, now, self.settings
+            )
+            before = cluster.gpus_of([name])
+            gpus = sorted(node.gpus, key=_index_of)
+            if without_slice or node.withdrawn or [g.index for g in gpus] != [g.gpu.index for g in before]:
+                return False
+            fresh: list[GpuPlan] = []
+            for old, gpu in zip(before, gpus, strict=True):
+                plan = GpuPlan.of(old.order, node, gpu, self.settings.plan)
+                for piece, owner in zip(old.slices, old.owners, strict=True):
+                    if owner is not None:
+                        if plan.unclaimed.get(piece.size_gb, 0) <= 0:
+                            return False
+                        plan.claim_free(piece.size_gb, owner)
+                fresh.append(plan)
+            seen_anew.append((name, fresh))
+        digest, nodes = basis.digest, dict(basis.plan.nodes)
+        for name, fresh in seen_anew:
+            for plan in fresh:
+                cluster.replace(plan)
+            digest.remove(basis.node_items[name])
+            nodes[name], basis.node_items[name] = self._render(
+                name, {p.gpu.index: tuple(p.slices) for p in fresh}
+            )
+            digest.add(basis.node_items[name])
+        self._touched.extend(asked)
+        basis.plan = PlanComputed.model_construct(
+            kind="PlanComputed",
+            plan_id=digest.plan_id,
+            nodes=nodes,
+            placed=basis.plan.placed,
+            unplaced=basis.plan.unplaced,
+            excluded_nodes=basis.plan.excluded_nodes,
+        )
+        if self._candidates is not None and self._candidates[0] is decision.plan:
+            self._candidates = (basis.plan, self._candidates[1])
+        return True
+
     def next_overdue(self, after: datetime) -> datetime | None:
         """When the next pod that the last full computation left waiting becomes overdue (after
         `after`), or None. Nothing arrives then either: the caller wakes up and calls `time_passed`.
@@ -1085,6 +1219,8 @@ class IncrementalPlanner:
             for key in arrived
         ):
             return None
+        if not state.sharing_label_rules.isdisjoint(arrived):
+            return None  # the eligibility of the basis may predate a change of those labels
         arrivals = [state.pods[key] for key in arrived]
         extension = extend_run(basis.run, basis.eligibility.pending(arrivals))
         if extension is None:
@@ -1247,38 +1383,55 @@ def planning_nodes(
         if level.report is None or level.reported_at is None:
             never_reported.append(name)
             continue
-        report = level.report
-        unnamed: list[PodObserved] = []
-        there = holders.get(name)
-        if there:
-            named = {s.holder for g in report.gpus for s in g.slices if s.holder is not None}
-            unnamed = [pod for pod in there if pod.key not in named]
-        applying = level.applying
-        desired = level.desired.layout if applying and level.desired is not None else None
-        gpus, without_slice = level.expected_gpus(report, desired, Counter(p.size_gb for p in unnamed))
-        for pod in unnamed:
-            if without_slice[pod.size_gb] > 0 and pod.node is None:
-                without_slice[pod.size_gb] -= 1
-                pinned.append(_pinned(pod, name, state))
-        can_host = _can_host(level, now, settings)
-        # A node applying a layout that only adds slices may be asked to add more at once, and only
-        # to add: every free slice it has stays (protected), nothing is withdrawn.
-        adding = applying and level.adding
-        can_carve = can_host and (not applying or adding)
-        protected = ungated | {pod.size_gb for pod in unnamed} if unnamed else ungated
-        if adding:
-            protected = protected | {piece.size_gb for gpu in gpus for piece in gpu.slices}
-        nodes.append(
-            Node(
-                name=name,
-                gpus=gpus,
-                can_carve=can_carve,
-                can_host=can_host,
-                protected=protected,
-                withdrawn=level.withdrawn_gpus(report, protected if can_carve and not adding else None),
-            )
+        node, without_slice = _planning_node(
+            state, name, level, level.report, holders.get(name), ungated, now, settings
         )
+        nodes.append(node)
+        pinned.extend(without_slice)
     return nodes, never_reported, pinned
+
+
+def _planning_node(
+    state: ClusterState,
+    name: str,
+    level: _NodeLevel,
+    report: NodeGpusReported,
+    there: list[PodObserved] | None,
+    ungated: frozenset[int],
+    now: datetime,
+    settings: PlannerSettings,
+) -> tuple[Node, list[PendingPod]]:
+    """One reported node of `planning_nodes`, and the pods released there that have no slice left
+    (`there`: the pods holding or about to hold one of its slices)."""
+    unnamed: list[PodObserved] = []
+    if there:
+        named = {s.holder for g in report.gpus for s in g.slices if s.holder is not None}
+        unnamed = [pod for pod in there if pod.key not in named]
+    applying = level.applying
+    desired = level.desired.layout if applying and level.desired is not None else None
+    gpus, without_slice = level.expected_gpus(report, desired, Counter(p.size_gb for p in unnamed))
+    pinned: list[PendingPod] = []
+    for pod in unnamed:
+        if without_slice[pod.size_gb] > 0 and pod.node is None:
+            without_slice[pod.size_gb] -= 1
+            pinned.append(_pinned(pod, name, state))
+    can_host = _can_host(level, now, settings)
+    # A node applying a layout that only adds slices may be asked to add more at once, and only
+    # to add: every free slice it has stays (protected), nothing is withdrawn.
+    adding = applying and level.adding
+    can_carve = can_host and (not applying or adding)
+    protected = ungated | {pod.size_gb for pod in unnamed} if unnamed else ungated
+    if adding:
+        protected = protected | {piece.size_gb for gpu in gpus for piece in gpu.slices}
+    node = Node(
+        name=name,
+        gpus=gpus,
+        can_carve=can_carve,
+        can_host=can_host,
+        protected=protected,
+        withdrawn=level.withdrawn_gpus(report, protected if can_carve and not adding else None),
+    )
+    return node, pinned
 
 
 def _withdrawn_gpus(report: NodeGpusReported, keep_free: frozenset[int] | None) -> tuple[Gpu, ...]:

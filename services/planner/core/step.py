@@ -161,3 +161,5 @@ class Planner:
         """Every message of `step` is on the bus: remember what was asked of nodes and pods."""
         if step.decision is not None:
             self.state.commit(step.decision)
+            if self._time_seen is not None:
+                self._plans.committed(self.state, step.decision, self._time_seen)

@@ -4,6 +4,7 @@ made again keeps pods where the last one put them."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,7 +12,9 @@ from hypothesis import strategies as st
 from benchmarks.folding import T0, fold_state
 from benchmarks.snapshots import generate
 from events.envelope import Envelope
+from events.nodes import NodeObserved
 from events.pods import NodeRules, NodeSelectorTerm, PodDeleted, PodObserved, Requirement
+from events.vocabulary import REPLICAS_LABEL
 from services.planner.core.state import IncrementalPlanner, PlannerSettings, PublishPlan, compute_plan, decide
 
 SETTINGS = PlannerSettings()
@@ -28,6 +31,7 @@ RULES = {
         )
     ),
     "no node": NodeRules(node_selector={"gpu": "none-has-this"}),
+    "sharing label": NodeRules(node_selector={REPLICAS_LABEL: "3"}),
 }
 steps = st.lists(
     st.one_of(
@@ -35,10 +39,12 @@ steps = st.lists(
             st.just("new"),
             st.sampled_from([0, 1, 2, 5, 10, 20, 40, 90]),
             st.sampled_from([0, 0, 10]),
-            st.sampled_from(["any", "any", "first node", "no node"]),
+            st.sampled_from(["any", "any", "first node", "no node", "sharing label"]),
         ),
         st.tuples(st.just("delete"), st.integers(0, 40), st.just(0), st.just("any")),
         st.tuples(st.just("bind"), st.integers(0, 40), st.just(0), st.just("any")),
+        # a node's allocatable and its sharing labels change (value: its index, and the replicas)
+        st.tuples(st.just("relabel"), st.integers(0, 3), st.integers(0, 4), st.just("any")),
     ),
     max_size=12,
 )
@@ -58,7 +64,7 @@ def test_incremental_plans_equal_plans_from_scratch(
         now += timedelta(milliseconds=100)
         keys = sorted(state.pods)
         if action == "new":
-            event: PodObserved | PodDeleted = PodObserved(
+            event: PodObserved | PodDeleted | NodeObserved = PodObserved(
                 namespace="late",
                 name=f"p{step}",
                 uid=f"late-{step}",
@@ -68,6 +74,16 @@ def test_incremental_plans_equal_plans_from_scratch(
                 created=now,
                 phase="Pending",
                 rules=RULES[rules],
+            )
+        elif action == "relabel":
+            name = snapshot["nodes"][value % len(snapshot["nodes"])]["name"]
+            node = state.nodes[name].observed
+            assert node is not None
+            event = node.model_copy(
+                update={
+                    "labels": {**node.labels, REPLICAS_LABEL: str(priority)},
+                    "allocatable": {5: priority},
+                }
             )
         elif not keys:
             continue
@@ -166,18 +182,23 @@ def test_plans_equal_plans_from_scratch_when_decisions_are_published(
         if isinstance(decision, PublishPlan):
             assert decision == decide(state, now, SETTINGS), "the same decision as a new planner's"
             state.commit(decision)
+            planner.committed(state, decision, now)
+            assert planner.compute(state, now) == compute_plan(state, now, SETTINGS)
 
 
-def test_a_published_decision_ends_the_fast_path() -> None:
-    """Once a decision that asked nodes for layouts is published, those nodes apply them and plan
-    differently: the next pod is planned from scratch, not on top of the plan before."""
+def test_a_published_decision_that_only_asks_nodes_for_slices_keeps_the_fast_path() -> None:
+    """Once a decision that asked nodes for layouts is published, those nodes apply them: a plan
+    from scratch sees them as the layouts asked, and places every pod where the plan before did.
+    The planner keeps its last computation, with those nodes seen anew, and the next pods extend
+    it; the plan is the one from scratch all the same."""
     state = fold_state(generate(3, nodes=20, gpus_per_node=4, pods=100, load=0.45))
     planner = IncrementalPlanner(SETTINGS)
     now = T0 + timedelta(seconds=1)
     decision = decide(state, now, SETTINGS, planner)
     assert isinstance(decision, PublishPlan)
-    assert decision.node_plans
+    assert decision.node_plans and not decision.releases
     state.commit(decision)
+    planner.committed(state, decision, now)
     for serial in range(5):
         now += timedelta(milliseconds=100)
         pod = PodObserved(
@@ -191,8 +212,69 @@ def test_a_published_decision_ends_the_fast_path() -> None:
         )
         state.apply(Envelope(id=f"late-{serial}", time=now, source="test", event=pod))
         plan = planner.compute(state, now)
-        assert planner.last_mode == ("full" if serial == 0 else "incremental")
+        assert planner.last_mode == "incremental"
         assert plan.model_dump_json() == compute_plan(state, now, SETTINGS).model_dump_json()
+
+
+def test_a_published_decision_that_the_planner_does_not_see_ends_the_fast_path() -> None:
+    """A decision committed to the state without the planner hearing of it (`committed`) leaves it
+    nothing to go on: the next plan is computed from scratch."""
+    state = fold_state(generate(3, nodes=20, gpus_per_node=4, pods=100, load=0.45))
+    planner = IncrementalPlanner(SETTINGS)
+    now = T0 + timedelta(seconds=1)
+    decision = decide(state, now, SETTINGS, planner)
+    assert isinstance(decision, PublishPlan) and decision.node_plans
+    state.commit(decision)
+    pod = PodObserved(
+        namespace="default",
+        name="late",
+        uid="late",
+        resource_version="1",
+        size_gb=4,
+        created=now,
+        phase="Pending",
+    )
+    state.apply(Envelope(id="late", time=now, source="test", event=pod))
+    assert planner.compute(state, now) == compute_plan(state, now, SETTINGS)
+    assert planner.last_mode == "full"
+
+
+def test_a_nodes_allocatable_and_sharing_labels_change_nothing_a_plan_starts_from() -> None:
+    state = fold_state(generate(3, nodes=4, gpus_per_node=2, pods=10, load=0.45))
+    name = sorted(state.nodes)[0]
+    node = state.nodes[name].observed
+    assert node is not None
+    before = state.structure_changes
+    updates: list[dict[str, Any]] = [
+        {"allocatable": {5: 2}},
+        {"labels": {**node.labels, REPLICAS_LABEL: "2"}},
+    ]
+    for at, update in enumerate(updates, start=1):
+        state.apply(Envelope(id=f"n{at}", time=T0, source="test", event=node.model_copy(update=update)))
+        node = state.nodes[name].observed
+        assert node is not None and state.structure_changes == before
+    state.apply(
+        Envelope(id="zone", time=T0, source="test", event=node.model_copy(update={"labels": {"zone": "b"}}))
+    )
+    assert state.structure_changes == before + 1
+    # Once a pod's rules name a sharing label, a change of it is one.
+    selective = PodObserved(
+        namespace="default",
+        name="selective",
+        uid="selective",
+        resource_version="1",
+        size_gb=4,
+        created=T0,
+        phase="Pending",
+        rules=NodeRules(node_selector={REPLICAS_LABEL: "3"}),
+    )
+    state.apply(Envelope(id="pod", time=T0, source="test", event=selective))
+    node = state.nodes[name].observed
+    assert node is not None
+    changes = state.structure_changes
+    relabelled = node.model_copy(update={"labels": {**node.labels, REPLICAS_LABEL: "3"}})
+    state.apply(Envelope(id="n3", time=T0, source="test", event=relabelled))
+    assert state.structure_changes == changes + 1
 
 
 @settings(max_examples=80, deadline=None)
