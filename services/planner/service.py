@@ -192,6 +192,7 @@ class PlannerService:
             links=links,
             attributes={
                 "mpsflow.plan_id": plan.plan_id,
+                "mpsflow.plan_mode": self.core.last_plan_mode,
                 "mpsflow.placed": len(plan.placed),
                 "mpsflow.unplaced": len(plan.unplaced),
                 "mpsflow.released": len(decision.releases),

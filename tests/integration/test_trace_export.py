@@ -213,6 +213,7 @@ async def test_a_pod_s_path_runs_from_its_observation_through_the_plan_to_its_no
     plan = next(row for row in arrange(path) if row.span.name == "plan")
     assert plan.linked and plan.depth == 1
     assert key("a") in plan.span.attributes["mpsflow.pods"]  # type: ignore[operator]
+    assert plan.span.attributes["mpsflow.plan_mode"] == "full"  # the first plan is computed from scratch
     names = {span.name for span in path if span.trace_id == plan.span.trace_id}
     assert {"publish NodePlanned", "process NodePlanned", "publish PlanComputed"} <= names
     planned = next(s for s in path if s.name == "publish NodePlanned")

@@ -930,8 +930,9 @@ class IncrementalPlanner:
     """Computes plans, reusing the previous computation when only new pending pods arrived.
 
     The fast path applies only when nothing but new pending pods changed since the last
-    computation, and `extend_run` guarantees that it decides exactly what a full pass would; in
-    every other case the plan is computed from scratch. Either way the plan is a function of the
+    computation (or a decision on it that only asked nodes for layouts, which `committed` carries
+    the computation over), and `extend_run` guarantees that it decides exactly what a full pass
+    would; in every other case the plan is computed from scratch. Either way the plan is a function of the
     state, identical byte for byte. What it renders (node layouts, placements, their digest items)
     and what `decide` makes of each node are kept while they stay the same, so that a decision at
     cluster scale costs what changed, not the size of the cluster.
