@@ -3,7 +3,7 @@ made again keeps pods where the last one put them."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from hypothesis import given, settings
@@ -18,6 +18,22 @@ from events.vocabulary import REPLICAS_LABEL
 from services.planner.core.state import IncrementalPlanner, PlannerSettings, PublishPlan, compute_plan, decide
 
 SETTINGS = PlannerSettings()
+
+
+def arriving(name: str, at: datetime, rules: NodeRules | None = None) -> Envelope:
+    """A 4 GiB pod of `default` arriving at `at`, pending."""
+    pod = PodObserved(
+        namespace="default",
+        name=name,
+        uid=name,
+        resource_version="1",
+        size_gb=4,
+        created=at,
+        phase="Pending",
+        rules=rules or NodeRules(),
+    )
+    return Envelope(id=name, time=at, source="test", event=pod)
+
 
 # One step after the initial state: a new pending pod (size, priority, the nodes its rules allow),
 # or the deletion or binding of an earlier pod (index into the pods so far).
@@ -201,16 +217,7 @@ def test_a_published_decision_that_only_asks_nodes_for_slices_keeps_the_fast_pat
     planner.committed(state, decision, now)
     for serial in range(5):
         now += timedelta(milliseconds=100)
-        pod = PodObserved(
-            namespace="default",
-            name=f"late-{serial}",
-            uid=f"late-{serial}",
-            resource_version="1",
-            size_gb=4,
-            created=now,
-            phase="Pending",
-        )
-        state.apply(Envelope(id=f"late-{serial}", time=now, source="test", event=pod))
+        state.apply(arriving(f"late-{serial}", now))
         plan = planner.compute(state, now)
         assert planner.last_mode == "incremental"
         assert plan.model_dump_json() == compute_plan(state, now, SETTINGS).model_dump_json()
@@ -225,16 +232,7 @@ def test_a_published_decision_that_the_planner_does_not_see_ends_the_fast_path()
     decision = decide(state, now, SETTINGS, planner)
     assert isinstance(decision, PublishPlan) and decision.node_plans
     state.commit(decision)
-    pod = PodObserved(
-        namespace="default",
-        name="late",
-        uid="late",
-        resource_version="1",
-        size_gb=4,
-        created=now,
-        phase="Pending",
-    )
-    state.apply(Envelope(id="late", time=now, source="test", event=pod))
+    state.apply(arriving("late", now))
     assert planner.compute(state, now) == compute_plan(state, now, SETTINGS)
     assert planner.last_mode == "full"
 
@@ -258,17 +256,7 @@ def test_a_nodes_allocatable_and_sharing_labels_change_nothing_a_plan_starts_fro
     )
     assert state.structure_changes == before + 1
     # Once a pod's rules name a sharing label, a change of it is one.
-    selective = PodObserved(
-        namespace="default",
-        name="selective",
-        uid="selective",
-        resource_version="1",
-        size_gb=4,
-        created=T0,
-        phase="Pending",
-        rules=NodeRules(node_selector={REPLICAS_LABEL: "3"}),
-    )
-    state.apply(Envelope(id="pod", time=T0, source="test", event=selective))
+    state.apply(arriving("selective", T0, NodeRules(node_selector={REPLICAS_LABEL: "3"})))
     node = state.nodes[name].observed
     assert node is not None
     changes = state.structure_changes
